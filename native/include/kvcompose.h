@@ -1,0 +1,195 @@
+/*
+ * kvcompose.h - the C API of pykvcompose's native core.
+ *
+ * KV-cache compression for llama.cpp with composite tokens (KVCompose, arXiv 2509.05165).
+ * Compiled against the llama.h/ggml.h that llama-cpp-python vendors and linked to the
+ * libllama/libggml-base that it installs; never a second copy of llama.cpp.
+ *
+ * Conventions
+ *  - Every function that can fail returns an int32_t status (KVC_OK on success, one of the
+ *    kvc_status codes otherwise) and leaves a human-readable detail in kvc_last_error(),
+ *    which is per thread. No C++ exception crosses this boundary.
+ *  - Arrays are C-ordered. Shapes are written [outer, ..., inner].
+ *  - Objects come in init/free pairs; free(NULL) is a no-op.
+ */
+#ifndef KVCOMPOSE_H
+#define KVCOMPOSE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32)
+#define KVC_API __declspec(dllexport)
+#else
+#define KVC_API __attribute__((visibility("default")))
+#endif
+
+/* Bumped whenever a signature or a struct in this header changes. */
+#define KVC_API_VERSION 1
+
+struct ggml_tensor;
+struct llama_context;
+
+/* ---- status codes ------------------------------------------------------------------------- */
+enum kvc_status {
+    KVC_OK                   = 0,
+    KVC_ERR_INVALID_ARGUMENT = 1, /* a NULL pointer, a size or an index out of range          */
+    KVC_ERR_CORRUPT_STATE    = 2, /* a state buffer that is truncated or inconsistent         */
+    KVC_ERR_UNSUPPORTED      = 3, /* a valid input this library cannot handle (type, layout)  */
+    KVC_ERR_OUT_OF_MEMORY    = 4, /* an allocation failed                                      */
+    KVC_ERR_LLAMA            = 5, /* a llama.cpp call failed; the cache was restored          */
+    KVC_ERR_CAPTURE          = 6, /* the attention capture saw tensors it could not use       */
+    KVC_ERR_INTERNAL         = 7  /* a bug: please report                                      */
+};
+
+/* Name of a status code ("KVC_ERR_CORRUPT_STATE"); "unknown status" for others. */
+KVC_API const char * kvc_status_str(int32_t status);
+/* Detail of the last failure on the calling thread ("" if none). Valid until the next call. */
+KVC_API const char * kvc_last_error(void);
+
+/* ---- build information -------------------------------------------------------------------- */
+KVC_API int32_t      kvc_api_version(void);
+/* Version of llama-cpp-python whose vendored headers this library was compiled against. */
+KVC_API const char * kvc_llama_cpp_python_version(void);
+/* sizeof(struct llama_context_params) as compiled: an ABI fingerprint checked at import. */
+KVC_API size_t       kvc_sizeof_llama_context_params(void);
+
+/* ---- attention capture -------------------------------------------------------------------- */
+/*
+ * A capture reduces the attention probabilities "kq_soft_max-{il}" that llama.cpp computes
+ * when flash attention is off, as each ubatch is evaluated, into one score per
+ * (layer, query head, key column) - no full matrix is kept. Key column j is cache cell j;
+ * only columns [0, n_keys) are recorded. Every query row of every ubatch evaluated while
+ * the capture is active counts as a probe query.
+ *
+ * Install kvc_capture_eval_callback as llama_context_params.cb_eval with the capture as
+ * cb_eval_user_data. While inactive it asks the scheduler for nothing, so decoding runs
+ * at full speed.
+ */
+enum kvc_agg {
+    KVC_AGG_MAX  = 0,
+    KVC_AGG_MEAN = 1
+};
+
+typedef struct kvc_capture kvc_capture;
+
+KVC_API int32_t kvc_capture_init(kvc_capture ** out);
+KVC_API void    kvc_capture_free(kvc_capture * cap);
+/* Reset and activate: scores [n_layer, n_head, n_keys] start at the aggregation's neutral value. */
+KVC_API int32_t kvc_capture_begin(kvc_capture * cap, int32_t n_layer, int32_t n_head, int32_t n_keys, int32_t agg);
+/* Deactivate. Returns KVC_ERR_CAPTURE if a captured tensor had an unexpected shape or type. */
+KVC_API int32_t kvc_capture_end(kvc_capture * cap);
+KVC_API bool    kvc_capture_is_active(const kvc_capture * cap);
+/* Copy the reduced scores, [n_layer, n_head, n_keys] floats (n_values must equal that product).
+ * agg MAX: max over probe queries; agg MEAN: sum over probe queries / their count. */
+KVC_API int32_t kvc_capture_get_scores(const kvc_capture * cap, float * dst, size_t n_values);
+/* Number of probe query rows seen by layer il (-1 if il is out of range). */
+KVC_API int64_t kvc_capture_n_queries(const kvc_capture * cap, int32_t il);
+/* The ggml_backend_sched_eval_callback. user_data is a kvc_capture*. */
+KVC_API bool    kvc_capture_eval_callback(struct ggml_tensor * t, bool ask, void * user_data);
+
+/* ---- KVCompose scoring and selection ------------------------------------------------------ */
+/*
+ * Per-head token scores from probe attention, as the authors implement them:
+ *   scores[l, g, j] = agg_group over the query heads h of GQA group g of head_scores[l, h, j]
+ *   if value_norms:            scores[l, g, j] *= value_norms[l, g, j]
+ *   if add_mean_across_heads:  scores[l, g, j] += mean over g' of scores[l, g', j]
+ * head_scores [n_layer, n_head, n_tokens]; value_norms [n_layer, n_head_kv, n_tokens] or NULL;
+ * out [n_layer, n_head_kv, n_tokens]. Query head h belongs to group h / (n_head / n_head_kv).
+ */
+KVC_API int32_t kvc_kvcompose_score(
+        const float * head_scores, int32_t n_layer, int32_t n_head, int32_t n_head_kv, int32_t n_tokens,
+        int32_t agg_group, const float * value_norms, bool add_mean_across_heads, float * out);
+
+/*
+ * The paper's global layer allocation: composite score of rank r in layer l = agg_head over
+ * kv heads of each head's r-th largest score (+1e9 for r < keep_token_lower_bound); layer 0
+ * takes the max over layers; the n_total_keep largest composite scores (ties: lower layer, then
+ * lower rank first) are counted per layer, each layer at least max(1, keep_token_lower_bound).
+ * The caller computes n_total_keep = max(1, int(n_layer * n_tokens * (1 - compression_ratio))).
+ * scores [n_layer, n_head_kv, n_tokens]; out_budgets [n_layer].
+ */
+KVC_API int32_t kvc_kvcompose_layer_budgets(
+        const float * scores, int32_t n_layer, int32_t n_head_kv, int32_t n_tokens,
+        int64_t n_total_keep, int32_t agg_head, int32_t keep_token_lower_bound, int32_t * out_budgets);
+
+/*
+ * Per (layer, kv head) top-n_keep token indices by score, returned in ascending index order.
+ * Higher score first; ties go to the lower index. Tokens listed in forced (each in
+ * [0, n_tokens)) are kept by every head. scores [n_rows, n_tokens]; out [n_rows, n_keep].
+ */
+KVC_API int32_t kvc_select_top(
+        const float * scores, int32_t n_rows, int32_t n_tokens, int32_t n_keep,
+        const int32_t * forced, int32_t n_forced, int32_t * out);
+
+/* ---- sequence state buffers (llama_state_seq_get_data format) ----------------------------- */
+typedef struct kvc_state_info {
+    uint32_t n_cells;      /* cells of the sequence                                   */
+    uint32_t n_layer;      /* layers with a K cache                                   */
+    uint32_t v_trans;      /* 1: V stored transposed (flash attention off)            */
+    int32_t  k_type;       /* ggml_type of layer 0's K                                */
+    int32_t  v_type;       /* ggml_type of layer 0's V (-1 if no V)                   */
+    int32_t  pos_min;      /* smallest cell position                                  */
+    int32_t  pos_max;      /* largest cell position                                   */
+    int32_t  seq_id;       /* sequence id recorded in the header                      */
+    uint64_t kv_bytes;     /* K and V bytes of all cells and layers                   */
+} kvc_state_info;
+
+/* Validate a single-stream sequence state and describe it. positions, if not NULL, receives
+ * n_positions (>= n_cells) cell positions in buffer order. */
+KVC_API int32_t kvc_state_parse(const uint8_t * src, size_t src_size, kvc_state_info * info,
+        int32_t * positions, size_t n_positions);
+
+/*
+ * Compose a state of n_keep cells. Cell c of layer l and kv head g holds the K and V of source
+ * cell selection[l, g, c]; selection [n_layer, n_head_kv, n_keep] must be strictly ascending
+ * per (l, g). Cell c's position is the largest position among the source cells it holds, so
+ * positions stay strictly increasing and end at the newest position kept.
+ * Head slices of quantized types must be whole blocks. dst NULL or too small: *dst_size gets the
+ * size needed and the call returns KVC_ERR_INVALID_ARGUMENT only if dst was not NULL.
+ */
+KVC_API int32_t kvc_state_compose(const uint8_t * src, size_t src_size,
+        const int32_t * selection, int32_t n_layer, int32_t n_head_kv, int32_t n_keep,
+        uint8_t * dst, size_t dst_capacity, size_t * dst_size);
+
+/* L2 norm of every (layer, kv head, cell) value vector: out [n_layer, n_head_kv, n_cells]. */
+KVC_API int32_t kvc_state_value_norms(const uint8_t * src, size_t src_size, int32_t n_head_kv,
+        float * out, size_t n_values);
+
+/* ---- live contexts ----------------------------------------------------------------------- */
+typedef struct kvc_compose_result {
+    uint32_t cells_before;
+    uint32_t cells_after;
+    uint64_t kv_bytes_before;
+    uint64_t kv_bytes_after;
+    int32_t  pos_max;       /* newest position in the rewritten sequence */
+} kvc_compose_result;
+
+/*
+ * Rewrite sequence seq_id of ctx in place (through the host state API) with kvc_state_compose.
+ * expected_cells > 0 makes the call fail unless the sequence holds exactly that many cells
+ * with positions 0..expected_cells-1 in order. On any failure the sequence is restored to its
+ * exact prior content and KVC_ERR_LLAMA or the validation error is returned.
+ */
+KVC_API int32_t kvc_context_compose(struct llama_context * ctx, int32_t seq_id,
+        const int32_t * selection, int32_t n_layer, int32_t n_head_kv, int32_t n_keep,
+        int32_t expected_cells, kvc_compose_result * result);
+
+/* Describe sequence seq_id of ctx (kvc_state_parse on its host state). */
+KVC_API int32_t kvc_context_state_info(struct llama_context * ctx, int32_t seq_id, kvc_state_info * info,
+        int32_t * positions, size_t n_positions);
+
+/* kvc_state_value_norms on the host state of sequence seq_id. */
+KVC_API int32_t kvc_context_value_norms(struct llama_context * ctx, int32_t seq_id, int32_t n_head_kv,
+        float * out, size_t n_values);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* KVCOMPOSE_H */

@@ -1,0 +1,196 @@
+// KVCompose scoring, the paper's layer allocation, and per-head top-C selection.
+// The arithmetic order is fixed (float storage, double accumulation) so that an independent
+// numpy re-implementation reproduces it exactly.
+#include "kvcompose.h"
+#include "status.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <string>
+#include <vector>
+
+namespace {
+
+constexpr float kLowerBoundBonus = 1e9f;  // kvpress's way of pinning the first ranks
+
+// NaN would break the strict weak ordering of the comparators below: rank it last.
+inline float rankable(float x) { return std::isnan(x) ? -std::numeric_limits<float>::infinity() : x; }
+
+bool valid_agg(int32_t agg) { return agg == KVC_AGG_MAX || agg == KVC_AGG_MEAN; }
+
+}  // namespace
+
+extern "C" {
+
+int32_t kvc_kvcompose_score(const float * head_scores, int32_t n_layer, int32_t n_head, int32_t n_head_kv,
+                            int32_t n_tokens, int32_t agg_group, const float * value_norms,
+                            bool add_mean_across_heads, float * out) {
+    return kvc::guard([&] {
+        if (head_scores == nullptr || out == nullptr) {
+            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "head_scores or out is NULL");
+        }
+        if (n_layer <= 0 || n_head <= 0 || n_head_kv <= 0 || n_tokens <= 0 || n_head % n_head_kv != 0) {
+            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "need positive sizes and n_head a multiple of n_head_kv");
+        }
+        if (!valid_agg(agg_group)) {
+            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "agg_group must be KVC_AGG_MAX or KVC_AGG_MEAN");
+        }
+        const int32_t group = n_head / n_head_kv;
+        const size_t n = static_cast<size_t>(n_tokens);
+        std::vector<double> mean(n);
+        for (int32_t l = 0; l < n_layer; ++l) {
+            float * layer_out = out + static_cast<size_t>(l) * n_head_kv * n;
+            for (int32_t g = 0; g < n_head_kv; ++g) {
+                float * row = layer_out + g * n;
+                const float * first = head_scores + (static_cast<size_t>(l) * n_head + g * group) * n;
+                for (size_t j = 0; j < n; ++j) {
+                    double acc = agg_group == KVC_AGG_MAX ? -std::numeric_limits<double>::infinity() : 0.0;
+                    for (int32_t k = 0; k < group; ++k) {
+                        const double v = first[k * n + j];
+                        acc = agg_group == KVC_AGG_MAX ? std::max(acc, v) : acc + v;
+                    }
+                    row[j] = static_cast<float>(agg_group == KVC_AGG_MAX ? acc : acc / group);
+                }
+                if (value_norms != nullptr) {
+                    const float * norms = value_norms + (static_cast<size_t>(l) * n_head_kv + g) * n;
+                    for (size_t j = 0; j < n; ++j) {
+                        row[j] = row[j] * norms[j];
+                    }
+                }
+            }
+            if (add_mean_across_heads) {
+                // the stabiliser: every head also sees how much the whole layer needs a token
+                std::fill(mean.begin(), mean.end(), 0.0);
+                for (int32_t g = 0; g < n_head_kv; ++g) {
+                    for (size_t j = 0; j < n; ++j) {
+                        mean[j] += layer_out[g * n + j];
+                    }
+                }
+                for (int32_t g = 0; g < n_head_kv; ++g) {
+                    for (size_t j = 0; j < n; ++j) {
+                        layer_out[g * n + j] =
+                            static_cast<float>(static_cast<double>(layer_out[g * n + j]) + mean[j] / n_head_kv);
+                    }
+                }
+            }
+        }
+        return static_cast<int32_t>(KVC_OK);
+    });
+}
+
+int32_t kvc_kvcompose_layer_budgets(const float * scores, int32_t n_layer, int32_t n_head_kv, int32_t n_tokens,
+                                    int64_t n_total_keep, int32_t agg_head, int32_t keep_token_lower_bound,
+                                    int32_t * out_budgets) {
+    return kvc::guard([&] {
+        if (scores == nullptr || out_budgets == nullptr) {
+            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "scores or out_budgets is NULL");
+        }
+        if (n_layer <= 0 || n_head_kv <= 0 || n_tokens <= 0 || keep_token_lower_bound < 0) {
+            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "need positive sizes and keep_token_lower_bound >= 0");
+        }
+        const int64_t total = static_cast<int64_t>(n_layer) * n_tokens;
+        if (n_total_keep < 1 || n_total_keep > total) {
+            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "n_total_keep must be in [1, n_layer * n_tokens]");
+        }
+        if (!valid_agg(agg_head)) {
+            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "agg_head must be KVC_AGG_MAX or KVC_AGG_MEAN");
+        }
+        const size_t n = static_cast<size_t>(n_tokens);
+        std::vector<float> composite(static_cast<size_t>(total));  // [n_layer, n_tokens]
+        std::vector<float> sorted(n);
+        std::vector<double> acc(n);
+        for (int32_t l = 0; l < n_layer; ++l) {
+            std::fill(acc.begin(), acc.end(),
+                      agg_head == KVC_AGG_MAX ? -std::numeric_limits<double>::infinity() : 0.0);
+            for (int32_t g = 0; g < n_head_kv; ++g) {
+                const float * row = scores + (static_cast<size_t>(l) * n_head_kv + g) * n;
+                std::transform(row, row + n, sorted.begin(), rankable);
+                std::sort(sorted.begin(), sorted.end(), std::greater<float>());
+                for (size_t r = 0; r < n; ++r) {
+                    acc[r] = agg_head == KVC_AGG_MAX ? std::max(acc[r], static_cast<double>(sorted[r]))
+                                                     : acc[r] + sorted[r];
+                }
+            }
+            float * comp = composite.data() + l * n;
+            for (size_t r = 0; r < n; ++r) {
+                comp[r] = static_cast<float>(agg_head == KVC_AGG_MAX ? acc[r] : acc[r] / n_head_kv);
+                if (static_cast<int64_t>(r) < keep_token_lower_bound) {
+                    comp[r] += kLowerBoundBonus;
+                }
+            }
+        }
+        // layer 0 gets the largest budget: its composite scores are the max over all layers
+        for (int32_t l = 1; l < n_layer; ++l) {
+            for (size_t r = 0; r < n; ++r) {
+                composite[r] = std::max(composite[r], composite[l * n + r]);
+            }
+        }
+        std::vector<int64_t> idx(static_cast<size_t>(total));
+        std::iota(idx.begin(), idx.end(), 0);
+        std::nth_element(idx.begin(), idx.begin() + (n_total_keep - 1), idx.end(), [&](int64_t a, int64_t b) {
+            return composite[a] > composite[b] || (composite[a] == composite[b] && a < b);
+        });
+        const int32_t floor = std::max<int32_t>(1, keep_token_lower_bound);
+        std::vector<int64_t> counts(n_layer, 0);
+        for (int64_t i = 0; i < n_total_keep; ++i) {
+            counts[idx[i] / n_tokens] += 1;
+        }
+        for (int32_t l = 0; l < n_layer; ++l) {
+            out_budgets[l] = static_cast<int32_t>(std::max<int64_t>(floor, counts[l]));
+        }
+        return static_cast<int32_t>(KVC_OK);
+    });
+}
+
+int32_t kvc_select_top(const float * scores, int32_t n_rows, int32_t n_tokens, int32_t n_keep, const int32_t * forced,
+                       int32_t n_forced, int32_t * out) {
+    return kvc::guard([&] {
+        if (scores == nullptr || out == nullptr || (forced == nullptr && n_forced > 0)) {
+            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "scores, out or forced is NULL");
+        }
+        if (n_rows <= 0 || n_tokens <= 0 || n_keep <= 0 || n_keep > n_tokens || n_forced < 0) {
+            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "need 0 < n_keep <= n_tokens and positive sizes");
+        }
+        std::vector<char> is_forced(n_tokens, 0);
+        int32_t n_unique_forced = 0;
+        for (int32_t i = 0; i < n_forced; ++i) {
+            if (forced[i] < 0 || forced[i] >= n_tokens) {
+                return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "forced token " + std::to_string(forced[i]) + " out of range");
+            }
+            n_unique_forced += is_forced[forced[i]] ? 0 : 1;
+            is_forced[forced[i]] = 1;
+        }
+        if (n_unique_forced > n_keep) {
+            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "more forced tokens than n_keep");
+        }
+        std::vector<int32_t> idx;
+        idx.reserve(n_tokens);
+        for (int32_t r = 0; r < n_rows; ++r) {
+            const float * row = scores + static_cast<size_t>(r) * n_tokens;
+            int32_t * dst = out + static_cast<size_t>(r) * n_keep;
+            idx.clear();
+            int32_t n_dst = 0;
+            for (int32_t j = 0; j < n_tokens; ++j) {
+                if (is_forced[j]) {
+                    dst[n_dst++] = j;
+                } else {
+                    idx.push_back(j);
+                }
+            }
+            const int32_t n_free = n_keep - n_dst;
+            if (n_free > 0) {
+                std::nth_element(idx.begin(), idx.begin() + (n_free - 1), idx.end(), [&](int32_t a, int32_t b) {
+                    const float sa = rankable(row[a]), sb = rankable(row[b]);
+                    return sa > sb || (sa == sb && a < b);
+                });
+                std::copy(idx.begin(), idx.begin() + n_free, dst + n_dst);
+            }
+            std::sort(dst, dst + n_keep);
+        }
+        return static_cast<int32_t>(KVC_OK);
+    });
+}
+
+}  // extern "C"

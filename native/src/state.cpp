@@ -1,0 +1,464 @@
+// Parsing, composing and measuring sequence state buffers. Every read is bounds-checked:
+// these buffers may come from a file or a fuzzer, not only from llama.cpp.
+#include "state.h"
+
+#include "kvcompose.h"
+#include "status.h"
+
+#include "ggml.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+namespace kvc {
+
+namespace {
+
+class Reader {
+  public:
+    Reader(const uint8_t * data, size_t size) : data_(data), size_(size) {}
+
+    template <typename T>
+    bool read(T & v) {
+        if (size_ - pos_ < sizeof(T)) {
+            return false;
+        }
+        std::memcpy(&v, data_ + pos_, sizeof(T));
+        pos_ += sizeof(T);
+        return true;
+    }
+
+    // Skips count * item bytes, refusing overflow and overrun.
+    bool skip(uint64_t count, uint64_t item) {
+        if (item != 0 && count > std::numeric_limits<uint64_t>::max() / item) {
+            return false;
+        }
+        const uint64_t n = count * item;
+        if (n > size_ - pos_) {
+            return false;
+        }
+        pos_ += static_cast<size_t>(n);
+        return true;
+    }
+
+    size_t pos() const { return pos_; }
+    size_t remaining() const { return size_ - pos_; }
+
+  private:
+    const uint8_t * data_;
+    size_t          size_;
+    size_t          pos_ = 0;
+};
+
+bool valid_type(int32_t type) {
+    return type >= 0 && type < GGML_TYPE_COUNT && ggml_type_size(static_cast<ggml_type>(type)) > 0 &&
+           ggml_blck_size(static_cast<ggml_type>(type)) > 0;
+}
+
+int32_t corrupt(const std::string & what) { return fail(KVC_ERR_CORRUPT_STATE, "corrupt sequence state: " + what); }
+
+// Reads a K or plain-V header and skips its rows.
+int32_t read_rows(Reader & r, uint32_t n_cells, const char * what, uint32_t il, TensorRows & out) {
+    if (!r.read(out.type) || !r.read(out.row_size)) {
+        return corrupt(std::string("truncated ") + what + " header of layer " + std::to_string(il));
+    }
+    if (!valid_type(out.type)) {
+        return corrupt(std::string("unknown ggml type ") + std::to_string(out.type) + " in " + what);
+    }
+    const auto type = static_cast<ggml_type>(out.type);
+    const uint64_t ts = ggml_type_size(type);
+    if (out.row_size == 0 || out.row_size % ts != 0) {
+        return corrupt(std::string(what) + " row size " + std::to_string(out.row_size) + " is not whole blocks");
+    }
+    out.n_embd = static_cast<int64_t>(out.row_size / ts) * ggml_blck_size(type);
+    out.offset = r.pos();
+    if (!r.skip(n_cells, out.row_size)) {
+        return corrupt(std::string("truncated ") + what + " data of layer " + std::to_string(il));
+    }
+    return KVC_OK;
+}
+
+}  // namespace
+
+uint64_t ParsedState::kv_bytes_per_cell() const {
+    uint64_t b = 0;
+    for (const auto & t : k) b += t.row_size;
+    for (const auto & t : v) b += v_trans ? t.row_size * static_cast<uint64_t>(t.n_embd) : t.row_size;
+    return b;
+}
+
+int32_t parse_state(const uint8_t * src, size_t size, ParsedState & out) {
+    out = ParsedState{};
+    if (src == nullptr) {
+        return fail(KVC_ERR_INVALID_ARGUMENT, "state buffer is NULL");
+    }
+    Reader r(src, size);
+    if (!r.read(out.magic) || !r.read(out.seq_id) || !r.read(out.n_stream)) {
+        return corrupt("truncated header");
+    }
+    if (out.magic != kStateMagic) {
+        return corrupt("wrong magic (not a llama_state_seq_get_data buffer)");
+    }
+    if (out.n_stream == 0 || out.n_stream > 4096) {
+        return corrupt("implausible stream count " + std::to_string(out.n_stream));
+    }
+    bool seen = false;
+    for (uint32_t s = 0; s < out.n_stream; ++s) {
+        uint32_t cell_count = 0;
+        if (!r.read(cell_count)) {
+            return corrupt("truncated stream header");
+        }
+        if (cell_count == 0) {
+            continue;
+        }
+        if (seen) {
+            return fail(KVC_ERR_UNSUPPORTED, "sequence state spans several streams");
+        }
+        seen = true;
+        out.stream = s;
+        out.n_cells = cell_count;
+        // each cell takes at least 12 bytes of metadata: bounds the allocation below
+        if (cell_count > r.remaining() / 12) {
+            return corrupt("cell count " + std::to_string(cell_count) + " exceeds the buffer");
+        }
+        out.pos.resize(cell_count);
+        out.cell_seq.resize(cell_count);
+        for (uint32_t i = 0; i < cell_count; ++i) {
+            uint32_t n_seq_id = 0;
+            if (!r.read(out.pos[i]) || !r.read(n_seq_id)) {
+                return corrupt("truncated cell metadata");
+            }
+            if (n_seq_id != 1) {
+                return corrupt("cell " + std::to_string(i) + " belongs to " + std::to_string(n_seq_id) +
+                               " sequences (expected 1; M-RoPE cell layouts are not supported)");
+            }
+            if (!r.read(out.cell_seq[i])) {
+                return corrupt("truncated cell sequence id");
+            }
+        }
+        if (!r.read(out.v_trans) || !r.read(out.n_layer)) {
+            return corrupt("truncated layer header");
+        }
+        if (out.v_trans > 1) {
+            return corrupt("v_trans flag " + std::to_string(out.v_trans));
+        }
+        if (out.n_layer == 0 || out.n_layer > 4096) {
+            return corrupt("implausible layer count " + std::to_string(out.n_layer));
+        }
+        out.k.resize(out.n_layer);
+        out.v.resize(out.n_layer);
+        for (uint32_t il = 0; il < out.n_layer; ++il) {
+            const int32_t st = read_rows(r, cell_count, "K", il, out.k[il]);
+            if (st != KVC_OK) return st;
+        }
+        for (uint32_t il = 0; il < out.n_layer; ++il) {
+            TensorRows & v = out.v[il];
+            if (!out.v_trans) {
+                const int32_t st = read_rows(r, cell_count, "V", il, v);
+                if (st != KVC_OK) return st;
+                continue;
+            }
+            uint32_t el_size = 0, n_embd = 0;
+            if (!r.read(v.type) || !r.read(el_size) || !r.read(n_embd)) {
+                return corrupt("truncated transposed V header of layer " + std::to_string(il));
+            }
+            if (!valid_type(v.type) || ggml_blck_size(static_cast<ggml_type>(v.type)) != 1 ||
+                el_size != ggml_type_size(static_cast<ggml_type>(v.type))) {
+                return corrupt("transposed V of layer " + std::to_string(il) + " has type " + std::to_string(v.type) +
+                               " and element size " + std::to_string(el_size));
+            }
+            if (n_embd == 0) {
+                return corrupt("transposed V of layer " + std::to_string(il) + " has no elements");
+            }
+            v.row_size = el_size;
+            v.n_embd = n_embd;
+            v.offset = r.pos();
+            if (!r.skip(static_cast<uint64_t>(n_embd) * cell_count, el_size)) {
+                return corrupt("truncated transposed V data of layer " + std::to_string(il));
+            }
+        }
+    }
+    if (!seen) {
+        return fail(KVC_ERR_INVALID_ARGUMENT, "the sequence holds no cells");
+    }
+    if (r.remaining() != 0) {
+        return corrupt(std::to_string(r.remaining()) + " trailing bytes (a layout this library does not know)");
+    }
+    return KVC_OK;
+}
+
+}  // namespace kvc
+
+namespace {
+
+// Bytes of one kv head's slice of a row; fails unless heads split the row into whole blocks.
+int32_t head_slice(const kvc::TensorRows & t, int32_t n_head_kv, const char * what, uint32_t il, size_t & bytes) {
+    const auto type = static_cast<ggml_type>(t.type);
+    const int64_t blck = ggml_blck_size(type);
+    if (t.n_embd % n_head_kv != 0 || (t.n_embd / n_head_kv) % blck != 0) {
+        return kvc::fail(KVC_ERR_UNSUPPORTED, std::string(what) + " of layer " + std::to_string(il) + " (" +
+                                                  ggml_type_name(type) + ", " + std::to_string(t.n_embd) +
+                                                  " elements) does not split into " + std::to_string(n_head_kv) +
+                                                  " whole-block heads");
+    }
+    bytes = ggml_row_size(type, t.n_embd / n_head_kv);
+    return KVC_OK;
+}
+
+class Writer {
+  public:
+    explicit Writer(uint8_t * dst) : dst_(dst) {}
+    template <typename T>
+    void put(const T & v) { bytes(&v, sizeof(T)); }
+    void bytes(const void * p, size_t n) {
+        if (dst_ != nullptr) std::memcpy(dst_ + pos_, p, n);
+        pos_ += n;
+    }
+    uint8_t * at() { return dst_ == nullptr ? nullptr : dst_ + pos_; }
+    void advance(size_t n) { pos_ += n; }
+    size_t pos() const { return pos_; }
+
+  private:
+    uint8_t * dst_;
+    size_t    pos_ = 0;
+};
+
+int32_t compose(const uint8_t * src, size_t src_size, const int32_t * sel, int32_t n_layer, int32_t n_head_kv,
+                int32_t n_keep, uint8_t * dst, size_t dst_capacity, size_t * dst_size) {
+    if (sel == nullptr || dst_size == nullptr) {
+        return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "selection or dst_size is NULL");
+    }
+    kvc::ParsedState st;
+    int32_t status = kvc::parse_state(src, src_size, st);
+    if (status != KVC_OK) return status;
+    if (n_layer != static_cast<int32_t>(st.n_layer) || n_head_kv <= 0 || n_keep <= 0 ||
+        n_keep > static_cast<int32_t>(st.n_cells)) {
+        return kvc::fail(KVC_ERR_INVALID_ARGUMENT,
+                         "selection is [" + std::to_string(n_layer) + ", " + std::to_string(n_head_kv) + ", " +
+                             std::to_string(n_keep) + "] for a state of " + std::to_string(st.n_layer) +
+                             " layers and " + std::to_string(st.n_cells) + " cells");
+    }
+    const size_t rows = static_cast<size_t>(n_layer) * n_head_kv;
+    std::vector<int32_t> new_pos(n_keep, std::numeric_limits<int32_t>::min());
+    for (size_t r = 0; r < rows; ++r) {
+        const int32_t * s = sel + r * n_keep;
+        for (int32_t c = 0; c < n_keep; ++c) {
+            if (s[c] < 0 || s[c] >= static_cast<int32_t>(st.n_cells) || (c > 0 && s[c] <= s[c - 1])) {
+                return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "selection row " + std::to_string(r) +
+                                                               " is not strictly ascending cell indices below " +
+                                                               std::to_string(st.n_cells));
+            }
+            new_pos[c] = std::max(new_pos[c], st.pos[s[c]]);
+        }
+    }
+    std::vector<size_t> k_head(n_layer), v_head(n_layer);
+    for (int32_t il = 0; il < n_layer; ++il) {
+        status = head_slice(st.k[il], n_head_kv, "K", il, k_head[il]);
+        if (status != KVC_OK) return status;
+        if (st.v_trans) {
+            if (st.v[il].n_embd % n_head_kv != 0) {
+                return kvc::fail(KVC_ERR_UNSUPPORTED, "V of layer " + std::to_string(il) + " does not split into heads");
+            }
+        } else {
+            status = head_slice(st.v[il], n_head_kv, "V", il, v_head[il]);
+            if (status != KVC_OK) return status;
+        }
+    }
+
+    // size first, then (if there is room) the bytes: one code path for both
+    for (int pass = 0; pass < 2; ++pass) {
+        Writer w(pass == 0 ? nullptr : dst);
+        w.put(st.magic);
+        w.put(st.seq_id);
+        w.put(st.n_stream);
+        for (uint32_t s = 0; s < st.n_stream; ++s) {
+            const uint32_t count = s == st.stream ? static_cast<uint32_t>(n_keep) : 0u;
+            w.put(count);
+            if (count == 0) continue;
+            for (int32_t c = 0; c < n_keep; ++c) {
+                w.put(new_pos[c]);
+                w.put(uint32_t{1});
+                w.put(st.cell_seq[0]);
+            }
+            w.put(st.v_trans);
+            w.put(st.n_layer);
+            for (int32_t il = 0; il < n_layer; ++il) {
+                const kvc::TensorRows & k = st.k[il];
+                w.put(k.type);
+                w.put(k.row_size);
+                for (int32_t c = 0; c < n_keep; ++c) {
+                    for (int32_t g = 0; g < n_head_kv; ++g) {
+                        const int32_t cell = sel[(static_cast<size_t>(il) * n_head_kv + g) * n_keep + c];
+                        w.bytes(src + k.offset + cell * k.row_size + g * k_head[il], k_head[il]);
+                    }
+                }
+            }
+            for (int32_t il = 0; il < n_layer; ++il) {
+                const kvc::TensorRows & v = st.v[il];
+                w.put(v.type);
+                if (!st.v_trans) {
+                    w.put(v.row_size);
+                    for (int32_t c = 0; c < n_keep; ++c) {
+                        for (int32_t g = 0; g < n_head_kv; ++g) {
+                            const int32_t cell = sel[(static_cast<size_t>(il) * n_head_kv + g) * n_keep + c];
+                            w.bytes(src + v.offset + cell * v.row_size + g * v_head[il], v_head[il]);
+                        }
+                    }
+                    continue;
+                }
+                const uint32_t el = static_cast<uint32_t>(v.row_size);
+                const uint32_t n_embd = static_cast<uint32_t>(v.n_embd);
+                w.put(el);
+                w.put(n_embd);
+                const int64_t head_dim = v.n_embd / n_head_kv;
+                for (uint32_t e = 0; e < n_embd; ++e) {
+                    const int32_t * s = sel + (static_cast<size_t>(il) * n_head_kv + e / head_dim) * n_keep;
+                    const uint8_t * src_row = src + v.offset + static_cast<size_t>(e) * st.n_cells * el;
+                    uint8_t * out = w.at();
+                    if (out != nullptr) {
+                        for (int32_t c = 0; c < n_keep; ++c) {
+                            std::memcpy(out + static_cast<size_t>(c) * el, src_row + static_cast<size_t>(s[c]) * el, el);
+                        }
+                    }
+                    w.advance(static_cast<size_t>(n_keep) * el);
+                }
+            }
+        }
+        if (pass == 0) {
+            *dst_size = w.pos();
+            if (dst == nullptr) return KVC_OK;
+            if (dst_capacity < w.pos()) {
+                return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "dst holds " + std::to_string(dst_capacity) +
+                                                               " bytes, the composed state needs " +
+                                                               std::to_string(w.pos()));
+            }
+        }
+    }
+    return KVC_OK;
+}
+
+float to_float(ggml_type type, const uint8_t * p) {
+    switch (type) {
+        case GGML_TYPE_F32: {
+            float f;
+            std::memcpy(&f, p, sizeof f);
+            return f;
+        }
+        case GGML_TYPE_F16: {
+            ggml_fp16_t h;
+            std::memcpy(&h, p, sizeof h);
+            return ggml_fp16_to_fp32(h);
+        }
+        case GGML_TYPE_BF16: {
+            ggml_bf16_t b;
+            std::memcpy(&b, p, sizeof b);
+            return ggml_bf16_to_fp32(b);
+        }
+        default:
+            return NAN;
+    }
+}
+
+int32_t value_norms(const uint8_t * src, size_t src_size, int32_t n_head_kv, float * out, size_t n_values) {
+    if (out == nullptr || n_head_kv <= 0) {
+        return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "out is NULL or n_head_kv is not positive");
+    }
+    kvc::ParsedState st;
+    const int32_t status = kvc::parse_state(src, src_size, st);
+    if (status != KVC_OK) return status;
+    if (n_values != static_cast<size_t>(st.n_layer) * n_head_kv * st.n_cells) {
+        return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "out must hold n_layer * n_head_kv * n_cells values");
+    }
+    std::vector<float> row;
+    for (uint32_t il = 0; il < st.n_layer; ++il) {
+        const kvc::TensorRows & v = st.v[il];
+        const auto type = static_cast<ggml_type>(v.type);
+        if (v.n_embd % n_head_kv != 0) {
+            return kvc::fail(KVC_ERR_UNSUPPORTED, "V does not split into heads");
+        }
+        const int64_t hd = v.n_embd / n_head_kv;
+        float * dst = out + static_cast<size_t>(il) * n_head_kv * st.n_cells;
+        std::fill(dst, dst + static_cast<size_t>(n_head_kv) * st.n_cells, 0.0f);
+        std::vector<double> acc(static_cast<size_t>(n_head_kv) * st.n_cells, 0.0);
+        if (st.v_trans) {
+            if (type != GGML_TYPE_F32 && type != GGML_TYPE_F16 && type != GGML_TYPE_BF16) {
+                return kvc::fail(KVC_ERR_UNSUPPORTED, std::string("value norms of ") + ggml_type_name(type));
+            }
+            for (int64_t e = 0; e < v.n_embd; ++e) {
+                const uint8_t * r = src + v.offset + static_cast<size_t>(e) * st.n_cells * v.row_size;
+                double * a = acc.data() + static_cast<size_t>(e / hd) * st.n_cells;
+                for (uint32_t c = 0; c < st.n_cells; ++c) {
+                    const double x = to_float(type, r + c * v.row_size);
+                    a[c] += x * x;
+                }
+            }
+        } else {
+            const ggml_type_traits * tr = ggml_get_type_traits(type);
+            if (type != GGML_TYPE_F32 && (tr == nullptr || tr->to_float == nullptr)) {
+                return kvc::fail(KVC_ERR_UNSUPPORTED, std::string("value norms of ") + ggml_type_name(type));
+            }
+            row.resize(v.n_embd);
+            for (uint32_t c = 0; c < st.n_cells; ++c) {
+                const uint8_t * r = src + v.offset + static_cast<size_t>(c) * v.row_size;
+                if (type == GGML_TYPE_F32) {
+                    std::memcpy(row.data(), r, v.n_embd * sizeof(float));
+                } else {
+                    tr->to_float(r, row.data(), v.n_embd);
+                }
+                for (int64_t e = 0; e < v.n_embd; ++e) {
+                    acc[static_cast<size_t>(e / hd) * st.n_cells + c] += static_cast<double>(row[e]) * row[e];
+                }
+            }
+        }
+        for (size_t i = 0; i < acc.size(); ++i) {
+            dst[i] = static_cast<float>(std::sqrt(acc[i]));
+        }
+    }
+    return KVC_OK;
+}
+
+}  // namespace
+
+extern "C" {
+
+int32_t kvc_state_parse(const uint8_t * src, size_t src_size, kvc_state_info * info, int32_t * positions,
+                        size_t n_positions) {
+    return kvc::guard([&] {
+        if (info == nullptr) {
+            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "info is NULL");
+        }
+        kvc::ParsedState st;
+        const int32_t status = kvc::parse_state(src, src_size, st);
+        if (status != KVC_OK) return status;
+        info->n_cells  = st.n_cells;
+        info->n_layer  = st.n_layer;
+        info->v_trans  = st.v_trans;
+        info->k_type   = st.k[0].type;
+        info->v_type   = st.v.empty() ? -1 : st.v[0].type;
+        info->pos_min  = *std::min_element(st.pos.begin(), st.pos.end());
+        info->pos_max  = *std::max_element(st.pos.begin(), st.pos.end());
+        info->seq_id   = st.seq_id;
+        info->kv_bytes = st.kv_bytes_per_cell() * st.n_cells;
+        if (positions != nullptr) {
+            if (n_positions < st.n_cells) {
+                return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "positions holds fewer entries than the state has cells");
+            }
+            std::copy(st.pos.begin(), st.pos.end(), positions);
+        }
+        return static_cast<int32_t>(KVC_OK);
+    });
+}
+
+int32_t kvc_state_compose(const uint8_t * src, size_t src_size, const int32_t * selection, int32_t n_layer,
+                          int32_t n_head_kv, int32_t n_keep, uint8_t * dst, size_t dst_capacity, size_t * dst_size) {
+    return kvc::guard(
+        [&] { return compose(src, src_size, selection, n_layer, n_head_kv, n_keep, dst, dst_capacity, dst_size); });
+}
+
+int32_t kvc_state_value_norms(const uint8_t * src, size_t src_size, int32_t n_head_kv, float * out, size_t n_values) {
+    return kvc::guard([&] { return value_norms(src, src_size, n_head_kv, out, n_values); });
+}
+
+}  // extern "C"

@@ -1,0 +1,43 @@
+// Parsed view of a llama_state_seq_get_data buffer (single sequence, host layout), as written
+// by llama_kv_cache::state_write in the vendored llama.cpp:
+//   u32 magic, i32 seq_id, u32 n_stream; per stream: u32 cell_count, and if non-zero
+//   cell_count x (i32 pos, u32 n_seq_id, n_seq_id x i32 seq_id), u32 v_trans, u32 n_layer,
+//   n_layer x K (i32 type, u64 row_size, cell_count rows),
+//   n_layer x V (as K) or, transposed, (i32 type, u32 el_size, u32 n_embd, n_embd x cell_count elements).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace kvc {
+
+struct TensorRows {
+    int32_t  type     = 0;
+    uint64_t row_size = 0;  // bytes of one cell's row (K, plain V) or one element (transposed V)
+    int64_t  n_embd   = 0;  // elements per cell
+    size_t   offset   = 0;  // where the data starts in the buffer
+};
+
+struct ParsedState {
+    uint32_t magic     = 0;
+    int32_t  seq_id    = 0;
+    uint32_t n_stream  = 0;
+    uint32_t stream    = 0;  // the one stream holding cells
+    uint32_t n_cells   = 0;
+    std::vector<int32_t> pos;
+    std::vector<int32_t> cell_seq;  // the seq id stored with each cell
+    uint32_t v_trans   = 0;
+    uint32_t n_layer   = 0;
+    std::vector<TensorRows> k, v;
+
+    uint64_t kv_bytes_per_cell() const;
+};
+
+// Returns KVC_OK or a failure status (with kvc_last_error set).
+int32_t parse_state(const uint8_t * src, size_t size, ParsedState & out);
+
+constexpr uint32_t kStateMagic = 0xaf143cd8u;
+
+}  // namespace kvc

@@ -1,0 +1,400 @@
+"""ctypes binding to ``libkvcompose``, mirroring ``native/include/kvcompose.h`` one function at a time.
+
+Status codes become :class:`NativeError` (or a subclass); wrapper objects own native memory.
+``llama_cpp`` is imported first so that the ``libllama``/``libggml-base`` it loaded are the ones
+this library binds to (same SONAME, same process): there is never a second copy of llama.cpp.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.metadata
+import pathlib
+import sys
+from typing import Optional, Sequence
+
+import numpy as np
+
+import llama_cpp  # noqa: F401  (loads libllama/libggml into the process first)
+
+API_VERSION = 1
+
+# status codes (enum kvc_status)
+KVC_OK = 0
+KVC_ERR_INVALID_ARGUMENT = 1
+KVC_ERR_CORRUPT_STATE = 2
+KVC_ERR_UNSUPPORTED = 3
+KVC_ERR_OUT_OF_MEMORY = 4
+KVC_ERR_LLAMA = 5
+KVC_ERR_CAPTURE = 6
+KVC_ERR_INTERNAL = 7
+
+# enum kvc_agg
+KVC_AGG_MAX = 0
+KVC_AGG_MEAN = 1
+AGG_BY_NAME = {"max": KVC_AGG_MAX, "mean": KVC_AGG_MEAN}
+
+
+class NativeError(RuntimeError):
+    """A failure reported by the native core; ``status`` holds the ``kvc_status`` code."""
+
+    def __init__(self, status: int, function: str, detail: str):
+        self.status = status
+        name = _lib.kvc_status_str(status).decode() if _lib is not None else str(status)
+        super().__init__(f"{function}: {name}: {detail}" if detail else f"{function}: {name}")
+
+
+class CorruptStateError(NativeError, ValueError):
+    """A state buffer is truncated or inconsistent."""
+
+
+class UnsupportedCacheError(NativeError, NotImplementedError):
+    """A valid cache this library cannot compress (its type or layout)."""
+
+
+_ERROR_CLASS = {
+    KVC_ERR_INVALID_ARGUMENT: type("InvalidArgumentError", (NativeError, ValueError), {}),
+    KVC_ERR_CORRUPT_STATE: CorruptStateError,
+    KVC_ERR_UNSUPPORTED: UnsupportedCacheError,
+    KVC_ERR_OUT_OF_MEMORY: type("NativeMemoryError", (NativeError, MemoryError), {}),
+}
+
+
+def _library_path() -> pathlib.Path:
+    name = "libkvcompose.so" if sys.platform != "darwin" else "libkvcompose.dylib"
+    here = pathlib.Path(__file__).resolve().parent
+    # next to this file when installed; in site-packages when this module runs from a source tree
+    candidates = [here / name] + [pathlib.Path(p) / "pykvcompose" / name for p in sys.path if p]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ImportError(
+        f"pykvcompose's native library {name} was not found next to {here} nor on sys.path; "
+        "install the package (`make install`, or `pip install --no-build-isolation .` after llama-cpp-python)"
+    )
+
+
+def _load() -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(_library_path()))
+    lib.kvc_api_version.restype = ctypes.c_int32
+    lib.kvc_llama_cpp_python_version.restype = ctypes.c_char_p
+    lib.kvc_sizeof_llama_context_params.restype = ctypes.c_size_t
+    return lib
+
+
+_lib: Optional[ctypes.CDLL] = None
+_lib = _load()
+
+
+def _check_versions() -> None:
+    built = _lib.kvc_llama_cpp_python_version().decode()
+    installed = importlib.metadata.version("llama-cpp-python")
+    fix = (
+        f"reinstall with `pip install --no-build-isolation --force-reinstall pykvcompose` against "
+        f"llama-cpp-python=={installed}, or install llama-cpp-python=={built}"
+    )
+    if installed != built:
+        raise ImportError(
+            f"pykvcompose was compiled against llama-cpp-python {built}'s llama.cpp but {installed} is installed: {fix}"
+        )
+    if _lib.kvc_api_version() != API_VERSION:
+        raise ImportError(
+            f"libkvcompose has API version {_lib.kvc_api_version()}, this Python code expects {API_VERSION}: "
+            "the installed native library and the Python sources are out of step; reinstall pykvcompose"
+        )
+    if _lib.kvc_sizeof_llama_context_params() != ctypes.sizeof(llama_cpp.llama_context_params):
+        raise ImportError(f"llama_context_params differs between pykvcompose and llama-cpp-python {installed}: {fix}")
+
+
+_check_versions()
+
+
+# ---- signatures -------------------------------------------------------------------------------
+c_float_p = ctypes.POINTER(ctypes.c_float)
+c_int32_p = ctypes.POINTER(ctypes.c_int32)
+c_uint8_p = ctypes.POINTER(ctypes.c_uint8)
+
+
+class StateInfo(ctypes.Structure):
+    _fields_ = [
+        ("n_cells", ctypes.c_uint32),
+        ("n_layer", ctypes.c_uint32),
+        ("v_trans", ctypes.c_uint32),
+        ("k_type", ctypes.c_int32),
+        ("v_type", ctypes.c_int32),
+        ("pos_min", ctypes.c_int32),
+        ("pos_max", ctypes.c_int32),
+        ("seq_id", ctypes.c_int32),
+        ("kv_bytes", ctypes.c_uint64),
+    ]
+
+
+class ComposeResult(ctypes.Structure):
+    _fields_ = [
+        ("cells_before", ctypes.c_uint32),
+        ("cells_after", ctypes.c_uint32),
+        ("kv_bytes_before", ctypes.c_uint64),
+        ("kv_bytes_after", ctypes.c_uint64),
+        ("pos_max", ctypes.c_int32),
+    ]
+
+
+EVAL_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_bool, ctypes.c_void_p)
+
+_SIGNATURES = {
+    "kvc_status_str": (ctypes.c_char_p, [ctypes.c_int32]),
+    "kvc_last_error": (ctypes.c_char_p, []),
+    "kvc_capture_init": (ctypes.c_int32, [ctypes.POINTER(ctypes.c_void_p)]),
+    "kvc_capture_free": (None, [ctypes.c_void_p]),
+    "kvc_capture_begin": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32]),
+    "kvc_capture_end": (ctypes.c_int32, [ctypes.c_void_p]),
+    "kvc_capture_is_active": (ctypes.c_bool, [ctypes.c_void_p]),
+    "kvc_capture_get_scores": (ctypes.c_int32, [ctypes.c_void_p, c_float_p, ctypes.c_size_t]),
+    "kvc_capture_n_queries": (ctypes.c_int64, [ctypes.c_void_p, ctypes.c_int32]),
+    "kvc_kvcompose_score": (
+        ctypes.c_int32,
+        [c_float_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, c_float_p,
+         ctypes.c_bool, c_float_p],
+    ),
+    "kvc_kvcompose_layer_budgets": (
+        ctypes.c_int32,
+        [c_float_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32,
+         c_int32_p],
+    ),
+    "kvc_select_top": (
+        ctypes.c_int32, [c_float_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, c_int32_p, ctypes.c_int32, c_int32_p]
+    ),
+    "kvc_state_parse": (ctypes.c_int32, [c_uint8_p, ctypes.c_size_t, ctypes.POINTER(StateInfo), c_int32_p, ctypes.c_size_t]),
+    "kvc_state_compose": (
+        ctypes.c_int32,
+        [c_uint8_p, ctypes.c_size_t, c_int32_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, c_uint8_p,
+         ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t)],
+    ),
+    "kvc_state_value_norms": (ctypes.c_int32, [c_uint8_p, ctypes.c_size_t, ctypes.c_int32, c_float_p, ctypes.c_size_t]),
+    "kvc_context_compose": (
+        ctypes.c_int32,
+        [ctypes.c_void_p, ctypes.c_int32, c_int32_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
+         ctypes.POINTER(ComposeResult)],
+    ),
+    "kvc_context_state_info": (
+        ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(StateInfo), c_int32_p, ctypes.c_size_t]
+    ),
+    "kvc_context_value_norms": (
+        ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, c_float_p, ctypes.c_size_t]
+    ),
+}
+for _name, (_restype, _argtypes) in _SIGNATURES.items():
+    _fn = getattr(_lib, _name)
+    _fn.restype = _restype
+    _fn.argtypes = _argtypes
+
+#: address of kvc_capture_eval_callback, for llama_context_params.cb_eval (a C function: no Python per tensor)
+EVAL_CALLBACK_ADDRESS = ctypes.cast(_lib.kvc_capture_eval_callback, ctypes.c_void_p).value
+
+
+def _check(status: int, function: str) -> None:
+    if status != KVC_OK:
+        detail = _lib.kvc_last_error().decode(errors="replace")
+        raise _ERROR_CLASS.get(status, NativeError)(status, function, detail)
+
+
+def _f32(a: np.ndarray, shape: Optional[Sequence[int]] = None) -> np.ndarray:
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if shape is not None and a.shape != tuple(shape):
+        raise ValueError(f"expected an array of shape {tuple(shape)}, got {a.shape}")
+    return a
+
+
+def _ptr(a: np.ndarray, ctype):
+    return a.ctypes.data_as(ctypes.POINTER(ctype))
+
+
+def _ctx_ptr(ctx) -> int:
+    """Raw ``llama_context*`` of a llama_cpp context handle (a ctypes pointer or an int)."""
+    return ctypes.cast(ctx, ctypes.c_void_p).value
+
+
+# ---- attention capture ---------------------------------------------------------------------
+class Capture:
+    """Owns a ``kvc_capture``. Use as ``cb_eval_user_data`` with :data:`EVAL_CALLBACK_ADDRESS`."""
+
+    def __init__(self) -> None:
+        handle = ctypes.c_void_p()
+        _check(_lib.kvc_capture_init(ctypes.byref(handle)), "kvc_capture_init")
+        self._handle = handle
+        self._shape = (0, 0, 0)
+
+    @property
+    def address(self) -> int:
+        if self._handle is None or not self._handle.value:
+            raise ValueError("the capture is closed")
+        return self._handle.value
+
+    def begin(self, n_layer: int, n_head: int, n_keys: int, agg: str = "max") -> None:
+        if agg not in AGG_BY_NAME:
+            raise ValueError(f"unknown aggregation {agg!r}; expected one of {sorted(AGG_BY_NAME)}")
+        _check(_lib.kvc_capture_begin(self.address, n_layer, n_head, n_keys, AGG_BY_NAME[agg]), "kvc_capture_begin")
+        self._shape = (n_layer, n_head, n_keys)
+
+    def end(self) -> None:
+        _check(_lib.kvc_capture_end(self.address), "kvc_capture_end")
+
+    @property
+    def active(self) -> bool:
+        return bool(_lib.kvc_capture_is_active(self.address))
+
+    def scores(self) -> np.ndarray:
+        """Reduced probe attention, float32 ``[n_layer, n_head, n_keys]``."""
+        out = np.empty(self._shape, dtype=np.float32)
+        _check(_lib.kvc_capture_get_scores(self.address, _ptr(out, ctypes.c_float), out.size), "kvc_capture_get_scores")
+        return out
+
+    def n_queries(self, layer: int) -> int:
+        return int(_lib.kvc_capture_n_queries(self.address, layer))
+
+    def close(self) -> None:
+        if self._handle is not None and self._handle.value:
+            _lib.kvc_capture_free(self._handle)
+        self._handle = None
+
+    def __enter__(self) -> "Capture":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+
+# ---- scoring and selection -----------------------------------------------------------------
+def kvcompose_score(head_scores: np.ndarray, n_head_kv: int, agg_group: str = "mean",
+                    value_norms: Optional[np.ndarray] = None, add_mean_across_heads: bool = True) -> np.ndarray:
+    """``[n_layer, n_head, n]`` probe attention -> ``[n_layer, n_head_kv, n]`` KVCompose token scores."""
+    hs = _f32(head_scores)
+    if hs.ndim != 3:
+        raise ValueError(f"head_scores must be [n_layer, n_head, n_tokens], got shape {hs.shape}")
+    n_layer, n_head, n = hs.shape
+    if agg_group not in AGG_BY_NAME:
+        raise ValueError(f"unknown agg_group {agg_group!r}; expected one of {sorted(AGG_BY_NAME)}")
+    vn = None if value_norms is None else _f32(value_norms, (n_layer, n_head_kv, n))
+    out = np.empty((n_layer, n_head_kv, n), dtype=np.float32)
+    _check(
+        _lib.kvc_kvcompose_score(_ptr(hs, ctypes.c_float), n_layer, n_head, n_head_kv, n, AGG_BY_NAME[agg_group],
+                                 None if vn is None else _ptr(vn, ctypes.c_float), add_mean_across_heads,
+                                 _ptr(out, ctypes.c_float)),
+        "kvc_kvcompose_score",
+    )
+    return out
+
+
+def kvcompose_layer_budgets(scores: np.ndarray, n_total_keep: int, agg_head: str = "mean",
+                            keep_token_lower_bound: int = 0) -> np.ndarray:
+    """The paper's per-layer budgets ``[n_layer]`` for ``n_total_keep`` kept (layer, rank) slots."""
+    s = _f32(scores)
+    if s.ndim != 3:
+        raise ValueError(f"scores must be [n_layer, n_head_kv, n_tokens], got shape {s.shape}")
+    if agg_head not in AGG_BY_NAME:
+        raise ValueError(f"unknown agg_head {agg_head!r}; expected one of {sorted(AGG_BY_NAME)}")
+    out = np.empty(s.shape[0], dtype=np.int32)
+    _check(
+        _lib.kvc_kvcompose_layer_budgets(_ptr(s, ctypes.c_float), *s.shape, int(n_total_keep), AGG_BY_NAME[agg_head],
+                                         int(keep_token_lower_bound), _ptr(out, ctypes.c_int32)),
+        "kvc_kvcompose_layer_budgets",
+    )
+    return out
+
+
+def select_top(scores: np.ndarray, n_keep: int, forced: Sequence[int] = ()) -> np.ndarray:
+    """Per row of ``scores[..., n_tokens]`` the ascending indices of its top ``n_keep`` (``forced`` always kept)."""
+    s = _f32(scores)
+    n_tokens = s.shape[-1]
+    rows = s.reshape(-1, n_tokens)
+    f = np.ascontiguousarray(np.asarray(forced, dtype=np.int32).reshape(-1))
+    out = np.empty((rows.shape[0], n_keep), dtype=np.int32)
+    _check(
+        _lib.kvc_select_top(_ptr(rows, ctypes.c_float), rows.shape[0], n_tokens, int(n_keep),
+                            _ptr(f, ctypes.c_int32) if f.size else None, f.size, _ptr(out, ctypes.c_int32)),
+        "kvc_select_top",
+    )
+    return out.reshape(s.shape[:-1] + (n_keep,))
+
+
+# ---- state buffers -------------------------------------------------------------------------
+def _buf(data: bytes):
+    arr = np.frombuffer(data, dtype=np.uint8)
+    return arr, (_ptr(arr, ctypes.c_uint8) if arr.size else None)
+
+
+def _info_dict(info: StateInfo, positions: Optional[np.ndarray]) -> dict:
+    d = {name: getattr(info, name) for name, _ in StateInfo._fields_}
+    if positions is not None:
+        d["positions"] = positions[: info.n_cells].copy()
+    return d
+
+
+def state_parse(data: bytes) -> dict:
+    """Validate a ``llama_state_seq_get_data`` buffer and describe it (with cell ``positions``)."""
+    arr, p = _buf(data)
+    info = StateInfo()
+    _check(_lib.kvc_state_parse(p, arr.size, ctypes.byref(info), None, 0), "kvc_state_parse")
+    positions = np.empty(max(1, info.n_cells), dtype=np.int32)
+    _check(_lib.kvc_state_parse(p, arr.size, ctypes.byref(info), _ptr(positions, ctypes.c_int32), positions.size),
+           "kvc_state_parse")
+    return _info_dict(info, positions)
+
+
+def _selection(selection: np.ndarray) -> np.ndarray:
+    sel = np.ascontiguousarray(selection, dtype=np.int32)
+    if sel.ndim != 3:
+        raise ValueError(f"selection must be [n_layer, n_head_kv, n_keep], got shape {sel.shape}")
+    return sel
+
+
+def state_compose(data: bytes, selection: np.ndarray) -> bytes:
+    """Compose ``selection[layer, kv_head, cell]`` of the source cells into a new state buffer."""
+    arr, p = _buf(data)
+    sel = _selection(selection)
+    size = ctypes.c_size_t(0)
+    _check(_lib.kvc_state_compose(p, arr.size, _ptr(sel, ctypes.c_int32), *sel.shape, None, 0, ctypes.byref(size)),
+           "kvc_state_compose")
+    out = np.empty(size.value, dtype=np.uint8)
+    _check(_lib.kvc_state_compose(p, arr.size, _ptr(sel, ctypes.c_int32), *sel.shape, _ptr(out, ctypes.c_uint8),
+                                  out.size, ctypes.byref(size)), "kvc_state_compose")
+    return out.tobytes()
+
+
+def state_value_norms(data: bytes, n_head_kv: int) -> np.ndarray:
+    info = state_parse(data)
+    arr, p = _buf(data)
+    out = np.empty((info["n_layer"], n_head_kv, info["n_cells"]), dtype=np.float32)
+    _check(_lib.kvc_state_value_norms(p, arr.size, n_head_kv, _ptr(out, ctypes.c_float), out.size),
+           "kvc_state_value_norms")
+    return out
+
+
+# ---- live contexts -------------------------------------------------------------------------
+def context_state_info(ctx, seq_id: int = 0) -> dict:
+    info = StateInfo()
+    c = _ctx_ptr(ctx)
+    _check(_lib.kvc_context_state_info(c, seq_id, ctypes.byref(info), None, 0), "kvc_context_state_info")
+    positions = np.empty(max(1, info.n_cells), dtype=np.int32)
+    _check(_lib.kvc_context_state_info(c, seq_id, ctypes.byref(info), _ptr(positions, ctypes.c_int32),
+                                       positions.size), "kvc_context_state_info")
+    return _info_dict(info, positions)
+
+
+def context_value_norms(ctx, n_layer: int, n_head_kv: int, n_cells: int, seq_id: int = 0) -> np.ndarray:
+    out = np.empty((n_layer, n_head_kv, n_cells), dtype=np.float32)
+    _check(_lib.kvc_context_value_norms(_ctx_ptr(ctx), seq_id, n_head_kv, _ptr(out, ctypes.c_float), out.size),
+           "kvc_context_value_norms")
+    return out
+
+
+def context_compose(ctx, selection: np.ndarray, expected_cells: int = 0, seq_id: int = 0) -> dict:
+    """Rewrite sequence ``seq_id`` of a live context; on failure it is restored and this raises."""
+    sel = _selection(selection)
+    res = ComposeResult()
+    _check(_lib.kvc_context_compose(_ctx_ptr(ctx), seq_id, _ptr(sel, ctypes.c_int32), *sel.shape, int(expected_cells),
+                                    ctypes.byref(res)), "kvc_context_compose")
+    return {name: getattr(res, name) for name, _ in ComposeResult._fields_}

@@ -1,0 +1,45 @@
+"""What every press shares: the compression ratio and how many cells it leaves."""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {sorted(choices)}, got {value!r}")
+
+
+def check_int(name: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
+@dataclass
+class BasePress:
+    """
+    Base class of the presses: a press scores every (layer, kv head, token) of a prompt and the
+    cache keeps, per (layer, kv head), its top-C tokens as C composite cells.
+
+    Parameters
+    ----------
+    compression_ratio : float, default=0.0
+        Fraction of the prompt's KV cells removed, in [0, 1) (kvpress convention: 0.75 keeps a quarter).
+    """
+
+    compression_ratio: float = 0.0
+
+    def __post_init__(self) -> None:
+        r = self.compression_ratio
+        if isinstance(r, bool) or not isinstance(r, numbers.Real) or not (0.0 <= float(r) < 1.0):
+            raise ValueError(f"compression_ratio must be a number in [0, 1), got {r!r}")
+
+    def n_kept(self, n_tokens: int) -> int:
+        """Cells kept for a context of ``n_tokens``: ``max(1, int(n_tokens * (1 - compression_ratio)))``."""
+        return max(1, int(n_tokens * (1 - self.compression_ratio)))

@@ -1,0 +1,114 @@
+"""KVCompose: attention-guided, layer-adaptive composite tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from .. import _native
+from .base_press import BasePress, check_bool, check_choice, check_int
+
+AGGREGATIONS = ("max", "mean")
+SCORINGS = ("reconstruct", "window")
+
+
+@dataclass
+class KVComposePress(BasePress):
+    """
+    KVCompose on llama.cpp: per (layer, kv head) top-C tokens from probe attention, aligned into
+    C composite cells (every head of a cell may hold a different original token).
+
+    Based on KVCompose (https://arxiv.org/abs/2509.05165), with the fields of NVIDIA kvpress's
+    ``KVComposePress``.
+
+    Parameters
+    ----------
+    compression_ratio : float, default=0.0
+        Fraction of the prompt's KV cells removed, in [0, 1).
+    agg_task : {"max", "mean"}, default="max"
+        Aggregation over the probe queries, per query head.
+    agg_group : {"max", "mean"}, default="mean"
+        Aggregation over the query heads of a GQA group, giving one score per kv head.
+    agg_head : {"max", "mean"}, default="mean"
+        Aggregation over kv heads of the r-th largest scores: the composite score of rank r,
+        which drives the paper's global layer allocation (``layer_budgets``).
+    add_v_norm : bool, default=False
+        Multiply each token's score by the L2 norm of its value vector.
+    add_mean_across_heads : bool, default=True
+        Add the mean over a layer's kv heads to each head's scores (stabiliser).
+    keep_token_lower_bound : int, default=0
+        Minimum number of tokens of each layer in the layer allocation.
+    scoring : {"reconstruct", "window"}, default="reconstruct"
+        Probe queries. "reconstruct": the context fed again after itself (the paper's probe;
+        doubles the prefill). "window": the last ``window`` prompt tokens (no extra pass).
+    window : int, default=64
+        Probe size of ``scoring="window"``.
+    min_tokens : int, default=128
+        Prompts shorter than this are not compressed.
+    """
+
+    agg_task: str = "max"
+    agg_group: str = "mean"
+    agg_head: str = "mean"
+    add_v_norm: bool = False
+    add_mean_across_heads: bool = True
+    keep_token_lower_bound: int = 0
+    scoring: str = "reconstruct"
+    window: int = 64
+    min_tokens: int = 128
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_choice("agg_task", self.agg_task, AGGREGATIONS)
+        check_choice("agg_group", self.agg_group, AGGREGATIONS)
+        check_choice("agg_head", self.agg_head, AGGREGATIONS)
+        check_choice("scoring", self.scoring, SCORINGS)
+        check_bool("add_v_norm", self.add_v_norm)
+        check_bool("add_mean_across_heads", self.add_mean_across_heads)
+        check_int("keep_token_lower_bound", self.keep_token_lower_bound, 0)
+        check_int("window", self.window, 1)
+        check_int("min_tokens", self.min_tokens, 2)
+
+    def score(self, head_scores: np.ndarray, n_head_kv: int, value_norms: Optional[np.ndarray] = None) -> np.ndarray:
+        """
+        Token scores from probe attention.
+
+        Parameters
+        ----------
+        head_scores : np.ndarray, float32 (layers, heads, tokens)
+            Probe attention per query head, already aggregated over probe queries with ``agg_task``.
+        n_head_kv : int
+            KV heads per layer (query head h belongs to kv head h // (heads // n_head_kv)).
+        value_norms : np.ndarray, float32 (layers, kv_heads, tokens), optional
+            Value-vector norms; required when ``add_v_norm`` is set.
+
+        Returns
+        -------
+        np.ndarray, float32 (layers, kv_heads, tokens)
+        """
+        if self.add_v_norm and value_norms is None:
+            raise ValueError("add_v_norm=True needs value_norms")
+        return _native.kvcompose_score(
+            head_scores, n_head_kv, self.agg_group, value_norms if self.add_v_norm else None,
+            self.add_mean_across_heads,
+        )
+
+    def layer_budgets(self, scores: np.ndarray) -> np.ndarray:
+        """
+        The paper's global allocation of kept tokens across layers.
+
+        Parameters
+        ----------
+        scores : np.ndarray, float32 (layers, kv_heads, tokens)
+
+        Returns
+        -------
+        np.ndarray, int32 (layers,)
+            Tokens per layer summing to about ``layers * tokens * (1 - compression_ratio)``.
+            llama.cpp keeps one cell count for all layers, so these are reported, not applied.
+        """
+        n_layer, _, n = scores.shape
+        n_total = max(1, int(n_layer * n * (1 - self.compression_ratio)))
+        return _native.kvcompose_layer_budgets(scores, n_total, self.agg_head, self.keep_token_lower_bound)
