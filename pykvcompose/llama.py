@@ -55,6 +55,11 @@ class Llama(llama_cpp.Llama):
         Measurements of the last compression (empty before the first).
     kv_selection : np.ndarray or None
         int32 (layers, kv_heads, C): the original positions each head kept, ascending.
+    kv_head_scores : np.ndarray or None
+        float32 (layers, heads, tokens): the probe attention of the last compression, per query
+        head, aggregated over probe queries with the press's ``agg_task``.
+    kv_scores : np.ndarray or None
+        float32 (layers, kv_heads, tokens): the press's token scores of the last compression.
     """
 
     def __init__(self, model_path: Optional[str] = None, *, kv_compress: Optional[BasePress] = None,
@@ -68,6 +73,8 @@ class Llama(llama_cpp.Llama):
         self._compressed_len = 0
         self.kv_stats: Dict[str, Any] = {}
         self.kv_selection: Optional[np.ndarray] = None
+        self.kv_head_scores: Optional[np.ndarray] = None
+        self.kv_scores: Optional[np.ndarray] = None
         super().__init__(model_path=model_path, n_threads=n_threads, **kwargs)
 
         model = self._model.model
@@ -253,6 +260,8 @@ class Llama(llama_cpp.Llama):
         self._compressed_len = n
         self._requires_eval = True
         self.kv_selection = selection
+        self.kv_head_scores = head_scores
+        self.kv_scores = scores
         self.kv_stats = {
             "press": type(press).__name__,
             "compression_ratio": float(press.compression_ratio),

@@ -1,0 +1,26 @@
+"""The ``pykvcompose`` command."""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional, Sequence
+
+COMMANDS = {
+    "demo": "a long document with a planted fact, answered with the full cache and with KVCompose",
+}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: pykvcompose COMMAND [options]\n\ncommands:")
+        for name, what in COMMANDS.items():
+            print(f"  {name:8s} {what}")
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "demo":
+        from .demo import main as demo_main
+
+        return demo_main(rest)
+    print(f"pykvcompose: unknown command {cmd!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
+    return 2

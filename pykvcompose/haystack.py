@@ -1,0 +1,43 @@
+"""Offline haystack text and planted facts for demos and tests."""
+
+from __future__ import annotations
+
+import random
+from typing import Callable, List
+
+PASSKEY_QUESTION = "What is the pass key? The pass key is"
+
+
+def haystack_text() -> str:
+    """About 465k characters of Python documentation shipped with CPython (``pydoc_data.topics``)."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k].strip() for k in sorted(topics))
+
+
+def passkey_prompt(tokenize: Callable[[str], List[int]], n_tokens: int, depth: float, passkey: int,
+                   seed: int = 0) -> str:
+    """A ``n_tokens``-ish haystack with a pass key planted at relative ``depth`` (0 = start, 1 = end).
+
+    ``tokenize`` maps text to tokens (e.g. ``lambda s: llm.tokenize(s.encode())``); the haystack
+    is cut at a paragraph boundary chosen by ``seed`` so that different seeds read different text.
+    """
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    text = haystack_text()
+    paragraphs = [p for p in text.split("\n\n") if p.strip()]
+    start = random.Random(seed).randrange(len(paragraphs) // 2)
+    needle = f"The pass key is {passkey}. Remember it. {passkey} is the pass key."
+    intro = "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it.\n\n"
+    budget = n_tokens - len(tokenize(intro + needle + "\n\n" + PASSKEY_QUESTION)) - 8
+    chosen: List[str] = []
+    used = 0
+    for p in paragraphs[start:] + paragraphs[:start]:
+        cost = len(tokenize(p)) + 1
+        if used + cost > budget:
+            break
+        chosen.append(p)
+        used += cost
+    at = round(depth * len(chosen))
+    body = chosen[:at] + [needle] + chosen[at:]
+    return intro + "\n\n".join(body) + "\n\n" + PASSKEY_QUESTION

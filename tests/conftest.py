@@ -1,0 +1,60 @@
+import os
+
+import llama_cpp
+import numpy as np
+import pytest
+
+from pykvcompose import Llama, default_model_path
+from pykvcompose.haystack import haystack_text
+
+N_THREADS = max(1, len(os.sched_getaffinity(0)))
+
+
+@pytest.fixture(scope="session")
+def model_path():
+    return default_model_path()
+
+
+@pytest.fixture(scope="session")
+def plain_llm(model_path):
+    """Stock llama-cpp-python: the reference."""
+    llm = llama_cpp.Llama(model_path, n_ctx=2048, n_threads=N_THREADS, verbose=False)
+    yield llm
+    llm.close()
+
+
+@pytest.fixture(scope="session")
+def llm(model_path):
+    """One pykvcompose Llama shared by tests that set their own press."""
+    m = Llama(model_path, n_ctx=2048, verbose=False)
+    yield m
+    m.close()
+
+
+@pytest.fixture(scope="session")
+def prompt_tokens(plain_llm):
+    """About 400 tokens of real text."""
+    text = haystack_text()[20000:21800]
+    toks = plain_llm.tokenize(text.encode())
+    assert 300 < len(toks) < 800
+    return toks
+
+
+def last_logits(llm) -> np.ndarray:
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1), shape=(llm.n_vocab(),)).copy()
+
+
+def logits_after(llm, tokens) -> np.ndarray:
+    """Next-token logits after the prompt, through ``generate`` (the path every API takes)."""
+    gen = llm.generate(tokens, temp=0.0)
+    next(gen)
+    gen.close()
+    return last_logits(llm)
+
+
+def seq_state(llm, seq_id: int = 0) -> bytes:
+    ctx = llm._ctx.ctx
+    size = llama_cpp.llama_state_seq_get_size(ctx, seq_id)
+    buf = (llama_cpp.ctypes.c_uint8 * size)()
+    assert llama_cpp.llama_state_seq_get_data(ctx, buf, size, seq_id) == size
+    return bytes(buf)

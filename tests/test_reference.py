@@ -1,0 +1,134 @@
+"""The C++ scoring and selection against an independent numpy re-implementation of KVCompose
+(the authors' algorithm as in kvpress's KVComposePress), on attention captured from the model."""
+
+import numpy as np
+import pytest
+
+from pykvcompose import KVComposePress, _native
+
+from conftest import seq_state
+
+
+def np_scores(head_scores, n_head_kv, agg_group, value_norms, add_mean):
+    L, H, n = head_scores.shape
+    g = head_scores.reshape(L, n_head_kv, H // n_head_kv, n).astype(np.float64)
+    s = (g.max(axis=2) if agg_group == "max" else g.sum(axis=2) / (H // n_head_kv)).astype(np.float32)
+    if value_norms is not None:
+        s = (s * value_norms).astype(np.float32)
+    if add_mean:
+        mean = s.astype(np.float64).sum(axis=1, keepdims=True) / n_head_kv
+        s = (s.astype(np.float64) + mean).astype(np.float32)
+    return s
+
+
+def np_layer_budgets(scores, ratio, agg_head, lower_bound):
+    L, Hkv, n = scores.shape
+    srt = -np.sort(-scores, axis=-1).astype(np.float64)
+    comp = (srt.max(axis=1) if agg_head == "max" else srt.sum(axis=1) / Hkv).astype(np.float32)
+    comp[:, :lower_bound] += np.float32(1e9)
+    comp[0] = comp.max(axis=0)
+    n_total = max(1, int(L * n * (1 - ratio)))
+    flat = comp.reshape(-1)
+    order = np.lexsort((np.arange(flat.size), -flat))  # value descending, then index ascending
+    kept = order[:n_total] // n
+    return np.maximum(np.bincount(kept, minlength=L), max(1, lower_bound))
+
+
+def np_select(scores, n_keep, forced):
+    n = scores.shape[-1]
+    rows = scores.reshape(-1, n)
+    out = []
+    for r in rows:
+        bonus = np.zeros(n, dtype=bool)
+        bonus[list(forced)] = True
+        order = np.lexsort((np.arange(n), -r.astype(np.float64), ~bonus))  # forced first, then score, then index
+        out.append(np.sort(order[:n_keep]))
+    return np.array(out, dtype=np.int32).reshape(scores.shape[:-1] + (n_keep,))
+
+
+@pytest.mark.parametrize(
+    "press",
+    [
+        KVComposePress(compression_ratio=0.5, min_tokens=16),
+        KVComposePress(compression_ratio=0.75, scoring="window", window=48, min_tokens=16),
+        KVComposePress(compression_ratio=0.6, agg_task="mean", agg_group="max", agg_head="max", add_v_norm=True,
+                       keep_token_lower_bound=4, min_tokens=16),
+        KVComposePress(compression_ratio=0.3, scoring="window", add_mean_across_heads=False, min_tokens=16),
+    ],
+    ids=["reconstruct", "window", "options", "window-no-stabiliser"],
+)
+def test_native_scoring_matches_numpy(llm, prompt_tokens, press):
+    llm.kv_compress = press
+    llm.reset()
+    gen = llm.generate(prompt_tokens, temp=0.0)
+    next(gen)
+    gen.close()
+    n = len(prompt_tokens) - 1
+    hs = llm.kv_head_scores
+    assert hs.shape == (llm.kv_n_layer, llm.kv_n_head, n)
+    assert np.all(hs >= 0) and np.any(hs > 0)
+
+    kv_scores, selection, stats = llm.kv_scores, llm.kv_selection, dict(llm.kv_stats)
+    vn = None
+    if press.add_v_norm:
+        # value norms of the same prefill, from the state bytes (checked against numpy below)
+        llm.kv_compress = None
+        llm.reset()
+        llm.eval(prompt_tokens[:-1])
+        vn = _native.state_value_norms(seq_state(llm), llm.kv_n_head_kv)
+    expected = np_scores(hs, llm.kv_n_head_kv, press.agg_group, vn, press.add_mean_across_heads)
+    np.testing.assert_array_equal(kv_scores, expected)
+
+    budgets = np_layer_budgets(kv_scores, press.compression_ratio, press.agg_head, press.keep_token_lower_bound)
+    assert stats["layer_budgets"] == budgets.tolist()
+    c = press.n_kept(n)
+    np.testing.assert_array_equal(selection, np_select(kv_scores, c, [n - 1]))
+    assert stats["cells_after"] == c
+
+
+def test_window_probe_attention_rows_sum_to_one(llm, prompt_tokens):
+    """Window-probe queries see only context keys, so the mean attention per head sums to 1."""
+    llm.kv_compress = KVComposePress(compression_ratio=0.5, scoring="window", window=32, agg_task="mean",
+                                     min_tokens=16)
+    llm.reset()
+    gen = llm.generate(prompt_tokens, temp=0.0)
+    next(gen)
+    gen.close()
+    np.testing.assert_allclose(llm.kv_head_scores.sum(axis=-1), 1.0, atol=2e-3)
+
+
+def test_reconstruct_probe_differs_from_window(llm, prompt_tokens):
+    runs = {}
+    for scoring in ("reconstruct", "window"):
+        llm.kv_compress = KVComposePress(compression_ratio=0.5, scoring=scoring, min_tokens=16)
+        llm.reset()
+        gen = llm.generate(prompt_tokens, temp=0.0)
+        next(gen)
+        gen.close()
+        runs[scoring] = llm.kv_selection.copy()
+        assert llm.kv_stats["probe"].startswith(scoring)
+    assert not np.array_equal(runs["reconstruct"], runs["window"])
+
+
+def test_value_norms_match_numpy_on_state(llm, prompt_tokens):
+    """Value norms parsed in C++ equal numpy's, read from the raw (transposed f16) state bytes."""
+    llm.kv_compress = None
+    llm.reset()
+    llm.eval(prompt_tokens[:64])
+    data = seq_state(llm)
+    norms = _native.state_value_norms(data, llm.kv_n_head_kv)
+    info = _native.state_parse(data)
+    assert info["v_trans"] == 1 and info["v_type"] == 1  # f16
+    n_cells, L = info["n_cells"], info["n_layer"]
+    # walk the documented layout: header, cells, K sections, then transposed V sections
+    off = 12 + 4 + n_cells * 12 + 8
+    for _ in range(L):
+        row = int(np.frombuffer(data, np.uint64, 1, off + 4)[0])
+        off += 12 + row * n_cells
+    for il in range(L):
+        n_embd = int(np.frombuffer(data, np.uint32, 1, off + 8)[0])
+        v = np.frombuffer(data, np.float16, n_embd * n_cells, off + 12).reshape(n_embd, n_cells).astype(np.float64)
+        off += 12 + 2 * n_embd * n_cells
+        ref = np.sqrt((v.reshape(llm.kv_n_head_kv, -1, n_cells) ** 2).sum(axis=1))
+        np.testing.assert_allclose(norms[il], ref, rtol=1e-5)
+    assert off == len(data)
