@@ -177,7 +177,7 @@ class Llama(llama_cpp.Llama):
 
     # ---- compression ------------------------------------------------------------------------
     def _prepare_prompt(self, tokens: List[int]) -> None:
-        if len(tokens) > self._n_ctx:
+        if len(tokens) >= self._n_ctx:
             raise ValueError(f"Requested tokens ({len(tokens)}) exceed context window of {self._n_ctx}")
         press = self._kv_compress
         if self._compressed_len > 0:
@@ -283,20 +283,22 @@ class Llama(llama_cpp.Llama):
     def _reconstruct_probe(self, context: List[int]) -> Dict[str, Any]:
         """Decode the context again at positions n..2n-1 while the capture records its attention.
 
-        When the cache cannot hold all 2n cells, the probe runs in chunks and each chunk's cells
-        are dropped before the next: a chunk's queries then see the context and their own chunk,
-        not the earlier probe tokens (the paper's probe sees all of them).
+        When the cache cannot hold all 2n cells, the probe runs in chunks and a chunk's cells are
+        dropped before the next one, except the newest (llama.cpp needs each batch to start right
+        after the sequence's newest position). A chunk's queries then see the context, that one
+        earlier probe token and their own chunk, where the paper's probe sees all earlier probe
+        tokens; the softmax mass those would take goes to the context columns instead.
         """
         n = len(context)
-        free = self._n_ctx - n
-        chunk = max(1, min(self.n_batch, free))
+        free = self._n_ctx - n  # >= 2: prompts of n_ctx tokens or more were refused
         full = free >= n
+        chunk = self.n_batch if full else max(1, min(self.n_batch, free - 1))
         held = 0
         for start in range(0, n, chunk):
             part = context[start: start + chunk]
             if held + len(part) > free:
-                self._ctx.kv_cache_seq_rm(_SEQ, n, -1)
-                held = 0
+                self._ctx.kv_cache_seq_rm(_SEQ, n, n + start - 1)
+                held = 1
             self._batch.set_batch(batch=part, n_past=n + start, logits_all=False)
             self._ctx.decode(self._batch)
             held += len(part)

@@ -91,8 +91,11 @@ uint64_t ParsedState::kv_bytes_per_cell() const {
 
 int32_t parse_state(const uint8_t * src, size_t size, ParsedState & out) {
     out = ParsedState{};
-    if (src == nullptr) {
+    if (src == nullptr && size > 0) {
         return fail(KVC_ERR_INVALID_ARGUMENT, "state buffer is NULL");
+    }
+    if (size == 0) {
+        return corrupt("empty buffer");
     }
     Reader r(src, size);
     if (!r.read(out.magic) || !r.read(out.seq_id) || !r.read(out.n_stream)) {
