@@ -57,7 +57,7 @@ def run_demo(n_tokens: int = 3000, ratios: Sequence[float] = (0.5, 0.75), depth:
         res = answer(llm, tokens, max_tokens=12)
         if ratio is None:
             cells = len(tokens)
-            kv_bytes = _full_kv_bytes(llm)
+            kv_bytes = _kv_bytes_per_cell(llm) * cells
             prefill, compress = res["prompt_seconds"], 0.0
         else:
             st = llm.kv_stats
@@ -78,10 +78,11 @@ def run_demo(n_tokens: int = 3000, ratios: Sequence[float] = (0.5, 0.75), depth:
     return rows
 
 
-def _full_kv_bytes(llm: Llama) -> int:
+def _kv_bytes_per_cell(llm: Llama) -> float:
     from . import _native
 
-    return int(_native.context_state_info(llm._ctx.ctx)["kv_bytes"])
+    info = _native.context_state_info(llm._ctx.ctx)
+    return info["kv_bytes"] / info["n_cells"]
 
 
 def format_table(rows: List[Dict[str, Any]]) -> str:
