@@ -161,6 +161,9 @@ _SIGNATURES = {
         [c_float_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32,
          c_int32_p],
     ),
+    "kvc_scores_consensus": (
+        ctypes.c_int32, [c_float_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_float, c_float_p]
+    ),
     "kvc_select_top": (
         ctypes.c_int32, [c_float_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, c_int32_p, ctypes.c_int32, c_int32_p]
     ),
@@ -302,6 +305,17 @@ def kvcompose_layer_budgets(scores: np.ndarray, n_total_keep: int, agg_head: str
                                          int(keep_token_lower_bound), _ptr(out, ctypes.c_int32)),
         "kvc_kvcompose_layer_budgets",
     )
+    return out
+
+
+def scores_consensus(scores: np.ndarray, weight: float) -> np.ndarray:
+    """Blend each head's mean-normalised scores with their mean over all layers and heads."""
+    s = _f32(scores)
+    if s.ndim != 3:
+        raise ValueError(f"scores must be [n_layer, n_head_kv, n_tokens], got shape {s.shape}")
+    out = np.empty_like(s)
+    _check(_lib.kvc_scores_consensus(_ptr(s, ctypes.c_float), *s.shape, float(weight), _ptr(out, ctypes.c_float)),
+           "kvc_scores_consensus")
     return out
 
 

@@ -34,6 +34,9 @@ def test_n_kept_follows_kvpress(press_cls, ratio, n, kept):
         ("keep_token_lower_bound", -1),
         ("add_v_norm", "yes"),
         ("add_mean_across_heads", 1),
+        ("head_consensus", 1.5),
+        ("head_consensus", -0.1),
+        ("head_consensus", "all"),
     ],
 )
 def test_bad_kvcompose_fields_are_rejected(field, value):

@@ -34,6 +34,13 @@ def np_layer_budgets(scores, ratio, agg_head, lower_bound):
     return np.maximum(np.bincount(kept, minlength=L), max(1, lower_bound))
 
 
+def np_consensus(scores, weight):
+    s = scores.astype(np.float64)
+    mean = s.mean(axis=-1, keepdims=True)
+    z = np.where(mean > 0, s / np.where(mean > 0, mean, 1), s)
+    return ((1 - weight) * z + weight * z.mean(axis=(0, 1), keepdims=True)).astype(np.float32)
+
+
 def np_select(scores, n_keep, forced):
     n = scores.shape[-1]
     rows = scores.reshape(-1, n)
@@ -54,8 +61,10 @@ def np_select(scores, n_keep, forced):
         KVComposePress(compression_ratio=0.6, agg_task="mean", agg_group="max", agg_head="max", add_v_norm=True,
                        keep_token_lower_bound=4, min_tokens=16),
         KVComposePress(compression_ratio=0.3, scoring="window", add_mean_across_heads=False, min_tokens=16),
+        KVComposePress(compression_ratio=0.5, head_consensus=0.4, min_tokens=16),
+        KVComposePress(compression_ratio=0.75, head_consensus=1.0, min_tokens=16),
     ],
-    ids=["reconstruct", "window", "options", "window-no-stabiliser"],
+    ids=["reconstruct", "window", "options", "window-no-stabiliser", "consensus-0.4", "consensus-1"],
 )
 def test_native_scoring_matches_numpy(llm, prompt_tokens, press):
     llm.kv_compress = press
@@ -82,7 +91,14 @@ def test_native_scoring_matches_numpy(llm, prompt_tokens, press):
     budgets = np_layer_budgets(kv_scores, press.compression_ratio, press.agg_head, press.keep_token_lower_bound)
     assert stats["layer_budgets"] == budgets.tolist()
     c = press.n_kept(n)
-    np.testing.assert_array_equal(selection, np_select(kv_scores, c, [n - 1]))
+    ranked = press.selection_scores(kv_scores)
+    if press.head_consensus == 0:
+        assert ranked is kv_scores  # the paper: each head ranks by its own scores
+    else:
+        np.testing.assert_allclose(ranked, np_consensus(kv_scores, press.head_consensus), rtol=2e-6)
+    np.testing.assert_array_equal(selection, np_select(ranked, c, [n - 1]))
+    if press.head_consensus == 1.0:  # every head keeps the same tokens
+        assert (selection == selection[0, 0]).all()
     assert stats["cells_after"] == c
 
 

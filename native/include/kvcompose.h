@@ -119,6 +119,16 @@ KVC_API int32_t kvc_kvcompose_layer_budgets(
         int64_t n_total_keep, int32_t agg_head, int32_t keep_token_lower_bound, int32_t * out_budgets);
 
 /*
+ * Pull every head's ranking toward a consensus shared by all layers and heads:
+ *   z[l, g, j]   = scores[l, g, j] / mean_j scores[l, g, :]     (unchanged where that mean is <= 0)
+ *   out[l, g, j] = (1 - weight) * z[l, g, j] + weight * mean_{l', g'} z[l', g', j]
+ * weight 0 keeps each head's own ranking (the paper); 1 makes every head keep the same tokens.
+ * scores, out [n_layer, n_head_kv, n_tokens]; weight in [0, 1]. Accumulates in double.
+ */
+KVC_API int32_t kvc_scores_consensus(const float * scores, int32_t n_layer, int32_t n_head_kv, int32_t n_tokens,
+        float weight, float * out);
+
+/*
  * Per (layer, kv head) top-n_keep token indices by score, returned in ascending index order.
  * Higher score first; ties go to the lower index. Tokens listed in forced (each in
  * [0, n_tokens)) are kept by every head. scores [n_rows, n_tokens]; out [n_rows, n_keep].

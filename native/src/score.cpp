@@ -144,6 +144,39 @@ int32_t kvc_kvcompose_layer_budgets(const float * scores, int32_t n_layer, int32
     });
 }
 
+int32_t kvc_scores_consensus(const float * scores, int32_t n_layer, int32_t n_head_kv, int32_t n_tokens, float weight,
+                             float * out) {
+    return kvc::guard([&] {
+        if (scores == nullptr || out == nullptr) {
+            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "scores or out is NULL");
+        }
+        if (n_layer <= 0 || n_head_kv <= 0 || n_tokens <= 0 || !(weight >= 0.0f && weight <= 1.0f)) {
+            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "need positive sizes and weight in [0, 1]");
+        }
+        const size_t n = static_cast<size_t>(n_tokens);
+        const size_t rows = static_cast<size_t>(n_layer) * n_head_kv;
+        std::vector<double> z(rows * n), shared(n, 0.0);
+        for (size_t r = 0; r < rows; ++r) {
+            const float * row = scores + r * n;
+            double sum = 0.0;
+            for (size_t j = 0; j < n; ++j) sum += row[j];
+            const double mean = sum / n;
+            const double scale = mean > 0.0 ? 1.0 / mean : 1.0;
+            for (size_t j = 0; j < n; ++j) {
+                z[r * n + j] = row[j] * scale;
+                shared[j] += z[r * n + j];
+            }
+        }
+        const double w = weight;
+        for (size_t r = 0; r < rows; ++r) {
+            for (size_t j = 0; j < n; ++j) {
+                out[r * n + j] = static_cast<float>((1.0 - w) * z[r * n + j] + w * (shared[j] / rows));
+            }
+        }
+        return static_cast<int32_t>(KVC_OK);
+    });
+}
+
 int32_t kvc_select_top(const float * scores, int32_t n_rows, int32_t n_tokens, int32_t n_keep, const int32_t * forced,
                        int32_t n_forced, int32_t * out) {
     return kvc::guard([&] {

@@ -40,6 +40,10 @@ class BasePress:
         if isinstance(r, bool) or not isinstance(r, numbers.Real) or not (0.0 <= float(r) < 1.0):
             raise ValueError(f"compression_ratio must be a number in [0, 1), got {r!r}")
 
+    def selection_scores(self, scores):
+        """The scores each (layer, kv head) ranks its tokens by (by default: ``scores``)."""
+        return scores
+
     def n_kept(self, n_tokens: int) -> int:
         """Cells kept for a context of ``n_tokens``: ``max(1, int(n_tokens * (1 - compression_ratio)))``."""
         return max(1, int(n_tokens * (1 - self.compression_ratio)))
