@@ -1,0 +1,67 @@
+"""Pass-key retrieval vs depth on the embedded model: full cache against presses, in one run.
+
+    python bench/passkey.py [--tokens 1500] [--depths 0.1 0.3 0.5 0.7 0.9]
+
+Prints a markdown table (found / cases) per configuration and ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from pykvcompose import KVComposePress, Llama
+from pykvcompose.demo import answer
+from pykvcompose.haystack import passkey_prompt
+
+CONFIGS = {
+    "KVCompose (paper: per-head, reconstruct)": {},
+    "KVCompose, window probe": {"scoring": "window"},
+    "KVCompose, head_consensus=1": {"head_consensus": 1.0},
+}
+
+
+def passkey_cases(llm, n_tokens, depths):
+    tok = lambda s: llm.tokenize(s.encode(), add_bos=False)  # noqa: E731
+    cases = []
+    for i, depth in enumerate(depths):
+        key = 10000 + (7919 * (i + 3)) % 89999
+        cases.append((depth, key, llm.tokenize(passkey_prompt(tok, n_tokens, depth, key, seed=i).encode())))
+    return cases
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--tokens", type=int, default=1500)
+    p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75])
+    a = p.parse_args()
+    llm = Llama(n_ctx=2 * a.tokens + 256, verbose=False)
+    cases = passkey_cases(llm, a.tokens, a.depths)
+    found = {"full cache": [0]}
+    found.update({name: [0] * len(a.ratios) for name in CONFIGS})
+    t0 = time.perf_counter()
+    for depth, key, toks in cases:
+        llm.kv_compress = None
+        llm.reset()
+        row = [str(key) in answer(llm, toks, 8)["text"]]
+        found["full cache"][0] += row[0]
+        for name, kw in CONFIGS.items():
+            for j, r in enumerate(a.ratios):
+                llm.kv_compress = KVComposePress(compression_ratio=r, **kw)
+                llm.reset()
+                ok = str(key) in answer(llm, toks, 8)["text"]
+                found[name][j] += ok
+                row.append(ok)
+        print(f"depth {depth:.1f} ({len(toks)} tokens): " + " ".join("Y" if x else "." for x in row), flush=True)
+    n = len(cases)
+    print(f"\n{n} cases of ~{a.tokens} tokens, depths {a.depths}, {time.perf_counter() - t0:.0f} s\n")
+    print("| configuration | " + " | ".join(f"ratio {r}" for r in a.ratios) + " |")
+    print("|---|" + "---:|" * len(a.ratios))
+    print(f"| full cache | " + " | ".join(f"{found['full cache'][0]}/{n}" for _ in a.ratios) + " |")
+    for name in CONFIGS:
+        print(f"| {name} | " + " | ".join(f"{v}/{n}" for v in found[name]) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,52 @@
+"""Pass-key retrieval in a ~1.5k-token haystack at several depths (the embedded 135M model).
+
+Measured on these cases (README, bench/passkey.py): the full cache finds 4/4; KVCompose as published
+(per-head selection) finds 2/4 at ratio 0.5 and 0/4 at 0.75; with head_consensus=1 it finds 4/4 at
+0.5 and 1/4 at 0.75. The assertions hold what is reached; the 0.75 target of issue 3 is not.
+"""
+
+import pytest
+
+from pykvcompose import KVComposePress, Llama
+from pykvcompose.demo import answer
+from pykvcompose.haystack import passkey_prompt
+
+DEPTHS = [0.1, 0.5, 0.7, 0.9]
+
+
+@pytest.fixture(scope="module")
+def results(model_path):
+    llm = Llama(model_path, n_ctx=3328, verbose=False)
+    tok = lambda s: llm.tokenize(s.encode(), add_bos=False)  # noqa: E731
+    configs = {
+        "full": None,
+        "paper-0.5": KVComposePress(0.5),
+        "consensus-0.5": KVComposePress(0.5, head_consensus=1.0),
+    }
+    found = {name: [] for name in configs}
+    for i, depth in enumerate(DEPTHS):
+        key = 10000 + (7919 * (i + 3)) % 89999
+        toks = llm.tokenize(passkey_prompt(tok, 1500, depth, key, seed=i).encode())
+        assert 1400 <= len(toks) <= 1500
+        assert str(key) in llm.detokenize(toks).decode()  # the answer is really in the haystack
+        for name, press in configs.items():
+            llm.kv_compress = press
+            llm.reset()
+            found[name].append(str(key) in answer(llm, toks, 8)["text"])
+    llm.close()
+    print("\npass key found per depth", DEPTHS, found)
+    return found
+
+
+def test_full_cache_finds_the_pass_key(results):
+    assert sum(results["full"]) >= 3
+
+
+def test_kvcompose_consensus_finds_it_wherever_the_full_cache_does_at_half(results):
+    missed = [d for d, f, c in zip(DEPTHS, results["full"], results["consensus-0.5"]) if f and not c]
+    assert not missed, f"lost at depths {missed}"
+
+
+def test_kvcompose_as_published_still_retrieves_at_half(results):
+    assert sum(results["paper-0.5"]) >= 1
+
