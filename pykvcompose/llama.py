@@ -233,26 +233,20 @@ class Llama(llama_cpp.Llama):
                 cap.end()
                 t_probe = time.perf_counter()
             head_scores = cap.scores()
-        except BaseException:
-            if cap.active:
-                with contextlib.suppress(Exception):
-                    cap.end()
-            self._drop_cache()
-            raise
 
-        value_norms = None
-        if getattr(press, "add_v_norm", False):
-            value_norms = _native.context_value_norms(self._ctx.ctx, self.kv_n_layer, self.kv_n_head_kv, n)
-        scores = press.score(head_scores, self.kv_n_head_kv, value_norms=value_norms)
-        budgets = press.layer_budgets(scores) if hasattr(press, "layer_budgets") else None
-        n_keep = press.n_kept(n)
-        # the newest context token stays in every head: positions must end at it
-        selection = _native.select_top(press.selection_scores(scores), n_keep, forced=[n - 1])
-        t_select = time.perf_counter()
-        try:
+            value_norms = None
+            if getattr(press, "add_v_norm", False):
+                value_norms = _native.context_value_norms(self._ctx.ctx, self.kv_n_layer, self.kv_n_head_kv, n)
+            scores = press.score(head_scores, self.kv_n_head_kv, value_norms=value_norms)
+            budgets = press.layer_budgets(scores) if hasattr(press, "layer_budgets") else None
+            n_keep = press.n_kept(n)
+            # the newest context token stays in every head: positions must end at it
+            selection = _native.select_top(press.selection_scores(scores), n_keep, forced=[n - 1])
+            t_select = time.perf_counter()
+            # restores the sequence exactly if llama.cpp refuses the rewrite
             result = _native.context_compose(self._ctx.ctx, selection, expected_cells=n)
         except BaseException:
-            self._drop_cache()  # the cache was restored, but our bookkeeping is cheaper to rebuild
+            self._keep_uncompressed()
             raise
         t_rewrite = time.perf_counter()
 
@@ -279,6 +273,20 @@ class Llama(llama_cpp.Llama):
             "layer_budgets": None if budgets is None else [int(b) for b in budgets],
             **probe,
         }
+
+    def _keep_uncompressed(self) -> None:
+        """After a failed compression: end the capture, drop probe cells, keep the prefilled context.
+
+        The cache then holds exactly what a plain prefill of the first ``n_tokens`` tokens holds, so
+        the conversation continues as if compression had been off.
+        """
+        cap = self._kv_capture
+        if cap is not None and cap.active:
+            with contextlib.suppress(Exception):
+                cap.end()
+        self._ctx.kv_cache_seq_rm(_SEQ, self.n_tokens, -1)
+        self._compressed_len = 0
+        self._requires_eval = True
 
     def _reconstruct_probe(self, context: List[int]) -> Dict[str, Any]:
         """Decode the context again at positions n..2n-1 while the capture records its attention.
