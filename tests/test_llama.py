@@ -194,3 +194,16 @@ def test_default_model_and_threads():
     assert m.n_threads == len(os.sched_getaffinity(0))
     assert m.kv_compress is None
     m.close()
+
+
+def test_save_and_load_state_keep_the_compressed_cache(llm, prompt_tokens):
+    llm.kv_compress = KVComposePress(compression_ratio=0.5, min_tokens=16)
+    llm.reset()
+    logits_after(llm, prompt_tokens)
+    state = llm.save_state()
+    longer = list(prompt_tokens) + llm.tokenize(b" Next", add_bos=False)
+    expected = logits_after(llm, longer)
+    llm.reset()
+    llm.load_state(state)
+    assert llm._compressed_len == len(prompt_tokens) - 1
+    np.testing.assert_array_equal(logits_after(llm, longer), expected)
