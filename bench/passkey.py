@@ -18,6 +18,7 @@ CONFIGS = {
     "KVCompose (paper: per-head, reconstruct)": {},
     "KVCompose, window probe": {"scoring": "window"},
     "KVCompose, head_consensus=1": {"head_consensus": 1.0},
+    "KVCompose, starved_layers=consensus": {"starved_layers": "consensus"},
 }
 
 

@@ -37,6 +37,7 @@ def test_n_kept_follows_kvpress(press_cls, ratio, n, kept):
         ("head_consensus", 1.5),
         ("head_consensus", -0.1),
         ("head_consensus", "all"),
+        ("starved_layers", "mean"),
     ],
 )
 def test_bad_kvcompose_fields_are_rejected(field, value):

@@ -63,8 +63,9 @@ def np_select(scores, n_keep, forced):
         KVComposePress(compression_ratio=0.3, scoring="window", add_mean_across_heads=False, min_tokens=16),
         KVComposePress(compression_ratio=0.5, head_consensus=0.4, min_tokens=16),
         KVComposePress(compression_ratio=0.75, head_consensus=1.0, min_tokens=16),
+        KVComposePress(compression_ratio=0.75, starved_layers="consensus", min_tokens=16),
     ],
-    ids=["reconstruct", "window", "options", "window-no-stabiliser", "consensus-0.4", "consensus-1"],
+    ids=["reconstruct", "window", "options", "window-no-stabiliser", "consensus-0.4", "consensus-1", "starved"],
 )
 def test_native_scoring_matches_numpy(llm, prompt_tokens, press):
     llm.kv_compress = press
@@ -96,7 +97,22 @@ def test_native_scoring_matches_numpy(llm, prompt_tokens, press):
         assert ranked is kv_scores  # the paper: each head ranks by its own scores
     else:
         np.testing.assert_allclose(ranked, np_consensus(kv_scores, press.head_consensus), rtol=2e-6)
-    np.testing.assert_array_equal(selection, np_select(ranked, c, [n - 1]))
+    if press.starved_layers == "own":
+        expected_selection = np_select(ranked, c, [n - 1])
+    else:
+        consensus = _native.scores_consensus(kv_scores, 1.0)  # checked against numpy in consensus-1
+        expected_selection = np.empty_like(selection)
+        for layer, b in enumerate(budgets):
+            if b >= c:
+                expected_selection[layer] = np_select(consensus[layer], c, [n - 1])
+            else:
+                order = consensus[layer].astype(np.float64)
+                own = np_select(ranked[layer], b, [n - 1])
+                for h in range(order.shape[0]):
+                    order[h, own[h]] = np.inf
+                expected_selection[layer] = np_select(order, c, [n - 1])
+        assert (budgets >= c).any() and (budgets < c).any()  # both kinds of layer are exercised
+    np.testing.assert_array_equal(selection, expected_selection)
     if press.head_consensus == 1.0:  # every head keeps the same tokens
         assert (selection == selection[0, 0]).all()
     assert stats["cells_after"] == c

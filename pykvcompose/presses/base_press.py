@@ -44,6 +44,26 @@ class BasePress:
         """The scores each (layer, kv head) ranks its tokens by (by default: ``scores``)."""
         return scores
 
+    def select(self, scores, n_keep: int, forced=()):
+        """
+        The tokens each (layer, kv head) keeps.
+
+        Parameters
+        ----------
+        scores : np.ndarray, float32 (layers, kv_heads, tokens)
+        n_keep : int
+            Cells per head (C).
+        forced : sequence of int
+            Tokens every head keeps.
+
+        Returns
+        -------
+        np.ndarray, int32 (layers, kv_heads, n_keep), ascending per head.
+        """
+        from .. import _native
+
+        return _native.select_top(self.selection_scores(scores), n_keep, forced)
+
     def n_kept(self, n_tokens: int) -> int:
         """Cells kept for a context of ``n_tokens``: ``max(1, int(n_tokens * (1 - compression_ratio)))``."""
         return max(1, int(n_tokens * (1 - self.compression_ratio)))

@@ -12,6 +12,7 @@ from .. import _native
 from .base_press import BasePress, check_bool, check_choice, check_int
 
 AGGREGATIONS = ("max", "mean")
+STARVED_LAYER_RANKINGS = ("own", "consensus")
 SCORINGS = ("reconstruct", "window")
 
 
@@ -53,6 +54,12 @@ class KVComposePress(BasePress):
         head of every layer keep the same tokens (ranked by the mean of the mean-normalised head
         scores); in between blends the two. On the embedded 135M model the consensus retrieves a
         planted pass key far more often (see the README); composite cells matter less there.
+    starved_layers : {"own", "consensus"}, default="own"
+        Not in the paper. llama.cpp gives every layer the same C cells, so a layer whose budget in the
+        paper's allocation (``layer_budgets``) is at least C is starved. "own": every layer keeps each
+        head's top-C (KVCompose as published). "consensus": starved layers rank by the cross-layer
+        consensus (as ``head_consensus=1``); every other layer keeps each head's own top-b_l (its
+        budget) and fills its remaining C - b_l cells by the consensus.
     """
 
     agg_task: str = "max"
@@ -65,6 +72,7 @@ class KVComposePress(BasePress):
     window: int = 64
     min_tokens: int = 128
     head_consensus: float = 0.0
+    starved_layers: str = "own"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -72,6 +80,7 @@ class KVComposePress(BasePress):
         check_choice("agg_group", self.agg_group, AGGREGATIONS)
         check_choice("agg_head", self.agg_head, AGGREGATIONS)
         check_choice("scoring", self.scoring, SCORINGS)
+        check_choice("starved_layers", self.starved_layers, STARVED_LAYER_RANKINGS)
         check_bool("add_v_norm", self.add_v_norm)
         check_bool("add_mean_across_heads", self.add_mean_across_heads)
         check_int("keep_token_lower_bound", self.keep_token_lower_bound, 0)
@@ -121,6 +130,39 @@ class KVComposePress(BasePress):
         if self.head_consensus == 0:
             return scores
         return _native.scores_consensus(scores, self.head_consensus)
+
+    def select(self, scores: np.ndarray, n_keep: int, forced=()) -> np.ndarray:
+        """
+        The tokens each (layer, kv head) keeps: per-head top-C of ``selection_scores``, or with
+        ``starved_layers="consensus"`` the budget-aware variant described in the class docstring.
+
+        Parameters
+        ----------
+        scores : np.ndarray, float32 (layers, kv_heads, tokens)
+        n_keep : int
+            Cells per head (C).
+        forced : sequence of int
+            Tokens every head keeps.
+
+        Returns
+        -------
+        np.ndarray, int32 (layers, kv_heads, n_keep), ascending per head.
+        """
+        ranked = self.selection_scores(scores)
+        if self.starved_layers == "own":
+            return _native.select_top(ranked, n_keep, forced)
+        consensus = _native.scores_consensus(scores, 1.0)
+        budgets = self.layer_budgets(scores)
+        order = np.empty_like(consensus)
+        for layer, budget in enumerate(budgets):
+            if budget >= n_keep:
+                order[layer] = consensus[layer]
+                continue
+            # a layer's own top-b_l first (ranked above any consensus score), then the consensus
+            own = _native.select_top(ranked[layer], int(budget), forced)
+            order[layer] = consensus[layer]
+            np.put_along_axis(order[layer], own, np.inf, axis=-1)
+        return _native.select_top(order, n_keep, forced)
 
     def layer_budgets(self, scores: np.ndarray) -> np.ndarray:
         """
