@@ -241,7 +241,7 @@ class Llama(llama_cpp.Llama):
             budgets = press.layer_budgets(scores) if hasattr(press, "layer_budgets") else None
             n_keep = press.n_kept(n)
             # the newest context token stays in every head: positions must end at it
-            selection = press.select(scores, n_keep, forced=[n - 1])
+            selection = press.select(scores, n_keep, forced=[n - 1], budgets=budgets)
             t_select = time.perf_counter()
             # restores the sequence exactly if llama.cpp refuses the rewrite
             result = _native.context_compose(self._ctx.ctx, selection, expected_cells=n)

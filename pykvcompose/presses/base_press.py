@@ -16,6 +16,14 @@ def check_int(name: str, value, minimum: int) -> None:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
+def check_number(name: str, value, low: float, high: float, high_inclusive: bool) -> None:
+    """A real number (not a bool) in [low, high] or [low, high)."""
+    ok = not isinstance(value, bool) and isinstance(value, numbers.Real)
+    ok = ok and low <= float(value) and (float(value) <= high if high_inclusive else float(value) < high)
+    if not ok:
+        raise ValueError(f"{name} must be a number in [{low:g}, {high:g}{']' if high_inclusive else ')'}, got {value!r}")
+
+
 def check_bool(name: str, value) -> None:
     if not isinstance(value, bool):
         raise ValueError(f"{name} must be True or False, got {value!r}")
@@ -36,15 +44,13 @@ class BasePress:
     compression_ratio: float = 0.0
 
     def __post_init__(self) -> None:
-        r = self.compression_ratio
-        if isinstance(r, bool) or not isinstance(r, numbers.Real) or not (0.0 <= float(r) < 1.0):
-            raise ValueError(f"compression_ratio must be a number in [0, 1), got {r!r}")
+        check_number("compression_ratio", self.compression_ratio, 0.0, 1.0, high_inclusive=False)
 
     def selection_scores(self, scores):
         """The scores each (layer, kv head) ranks its tokens by (by default: ``scores``)."""
         return scores
 
-    def select(self, scores, n_keep: int, forced=()):
+    def select(self, scores, n_keep: int, forced=(), budgets=None):
         """
         The tokens each (layer, kv head) keeps.
 
@@ -55,6 +61,8 @@ class BasePress:
             Cells per head (C).
         forced : sequence of int
             Tokens every head keeps.
+        budgets : np.ndarray, int (layers,), optional
+            The press's layer budgets when the caller has them already (presses that use them).
 
         Returns
         -------

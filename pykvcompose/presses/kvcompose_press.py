@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
 
 from .. import _native
-from .base_press import BasePress, check_bool, check_choice, check_int
+from .base_press import BasePress, check_bool, check_choice, check_int, check_number
 
 AGGREGATIONS = ("max", "mean")
 STARVED_LAYER_RANKINGS = ("own", "consensus")
@@ -86,9 +85,7 @@ class KVComposePress(BasePress):
         check_int("keep_token_lower_bound", self.keep_token_lower_bound, 0)
         check_int("window", self.window, 1)
         check_int("min_tokens", self.min_tokens, 2)
-        hc = self.head_consensus
-        if isinstance(hc, bool) or not isinstance(hc, numbers.Real) or not (0.0 <= float(hc) <= 1.0):
-            raise ValueError(f"head_consensus must be a number in [0, 1], got {hc!r}")
+        check_number("head_consensus", self.head_consensus, 0.0, 1.0, high_inclusive=True)
 
     def score(self, head_scores: np.ndarray, n_head_kv: int, value_norms: Optional[np.ndarray] = None) -> np.ndarray:
         """
@@ -131,37 +128,21 @@ class KVComposePress(BasePress):
             return scores
         return _native.scores_consensus(scores, self.head_consensus)
 
-    def select(self, scores: np.ndarray, n_keep: int, forced=()) -> np.ndarray:
-        """
-        The tokens each (layer, kv head) keeps: per-head top-C of ``selection_scores``, or with
-        ``starved_layers="consensus"`` the budget-aware variant described in the class docstring.
-
-        Parameters
-        ----------
-        scores : np.ndarray, float32 (layers, kv_heads, tokens)
-        n_keep : int
-            Cells per head (C).
-        forced : sequence of int
-            Tokens every head keeps.
-
-        Returns
-        -------
-        np.ndarray, int32 (layers, kv_heads, n_keep), ascending per head.
-        """
-        ranked = self.selection_scores(scores)
+    def select(self, scores: np.ndarray, n_keep: int, forced=(), budgets=None) -> np.ndarray:
+        """``BasePress.select``; with ``starved_layers="consensus"`` the budget-aware variant of the class docstring."""
         if self.starved_layers == "own":
-            return _native.select_top(ranked, n_keep, forced)
+            return super().select(scores, n_keep, forced)
+        ranked = self.selection_scores(scores)
         consensus = _native.scores_consensus(scores, 1.0)
-        budgets = self.layer_budgets(scores)
+        if budgets is None:
+            budgets = self.layer_budgets(scores)
         order = np.empty_like(consensus)
         for layer, budget in enumerate(budgets):
-            if budget >= n_keep:
-                order[layer] = consensus[layer]
-                continue
-            # a layer's own top-b_l first (ranked above any consensus score), then the consensus
-            own = _native.select_top(ranked[layer], int(budget), forced)
             order[layer] = consensus[layer]
-            np.put_along_axis(order[layer], own, np.inf, axis=-1)
+            if budget < n_keep:
+                # the layer's own top-b_l first (ranked above any consensus score), then the consensus
+                own = _native.select_top(ranked[layer], int(budget), forced)
+                np.put_along_axis(order[layer], own, np.inf, axis=-1)
         return _native.select_top(order, n_keep, forced)
 
     def layer_budgets(self, scores: np.ndarray) -> np.ndarray:
