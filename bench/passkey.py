@@ -12,7 +12,7 @@ import time
 
 from pykvcompose import KVComposePress, Llama
 from pykvcompose.demo import answer
-from pykvcompose.haystack import passkey_prompt
+from pykvcompose.haystack import passkey_cases
 
 CONFIGS = {
     "KVCompose (paper: per-head, reconstruct)": {},
@@ -22,15 +22,6 @@ CONFIGS = {
 }
 
 
-def passkey_cases(llm, n_tokens, depths):
-    tok = lambda s: llm.tokenize(s.encode(), add_bos=False)  # noqa: E731
-    cases = []
-    for i, depth in enumerate(depths):
-        key = 10000 + (7919 * (i + 3)) % 89999
-        cases.append((depth, key, llm.tokenize(passkey_prompt(tok, n_tokens, depth, key, seed=i).encode())))
-    return cases
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--tokens", type=int, default=1500)
@@ -38,7 +29,8 @@ def main() -> None:
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75])
     a = p.parse_args()
     llm = Llama(n_ctx=2 * a.tokens + 256, verbose=False)
-    cases = passkey_cases(llm, a.tokens, a.depths)
+    tok = lambda s: llm.tokenize(s.encode(), add_bos=False)  # noqa: E731
+    cases = [(d, key, llm.tokenize(prompt.encode())) for d, key, prompt in passkey_cases(tok, a.tokens, a.depths)]
     found = {"full cache": [0]}
     found.update({name: [0] * len(a.ratios) for name in CONFIGS})
     t0 = time.perf_counter()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from typing import Callable, List
+from typing import Callable, List, Sequence, Tuple
 
 PASSKEY_QUESTION = "What is the pass key? The pass key is"
 
@@ -41,3 +41,13 @@ def passkey_prompt(tokenize: Callable[[str], List[int]], n_tokens: int, depth: f
     at = round(depth * len(chosen))
     body = chosen[:at] + [needle] + chosen[at:]
     return intro + "\n\n".join(body) + "\n\n" + PASSKEY_QUESTION
+
+
+def passkey_cases(tokenize: Callable[[str], List[int]], n_tokens: int,
+                  depths: Sequence[float]) -> List[Tuple[float, int, str]]:
+    """One ``(depth, passkey, prompt)`` per depth: the fixed cases of the tests and ``bench/passkey.py``."""
+    cases = []
+    for i, depth in enumerate(depths):
+        key = 10000 + (7919 * (i + 3)) % 89999
+        cases.append((depth, key, passkey_prompt(tokenize, n_tokens, depth, key, seed=i)))
+    return cases

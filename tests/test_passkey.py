@@ -10,7 +10,7 @@ import pytest
 
 from pykvcompose import KVComposePress, Llama
 from pykvcompose.demo import answer
-from pykvcompose.haystack import passkey_prompt
+from pykvcompose.haystack import passkey_cases
 
 DEPTHS = [0.1, 0.5, 0.7, 0.9]
 
@@ -26,9 +26,8 @@ def results(model_path):
         "starved-0.5": KVComposePress(0.5, starved_layers="consensus"),
     }
     found = {name: [] for name in configs}
-    for i, depth in enumerate(DEPTHS):
-        key = 10000 + (7919 * (i + 3)) % 89999
-        toks = llm.tokenize(passkey_prompt(tok, 1500, depth, key, seed=i).encode())
+    for depth, key, prompt in passkey_cases(tok, 1500, DEPTHS):
+        toks = llm.tokenize(prompt.encode())
         assert 1400 <= len(toks) <= 1500
         assert str(key) in llm.detokenize(toks).decode()  # the answer is really in the haystack
         for name, press in configs.items():
