@@ -6,6 +6,8 @@ import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
 
+import llama_cpp
+
 from .haystack import passkey_prompt
 from .llama import Llama
 from .presses import KVComposePress
@@ -26,7 +28,7 @@ def answer(llm: Llama, prompt_tokens: List[int], max_tokens: int) -> Dict[str, A
     for tok in llm.generate(prompt_tokens, temp=0.0, top_k=1):
         if t_first is None:
             t_first = time.perf_counter()
-        if llm._model.token_is_eog(tok) if hasattr(llm._model, "token_is_eog") else tok == llm.token_eos():
+        if llama_cpp.llama_vocab_is_eog(llm._model.vocab, tok):
             break
         out.append(tok)
         if len(out) >= max_tokens:
@@ -57,16 +59,15 @@ def run_demo(n_tokens: int = 3000, ratios: Sequence[float] = (0.5, 0.75), depth:
         res = answer(llm, tokens, max_tokens=12)
         if ratio is None:
             cells = len(tokens)
-            kv_bytes = _kv_bytes_per_cell(llm) * cells
             prefill, compress = res["prompt_seconds"], 0.0
         else:
             st = llm.kv_stats
-            cells, kv_bytes = st["cells_after"] + 1, st["kv_bytes_after"] * (st["cells_after"] + 1) / st["cells_after"]
+            cells = st["cells_after"] + 1  # + the held-back last prompt token
             prefill, compress = st["prefill_seconds"], st["compress_seconds"]
         rows.append({
             "method": name,
             "cells": cells,
-            "kv_mib": kv_bytes / MIB,
+            "kv_mib": _kv_bytes_per_cell(llm) * cells / MIB,
             "prefill_s": prefill,
             "compress_s": compress,
             "decode_tok_s": res["decode_tok_s"],
