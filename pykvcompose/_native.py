@@ -17,7 +17,7 @@ import numpy as np
 
 import llama_cpp  # noqa: F401  (loads libllama/libggml into the process first)
 
-API_VERSION = 1
+API_VERSION = 2
 
 # status codes (enum kvc_status)
 KVC_OK = 0
@@ -32,6 +32,8 @@ KVC_ERR_INTERNAL = 7
 # enum kvc_agg
 KVC_AGG_MAX = 0
 KVC_AGG_MEAN = 1
+KVC_PART_K = 0
+KVC_PART_V = 1
 AGG_BY_NAME = {"max": KVC_AGG_MAX, "mean": KVC_AGG_MEAN}
 
 
@@ -146,10 +148,10 @@ _SIGNATURES = {
     "kvc_last_error": (ctypes.c_char_p, []),
     "kvc_capture_init": (ctypes.c_int32, [ctypes.POINTER(ctypes.c_void_p)]),
     "kvc_capture_free": (None, [ctypes.c_void_p]),
-    "kvc_capture_begin": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32]),
+    "kvc_capture_begin": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32]),
     "kvc_capture_end": (ctypes.c_int32, [ctypes.c_void_p]),
     "kvc_capture_is_active": (ctypes.c_bool, [ctypes.c_void_p]),
-    "kvc_capture_get_scores": (ctypes.c_int32, [ctypes.c_void_p, c_float_p, ctypes.c_size_t]),
+    "kvc_capture_get_scores": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, c_float_p, ctypes.c_size_t]),
     "kvc_capture_n_queries": (ctypes.c_int64, [ctypes.c_void_p, ctypes.c_int32]),
     "kvc_kvcompose_score": (
         ctypes.c_int32,
@@ -173,7 +175,9 @@ _SIGNATURES = {
         [c_uint8_p, ctypes.c_size_t, c_int32_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, c_uint8_p,
          ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t)],
     ),
-    "kvc_state_value_norms": (ctypes.c_int32, [c_uint8_p, ctypes.c_size_t, ctypes.c_int32, c_float_p, ctypes.c_size_t]),
+    "kvc_state_norms": (
+        ctypes.c_int32, [c_uint8_p, ctypes.c_size_t, ctypes.c_int32, ctypes.c_int32, c_float_p, ctypes.c_size_t]
+    ),
     "kvc_context_compose": (
         ctypes.c_int32,
         [ctypes.c_void_p, ctypes.c_int32, c_int32_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
@@ -182,8 +186,8 @@ _SIGNATURES = {
     "kvc_context_state_info": (
         ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(StateInfo), c_int32_p, ctypes.c_size_t]
     ),
-    "kvc_context_value_norms": (
-        ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, c_float_p, ctypes.c_size_t]
+    "kvc_context_norms": (
+        ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, c_float_p, ctypes.c_size_t]
     ),
 }
 for _name, (_restype, _argtypes) in _SIGNATURES.items():
@@ -212,6 +216,13 @@ def _ptr(a: np.ndarray, ctype):
     return a.ctypes.data_as(ctypes.POINTER(ctype))
 
 
+def _part(part: str) -> int:
+    try:
+        return {"k": KVC_PART_K, "v": KVC_PART_V}[part]
+    except KeyError:
+        raise ValueError(f"part must be 'k' or 'v', got {part!r}") from None
+
+
 def _ctx_ptr(ctx) -> int:
     """Raw ``llama_context*`` of a llama_cpp context handle (a ctypes pointer or an int)."""
     return ctypes.cast(ctx, ctypes.c_void_p).value
@@ -233,10 +244,8 @@ class Capture:
             raise ValueError("the capture is closed")
         return self._handle.value
 
-    def begin(self, n_layer: int, n_head: int, n_keys: int, agg: str = "max") -> None:
-        if agg not in AGG_BY_NAME:
-            raise ValueError(f"unknown aggregation {agg!r}; expected one of {sorted(AGG_BY_NAME)}")
-        _check(_lib.kvc_capture_begin(self.address, n_layer, n_head, n_keys, AGG_BY_NAME[agg]), "kvc_capture_begin")
+    def begin(self, n_layer: int, n_head: int, n_keys: int) -> None:
+        _check(_lib.kvc_capture_begin(self.address, n_layer, n_head, n_keys), "kvc_capture_begin")
         self._shape = (n_layer, n_head, n_keys)
 
     def end(self) -> None:
@@ -246,10 +255,13 @@ class Capture:
     def active(self) -> bool:
         return bool(_lib.kvc_capture_is_active(self.address))
 
-    def scores(self) -> np.ndarray:
-        """Reduced probe attention, float32 ``[n_layer, n_head, n_keys]``."""
+    def scores(self, agg: str = "max") -> np.ndarray:
+        """Probe attention reduced over the probe queries by ``agg`` ("max" or "mean"), float32 ``[n_layer, n_head, n_keys]``."""
+        if agg not in AGG_BY_NAME:
+            raise ValueError(f"unknown aggregation {agg!r}; expected one of {sorted(AGG_BY_NAME)}")
         out = np.empty(self._shape, dtype=np.float32)
-        _check(_lib.kvc_capture_get_scores(self.address, _ptr(out, ctypes.c_float), out.size), "kvc_capture_get_scores")
+        _check(_lib.kvc_capture_get_scores(self.address, AGG_BY_NAME[agg], _ptr(out, ctypes.c_float), out.size),
+               "kvc_capture_get_scores")
         return out
 
     def n_queries(self, layer: int) -> int:
@@ -378,12 +390,13 @@ def state_compose(data: bytes, selection: np.ndarray) -> bytes:
     return out.tobytes()
 
 
-def state_value_norms(data: bytes, n_head_kv: int) -> np.ndarray:
+def state_norms(data: bytes, part: str, n_head_kv: int) -> np.ndarray:
+    """L2 norms of every (layer, kv head, cell) key (``part="k"``) or value (``"v"``) vector."""
     info = state_parse(data)
     arr, p = _buf(data)
     out = np.empty((info["n_layer"], n_head_kv, info["n_cells"]), dtype=np.float32)
-    _check(_lib.kvc_state_value_norms(p, arr.size, n_head_kv, _ptr(out, ctypes.c_float), out.size),
-           "kvc_state_value_norms")
+    _check(_lib.kvc_state_norms(p, arr.size, _part(part), n_head_kv, _ptr(out, ctypes.c_float), out.size),
+           "kvc_state_norms")
     return out
 
 
@@ -398,10 +411,11 @@ def context_state_info(ctx, seq_id: int = 0) -> dict:
     return _info_dict(info, positions)
 
 
-def context_value_norms(ctx, n_layer: int, n_head_kv: int, n_cells: int, seq_id: int = 0) -> np.ndarray:
+def context_norms(ctx, part: str, n_layer: int, n_head_kv: int, n_cells: int, seq_id: int = 0) -> np.ndarray:
+    """:func:`state_norms` of sequence ``seq_id`` of a live context."""
     out = np.empty((n_layer, n_head_kv, n_cells), dtype=np.float32)
-    _check(_lib.kvc_context_value_norms(_ctx_ptr(ctx), seq_id, n_head_kv, _ptr(out, ctypes.c_float), out.size),
-           "kvc_context_value_norms")
+    _check(_lib.kvc_context_norms(_ctx_ptr(ctx), seq_id, _part(part), n_head_kv, _ptr(out, ctypes.c_float), out.size),
+           "kvc_context_norms")
     return out
 
 

@@ -16,6 +16,7 @@ import numpy as np
 from . import _native
 from .models import default_model_path
 from .presses.base_press import BasePress
+from .probe import Probe
 
 _GENERATE_SIGNATURE = inspect.signature(llama_cpp.Llama.generate)
 _SEQ = 0  # llama-cpp-python keeps every token in sequence 0
@@ -204,75 +205,198 @@ class Llama(llama_cpp.Llama):
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx.ctx), False)
         self.reset()
 
-    def _compress_prompt(self, tokens: List[int], press: BasePress) -> None:
-        """Prefill ``tokens[:-1]`` from an empty cache, score it with the press's probe, rewrite it."""
-        if self._kv_capture is None:  # flash attention or unsupported model: the setter refused already
-            raise RuntimeError("attention capture is not installed")
-        context = tokens[:-1]
-        n = len(context)
-        self._drop_cache()
-        cap = self._kv_capture
-        scoring = getattr(press, "scoring", "reconstruct")
-        t0 = time.perf_counter()
-        try:
-            if scoring == "window":
-                w = min(getattr(press, "window", 64), n)
-                if n - w > 0:
-                    self.eval(context[: n - w])
-                t_prefill = time.perf_counter()
-                cap.begin(self.kv_n_layer, self.kv_n_head, n, getattr(press, "agg_task", "max"))
-                self.eval(context[n - w:])
-                cap.end()
-                t_probe = time.perf_counter()
-                probe = {"probe": "window", "probe_queries": w}
-            else:
-                self.eval(context)
-                t_prefill = time.perf_counter()
-                cap.begin(self.kv_n_layer, self.kv_n_head, n, getattr(press, "agg_task", "max"))
-                probe = self._reconstruct_probe(context)
-                cap.end()
-                t_probe = time.perf_counter()
-            head_scores = cap.scores()
+    def compress_context(self, tokens: Sequence[int], press: Optional[BasePress] = None) -> Dict[str, Any]:
+        """
+        Prefill ``tokens`` and compress them all (question-agnostic compression): a later prompt that
+        starts with ``tokens`` continues on the compressed cache, so a question asked afterwards has
+        not influenced what was kept.
 
-            value_norms = None
-            if getattr(press, "add_v_norm", False):
-                value_norms = _native.context_value_norms(self._ctx.ctx, self.kv_n_layer, self.kv_n_head_kv, n)
-            scores = press.score(head_scores, self.kv_n_head_kv, value_norms=value_norms)
-            budgets = press.layer_budgets(scores) if hasattr(press, "layer_budgets") else None
-            n_keep = press.n_kept(n)
-            # the newest context token stays in every head: positions must end at it
-            selection = press.select(scores, n_keep, forced=[n - 1], budgets=budgets)
-            t_select = time.perf_counter()
-            # restores the sequence exactly if llama.cpp refuses the rewrite
-            result = _native.context_compose(self._ctx.ctx, selection, expected_cells=n)
+        Parameters
+        ----------
+        tokens : sequence of int
+            The context; its last token is kept in every head.
+        press : BasePress, optional
+            Defaults to ``kv_compress``.
+
+        Returns
+        -------
+        dict
+            ``kv_stats`` of this compression.
+        """
+        press = self._kv_compress if press is None else press
+        tokens = list(tokens)
+        if press is None:
+            raise ValueError("no press: pass one or set kv_compress")
+        if len(tokens) + 1 >= self._n_ctx:
+            raise ValueError(f"Requested tokens ({len(tokens)}) exceed context window of {self._n_ctx}")
+        if len(tokens) < 2:
+            raise ValueError(f"a context to compress needs at least 2 tokens, got {len(tokens)}")
+        self._compress_context(tokens, press)
+        return self.kv_stats
+
+    def _compress_prompt(self, tokens: List[int], press: BasePress) -> None:
+        """Compress ``tokens[:-1]``: the last prompt token is decoded on the compressed cache."""
+        self._compress_context(tokens[:-1], press)
+        self.kv_stats["tokens"] = len(tokens)
+
+    def _compress_context(self, context: List[int], press: BasePress) -> None:
+        """Prefill ``context`` from an empty cache, score it with the press's probe, rewrite it."""
+        self._drop_cache()
+        try:
+            probe = self.kv_probe(context, [press])
+            self.kv_apply(press, probe)
         except BaseException:
             self._keep_uncompressed()
             raise
+
+    def kv_probe(self, context: Sequence[int], presses: Sequence[BasePress]) -> Probe:
+        """
+        Prefill ``context`` into an empty cache and run every probe the presses need, once.
+
+        Window probes are read while their tokens are prefilled (no extra pass); the reconstruct
+        probe feeds the context again after itself. The cache afterwards holds exactly the plain
+        prefill of ``context``, so one probe serves several presses (restore the cache with
+        ``save_state``/``load_state`` between ``kv_apply`` calls).
+
+        Returns
+        -------
+        Probe
+        """
+        if self._kv_capture is None:  # flash attention or unsupported model: the setter refused already
+            raise RuntimeError("attention capture is not installed")
+        context = list(context)
+        n = len(context)
+        self._drop_cache()
+        specs = {tuple(p.probe()) for p in presses if p.probe() is not None}
+        unknown = {spec for spec in specs if spec[0] not in ("window", "reconstruct")}
+        if unknown:
+            raise ValueError(f"unknown probe {sorted(unknown)}: expected ('window', w) or ('reconstruct', 0)")
+        windows = sorted({min(int(w), n) for kind, w in specs if kind == "window"}, reverse=True)
+        probe = Probe(self.kv_n_layer, self.kv_n_head, self.kv_n_head_kv, n,
+                      norms=lambda part: _native.context_norms(self._ctx.ctx, part, self.kv_n_layer,
+                                                               self.kv_n_head_kv, n))
+        t0 = time.perf_counter()
+        # Window probes: the last w tokens are prefilled in segments cut at every window's start;
+        # a window's max / mean is the max / query-weighted mean of its segments'.
+        cuts = [n - w for w in windows] + [n]
+        self.eval(context[: cuts[0]])
+        segments = []
+        for start, stop in zip(cuts, cuts[1:]):
+            if stop > start:
+                segments.append((start, stop) + self._captured(lambda: self.eval(context[start:stop]), n))
+        t_prefill = time.perf_counter()
+        for w in windows:
+            parts = [(stop - start, mx, mean) for start, stop, mx, mean in segments if start >= n - w]
+            total = sum(q for q, _, _ in parts)
+            probe.attention[("window", w)] = {
+                "max": np.maximum.reduce([mx for _, mx, _ in parts]),
+                "mean": (sum(q * mean.astype(np.float64) for q, _, mean in parts) / total).astype(np.float32),
+            }
+        for kind, w in specs:
+            if kind == "window" and w > n:
+                probe.attention[(kind, w)] = probe.attention[(kind, n)]
+        descriptions = [f"window of {w}" for w in windows]
+        if ("reconstruct", 0) in specs:
+            info = {}
+            mx, mean = self._captured(lambda: info.update(self._reconstruct_probe(context)), n)
+            probe.attention[("reconstruct", 0)] = {"max": mx, "mean": mean}
+            descriptions.append(info["probe"])
+        probe.prefill_seconds = t_prefill - t0
+        probe.probe_seconds = time.perf_counter() - t_prefill
+        probe.description = ", ".join(descriptions) or "none"
+        return probe
+
+    def _captured(self, run, n_keys: int):
+        """Run ``run()`` with the attention capture on; return its (max, mean) head scores."""
+        cap = self._kv_capture
+        cap.begin(self.kv_n_layer, self.kv_n_head, n_keys)
+        try:
+            run()
+        finally:
+            if cap.active:
+                cap.end()
+        return cap.scores("max"), cap.scores("mean")
+
+    def kv_apply(self, press: BasePress, probe: Probe) -> Dict[str, Any]:
+        """
+        Score the context held in the cache with ``press``, select and rewrite the cache.
+
+        The cache must hold exactly the plain prefill that ``probe`` was measured on (``kv_probe``).
+        Composite cells (``press.per_head``) are written by the native core; token-level presses
+        are applied with llama.cpp's own ``llama_memory_seq_rm``.
+
+        Returns
+        -------
+        dict
+            ``kv_stats``.
+        """
+        n = probe.n_tokens
+        t0 = time.perf_counter()
+        scores = press.score(probe)
+        budgets = press.layer_budgets(scores) if hasattr(press, "layer_budgets") else None
+        n_keep = press.n_kept(n)
+        # the newest context token stays in every head: positions must end at it
+        selection = press.select(scores, n_keep, forced=[n - 1], budgets=budgets)
+        t_select = time.perf_counter()
+        if press.per_head:
+            # restores the sequence exactly if llama.cpp refuses the rewrite
+            result = _native.context_compose(self._ctx.ctx, selection, expected_cells=n)
+        else:
+            result = self._evict(selection[0, 0], n)
         t_rewrite = time.perf_counter()
 
         self.n_tokens = n  # the logical length: the next token goes to position n
         self._compressed_len = n
         self._requires_eval = True
         self.kv_selection = selection
-        self.kv_head_scores = head_scores
+        self.kv_head_scores = press.head_scores(probe)
         self.kv_scores = scores
         self.kv_stats = {
             "press": type(press).__name__,
             "compression_ratio": float(press.compression_ratio),
-            "tokens": len(tokens),
+            "per_head": bool(press.per_head),
+            "tokens": n,
             "context_tokens": n,
             "cells_before": int(result["cells_before"]),
             "cells_after": int(result["cells_after"]),
             "kv_bytes_before": int(result["kv_bytes_before"]),
             "kv_bytes_after": int(result["kv_bytes_after"]),
-            "prefill_seconds": t_prefill - t0,
-            "probe_seconds": t_probe - t_prefill,
-            "select_seconds": t_select - t_probe,
+            "prefill_seconds": probe.prefill_seconds,
+            "probe_seconds": probe.probe_seconds,
+            "select_seconds": t_select - t0,
             "rewrite_seconds": t_rewrite - t_select,
-            "compress_seconds": t_rewrite - t_prefill,
+            "compress_seconds": probe.probe_seconds + (t_rewrite - t0),
             "layer_budgets": None if budgets is None else [int(b) for b in budgets],
-            **probe,
+            "probe": probe.description,
+            "probe_queries": self._probe_queries(press, n),
         }
+        return self.kv_stats
+
+    @staticmethod
+    def _probe_queries(press: BasePress, n: int) -> int:
+        spec = press.probe()
+        if spec is None:
+            return 0
+        return n if spec[0] == "reconstruct" else min(int(spec[1]), n)
+
+    def _evict(self, keep: np.ndarray, n: int) -> Dict[str, int]:
+        """Token-level eviction with llama.cpp's ``llama_memory_seq_rm``: drop every position not in ``keep``."""
+        info = _native.context_state_info(self._ctx.ctx)
+        if info["n_cells"] != n:
+            raise RuntimeError(f"the cache holds {info['n_cells']} cells, expected the {n} of the context")
+        per_cell = info["kv_bytes"] // n
+        mem = llama_cpp.llama_get_memory(self._ctx.ctx)
+        kept = np.zeros(n, dtype=bool)
+        kept[keep] = True
+        edges = np.flatnonzero(np.diff(np.concatenate([[1], kept.astype(np.int8), [1]])))
+        for start, stop in zip(edges[::2], edges[1::2]):  # runs of dropped positions [start, stop)
+            if not llama_cpp.llama_memory_seq_rm(mem, _SEQ, int(start), int(stop)):
+                # part of the context is gone: empty the cache so the next prompt is prefilled again
+                llama_cpp.llama_memory_seq_rm(mem, _SEQ, 0, -1)
+                self.n_tokens = 0
+                raise RuntimeError(f"llama_memory_seq_rm refused to remove positions [{start}, {stop})")
+        return {"cells_before": n, "cells_after": int(kept.sum()), "kv_bytes_before": per_cell * n,
+                "kv_bytes_after": per_cell * int(kept.sum())}
 
     def _keep_uncompressed(self) -> None:
         """After a failed compression: end the capture, drop probe cells, keep the prefilled context.

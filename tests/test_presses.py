@@ -1,11 +1,14 @@
 """Press fields: validation and the kvpress conventions."""
 
+import numpy as np
 import pytest
 
 from pykvcompose import KVComposePress
-from pykvcompose.presses import BasePress
+from pykvcompose.presses import (PRESSES as PRESSES_BY_NAME, BasePress, KnormPress, PyramidKVPress, RandomPress,
+                                 SnapKVPress, StreamingLLMPress, TOVAPress)
+from pykvcompose.probe import Probe
 
-PRESSES = [KVComposePress]
+PRESSES = list(PRESSES_BY_NAME.values())
 
 
 @pytest.mark.parametrize("press_cls", PRESSES)
@@ -51,3 +54,116 @@ def test_kvpress_fields_and_defaults():
     assert (p.compression_ratio, p.agg_task, p.agg_group, p.agg_head) == (0.0, "max", "mean", "mean")
     assert (p.add_v_norm, p.add_mean_across_heads, p.keep_token_lower_bound) == (False, True, 0)
     assert p.scoring == "reconstruct"
+
+
+@pytest.mark.parametrize("press_cls", PRESSES)
+def test_every_press_is_a_dataclass_with_keyword_per_head(press_cls):
+    assert press_cls(compression_ratio=0.5).per_head is True
+    assert press_cls(0.5, per_head=False).per_head is False
+    with pytest.raises(ValueError, match="per_head"):
+        press_cls(compression_ratio=0.5, per_head="no")
+    assert press_cls.__doc__ and "Parameters" in press_cls.__doc__
+
+
+@pytest.mark.parametrize(
+    "press_cls,field,value",
+    [(SnapKVPress, "window_size", 0), (SnapKVPress, "kernel_size", 0), (SnapKVPress, "kernel_size", 1.5),
+     (PyramidKVPress, "beta", 0), (PyramidKVPress, "window_size", -3), (StreamingLLMPress, "n_sink", -1),
+     (StreamingLLMPress, "n_sink", "4"), (RandomPress, "seed", -1), (RandomPress, "seed", "x")],
+)
+def test_bad_baseline_fields_are_rejected(press_cls, field, value):
+    with pytest.raises(ValueError, match=field):
+        press_cls(compression_ratio=0.5, **{field: value})
+
+
+def fake_probe(L=3, H=6, Hkv=2, n=40, seed=0):
+    """A probe with random (row-normalised) attention and norms: scoring needs no model."""
+    rng = np.random.default_rng(seed)
+    att = {}
+    for spec in [("window", 8), ("window", 1), ("reconstruct", 0)]:
+        a = rng.random((L, H, n)).astype(np.float32)
+        a /= a.sum(-1, keepdims=True)
+        att[spec] = {"max": a, "mean": (a * 0.5).astype(np.float32)}
+    norms = {"k": rng.random((L, Hkv, n)).astype(np.float32) + 1, "v": rng.random((L, Hkv, n)).astype(np.float32)}
+    return Probe(L, H, Hkv, n, attention=att, norms=norms.__getitem__)
+
+
+def test_snapkv_scores_equal_a_loop_implementation():
+    """kvpress's SnapKV: mean window attention, avg_pool1d(kernel, padding k//2, zeros counted), group mean,
+    the window appended above every score."""
+    probe = fake_probe()
+    press = SnapKVPress(compression_ratio=0.5, window_size=8, kernel_size=5)
+    got = press.score(probe)
+    att = probe.attention[("window", 8)]["mean"].astype(np.float64)
+    L, H, n = att.shape
+    m = n - 8
+    expected = np.empty((L, 2, n))
+    for layer in range(L):
+        pooled = np.zeros((H, m))
+        for h in range(H):
+            for j in range(m):
+                window = [att[layer, h, i] if 0 <= i < m else 0.0 for i in range(j - 2, j + 3)]
+                pooled[h, j] = sum(window) / 5
+        for g in range(2):
+            expected[layer, g, :m] = pooled[g * 3:(g + 1) * 3].mean(axis=0)
+        expected[layer, :, m:] = expected[layer, :, :m].max() + 1
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    assert got.shape == (L, 2, n) and got.dtype == np.float32
+
+
+@pytest.mark.parametrize("kernel", [1, 2, 4, 7])
+def test_snapkv_pooling_keeps_length_for_any_kernel(kernel):
+    probe = fake_probe()
+    assert SnapKVPress(0.5, window_size=8, kernel_size=kernel).score(probe).shape == (3, 2, 40)
+
+
+def test_tova_scores_are_the_last_query_averaged_over_all_heads():
+    probe = fake_probe()
+    got = TOVAPress(0.5).score(probe)
+    att = probe.attention[("window", 1)]["mean"]
+    expected = att[..., :-1].mean(axis=1)
+    for g in range(2):
+        np.testing.assert_allclose(got[:, g, :-1], expected, rtol=1e-6)
+    assert (got[:, :, -1] > got[:, :, :-1].max(axis=-1)).all()
+
+
+def test_knorm_streaming_random_scores():
+    probe = fake_probe()
+    np.testing.assert_array_equal(KnormPress(0.5).score(probe), -probe.key_norms())
+    s = StreamingLLMPress(compression_ratio=0.75, n_sink=4).score(probe)
+    kept = np.flatnonzero(s[0, 0])
+    assert kept.tolist() == [0, 1, 2, 3] + list(range(40 - 6, 40))  # 10 kept: 4 sinks + 6 recent
+    assert (s == s[0, 0]).all()
+    a, b, c = (RandomPress(0.5, seed=s).score(probe) for s in (1, 1, 2))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+    assert a.shape == (3, 2, 40) and 0 <= a.min() and a.max() < 1
+
+
+def test_pyramid_budgets_follow_kvpress_formula():
+    """q_len 1000, ratio 0.5, window 64, beta 20, 4 layers: capacity 564, min 25, max 975 -> 975-l*316.67,
+    but max_num >= q_len - window (936) so max 936, min 64: 936, 645, 355, 64."""
+    scores = np.zeros((4, 1, 1000), dtype=np.float32)
+    budgets = PyramidKVPress(compression_ratio=0.5).layer_budgets(scores)
+    assert budgets.tolist() == [936, 645, 355, 64]
+    # too short a context for a pyramid: kvpress falls back to SnapKV's uniform budget
+    assert PyramidKVPress(compression_ratio=0.5).layer_budgets(np.zeros((4, 1, 100), np.float32)).tolist() == [50] * 4
+
+
+def test_pyramid_keeps_snapkv_tokens_on_uniform_cells():
+    probe = fake_probe()
+    snap, pyramid = SnapKVPress(0.5, window_size=8), PyramidKVPress(0.5, window_size=8)
+    n_keep = snap.n_kept(40)
+    np.testing.assert_array_equal(pyramid.select(pyramid.score(probe), n_keep, [39]),
+                                  snap.select(snap.score(probe), n_keep, [39]))
+
+
+@pytest.mark.parametrize("press_cls", PRESSES)
+def test_token_level_mode_keeps_the_same_tokens_everywhere(press_cls):
+    probe = fake_probe()
+    press = press_cls(compression_ratio=0.5, per_head=False)
+    if press.probe() is not None:  # read attention of the fake probe's window sizes
+        press = press_cls(compression_ratio=0.5, per_head=False, **(
+            {"window_size": 8} if hasattr(press, "window_size") else {}))
+    sel = press.select(press.score(probe), 20, [39])
+    assert sel.shape == (3, 2, 20) and (sel == sel[0, 0]).all() and 39 in sel[0, 0]

@@ -85,7 +85,7 @@ def test_native_scoring_matches_numpy(llm, prompt_tokens, press):
         llm.kv_compress = None
         llm.reset()
         llm.eval(prompt_tokens[:-1])
-        vn = _native.state_value_norms(seq_state(llm), llm.kv_n_head_kv)
+        vn = _native.state_norms(seq_state(llm), "v", llm.kv_n_head_kv)
     expected = np_scores(hs, llm.kv_n_head_kv, press.agg_group, vn, press.add_mean_across_heads)
     np.testing.assert_array_equal(kv_scores, expected)
 
@@ -148,7 +148,7 @@ def test_value_norms_match_numpy_on_state(llm, prompt_tokens):
     llm.reset()
     llm.eval(prompt_tokens[:64])
     data = seq_state(llm)
-    norms = _native.state_value_norms(data, llm.kv_n_head_kv)
+    norms = _native.state_norms(data, "v", llm.kv_n_head_kv)
     info = _native.state_parse(data)
     assert info["v_trans"] == 1 and info["v_type"] == 1  # f16
     n_cells, L = info["n_cells"], info["n_layer"]

@@ -30,7 +30,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a signature or a struct in this header changes. */
-#define KVC_API_VERSION 1
+#define KVC_API_VERSION 2
 
 struct ggml_tensor;
 struct llama_context;
@@ -80,14 +80,15 @@ typedef struct kvc_capture kvc_capture;
 
 KVC_API int32_t kvc_capture_init(kvc_capture ** out);
 KVC_API void    kvc_capture_free(kvc_capture * cap);
-/* Reset and activate: scores [n_layer, n_head, n_keys] start at the aggregation's neutral value. */
-KVC_API int32_t kvc_capture_begin(kvc_capture * cap, int32_t n_layer, int32_t n_head, int32_t n_keys, int32_t agg);
+/* Reset and activate: scores [n_layer, n_head, n_keys] start empty. Both aggregations are kept, so
+ * presses that reduce the same probe differently share one pass. */
+KVC_API int32_t kvc_capture_begin(kvc_capture * cap, int32_t n_layer, int32_t n_head, int32_t n_keys);
 /* Deactivate. Returns KVC_ERR_CAPTURE if a captured tensor had an unexpected shape or type. */
 KVC_API int32_t kvc_capture_end(kvc_capture * cap);
 KVC_API bool    kvc_capture_is_active(const kvc_capture * cap);
 /* Copy the reduced scores, [n_layer, n_head, n_keys] floats (n_values must equal that product).
  * agg MAX: max over probe queries; agg MEAN: sum over probe queries / their count. */
-KVC_API int32_t kvc_capture_get_scores(const kvc_capture * cap, float * dst, size_t n_values);
+KVC_API int32_t kvc_capture_get_scores(const kvc_capture * cap, int32_t agg, float * dst, size_t n_values);
 /* Number of probe query rows seen by layer il (-1 if il is out of range). */
 KVC_API int64_t kvc_capture_n_queries(const kvc_capture * cap, int32_t il);
 /* The ggml_backend_sched_eval_callback. user_data is a kvc_capture*. */
@@ -167,8 +168,15 @@ KVC_API int32_t kvc_state_compose(const uint8_t * src, size_t src_size,
         const int32_t * selection, int32_t n_layer, int32_t n_head_kv, int32_t n_keep,
         uint8_t * dst, size_t dst_capacity, size_t * dst_size);
 
-/* L2 norm of every (layer, kv head, cell) value vector: out [n_layer, n_head_kv, n_cells]. */
-KVC_API int32_t kvc_state_value_norms(const uint8_t * src, size_t src_size, int32_t n_head_kv,
+/* Which half of the cache a call reads. */
+enum kvc_part {
+    KVC_PART_K = 0,
+    KVC_PART_V = 1
+};
+
+/* L2 norm of every (layer, kv head, cell) key or value vector: out [n_layer, n_head_kv, n_cells].
+ * Keys of any type with ggml to_float traits; values likewise unless transposed (then f32/f16/bf16). */
+KVC_API int32_t kvc_state_norms(const uint8_t * src, size_t src_size, int32_t part, int32_t n_head_kv,
         float * out, size_t n_values);
 
 /* ---- live contexts ----------------------------------------------------------------------- */
@@ -194,8 +202,8 @@ KVC_API int32_t kvc_context_compose(struct llama_context * ctx, int32_t seq_id,
 KVC_API int32_t kvc_context_state_info(struct llama_context * ctx, int32_t seq_id, kvc_state_info * info,
         int32_t * positions, size_t n_positions);
 
-/* kvc_state_value_norms on the host state of sequence seq_id. */
-KVC_API int32_t kvc_context_value_norms(struct llama_context * ctx, int32_t seq_id, int32_t n_head_kv,
+/* kvc_state_norms on the host state of sequence seq_id. */
+KVC_API int32_t kvc_context_norms(struct llama_context * ctx, int32_t seq_id, int32_t part, int32_t n_head_kv,
         float * out, size_t n_values);
 
 #ifdef __cplusplus

@@ -18,9 +18,9 @@ struct kvc_capture {
     int32_t n_layer = 0;
     int32_t n_head  = 0;
     int32_t n_keys  = 0;
-    int32_t agg     = KVC_AGG_MAX;
 
-    std::vector<float>   scores;     // [n_layer, n_head, n_keys]: running max, or running sum for mean
+    std::vector<float>   max;        // [n_layer, n_head, n_keys]: running max over probe queries
+    std::vector<double>  sum;        // [n_layer, n_head, n_keys]: running sum, for the mean
     std::vector<int64_t> n_queries;  // [n_layer]
     std::vector<float>   staging;    // host copy of tensors that live on a device buffer
     std::string          error;      // first problem seen by the callback (it cannot return one)
@@ -83,17 +83,14 @@ void reduce(kvc_capture & cap, const ggml_tensor * t, int32_t il) {
 
     const int64_t m = std::min<int64_t>(n_kv, cap.n_keys);
     for (int64_t h = 0; h < n_head; ++h) {
-        float * acc = cap.scores.data() + (static_cast<size_t>(il) * cap.n_head + h) * cap.n_keys;
+        const size_t at = (static_cast<size_t>(il) * cap.n_head + h) * cap.n_keys;
+        float *  mx = cap.max.data() + at;
+        double * sm = cap.sum.data() + at;
         for (int64_t q = 0; q < n_tok; ++q) {
             const float * row = reinterpret_cast<const float *>(base + h * t->nb[2] + q * t->nb[1]);
-            if (cap.agg == KVC_AGG_MAX) {
-                for (int64_t j = 0; j < m; ++j) {
-                    acc[j] = std::max(acc[j], row[j]);
-                }
-            } else {
-                for (int64_t j = 0; j < m; ++j) {
-                    acc[j] += row[j];
-                }
+            for (int64_t j = 0; j < m; ++j) {
+                mx[j] = std::max(mx[j], row[j]);
+                sm[j] += row[j];
             }
         }
     }
@@ -116,7 +113,7 @@ int32_t kvc_capture_init(kvc_capture ** out) {
 
 void kvc_capture_free(kvc_capture * cap) { delete cap; }
 
-int32_t kvc_capture_begin(kvc_capture * cap, int32_t n_layer, int32_t n_head, int32_t n_keys, int32_t agg) {
+int32_t kvc_capture_begin(kvc_capture * cap, int32_t n_layer, int32_t n_head, int32_t n_keys) {
     return kvc::guard([&] {
         if (cap == nullptr) {
             return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "capture is NULL");
@@ -124,17 +121,14 @@ int32_t kvc_capture_begin(kvc_capture * cap, int32_t n_layer, int32_t n_head, in
         if (n_layer <= 0 || n_head <= 0 || n_keys <= 0) {
             return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "n_layer, n_head and n_keys must be positive");
         }
-        if (agg != KVC_AGG_MAX && agg != KVC_AGG_MEAN) {
-            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "agg must be KVC_AGG_MAX or KVC_AGG_MEAN");
-        }
         const size_t n = static_cast<size_t>(n_layer) * n_head * n_keys;
         // attention probabilities are >= 0, so 0 is a neutral start for the max as well
-        cap->scores.assign(n, 0.0f);
+        cap->max.assign(n, 0.0f);
+        cap->sum.assign(n, 0.0);
         cap->n_queries.assign(n_layer, 0);
         cap->n_layer = n_layer;
         cap->n_head  = n_head;
         cap->n_keys  = n_keys;
-        cap->agg     = agg;
         cap->error.clear();
         cap->active = true;
         return static_cast<int32_t>(KVC_OK);
@@ -156,24 +150,27 @@ int32_t kvc_capture_end(kvc_capture * cap) {
 
 bool kvc_capture_is_active(const kvc_capture * cap) { return cap != nullptr && cap->active; }
 
-int32_t kvc_capture_get_scores(const kvc_capture * cap, float * dst, size_t n_values) {
+int32_t kvc_capture_get_scores(const kvc_capture * cap, int32_t agg, float * dst, size_t n_values) {
     return kvc::guard([&] {
         if (cap == nullptr || dst == nullptr) {
             return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "capture or dst is NULL");
         }
-        if (n_values != cap->scores.size()) {
-            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "dst holds " + std::to_string(n_values) + " values, the capture " +
-                                                           std::to_string(cap->scores.size()));
+        if (agg != KVC_AGG_MAX && agg != KVC_AGG_MEAN) {
+            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "agg must be KVC_AGG_MAX or KVC_AGG_MEAN");
         }
-        if (cap->agg == KVC_AGG_MAX) {
-            std::copy(cap->scores.begin(), cap->scores.end(), dst);
+        if (n_values != cap->max.size()) {
+            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "dst holds " + std::to_string(n_values) + " values, the capture " +
+                                                           std::to_string(cap->max.size()));
+        }
+        if (agg == KVC_AGG_MAX) {
+            std::copy(cap->max.begin(), cap->max.end(), dst);
             return static_cast<int32_t>(KVC_OK);
         }
         const size_t per_layer = static_cast<size_t>(cap->n_head) * cap->n_keys;
         for (int32_t il = 0; il < cap->n_layer; ++il) {
             const double n_q = static_cast<double>(std::max<int64_t>(1, cap->n_queries[il]));
             for (size_t i = il * per_layer; i < (il + 1) * per_layer; ++i) {
-                dst[i] = static_cast<float>(cap->scores[i] / n_q);
+                dst[i] = static_cast<float>(cap->sum[i] / n_q);
             }
         }
         return static_cast<int32_t>(KVC_OK);

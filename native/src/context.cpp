@@ -105,13 +105,13 @@ int32_t kvc_context_state_info(struct llama_context * ctx, int32_t seq_id, kvc_s
     });
 }
 
-int32_t kvc_context_value_norms(struct llama_context * ctx, int32_t seq_id, int32_t n_head_kv, float * out,
-                                size_t n_values) {
+int32_t kvc_context_norms(struct llama_context * ctx, int32_t seq_id, int32_t part, int32_t n_head_kv, float * out,
+                          size_t n_values) {
     return kvc::guard([&] {
         std::vector<uint8_t> buf;
         const int32_t status = read_sequence(ctx, seq_id, buf);
         if (status != KVC_OK) return status;
-        return kvc_state_value_norms(buf.data(), buf.size(), n_head_kv, out, n_values);
+        return kvc_state_norms(buf.data(), buf.size(), part, n_head_kv, out, n_values);
     });
 }
 

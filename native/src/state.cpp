@@ -364,9 +364,12 @@ float to_float(ggml_type type, const uint8_t * p) {
     }
 }
 
-int32_t value_norms(const uint8_t * src, size_t src_size, int32_t n_head_kv, float * out, size_t n_values) {
+int32_t norms(const uint8_t * src, size_t src_size, int32_t part, int32_t n_head_kv, float * out, size_t n_values) {
     if (out == nullptr || n_head_kv <= 0) {
         return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "out is NULL or n_head_kv is not positive");
+    }
+    if (part != KVC_PART_K && part != KVC_PART_V) {
+        return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "part must be KVC_PART_K or KVC_PART_V");
     }
     kvc::ParsedState st;
     const int32_t status = kvc::parse_state(src, src_size, st);
@@ -374,43 +377,48 @@ int32_t value_norms(const uint8_t * src, size_t src_size, int32_t n_head_kv, flo
     if (n_values != static_cast<size_t>(st.n_layer) * n_head_kv * st.n_cells) {
         return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "out must hold n_layer * n_head_kv * n_cells values");
     }
+    if (part == KVC_PART_V && st.v.size() != st.n_layer) {
+        return kvc::fail(KVC_ERR_UNSUPPORTED, "the state has no V tensors");
+    }
+    const char * what = part == KVC_PART_K ? "key" : "value";
+    // K is always one row per cell; V is too unless stored transposed (one row per element)
+    const bool transposed = part == KVC_PART_V && st.v_trans;
     std::vector<float> row;
     for (uint32_t il = 0; il < st.n_layer; ++il) {
-        const kvc::TensorRows & v = st.v[il];
-        const auto type = static_cast<ggml_type>(v.type);
-        if (v.n_embd % n_head_kv != 0) {
-            return kvc::fail(KVC_ERR_UNSUPPORTED, "V does not split into heads");
+        const kvc::TensorRows & t = part == KVC_PART_K ? st.k[il] : st.v[il];
+        const auto type = static_cast<ggml_type>(t.type);
+        if (t.n_embd % n_head_kv != 0) {
+            return kvc::fail(KVC_ERR_UNSUPPORTED, std::string(what) + " rows do not split into heads");
         }
-        const int64_t hd = v.n_embd / n_head_kv;
+        const int64_t hd = t.n_embd / n_head_kv;
         float * dst = out + static_cast<size_t>(il) * n_head_kv * st.n_cells;
-        std::fill(dst, dst + static_cast<size_t>(n_head_kv) * st.n_cells, 0.0f);
         std::vector<double> acc(static_cast<size_t>(n_head_kv) * st.n_cells, 0.0);
-        if (st.v_trans) {
+        if (transposed) {
             if (type != GGML_TYPE_F32 && type != GGML_TYPE_F16 && type != GGML_TYPE_BF16) {
-                return kvc::fail(KVC_ERR_UNSUPPORTED, std::string("value norms of ") + ggml_type_name(type));
+                return kvc::fail(KVC_ERR_UNSUPPORTED, std::string(what) + " norms of " + ggml_type_name(type));
             }
-            for (int64_t e = 0; e < v.n_embd; ++e) {
-                const uint8_t * r = src + v.offset + static_cast<size_t>(e) * st.n_cells * v.row_size;
+            for (int64_t e = 0; e < t.n_embd; ++e) {
+                const uint8_t * r = src + t.offset + static_cast<size_t>(e) * st.n_cells * t.row_size;
                 double * a = acc.data() + static_cast<size_t>(e / hd) * st.n_cells;
                 for (uint32_t c = 0; c < st.n_cells; ++c) {
-                    const double x = to_float(type, r + c * v.row_size);
+                    const double x = to_float(type, r + c * t.row_size);
                     a[c] += x * x;
                 }
             }
         } else {
             const ggml_type_traits * tr = ggml_get_type_traits(type);
             if (type != GGML_TYPE_F32 && (tr == nullptr || tr->to_float == nullptr)) {
-                return kvc::fail(KVC_ERR_UNSUPPORTED, std::string("value norms of ") + ggml_type_name(type));
+                return kvc::fail(KVC_ERR_UNSUPPORTED, std::string(what) + " norms of " + ggml_type_name(type));
             }
-            row.resize(v.n_embd);
+            row.resize(t.n_embd);
             for (uint32_t c = 0; c < st.n_cells; ++c) {
-                const uint8_t * r = src + v.offset + static_cast<size_t>(c) * v.row_size;
+                const uint8_t * r = src + t.offset + static_cast<size_t>(c) * t.row_size;
                 if (type == GGML_TYPE_F32) {
-                    std::memcpy(row.data(), r, v.n_embd * sizeof(float));
+                    std::memcpy(row.data(), r, t.n_embd * sizeof(float));
                 } else {
-                    tr->to_float(r, row.data(), v.n_embd);
+                    tr->to_float(r, row.data(), t.n_embd);
                 }
-                for (int64_t e = 0; e < v.n_embd; ++e) {
+                for (int64_t e = 0; e < t.n_embd; ++e) {
                     acc[static_cast<size_t>(e / hd) * st.n_cells + c] += static_cast<double>(row[e]) * row[e];
                 }
             }
@@ -460,8 +468,9 @@ int32_t kvc_state_compose(const uint8_t * src, size_t src_size, const int32_t * 
         [&] { return compose(src, src_size, selection, n_layer, n_head_kv, n_keep, dst, dst_capacity, dst_size); });
 }
 
-int32_t kvc_state_value_norms(const uint8_t * src, size_t src_size, int32_t n_head_kv, float * out, size_t n_values) {
-    return kvc::guard([&] { return value_norms(src, src_size, n_head_kv, out, n_values); });
+int32_t kvc_state_norms(const uint8_t * src, size_t src_size, int32_t part, int32_t n_head_kv, float * out,
+                        size_t n_values) {
+    return kvc::guard([&] { return norms(src, src_size, part, n_head_kv, out, n_values); });
 }
 
 }  // extern "C"

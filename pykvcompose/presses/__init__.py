@@ -1,6 +1,24 @@
 """Presses: one compression method per dataclass."""
 
 from .base_press import BasePress
+from .knorm_press import KnormPress
 from .kvcompose_press import KVComposePress
+from .pyramidkv_press import PyramidKVPress
+from .random_press import RandomPress
+from .snapkv_press import SnapKVPress
+from .streaming_llm_press import StreamingLLMPress
+from .tova_press import TOVAPress
 
-__all__ = ["BasePress", "KVComposePress"]
+#: Command-line names of the presses (``NAME:RATIO[,key=value...]``).
+PRESSES = {
+    "kvcompose": KVComposePress,
+    "snapkv": SnapKVPress,
+    "pyramidkv": PyramidKVPress,
+    "tova": TOVAPress,
+    "knorm": KnormPress,
+    "streaming_llm": StreamingLLMPress,
+    "random": RandomPress,
+}
+
+__all__ = ["BasePress", "KVComposePress", "SnapKVPress", "PyramidKVPress", "TOVAPress", "KnormPress",
+           "StreamingLLMPress", "RandomPress", "PRESSES"]

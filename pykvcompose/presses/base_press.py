@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Optional
+
+import numpy as np
+
+from ..probe import Probe, ProbeSpec
 
 
 def check_choice(name: str, value, choices) -> None:
@@ -35,18 +40,51 @@ class BasePress:
     Base class of the presses: a press scores every (layer, kv head, token) of a prompt and the
     cache keeps, per (layer, kv head), its top-C tokens as C composite cells.
 
+    A subclass names the probe it needs (``probe``) and turns a :class:`~pykvcompose.probe.Probe`
+    into scores (``score``); selection and the cache rewrite are shared.
+
     Parameters
     ----------
     compression_ratio : float, default=0.0
         Fraction of the prompt's KV cells removed, in [0, 1) (kvpress convention: 0.75 keeps a quarter).
+    per_head : bool, default=True (keyword only)
+        True: every (layer, kv head) keeps its own top-C tokens as C composite cells. False
+        (token-level mode): every layer and head keeps the same C tokens, ranked by the consensus
+        of the press's scores over layers and heads, and the others are removed with llama.cpp's
+        own ``llama_memory_seq_rm`` - what stock llama.cpp can do without composite cells.
     """
 
     compression_ratio: float = 0.0
+    per_head: bool = field(default=True, kw_only=True)
 
     def __post_init__(self) -> None:
         check_number("compression_ratio", self.compression_ratio, 0.0, 1.0, high_inclusive=False)
+        check_bool("per_head", self.per_head)
 
-    def selection_scores(self, scores):
+    def probe(self) -> Optional[ProbeSpec]:
+        """The probe this press reads attention from: None, ``("window", w)`` or ``("reconstruct", 0)``."""
+        return None
+
+    def head_scores(self, probe: Probe) -> Optional[np.ndarray]:
+        """The probe attention this press scores from, float32 (layers, heads, tokens), or None."""
+        return None
+
+    def score(self, probe: Probe) -> np.ndarray:
+        """
+        Token scores: higher is kept first.
+
+        Parameters
+        ----------
+        probe : Probe
+            The context's probe attention, key and value norms.
+
+        Returns
+        -------
+        np.ndarray, float32 (layers, kv_heads, tokens)
+        """
+        raise NotImplementedError
+
+    def selection_scores(self, scores: np.ndarray) -> np.ndarray:
         """The scores each (layer, kv head) ranks its tokens by (by default: ``scores``)."""
         return scores
 
@@ -70,7 +108,10 @@ class BasePress:
         """
         from .. import _native
 
-        return _native.select_top(self.selection_scores(scores), n_keep, forced)
+        ranked = self.selection_scores(scores)
+        if not self.per_head:
+            ranked = _native.scores_consensus(ranked, 1.0)  # one ranking for every layer and head
+        return _native.select_top(ranked, n_keep, forced)
 
     def n_kept(self, n_tokens: int) -> int:
         """Cells kept for a context of ``n_tokens``: ``max(1, int(n_tokens * (1 - compression_ratio)))``."""

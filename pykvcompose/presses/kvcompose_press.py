@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 
 from .. import _native
+from ..probe import Probe, ProbeSpec
 from .base_press import BasePress, check_bool, check_choice, check_int, check_number
 
 AGGREGATIONS = ("max", "mean")
@@ -53,6 +53,8 @@ class KVComposePress(BasePress):
         head of every layer keep the same tokens (ranked by the mean of the mean-normalised head
         scores); in between blends the two. On the embedded 135M model the consensus retrieves a
         planted pass key far more often (see the README); composite cells matter less there.
+    per_head : bool, default=True (keyword only)
+        False: the same tokens in every layer and head, evicted by llama.cpp (see ``BasePress``).
     starved_layers : {"own", "consensus"}, default="own"
         Not in the paper. llama.cpp gives every layer the same C cells, so a layer whose budget in the
         paper's allocation (``layer_budgets``) is at least C is starved. "own": every layer keeps each
@@ -87,28 +89,31 @@ class KVComposePress(BasePress):
         check_int("min_tokens", self.min_tokens, 2)
         check_number("head_consensus", self.head_consensus, 0.0, 1.0, high_inclusive=True)
 
-    def score(self, head_scores: np.ndarray, n_head_kv: int, value_norms: Optional[np.ndarray] = None) -> np.ndarray:
+    def probe(self) -> ProbeSpec:
+        """``("reconstruct", 0)`` or, with ``scoring="window"``, ``("window", window)``."""
+        return ("window", self.window) if self.scoring == "window" else ("reconstruct", 0)
+
+    def head_scores(self, probe: Probe) -> np.ndarray:
+        """Probe attention per query head, float32 (layers, heads, tokens), reduced over probe queries by ``agg_task``."""
+        return probe.head_scores(self.probe(), self.agg_task)
+
+    def score(self, probe: Probe) -> np.ndarray:
         """
         Token scores from probe attention.
 
         Parameters
         ----------
-        head_scores : np.ndarray, float32 (layers, heads, tokens)
-            Probe attention per query head, already aggregated over probe queries with ``agg_task``.
-        n_head_kv : int
-            KV heads per layer (query head h belongs to kv head h // (heads // n_head_kv)).
-        value_norms : np.ndarray, float32 (layers, kv_heads, tokens), optional
-            Value-vector norms; required when ``add_v_norm`` is set.
+        probe : Probe
+            Attention of this press's probe; value norms when ``add_v_norm`` is set. Query head h
+            belongs to kv head h // (heads // kv_heads).
 
         Returns
         -------
         np.ndarray, float32 (layers, kv_heads, tokens)
         """
-        if self.add_v_norm and value_norms is None:
-            raise ValueError("add_v_norm=True needs value_norms")
+        value_norms = probe.value_norms() if self.add_v_norm else None
         return _native.kvcompose_score(
-            head_scores, n_head_kv, self.agg_group, value_norms if self.add_v_norm else None,
-            self.add_mean_across_heads,
+            self.head_scores(probe), probe.n_head_kv, self.agg_group, value_norms, self.add_mean_across_heads,
         )
 
     def selection_scores(self, scores: np.ndarray) -> np.ndarray:
@@ -130,7 +135,7 @@ class KVComposePress(BasePress):
 
     def select(self, scores: np.ndarray, n_keep: int, forced=(), budgets=None) -> np.ndarray:
         """``BasePress.select``; with ``starved_layers="consensus"`` the budget-aware variant of the class docstring."""
-        if self.starved_layers == "own":
+        if self.starved_layers == "own" or not self.per_head:
             return super().select(scores, n_keep, forced)
         ranked = self.selection_scores(scores)
         consensus = _native.scores_consensus(scores, 1.0)

@@ -1,0 +1,1 @@
+"""The benchmark behind ``pykvcompose bench``: tasks, grid runner, metrics and report."""

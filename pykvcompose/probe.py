@@ -1,0 +1,66 @@
+"""What a press scores from: the probe attention and the cached keys and values of one context."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple
+
+import numpy as np
+
+#: A probe: ("window", w) = the context's last w tokens as queries, seen while it is prefilled;
+#: ("reconstruct", 0) = the whole context fed again after itself (KVCompose's probe).
+ProbeSpec = Tuple[str, int]
+
+
+@dataclass
+class Probe:
+    """
+    Everything a press may score one context from, measured once and shared by every press
+    that scores the same context (the benchmark scores one prefill with many presses).
+
+    Parameters
+    ----------
+    n_layer, n_head, n_head_kv, n_tokens : int
+        Model shape and context length.
+    attention : dict
+        ``{spec: {"max": array, "mean": array}}``: probe attention per query head, float32
+        (layers, heads, tokens), reduced over the probe's queries by max and by mean.
+    norms : callable, optional
+        ``norms(part)`` -> float32 (layers, kv_heads, tokens) L2 norms of the cached keys
+        (``part="k"``) or values (``"v"``); read from the cache when first asked for.
+    prefill_seconds, probe_seconds : float
+        Time spent prefilling the context and in probes beyond the prefill.
+    """
+
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    n_tokens: int
+    attention: Dict[ProbeSpec, Dict[str, np.ndarray]] = field(default_factory=dict)
+    norms: Optional[Callable[[str], np.ndarray]] = None
+    prefill_seconds: float = 0.0
+    probe_seconds: float = 0.0
+    description: str = ""
+    _norm_cache: Dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def head_scores(self, spec: ProbeSpec, agg: str) -> np.ndarray:
+        """Probe attention, float32 (layers, heads, tokens), of probe ``spec`` reduced by ``agg``."""
+        try:
+            return self.attention[tuple(spec)][agg]
+        except KeyError:
+            raise ValueError(f"probe {spec} with aggregation {agg!r} was not run for this context") from None
+
+    def key_norms(self) -> np.ndarray:
+        """float32 (layers, kv_heads, tokens): L2 norm of every cached key vector."""
+        return self._norm("k")
+
+    def value_norms(self) -> np.ndarray:
+        """float32 (layers, kv_heads, tokens): L2 norm of every cached value vector."""
+        return self._norm("v")
+
+    def _norm(self, part: str) -> np.ndarray:
+        if part not in self._norm_cache:
+            if self.norms is None:
+                raise ValueError("this probe has no access to the cache's keys and values")
+            self._norm_cache[part] = self.norms(part)
+        return self._norm_cache[part]
