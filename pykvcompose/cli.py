@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 
 COMMANDS = {
     "demo": "a long document with a planted fact, answered with the full cache and with KVCompose",
+    "bench": "every press x compression ratio x task: tables and plots in bench/results",
 }
 
 
@@ -22,5 +23,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .demo import main as demo_main
 
         return demo_main(rest)
+    if cmd == "bench":
+        from .benchmark.cli import main as bench_main
+
+        return bench_main(rest)
     print(f"pykvcompose: unknown command {cmd!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
     return 2

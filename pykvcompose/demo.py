@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from typing import Any, Dict, List, Optional, Sequence
@@ -20,8 +21,11 @@ def _progress(msg: str, quiet: bool) -> None:
         print(f"[pykvcompose] {msg}", file=sys.stderr, flush=True)
 
 
-def answer(llm: Llama, prompt_tokens: List[int], max_tokens: int) -> Dict[str, Any]:
-    """Greedy answer with timings: prompt processing (prefill + compression) and decode speed."""
+def answer(llm: Llama, prompt_tokens: List[int], max_tokens: int, one_line: bool = False) -> Dict[str, Any]:
+    """Greedy answer with timings: prompt processing (prefill + compression) and decode speed.
+
+    ``one_line``: stop at the first blank line that follows some text (short-answer tasks).
+    """
     t0 = time.perf_counter()
     out: List[int] = []
     t_first = None
@@ -32,6 +36,8 @@ def answer(llm: Llama, prompt_tokens: List[int], max_tokens: int) -> Dict[str, A
             break
         out.append(tok)
         if len(out) >= max_tokens:
+            break
+        if one_line and re.search(r"\w.*\n\s*\n", llm.detokenize(out).decode("utf-8", errors="replace"), re.S):
             break
     t_end = time.perf_counter()
     decoded = max(0, len(out) - 1)

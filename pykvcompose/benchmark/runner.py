@@ -163,6 +163,9 @@ def run_sample(llm: Llama, model: str, sample: Sample, setting: str, length: int
     else:  # compress the context alone, then ask
         context, follow = tok(sample.context), tok("\n\n" + sample.question, False)
 
+    if 2 * len(context) + len(follow) + config.max_new_tokens > llm.n_ctx():
+        raise ValueError(f"{sample.task} sample of {len(context)} tokens does not fit n_ctx={llm.n_ctx()} "
+                         "with its reconstruct probe")
     presses = {(label, r): DEFAULT_PRESSES[label](r) for label in config.presses for r in config.ratios}
     llm.kv_compress = None
     probe = llm.kv_probe(context, list(presses.values()))
@@ -184,7 +187,7 @@ def run_sample(llm: Llama, model: str, sample: Sample, setting: str, length: int
         if sample.metric == "perplexity":
             rec["perplexity"] = continuation_perplexity(llm, follow)
         else:
-            out = answer(llm, context + follow, max_tokens=config.max_new_tokens)
+            out = answer(llm, context + follow, max_tokens=config.max_new_tokens, one_line=True)
             rec.update(output=out["text"], score=score_output(sample, out["text"]), decode_tok_s=out["decode_tok_s"])
         records.append(rec)
     return records

@@ -145,12 +145,19 @@ def common_words(tokenize: Tokenize, n_tokens: int, seed: int, n_common: int = 3
     rng = random.Random(seed)
     vocab = sorted({w.lower() for w in re.findall(r"\b[a-zA-Z]{5,9}\b", " ".join(_paragraphs()[:400]))})
     common = rng.sample(KEY_WORDS, n_common)
+    header = "Below is a numbered list of words. In these words, some appear more often than others.\n"
     words = [w for w in common for _ in range(repeats)]
-    while len(tokenize(" ".join(words))) * 1.6 < n_tokens:  # "1. word\n" costs about 1.6x the bare word
-        words.append(rng.choice(vocab))
+    fmt = lambda ws: header + "\n".join(f"{i + 1}. {w}" for i, w in enumerate(ws))  # noqa: E731
+    # grow the list with rare words until the numbered list reaches the token budget
+    step = 32
+    while step >= 1:
+        more = words + [rng.choice(vocab) for _ in range(step)]
+        if len(tokenize(fmt(more))) <= n_tokens:
+            words = more
+        else:
+            step //= 2
     rng.shuffle(words)
-    context = "Below is a numbered list of words. In these words, some appear more often than others.\n" + \
-        "\n".join(f"{i + 1}. {w}" for i, w in enumerate(words))
+    context = fmt(words)
     return Sample("common_words", seed, context, f"What are the {n_common} most common words in the above list? "
                   f"Answer: the {n_common} most common words in the list are", common)
 

@@ -1,0 +1,72 @@
+"""``pykvcompose bench``: run (or resume) the benchmark grid and write tables, plots and the README section."""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+from typing import List, Optional, Sequence
+
+from . import report, runner
+from .tasks import TASKS
+
+
+def _list(kind: str):
+    def parse(text: str) -> List[str]:
+        items = [t.strip() for t in text.split(",") if t.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError(f"empty {kind} list")
+        return items
+    return parse
+
+
+def _ratios(text: str) -> List[float]:
+    try:
+        return [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"ratios must be numbers separated by commas, got {text!r}") from None
+
+
+def _ints(text: str) -> List[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"lengths must be integers separated by commas, got {text!r}") from None
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="pykvcompose bench", description=__doc__)
+    p.add_argument("--quick", action="store_true",
+                   help="the ~10-minute grid: contexts of 800 tokens, 2 samples per task and setting")
+    p.add_argument("--presses", type=_list("press"), help=f"comma-separated, from {', '.join(runner.DEFAULT_PRESSES)}")
+    p.add_argument("--ratios", type=_ratios, help=f"comma-separated, in (0, 1) (default {runner.RATIOS}; 0 always runs)")
+    p.add_argument("--tasks", type=_list("task"), help=f"comma-separated, from {', '.join(TASKS)}")
+    p.add_argument("--lengths", type=_ints, help="context lengths in tokens, comma-separated")
+    p.add_argument("--samples", type=int, help="seeded samples per task, length and setting")
+    p.add_argument("--settings", type=_list("setting"), help="aware,agnostic (question inside or after the compressed prompt)")
+    p.add_argument("--models", type=_list("model"), help=f"comma-separated labels ({', '.join(runner.MODELS)}) or .gguf paths")
+    p.add_argument("--out", default="bench/results", help="output directory (default bench/results)")
+    p.add_argument("--fresh", action="store_true", help="discard earlier results instead of resuming")
+    p.add_argument("--report-only", action="store_true", help="only rebuild tables and plots from earlier results")
+    p.add_argument("--readme", help="README to refresh between the bench-results markers")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    a = p.parse_args(argv)
+
+    overrides = {k: getattr(a, k) for k in ("presses", "ratios", "tasks", "lengths", "samples", "settings", "models")
+                 if getattr(a, k) is not None}
+    overrides["out_dir"] = a.out
+    config = runner.BenchConfig.quick(**overrides) if a.quick else runner.BenchConfig(**overrides)
+    try:
+        config.validate()
+        if a.report_only:
+            records = runner.load_records(pathlib.Path(a.out) / "results.jsonl")
+            if not records:
+                raise ValueError(f"no results in {a.out}: run the benchmark first")
+        else:
+            records = runner.run(config, fresh=a.fresh, quiet=a.quiet)
+        report.write(records, a.out, readme=a.readme)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"pykvcompose bench: error: {e}", file=sys.stderr)
+        return 2
+    print((pathlib.Path(a.out) / "results.md").read_text())
+    return 0
