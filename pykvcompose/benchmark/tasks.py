@@ -83,12 +83,20 @@ def _filler(tokenize: Tokenize, rng: random.Random, n_tokens: int) -> List[str]:
 
 def _plant(tokenize: Tokenize, rng: random.Random, n_tokens: int, needles: Sequence[str],
            depths: Sequence[float]) -> str:
-    """A haystack of about ``n_tokens`` tokens with each needle inserted at its relative depth."""
+    """A haystack of at most ``n_tokens`` tokens with each needle inserted at its relative depth."""
     budget = n_tokens - sum(len(tokenize(s)) + 1 for s in needles)
-    paragraphs = _filler(tokenize, rng, budget)
-    for needle, depth in sorted(zip(needles, depths), key=lambda x: -x[1]):
-        paragraphs.insert(round(depth * len(paragraphs)), needle)
-    return "\n\n".join(paragraphs)
+    state = rng.getstate()
+    for _ in range(8):
+        rng.setstate(state)  # the same filler, shorter, until the joined text fits
+        paragraphs = _filler(tokenize, rng, budget)
+        for needle, depth in sorted(zip(needles, depths), key=lambda x: -x[1]):
+            paragraphs.insert(round(depth * len(paragraphs)), needle)
+        text = "\n\n".join(paragraphs)
+        over = len(tokenize(text)) - n_tokens
+        if over <= 0:
+            return text
+        budget -= over
+    raise RuntimeError(f"could not fit a haystack into {n_tokens} tokens")
 
 
 def _number(rng: random.Random) -> str:

@@ -1,0 +1,178 @@
+"""The benchmark: task generators, metrics on hand-made inputs, the report, resuming, the CLI."""
+
+import collections
+import json
+import math
+import re
+
+import numpy as np
+import pytest
+
+from pykvcompose.benchmark import metrics, report, runner
+from pykvcompose.benchmark.cli import main as bench_main
+from pykvcompose.benchmark.tasks import TASKS, Sample, score_output
+
+
+@pytest.fixture(scope="module")
+def tokenize(plain_llm):
+    return lambda text: plain_llm.tokenize(text.encode(), add_bos=False)
+
+
+@pytest.mark.parametrize("task", sorted(TASKS))
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_task_answers_are_in_the_haystack_and_seeds_reproduce(tokenize, task, seed):
+    n = 600
+    s = TASKS[task](tokenize, n, seed)
+    assert s == TASKS[task](tokenize, n, seed)  # the seed alone decides the sample
+    assert s.context != TASKS[task](tokenize, n, seed + 10).context
+    assert 0.75 * n <= len(tokenize(s.context)) <= n + 8
+    if s.metric == "perplexity":
+        assert 50 <= len(tokenize(s.continuation)) <= 80 and s.continuation.strip() not in s.context
+        return
+    for a in s.answers:
+        assert re.search(r"(?<!\w)" + re.escape(a) + r"(?!\w)", s.context), a
+        assert a not in s.question or task == "variable_tracking" and a not in s.question
+    if task == "common_words":
+        counts = collections.Counter(re.findall(r"^\d+\. (\w+)$", s.context, re.M))
+        top = {w for w, _ in counts.most_common(len(s.answers))}
+        assert top == set(s.answers) and min(counts[a] for a in s.answers) > max(
+            c for w, c in counts.items() if w not in s.answers)
+    if task == "variable_tracking":  # the value flows through the whole chain
+        value = re.search(r"value (\d+)", s.question).group(1)
+        assert f"VAR {s.answers[0]} = {value}" in s.context
+        for a, b in zip(s.answers, s.answers[1:]):
+            assert f"VAR {b} = VAR {a}" in s.context
+
+
+def test_score_output_matches_whole_words():
+    s = Sample("t", 0, "", "", ["894772", "Krakow"])
+    assert score_output(s, " 894772. It is in krakow") == 100.0
+    assert score_output(s, "8947721 Krakowian") == 0.0
+    assert score_output(s, "894772") == 50.0
+    with pytest.raises(ValueError, match="perplexity"):
+        score_output(Sample("p", 0, "", "", [], metric="perplexity"), "x")
+
+
+def test_auc_on_hand_made_curves():
+    assert metrics.auc([0, 0.5, 1], [80, 80, 80]) == pytest.approx(80)
+    assert metrics.auc([0, 1], [100, 0]) == pytest.approx(50)
+    # trapezoids over uneven spacing, divided by the span 0.875
+    r, s = [0, 0.25, 0.5, 0.75, 0.875], [100, 100, 50, 0, 0]
+    expected = (0.25 * 100 + 0.25 * 75 + 0.25 * 25 + 0) / 0.875
+    assert metrics.auc(r, s) == pytest.approx(expected)
+    for bad in ([0], [0, 0]), ([0, 1], [1, float("nan")]), ([1, 0], [1, 1]):
+        with pytest.raises(ValueError):
+            metrics.auc(*bad) if len(bad[0]) == len(bad[1]) else metrics.auc(bad[0], bad[1])
+
+
+def test_max_ratio_within_tolerance():
+    r = [0, 0.25, 0.5, 0.75]
+    assert metrics.max_ratio_within(r, [100, 95, 91, 50], 100) == 0.5
+    assert metrics.max_ratio_within(r, [100, 80, 95, 95], 100) == 0  # stops at the first miss
+    assert metrics.max_ratio_within(r, [10, 10.5, 11, 12], 10, higher_is_better=False) == 0.5
+    assert metrics.max_ratio_within([0.25], [10], 100) is None
+
+
+def test_perplexity_of_known_distributions():
+    vocab = 8
+    assert metrics.perplexity(np.zeros((5, vocab)), [1, 2, 3, 4, 5]) == pytest.approx(vocab)
+    sharp = np.full((3, vocab), -50.0)
+    sharp[np.arange(3), [0, 1, 2]] = 50.0
+    assert metrics.perplexity(sharp, [0, 1, 2]) == pytest.approx(1.0)
+    half = np.log(np.array([[1.0, 1.0, 1e-30, 1e-30]]))
+    assert metrics.perplexity(half, [0]) == pytest.approx(2.0)
+    with pytest.raises(ValueError):
+        metrics.perplexity(np.zeros((2, 4)), [1])
+
+
+def _rec(press, ratio, task, seed, score, setting="aware", **kw):
+    return dict(model="m", task=task, setting=setting, length=100, seed=seed, press=press, ratio=ratio,
+                score=score, key=f"m|{task}|{setting}|100|{seed}", context_tokens=100, prefill_seconds=1.0,
+                select_seconds=0.01, rewrite_seconds=0.01, decode_tok_s=50.0, **kw)
+
+
+def hand_made_records():
+    recs = []
+    for seed in (0, 1):
+        for task in ("a", "b"):
+            recs.append(_rec("full", 0.0, task, seed, 100.0))
+            recs.append(_rec("kvcompose", 0.5, task, seed, 100.0 if task == "a" else 80.0, layer_budgets=[60, 40]))
+            recs.append(_rec("kvcompose", 0.75, task, seed, 50.0, layer_budgets=[40, 10]))
+            recs.append(_rec("bad", 0.5, task, seed, 0.0))
+            recs.append(_rec("bad", 0.75, task, seed, 0.0))
+        recs.append(dict(model="m", task="perplexity", setting="agnostic", length=100, seed=seed, press="full",
+                         ratio=0.0, perplexity=10.0, key=f"m|perplexity|agnostic|100|{seed}"))
+        recs.append(dict(model="m", task="perplexity", setting="agnostic", length=100, seed=seed, press="kvcompose",
+                         ratio=0.5, perplexity=10.5 + seed, key=f"m|perplexity|agnostic|100|{seed}"))
+    recs.append({"model": "gemma", "skipped": "not supported: sliding window"})
+    return recs
+
+
+def test_summary_table_and_plots(tmp_path):
+    recs = hand_made_records()
+    summary = report.summarize(recs)
+    rows = {r["press"]: r for r in summary["rows"]}
+    assert rows["kvcompose"]["scores"] == {0.0: 100.0, 0.5: 90.0, 0.75: 50.0}
+    assert rows["kvcompose"]["auc"] == pytest.approx((0.5 * 95 + 0.25 * 70) / 0.75)
+    assert rows["kvcompose"]["max_ratio_10pct"] == 0.5 and rows["bad"]["max_ratio_10pct"] == 0.0
+    assert rows["kvcompose"]["decode_speedup"] == {0.5: 1.0, 0.75: 1.0}
+    ppl = summary["perplexity"][0]
+    assert ppl["perplexity"] == {0.0: 10.0, 0.5: 11.0} and ppl["max_ratio_10pct"] == 0.5
+    assert summary["skipped"] == {"gemma": "not supported: sliding window"}
+    text = report.markdown(summary)
+    assert "| kvcompose | 100.0 | 90.0 | 50.0 |" in text and "gemma**: not supported" in text
+    assert "- ratio 0.5: best press kvcompose (90.0); kvcompose 90.0 - ahead or tied" in text
+    assert "kvcompose at 0.5 vs full cache: 90.0 vs 100.0 (not within 5%: +10.0% loss)" in text
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.README_START}\nold\n{report.README_END}\ntail\n")
+    report.write(recs, str(tmp_path / "out"), readme=str(readme))
+    out = readme.read_text()
+    assert out.startswith("intro\n") and out.endswith("tail\n") and "old" not in out and "| kvcompose |" in out
+    pngs = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
+    assert pngs == ["kvcompose_layer_budgets_m.png", "score_vs_ratio_m_aware.png"]
+    assert "![score_vs_ratio_m_aware](out/score_vs_ratio_m_aware.png)" in out
+    assert all((tmp_path / "out" / p).stat().st_size > 5000 for p in pngs)
+    with pytest.raises(ValueError, match="bench-results"):
+        report.update_readme(str(tmp_path / "out" / "results.md"), "x", [])
+
+
+def test_torn_last_line_is_ignored(tmp_path):
+    path = tmp_path / "results.jsonl"
+    path.write_text(json.dumps({"a": 1}) + "\n" + '{"b": ')
+    assert runner.load_records(path) == [{"a": 1}]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--presses", "kvcompose,nope"], "unknown press 'nope'"),
+    (["--tasks", "haystack"], "unknown task 'haystack'"),
+    (["--ratios", "0,0.5"], "ratios must lie in"),
+    (["--lengths", "50"], "lengths must be >= 200"),
+    (["--settings", "sideways"], "unknown setting"),
+    (["--report-only"], "no results"),
+    (["--models", "nonexistent-model"], "unknown model"),
+])
+def test_bench_cli_errors(tmp_path, capsys, args, message):
+    code = bench_main(args + ["--out", str(tmp_path / "o"), "--quiet"])
+    assert code == 2 and message in capsys.readouterr().err
+
+
+def test_tiny_grid_runs_and_resumes(tmp_path, capsys):
+    args = ["--tasks", "niah_single,perplexity", "--presses", "kvcompose,snapkv", "--ratios", "0.5",
+            "--lengths", "300", "--samples", "1", "--settings", "aware", "--models", "smollm2-135m",
+            "--out", str(tmp_path), "--quiet"]
+    assert bench_main(args) == 0
+    first = runner.load_records(tmp_path / "results.jsonl")
+    # full + 2 presses for each of the two samples
+    assert len(first) == 6 and {r["press"] for r in first} == {"full", "kvcompose", "snapkv"}
+    assert all(0 <= r["score"] <= 100 for r in first if "score" in r)
+    assert all(math.isfinite(r["perplexity"]) and r["perplexity"] > 1 for r in first if "perplexity" in r)
+    assert "smollm2-135m, question-aware" in capsys.readouterr().out
+    # interrupt: the second sample's records are lost; a rerun redoes exactly that sample
+    keep = [r for r in first if r["task"] == "niah_single"]
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
+    assert bench_main(args) == 0
+    second = runner.load_records(tmp_path / "results.jsonl")
+    assert second[:3] == keep and len(second) == 6
+    assert [r["perplexity"] for r in second[3:]] == pytest.approx([r["perplexity"] for r in first[3:]], rel=1e-6)
+    assert bench_main(args) == 0 and len(runner.load_records(tmp_path / "results.jsonl")) == 6
+    assert (tmp_path / "results.md").exists() and (tmp_path / "results.csv").exists()
