@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 from typing import Callable, List, Sequence, Tuple
 
@@ -15,6 +16,27 @@ def haystack_text() -> str:
     return "\n\n".join(topics[k].strip() for k in sorted(topics))
 
 
+@functools.lru_cache(maxsize=1)
+def paragraphs() -> Tuple[str, ...]:
+    """The haystack's non-empty paragraphs, in order."""
+    return tuple(p for p in haystack_text().split("\n\n") if p.strip())
+
+
+def take_paragraphs(tokenize: Callable[[str], List[int]], n_tokens: int, start: int) -> List[str]:
+    """Consecutive paragraphs from index ``start`` (wrapping around) totalling at most ``n_tokens`` tokens,
+    counting one token for each paragraph break."""
+    every = paragraphs()
+    chosen: List[str] = []
+    used = 0
+    for p in every[start:] + every[:start]:
+        cost = len(tokenize(p)) + 1
+        if used + cost > n_tokens:
+            break
+        chosen.append(p)
+        used += cost
+    return chosen
+
+
 def passkey_prompt(tokenize: Callable[[str], List[int]], n_tokens: int, depth: float, passkey: int,
                    seed: int = 0) -> str:
     """A ``n_tokens``-ish haystack with a pass key planted at relative ``depth`` (0 = start, 1 = end).
@@ -24,20 +46,11 @@ def passkey_prompt(tokenize: Callable[[str], List[int]], n_tokens: int, depth: f
     """
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}")
-    text = haystack_text()
-    paragraphs = [p for p in text.split("\n\n") if p.strip()]
-    start = random.Random(seed).randrange(len(paragraphs) // 2)
+    start = random.Random(seed).randrange(len(paragraphs()) // 2)
     needle = f"The pass key is {passkey}. Remember it. {passkey} is the pass key."
     intro = "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it.\n\n"
     budget = n_tokens - len(tokenize(intro + needle + "\n\n" + PASSKEY_QUESTION)) - 8
-    chosen: List[str] = []
-    used = 0
-    for p in paragraphs[start:] + paragraphs[:start]:
-        cost = len(tokenize(p)) + 1
-        if used + cost > budget:
-            break
-        chosen.append(p)
-        used += cost
+    chosen = take_paragraphs(tokenize, budget, start)
     at = round(depth * len(chosen))
     body = chosen[:at] + [needle] + chosen[at:]
     return intro + "\n\n".join(body) + "\n\n" + PASSKEY_QUESTION

@@ -114,3 +114,29 @@ def test_one_probe_serves_many_presses(llm, prompt_tokens):
         overlap = np.mean([len(np.intersect1d(a, b)) / len(a) for a, b in zip(alone.reshape(-1, alone.shape[-1]),
                                                                            sel.reshape(-1, sel.shape[-1]))])
         assert overlap > 0.98, (type(press).__name__, overlap)
+
+
+def test_compress_context_then_ask_continues_on_the_compressed_cache(llm, prompt_tokens):
+    """Question-agnostic use: compress the context alone, then a prompt that extends it is decoded on
+    the compressed cells (no second prefill) and answers from them."""
+    context, question = prompt_tokens[:-20], prompt_tokens[-20:]
+    llm.kv_compress = SnapKVPress(compression_ratio=0.5, window_size=32)
+    llm.reset()
+    stats = dict(llm.compress_context(context))
+    assert stats["context_tokens"] == len(context) and stats["cells_after"] == len(context) // 2
+    gen = llm.generate(context + question, temp=0.0)
+    next(gen)
+    gen.close()
+    assert llm.kv_stats == stats  # not compressed again
+    info = _native.context_state_info(llm._ctx.ctx)
+    assert info["n_cells"] == len(context) // 2 + len(question) and info["pos_max"] == len(context) + 19
+
+
+def test_compress_context_errors(llm, prompt_tokens):
+    llm.kv_compress = None
+    with pytest.raises(ValueError, match="no press"):
+        llm.compress_context(prompt_tokens)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        llm.compress_context(prompt_tokens[:1], SnapKVPress(0.5))
+    with pytest.raises(ValueError, match="exceed context window"):
+        llm.compress_context(prompt_tokens * 6, SnapKVPress(0.5))

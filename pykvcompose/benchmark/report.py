@@ -190,16 +190,8 @@ def plots(records: List[Dict[str, Any]], summary: Dict[str, Any], out_dir: pathl
                 xs = sorted(r["scores"])
                 style = "-" if r["press"].startswith("kvcompose") else ":"
                 ax.plot(xs, [r["scores"][x] for x in xs], style, marker="o", label=r["press"])
-        ax.set_xlabel("compression ratio (fraction of KV cells removed)")
-        ax.set_ylabel("mean task score (%)")
-        ax.set_title(f"{model}, question-{setting}")
-        ax.legend(fontsize=7, ncol=2)
-        ax.grid(alpha=0.3)
-        path = out_dir / f"score_vs_ratio_{_slug(model)}_{setting}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, ax, "compression ratio (fraction of KV cells removed)", "mean task score (%)",
+                              f"{model}, question-{setting}", out_dir / f"score_vs_ratio_{_slug(model)}_{setting}.png"))
     for model in dict.fromkeys(r["model"] for r in records if r.get("layer_budgets")):
         by_ratio = defaultdict(list)
         for r in records:
@@ -212,17 +204,24 @@ def plots(records: List[Dict[str, Any]], summary: Dict[str, Any], out_dir: pathl
             mean = np.mean(profiles, axis=0)
             line, = ax.plot(np.arange(mean.size), mean, marker=".", label=f"ratio {x:g}")
             ax.axhline(1 - x, color=line.get_color(), linestyle=":", linewidth=1)
-        ax.set_xlabel("layer")
-        ax.set_ylabel("budget / context tokens")
-        ax.set_title(f"{model}: KVCompose layer budgets (dotted: llama.cpp's uniform C)")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-        path = out_dir / f"kvcompose_layer_budgets_{_slug(model)}.png"
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        written.append(path)
+        written.append(_save(fig, ax, "layer", "budget / context tokens",
+                              f"{model}: KVCompose layer budgets (dotted: llama.cpp's uniform C)",
+                              out_dir / f"kvcompose_layer_budgets_{_slug(model)}.png"))
     return written
+
+
+def _save(fig, ax, xlabel: str, ylabel: str, title: str, path: pathlib.Path) -> pathlib.Path:
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=7, ncol=2)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _slug(s: str) -> str:

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Sequence
 
-from ..haystack import haystack_text
+from ..haystack import paragraphs, take_paragraphs
 
 Tokenize = Callable[[str], List[int]]
 
@@ -63,22 +63,9 @@ def score_output(sample: Sample, output: str) -> float:
     return 100.0 * found / len(sample.answers)
 
 
-def _paragraphs() -> List[str]:
-    return [p for p in haystack_text().split("\n\n") if p.strip()]
-
-
 def _filler(tokenize: Tokenize, rng: random.Random, n_tokens: int) -> List[str]:
     """Consecutive documentation paragraphs totalling about ``n_tokens`` tokens, from a seeded start."""
-    paragraphs = _paragraphs()
-    start = rng.randrange(len(paragraphs))
-    chosen, used = [], 0
-    for p in paragraphs[start:] + paragraphs[:start]:
-        cost = len(tokenize(p)) + 1
-        if used + cost > n_tokens:
-            break
-        chosen.append(p)
-        used += cost
-    return chosen
+    return take_paragraphs(tokenize, n_tokens, rng.randrange(len(paragraphs())))
 
 
 def _plant(tokenize: Tokenize, rng: random.Random, n_tokens: int, needles: Sequence[str],
@@ -151,7 +138,7 @@ def variable_tracking(tokenize: Tokenize, n_tokens: int, seed: int, n_hops: int 
 def common_words(tokenize: Tokenize, n_tokens: int, seed: int, n_common: int = 3, repeats: int = 12) -> Sample:
     """RULER's common-word extraction: a numbered word list where a few words recur; name the most common."""
     rng = random.Random(seed)
-    vocab = sorted({w.lower() for w in re.findall(r"\b[a-zA-Z]{5,9}\b", " ".join(_paragraphs()[:400]))})
+    vocab = sorted({w.lower() for w in re.findall(r"\b[a-zA-Z]{5,9}\b", " ".join(paragraphs()[:400]))})
     common = rng.sample(KEY_WORDS, n_common)
     header = "Below is a numbered list of words. In these words, some appear more often than others.\n"
     words = [w for w in common for _ in range(repeats)]
