@@ -96,8 +96,9 @@ def _fmt(x: Optional[float], digits: int = 1) -> str:
     return f"{x:.{digits}f}"
 
 
-def markdown(summary: Dict[str, Any], config: Optional[Dict[str, Any]] = None) -> str:
-    """The results as markdown: one table per (model, setting), perplexity, per-task scores, verdicts."""
+def markdown(summary: Dict[str, Any], config: Optional[Dict[str, Any]] = None, per_task: bool = True) -> str:
+    """The results as markdown: one table per (model, setting), verdicts, perplexity, and (``per_task``)
+    per-task scores at ratios 0.5 and 0.75."""
     out: List[str] = []
     if config:
         out.append(f"Grid: tasks {', '.join(config['tasks'])}; contexts of {', '.join(map(str, config['lengths']))} "
@@ -124,7 +125,7 @@ def markdown(summary: Dict[str, Any], config: Optional[Dict[str, Any]] = None) -
         out.extend(verdict(rows))
         out.append("")
         tasks = sorted({t for r in rows for t in r["per_task"]})
-        for x in [x for x in ratios if x in (0.5, 0.75)]:
+        for x in [x for x in ratios if x in (0.5, 0.75) and per_task]:
             out.append(f"Per task at ratio {x:g} (full cache in the first row):\n")
             out.append("| press | " + " | ".join(tasks) + " |")
             out.append("|---|" + "---:|" * len(tasks))
@@ -248,6 +249,7 @@ def write(records: List[Dict[str, Any]], out_dir: str, readme: Optional[str] = N
                 w.writerow([p["model"], "perplexity", p["press"], x, f"{v:.4f}", "", p["max_ratio_10pct"]])
     text = markdown(summary, config)
     (out / "results.md").write_text(text)
+    text = markdown(summary, config, per_task=False) + f"\nPer-task tables: `{out.as_posix()}/results.md`.\n"
     try:
         images = plots(records, summary, out)
     except ImportError:
