@@ -140,3 +140,12 @@ def test_compress_context_errors(llm, prompt_tokens):
         llm.compress_context(prompt_tokens[:1], SnapKVPress(0.5))
     with pytest.raises(ValueError, match="exceed context window"):
         llm.compress_context(prompt_tokens * 6, SnapKVPress(0.5))
+
+
+def test_kv_probe_rejects_an_unknown_probe(llm, prompt_tokens):
+    class Odd(SnapKVPress):
+        def probe(self):
+            return ("lookahead", 3)
+
+    with pytest.raises(ValueError, match="unknown probe"):
+        llm.kv_probe(prompt_tokens[:50], [Odd(0.5)])
