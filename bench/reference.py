@@ -32,6 +32,11 @@ def contains(answer: str, text: str) -> bool:
     return re.search(r"(?<!\w)" + re.escape(answer) + r"(?!\w)", text) is not None
 
 
+def jaccard(a, b) -> float:
+    a, b = set(np.asarray(a).tolist()), set(np.asarray(b).tolist())
+    return len(a & b) / len(a | b)
+
+
 def ours(out: str, n_tokens: int, samples: int) -> None:
     from pykvcompose import KVComposePress, Llama, default_model_path
     from pykvcompose.benchmark.tasks import niah_single
@@ -136,8 +141,7 @@ def reference(ours_path: str) -> None:
                     ref_scores = torch.stack([press.kept_layers[i] for i in sorted(press.kept_layers)]).numpy()
                 c = max(1, int(n * (1 - r)))
                 sel = d[f"{seed}_{name}_{r}_selection"]
-                jac = np.array([[len(set(sel[l, h].tolist()) & set(np.argsort(-ref_scores[l, h], kind="stable")[:c].tolist()))
-                                 / (2 * c - len(set(sel[l, h].tolist()) & set(np.argsort(-ref_scores[l, h], kind="stable")[:c].tolist())))
+                jac = np.array([[jaccard(sel[l, h], np.argsort(-ref_scores[l, h], kind="stable")[:c])
                                  for h in range(sel.shape[1])] for l in range(sel.shape[0])])
                 ours_scores = d[f"{seed}_{name}_{r}_scores"]
                 corr = np.nanmean([np.corrcoef(ours_scores[l, h], ref_scores[l, h])[0, 1]

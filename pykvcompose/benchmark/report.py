@@ -41,16 +41,11 @@ def summarize(records: List[Dict[str, Any]]) -> Dict[str, Any]:
     groups = sorted({(r["model"], r["setting"]) for r in recs if "score" in r})
     for model, setting in groups:
         for press in ["full"] + presses:
-            sel = [r for r in recs if r["model"] == model and r["setting"] == setting and "score" in r
-                   and r["press"] in (press, "full")]
             # the full cache is every press's ratio-0 point
             by = defaultdict(lambda: defaultdict(list))
-            for r in sel:
-                if r["press"] == press or (r["press"] == "full"):
-                    if r["press"] == "full" and press != "full":
-                        by[r["task"]][0.0].append(r["score"])
-                    elif r["press"] == press:
-                        by[r["task"]][float(r["ratio"])].append(r["score"])
+            for r in recs:
+                if r["model"] == model and r["setting"] == setting and "score" in r and r["press"] in (press, "full"):
+                    by[r["task"]][0.0 if r["press"] == "full" else float(r["ratio"])].append(r["score"])
             if not by:
                 continue
             ratios = sorted({ratio for t in by.values() for ratio in t})
