@@ -1,5 +1,7 @@
 """Press fields: validation and the kvpress conventions."""
 
+import re
+
 import numpy as np
 import pytest
 
@@ -167,3 +169,41 @@ def test_token_level_mode_keeps_the_same_tokens_everywhere(press_cls):
             {"window_size": 8} if hasattr(press, "window_size") else {}))
     sel = press.select(press.score(probe), 20, [39])
     assert sel.shape == (3, 2, 20) and (sel == sel[0, 0]).all() and 39 in sel[0, 0]
+
+
+@pytest.mark.parametrize("spec,expected", [
+    ("kvcompose:0.75", KVComposePress(compression_ratio=0.75)),
+    (" KVCompose : 0.5 , starved_layers = consensus, per_head=false",
+     KVComposePress(compression_ratio=0.5, starved_layers="consensus", per_head=False)),
+    ("snapkv:0.5,window_size=32,kernel_size=7", SnapKVPress(compression_ratio=0.5, window_size=32, kernel_size=7)),
+    ("random:0.25,seed=none", RandomPress(compression_ratio=0.25, seed=None)),
+    ("random:0.25,seed=3", RandomPress(compression_ratio=0.25, seed=3)),
+    ("streaming_llm:0.875,n_sink=8", StreamingLLMPress(compression_ratio=0.875, n_sink=8)),
+    ("kvcompose:0,add_v_norm=yes,head_consensus=0.5", KVComposePress(0.0, add_v_norm=True, head_consensus=0.5)),
+])
+def test_press_specs_parse(spec, expected):
+    from pykvcompose.presses import parse_press_spec
+
+    assert parse_press_spec(spec) == expected
+
+
+@pytest.mark.parametrize("spec,message", [
+    ("nope:0.5", "unknown press 'nope'"),
+    ("kvcompose", "needs a compression ratio"),
+    ("kvcompose:", "needs a compression ratio"),
+    ("kvcompose:window=3", "needs a compression ratio"),
+    ("kvcompose:half", "compression_ratio must be a number, got 'half'"),
+    ("kvcompose:1.5", "compression_ratio must be a number in"),
+    ("snapkv:0.5,window=3", "snapkv has no field 'window'; fields: per_head, window_size, kernel_size"),
+    ("snapkv:0.5,window_size", "expected key=value"),
+    ("snapkv:0.5,window_size=big", "window_size must be an integer, got 'big'"),
+    ("snapkv:0.5,window_size=0", "window_size must be an integer >= 1"),
+    ("kvcompose:0.5,per_head=maybe", "per_head must be true or false"),
+    ("kvcompose:0.5,scoring=magic", "scoring must be one of"),
+    ("tova:0.5,per_head=true,per_head=false", "given twice"),
+])
+def test_bad_press_specs_name_the_problem(spec, message):
+    from pykvcompose.presses import parse_press_spec
+
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_press_spec(spec)

@@ -20,5 +20,7 @@ PRESSES = {
     "random": RandomPress,
 }
 
-__all__ = ["BasePress", "KVComposePress", "SnapKVPress", "PyramidKVPress", "TOVAPress", "KnormPress",
+from .spec import parse_press_spec  # noqa: E402  (uses PRESSES)
+
+__all__ = ["parse_press_spec", "BasePress", "KVComposePress", "SnapKVPress", "PyramidKVPress", "TOVAPress", "KnormPress",
            "StreamingLLMPress", "RandomPress", "PRESSES"]
