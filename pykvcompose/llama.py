@@ -241,7 +241,6 @@ class Llama(llama_cpp.Llama):
 
     def _compress_context(self, context: List[int], press: BasePress) -> None:
         """Prefill ``context`` from an empty cache, score it with the press's probe, rewrite it."""
-        self._drop_cache()
         try:
             probe = self.kv_probe(context, [press])
             self.kv_apply(press, probe)
@@ -262,11 +261,11 @@ class Llama(llama_cpp.Llama):
         -------
         Probe
         """
+        self._drop_cache()
         if self._kv_capture is None:  # flash attention or unsupported model: the setter refused already
             raise RuntimeError("attention capture is not installed")
         context = list(context)
         n = len(context)
-        self._drop_cache()
         specs = {tuple(p.probe()) for p in presses if p.probe() is not None}
         unknown = {spec for spec in specs if spec[0] not in ("window", "reconstruct")}
         if unknown:
