@@ -51,7 +51,7 @@ def main() -> None:
     print(f"\n{n} cases of ~{a.tokens} tokens, depths {a.depths}, {time.perf_counter() - t0:.0f} s\n")
     print("| configuration | " + " | ".join(f"ratio {r}" for r in a.ratios) + " |")
     print("|---|" + "---:|" * len(a.ratios))
-    print(f"| full cache | " + " | ".join(f"{found['full cache'][0]}/{n}" for _ in a.ratios) + " |")
+    print("| full cache | " + " | ".join(f"{found['full cache'][0]}/{n}" for _ in a.ratios) + " |")
     for name in CONFIGS:
         print(f"| {name} | " + " | ".join(f"{v}/{n}" for v in found[name]) + " |")
 

@@ -2,7 +2,6 @@
 
 import threading
 
-import llama_cpp
 import numpy as np
 import pytest
 
