@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import inspect
 import os
 import time
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
 
 import llama_cpp
 import llama_cpp._internals as internals
@@ -16,7 +17,12 @@ import numpy as np
 from . import _native
 from .models import default_model_path
 from .presses.base_press import BasePress
+from .presses.decoding_press import DecodingPress
+from .presses.prefill_decoding_press import PrefillDecodingPress
 from .probe import Probe
+
+#: What ``kv_compress`` accepts.
+AnyPress = Union[BasePress, DecodingPress, PrefillDecodingPress]
 
 _GENERATE_SIGNATURE = inspect.signature(llama_cpp.Llama.generate)
 _SEQ = 0  # llama-cpp-python keeps every token in sequence 0
@@ -43,8 +49,15 @@ class Llama(llama_cpp.Llama):
     ----------
     model_path : str, optional
         A GGUF file; the embedded SmolLM2-135M-Instruct when omitted.
-    kv_compress : BasePress, optional
+    kv_compress : BasePress, DecodingPress or PrefillDecodingPress, optional
         The press, e.g. ``KVComposePress(compression_ratio=0.75)``; None disables compression.
+        A press that frees cells (ratio > 0, or a DecodingPress) also lets prompts and generations
+        run past ``n_ctx``: whenever the cache is full it is compressed to make room.
+    kv_max_tokens : int, optional
+        Logical length (prompt + generated tokens, i.e. positions) a conversation may reach when
+        the press can make room; defaults to the larger of ``n_ctx`` and the model's trained context.
+    kv_progress : callable, optional
+        ``kv_progress(done, total)`` after every batch of prompt tokens prefilled.
     n_threads : int, optional
         Defaults to the cores this process may use.
     **kwargs
@@ -61,22 +74,38 @@ class Llama(llama_cpp.Llama):
         head, aggregated over probe queries with the press's ``agg_task``.
     kv_scores : np.ndarray or None
         float32 (layers, kv_heads, tokens): the press's token scores of the last compression.
+    kv_compressions : int
+        Compressions made to free cells (long prompts, long generations) since the last prompt
+        that did not continue the conversation.
     """
 
-    def __init__(self, model_path: Optional[str] = None, *, kv_compress: Optional[BasePress] = None,
+    def __init__(self, model_path: Optional[str] = None, *, kv_compress: Optional[AnyPress] = None,
+                 kv_max_tokens: Optional[int] = None, kv_progress: Optional[Callable[[int, int], None]] = None,
                  n_threads: Optional[int] = None, **kwargs: Any) -> None:
         if model_path is None:
             model_path = default_model_path()
         if n_threads is None:
             n_threads = _default_threads()
         self._kv_capture: Optional[_native.Capture] = None
-        self._kv_compress: Optional[BasePress] = None
-        self._compressed_len = 0
+        self._kv_compress: Optional[AnyPress] = None
+        self._compressed_len = 0  # logical tokens [0, _compressed_len) are held by composite cells ...
+        self._compressed_cells = 0  # ... this many; every later token has one cell of its own
+        self._kv_holes = False  # token-level eviction left free cells between kept ones
+        self._kv_phase = "prefill"  # "decode" once generate has produced its first token
+        self._kv_mark = 0  # logical length at the last compression or at the start of decoding
+        self._kv_room_override: Optional[AnyPress] = None
+        if kv_max_tokens is not None and (isinstance(kv_max_tokens, bool) or not isinstance(kv_max_tokens, int)
+                                          or kv_max_tokens < 1):
+            raise ValueError(f"kv_max_tokens must be a positive integer, got {kv_max_tokens!r}")
+        self._kv_max_tokens = kv_max_tokens
+        self.kv_progress = kv_progress
+        self.kv_compressions = 0
         self.kv_stats: Dict[str, Any] = {}
         self.kv_selection: Optional[np.ndarray] = None
         self.kv_head_scores: Optional[np.ndarray] = None
         self.kv_scores: Optional[np.ndarray] = None
         super().__init__(model_path=model_path, n_threads=n_threads, **kwargs)
+        self._n_ctx_cells = self.n_ctx()  # cells of the cache; self._n_ctx becomes the logical limit
 
         model = self._model.model
         self.kv_n_layer = int(llama_cpp.llama_model_n_layer(model))
@@ -95,9 +124,9 @@ class Llama(llama_cpp.Llama):
         return self._kv_compress
 
     @kv_compress.setter
-    def kv_compress(self, press: Optional[BasePress]) -> None:
+    def kv_compress(self, press: Optional[AnyPress]) -> None:
         if press is not None:
-            if not isinstance(press, BasePress):
+            if not isinstance(press, (BasePress, DecodingPress, PrefillDecodingPress)):
                 raise TypeError(f"kv_compress must be a press such as KVComposePress(...) or None, got {press!r}")
             if self._unsupported is not None:
                 raise NotImplementedError(self._unsupported)
@@ -107,7 +136,52 @@ class Llama(llama_cpp.Llama):
                     "llama.cpp never materialises with flash attention: create the Llama with flash_attn=False "
                     "(a quantized V cache needs flash attention, so use type_v=None too)"
                 )
+            decoding = press.decoding_press if isinstance(press, PrefillDecodingPress) else press
+            if isinstance(decoding, DecodingPress) and decoding.target_size >= self._n_ctx_cells - 1:
+                raise ValueError(f"DecodingPress.target_size ({decoding.target_size}) must be below n_ctx - 1 "
+                                 f"({self._n_ctx_cells - 1}) so that a compression frees cells")
         self._kv_compress = press
+        self._configure_logical_window()
+
+    def _configure_logical_window(self, press: Optional[AnyPress] = None) -> None:
+        """Size the token history (``input_ids``) and the logical limit (``_n_ctx``) for the press
+        (``kv_compress``, or ``press`` when given).
+
+        llama-cpp-python refuses prompts and stops generations at ``_n_ctx``; with a press that can
+        free cells the limit is ``kv_max_tokens`` instead of the cache size. ``logits_all`` keeps
+        one row of logits per cell of ``n_ctx``, so it keeps the cache size as the limit. The limit
+        never drops below the conversation held now: nothing is lost by changing the press.
+        """
+        press = self._kv_compress if press is None else press
+        limit = self._n_ctx_cells
+        if self._makes_room(press) and not self._logits_all:
+            trained = int(llama_cpp.llama_model_n_ctx_train(self._model.model))
+            limit = max(limit, self._kv_max_tokens if self._kv_max_tokens is not None else trained)
+        limit = max(limit, self.n_tokens)
+        if len(self.input_ids) != limit:
+            history = np.zeros(limit, dtype=np.intc)
+            history[: self.n_tokens] = self.input_ids[: self.n_tokens]
+            self.input_ids = history
+        self._n_ctx = limit
+
+    @staticmethod
+    def _makes_room(press: Optional[AnyPress]) -> bool:
+        """Whether compressing with ``press`` frees cells of a full cache."""
+        if isinstance(press, PrefillDecodingPress):
+            return any(Llama._makes_room(p) for p in (press.prefilling_press, press.decoding_press))
+        if isinstance(press, DecodingPress):
+            return True
+        return isinstance(press, BasePress) and press.compression_ratio > 0
+
+    @property
+    def kv_cells(self) -> int:
+        """Cells the conversation occupies in the cache now (at most ``n_ctx``)."""
+        return self._compressed_cells + self.n_tokens - self._compressed_len
+
+    @property
+    def kv_history(self) -> List[int]:
+        """The logical token history: every token of the conversation, compressed or not."""
+        return self.input_ids[: self.n_tokens].tolist()
 
     def _why_unsupported(self) -> Optional[str]:
         """Why this model's cache cannot be compressed, or None."""
@@ -151,28 +225,112 @@ class Llama(llama_cpp.Llama):
     # ---- llama_cpp.Llama overrides --------------------------------------------------------------
     def reset(self) -> None:
         super().reset()
-        self._compressed_len = 0
+        self._compressed_len = self._compressed_cells = self._kv_mark = self.kv_compressions = 0
+        self._kv_holes = False
 
     def generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any) -> Iterator[int]:
         """``llama_cpp.Llama.generate``, compressing the prompt first when the press applies."""
         bound = _GENERATE_SIGNATURE.bind(self, tokens, *args, **kwargs)
         tokens = list(tokens)
+        self._kv_phase = "prefill"
         if bound.arguments.get("reset", True):
             self._prepare_prompt(tokens)
-        yield from super().generate(tokens, *args, **kwargs)
+        inner = super().generate(tokens, *args, **kwargs)
+        try:
+            token = next(inner)
+            # the prompt is in: what follows is decoding (DecodingPress counts from here)
+            self._kv_phase = "decode"
+            self._kv_mark = max(self._kv_mark, self.n_tokens)
+            while True:
+                sent = yield token
+                token = inner.send(sent)
+        except StopIteration:
+            return
+        finally:
+            inner.close()
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        """``llama_cpp.Llama.eval`` that compresses the cache whenever it is full (or a DecodingPress is due).
+
+        Without a press that frees cells this is llama-cpp-python's own ``eval``.
+        """
+        if self._room_press() is None or self._logits_all:
+            return super().eval(tokens)
+        tokens = list(tokens)
+        self._ctx.kv_cache_seq_rm(-1, self.n_tokens, -1)
+        limit = self._n_ctx_cells
+        done = 0
+        while done < len(tokens):
+            press = self._room_press()
+            cells = self.kv_cells
+            due = self._decoding_due(press)
+            if cells >= limit or due == 0:
+                if cells < limit and cells <= press.target_size:
+                    self._kv_mark = self.n_tokens  # nothing to drop yet: count the next interval
+                else:
+                    self._compress_to_make_room(press, "cache full" if cells >= limit else "interval")
+                continue
+            n = min(self.n_batch, limit - cells, len(tokens) - done)
+            if due is not None:
+                n = min(n, due)  # compress exactly every compression_interval tokens
+            self._decode(tokens[done: done + n])
+            done += n
+            if self.kv_progress is not None:
+                self.kv_progress(done, len(tokens))
+
+    def _decode(self, batch: List[int]) -> None:
+        """Decode ``batch`` at the next logical positions and record it in the history."""
+        n_past = self.n_tokens
+        self._batch.set_batch(batch=batch, n_past=n_past, logits_all=self._logits_all)
+        status = llama_cpp.llama_decode(self._ctx.ctx, self._batch.batch)
+        if status == 1 and self._kv_holes:
+            # 1: no run of free cells is long enough; token-level eviction scattered them
+            self._compact(self.kv_cells)
+            status = llama_cpp.llama_decode(self._ctx.ctx, self._batch.batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode returned {status}")
+        self.input_ids[n_past: n_past + len(batch)] = batch
+        self.n_tokens = n_past + len(batch)
+        self._requires_eval = False
+
+    def _room_press(self) -> Optional[AnyPress]:
+        """The press that frees cells now (None: the cache is never compressed to make room)."""
+        press = self._kv_room_override or self._kv_compress
+        if isinstance(press, PrefillDecodingPress):
+            first, second = press.prefilling_press, press.decoding_press
+            if self._kv_phase == "decode":
+                first, second = second, first
+            press = first if self._makes_room(first) else second
+        return press if self._makes_room(press) else None
+
+    def _decoding_due(self, press: AnyPress) -> Optional[int]:
+        """Tokens until a DecodingPress compresses again (None: not decoding with one)."""
+        if not isinstance(press, DecodingPress) or self._kv_phase != "decode":
+            return None
+        return max(0, press.compression_interval - (self.n_tokens - self._kv_mark))
 
     def save_state(self) -> llama_cpp.LlamaState:
         state = super().save_state()
         state.kv_compressed_len = self._compressed_len  # the cache holds composite cells up to here
+        state.kv_compressed_cells = self._compressed_cells
         return state
 
     def load_state(self, state: llama_cpp.LlamaState) -> None:
         super().load_state(state)
-        # a state saved elsewhere may hold composite cells we cannot tell apart: assume it all is
-        self._compressed_len = int(getattr(state, "kv_compressed_len", state.n_tokens))
+        self._configure_logical_window()  # the saved history may be sized for another press
+        if hasattr(state, "kv_compressed_len"):
+            self._compressed_len = int(state.kv_compressed_len)
+            self._compressed_cells = int(state.kv_compressed_cells)
+        else:
+            # a state saved elsewhere may hold composite cells we cannot tell apart: assume it all is
+            self._compressed_len = state.n_tokens
+            self._compressed_cells = _native.context_state_info(self._ctx.ctx)["n_cells"] if state.n_tokens else 0
+        self._kv_holes = False  # llama.cpp restores a whole-context state into cells 0..n-1
+        self._kv_mark = self._compressed_len
 
     def close(self) -> None:
-        super().close()
+        if hasattr(self, "_stack"):  # __init__ may have failed before llama_cpp.Llama set it up
+            super().close()
         if self._kv_capture is not None:
             self._kv_capture.close()  # after the context that points at it
 
@@ -180,13 +338,22 @@ class Llama(llama_cpp.Llama):
     def _prepare_prompt(self, tokens: List[int]) -> None:
         if len(tokens) >= self._n_ctx:
             raise ValueError(f"Requested tokens ({len(tokens)}) exceed context window of {self._n_ctx}")
-        press = self._kv_compress
         if self._compressed_len > 0:
             if self._parent_reuse(tokens) >= self._compressed_len:
                 return  # the prompt extends what the compressed cache holds: continue on it
-            self._drop_cache()  # composite cells cannot be cut at a token boundary
-        if press is not None and len(tokens) >= max(2, getattr(press, "min_tokens", 2)):
+            # composite cells cannot be cut at a token boundary: start again from the original tokens
+            self._drop_cache()
+        press = self._prompt_press()
+        fits = len(tokens) < self._n_ctx_cells  # longer prompts are compressed chunk by chunk in eval
+        if press is not None and fits and len(tokens) >= max(2, getattr(press, "min_tokens", 2)):
             self._compress_prompt(tokens, press)
+
+    def _prompt_press(self) -> Optional[BasePress]:
+        """The press applied to a whole prompt that fits into the cache."""
+        press = self._kv_compress
+        if isinstance(press, PrefillDecodingPress):
+            return press.prefilling_press
+        return press if isinstance(press, BasePress) else None
 
     def _parent_reuse(self, tokens: List[int]) -> int:
         """How many cached tokens ``llama_cpp.Llama.generate`` will keep for this prompt."""
@@ -223,15 +390,29 @@ class Llama(llama_cpp.Llama):
         dict
             ``kv_stats`` of this compression.
         """
-        press = self._kv_compress if press is None else press
+        press = self._prompt_press() if press is None else press
         tokens = list(tokens)
-        if press is None:
-            raise ValueError("no press: pass one or set kv_compress")
-        if len(tokens) + 1 >= self._n_ctx:
-            raise ValueError(f"Requested tokens ({len(tokens)}) exceed context window of {self._n_ctx}")
+        if not isinstance(press, BasePress):
+            raise ValueError(f"compress_context needs a press such as KVComposePress(...), got {press!r}")
         if len(tokens) < 2:
             raise ValueError(f"a context to compress needs at least 2 tokens, got {len(tokens)}")
-        self._compress_context(tokens, press)
+        if len(tokens) + 1 < self._n_ctx_cells:
+            self._compress_context(tokens, press)
+            return self.kv_stats
+        if not self._makes_room(press):
+            raise ValueError(f"Requested tokens ({len(tokens)}) exceed context window of {self._n_ctx_cells}: "
+                             f"{type(press).__name__} with compression_ratio {press.compression_ratio} cannot free cells")
+        # longer than the cache: prefill chunk by chunk, freeing cells with this press, then compress it all
+        self._drop_cache()
+        self._configure_logical_window(press)
+        if len(tokens) + 1 >= self._n_ctx:
+            raise ValueError(f"Requested tokens ({len(tokens)}) exceed context window of {self._n_ctx}")
+        self._kv_room_override = press
+        try:
+            self.eval(tokens)
+            self._compress_to_make_room(press, "context")
+        finally:
+            self._kv_room_override = None
         return self.kv_stats
 
     def _compress_prompt(self, tokens: List[int], press: BasePress) -> None:
@@ -345,7 +526,9 @@ class Llama(llama_cpp.Llama):
         t_rewrite = time.perf_counter()
 
         self.n_tokens = n  # the logical length: the next token goes to position n
-        self._compressed_len = n
+        self._compressed_len = self._kv_mark = n
+        self._compressed_cells = int(result["cells_after"])
+        self._kv_holes = not press.per_head
         self._requires_eval = True
         self.kv_selection = selection
         self.kv_head_scores = press.head_scores(probe)
@@ -368,6 +551,8 @@ class Llama(llama_cpp.Llama):
             "layer_budgets": None if budgets is None else [int(b) for b in budgets],
             "probe": probe.description,
             "probe_queries": self._probe_queries(press, n),
+            "trigger": "prompt",
+            "compressions": self.kv_compressions,
         }
         return self.kv_stats
 
@@ -408,8 +593,108 @@ class Llama(llama_cpp.Llama):
             with contextlib.suppress(Exception):
                 cap.end()
         self._ctx.kv_cache_seq_rm(_SEQ, self.n_tokens, -1)
-        self._compressed_len = 0
+        self._compressed_len = self._compressed_cells = 0
+        self._kv_holes = False
         self._requires_eval = True
+
+    # ---- compression to make room (prompts longer than the cache, long generations) -------------
+    def _compress_to_make_room(self, press: AnyPress, trigger: str) -> None:
+        """Compress the cache, whatever it holds (composite cells and newer tokens), to free cells.
+
+        The cells are scored by the attention of the newest tokens, decoded once more with the
+        capture on (the only queries whose attention can still be observed), and rewritten into
+        the kept number of composite cells, which start the cache again.
+        """
+        cells = self.kv_cells
+        if isinstance(press, DecodingPress):
+            keep, window, scorer = min(press.target_size, cells - 1), press.hidden_states_buffer_size, press.base_press
+            if keep >= 1:
+                scorer = dataclasses.replace(scorer, compression_ratio=1.0 - keep / cells)
+        else:
+            keep, scorer = press.n_kept(cells), press
+            spec = press.probe()
+            window = int(spec[1]) if spec is not None and spec[0] == "window" else int(getattr(press, "window", 64))
+        if keep >= cells or keep < 1 or (trigger == "cache full" and keep >= self._n_ctx_cells):
+            raise ValueError(f"Requested tokens ({self.n_tokens + 1}) exceed context window of {self._n_ctx_cells}: "
+                             f"{type(press).__name__} keeps {keep} of {cells} cells")
+        t0 = time.perf_counter()
+        if self._kv_holes:
+            self._compact(cells)
+        probe = self._recent_probe(scorer, window, cells)
+        t_probe = time.perf_counter()
+        scores = scorer.score(probe)
+        budgets = scorer.layer_budgets(scores) if hasattr(scorer, "layer_budgets") else None
+        selection = scorer.select(scores, keep, forced=[cells - 1], budgets=budgets)
+        t_select = time.perf_counter()
+        # every press goes through composite cells here (token-level selections are the same in
+        # every head): eviction would leave holes that the next capture cannot map to cells
+        result = _native.context_compose(self._ctx.ctx, selection)
+        t_rewrite = time.perf_counter()
+        if result["cells_before"] != cells:
+            raise RuntimeError(f"the cache held {result['cells_before']} cells where {cells} were expected")
+        self._compressed_len = self._kv_mark = self.n_tokens
+        self._compressed_cells = int(result["cells_after"])
+        self._requires_eval = True
+        self.kv_compressions += 1
+        self.kv_selection, self.kv_scores = selection, scores
+        self.kv_head_scores = scorer.head_scores(probe)
+        self.kv_stats = {
+            "press": type(press).__name__,
+            "compression_ratio": 1.0 - keep / cells,
+            "per_head": bool(scorer.per_head),
+            "tokens": self.n_tokens,
+            "context_tokens": self.n_tokens,
+            "cells_before": int(result["cells_before"]),
+            "cells_after": int(result["cells_after"]),
+            "kv_bytes_before": int(result["kv_bytes_before"]),
+            "kv_bytes_after": int(result["kv_bytes_after"]),
+            "prefill_seconds": 0.0,
+            "probe_seconds": t_probe - t0,
+            "select_seconds": t_select - t_probe,
+            "rewrite_seconds": t_rewrite - t_select,
+            "compress_seconds": t_rewrite - t0,
+            "layer_budgets": None if budgets is None else [int(b) for b in budgets],
+            "probe": probe.description,
+            "probe_queries": probe.substitute[1] if probe.substitute else 0,
+            "trigger": trigger,
+            "compressions": self.kv_compressions,
+        }
+
+    def _recent_probe(self, press: BasePress, window: int, cells: int) -> Probe:
+        """A probe of the cache's ``cells`` cells from the attention of its newest ``window`` tokens.
+
+        Those tokens are removed and decoded again at the same positions with the capture on (they
+        are the newest, so every cell is visible to them); if that fails they are decoded again
+        without it, so the cache is as before, and the error propagates.
+        """
+        probe = Probe(self.kv_n_layer, self.kv_n_head, self.kv_n_head_kv, cells,
+                      norms=lambda part: _native.context_norms(self._ctx.ctx, part, self.kv_n_layer,
+                                                               self.kv_n_head_kv, cells),
+                      description="none")
+        if press.probe() is None:
+            return probe
+        w = max(1, min(window, self.n_tokens - self._compressed_len, self.n_batch))
+        start = self.n_tokens - w
+        recent = self.input_ids[start: self.n_tokens].tolist()
+        self._ctx.kv_cache_seq_rm(_SEQ, start, -1)
+        self.n_tokens = start
+        try:
+            mx, mean = self._captured(lambda: self._decode(recent), cells)
+        except BaseException:
+            self._ctx.kv_cache_seq_rm(_SEQ, start, -1)
+            self.n_tokens = start
+            self._decode(recent)
+            raise
+        probe.attention[("window", w)] = {"max": mx, "mean": mean}
+        probe.substitute = ("window", w)
+        probe.description = f"newest {w} tokens"
+        return probe
+
+    def _compact(self, cells: int) -> None:
+        """Move the cells left by token-level eviction together (same contents, same positions)."""
+        identity = np.broadcast_to(np.arange(cells, dtype=np.int32), (self.kv_n_layer, self.kv_n_head_kv, cells))
+        _native.context_compose(self._ctx.ctx, np.ascontiguousarray(identity))
+        self._kv_holes = False
 
     def _reconstruct_probe(self, context: List[int]) -> Dict[str, Any]:
         """Decode the context again at positions n..2n-1 while the capture records its attention.
@@ -421,9 +706,11 @@ class Llama(llama_cpp.Llama):
         tokens; the softmax mass those would take goes to the context columns instead.
         """
         n = len(context)
-        free = self._n_ctx - n  # >= 2: prompts of n_ctx tokens or more were refused
+        free = self._n_ctx_cells - n  # >= 2: only prompts that fit are compressed whole
         full = free >= n
-        chunk = self.n_batch if full else max(1, min(self.n_batch, free - 1))
+        # a dropped chunk leaves its newest cell between two free runs of together free - 1 cells;
+        # llama.cpp needs a batch's cells in one run, so a chunk must fit into the smaller half
+        chunk = self.n_batch if full else max(1, min(self.n_batch, (free - 1) // 2))
         held = 0
         for start in range(0, n, chunk):
             part = context[start: start + chunk]

@@ -30,6 +30,10 @@ class Probe:
         (``part="k"``) or values (``"v"``); read from the cache when first asked for.
     prefill_seconds, probe_seconds : float
         Time spent prefilling the context and in probes beyond the prefill.
+    substitute : ProbeSpec, optional
+        The probe that answers for any probe not run. Compressions of a cache that already holds
+        composite cells (a prompt longer than the cache, long generations) can only observe the
+        newest tokens' attention, so that window stands in for a press's own probe.
     """
 
     n_layer: int
@@ -41,10 +45,13 @@ class Probe:
     prefill_seconds: float = 0.0
     probe_seconds: float = 0.0
     description: str = ""
+    substitute: Optional[ProbeSpec] = None
     _norm_cache: Dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def head_scores(self, spec: ProbeSpec, agg: str) -> np.ndarray:
         """Probe attention, float32 (layers, heads, tokens), of probe ``spec`` reduced by ``agg``."""
+        if tuple(spec) not in self.attention and self.substitute is not None:
+            spec = self.substitute
         try:
             return self.attention[tuple(spec)][agg]
         except KeyError:

@@ -31,7 +31,8 @@ def test_recurrent_and_hybrid_models_are_refused(model_path, monkeypatch, kind):
 
 
 def test_prompt_longer_than_context(model_path, prompt_tokens):
-    m = Llama(model_path, n_ctx=256, verbose=False, kv_compress=KVComposePress(0.5, min_tokens=16))
+    """A press that frees no cells cannot make a long prompt fit (ratio > 0: see test_streaming)."""
+    m = Llama(model_path, n_ctx=256, verbose=False, kv_compress=KVComposePress(0.0, min_tokens=16))
     text = m.detokenize(prompt_tokens).decode(errors="ignore")
     with pytest.raises(ValueError, match="exceed context window"):
         m(text, max_tokens=4)

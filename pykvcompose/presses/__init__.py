@@ -1,8 +1,10 @@
 """Presses: one compression method per dataclass."""
 
 from .base_press import BasePress
+from .decoding_press import DecodingPress
 from .knorm_press import KnormPress
 from .kvcompose_press import KVComposePress
+from .prefill_decoding_press import PrefillDecodingPress
 from .pyramidkv_press import PyramidKVPress
 from .random_press import RandomPress
 from .snapkv_press import SnapKVPress
@@ -23,4 +25,4 @@ PRESSES = {
 from .spec import parse_press_spec  # noqa: E402  (uses PRESSES)
 
 __all__ = ["parse_press_spec", "BasePress", "KVComposePress", "SnapKVPress", "PyramidKVPress", "TOVAPress", "KnormPress",
-           "StreamingLLMPress", "RandomPress", "PRESSES"]
+           "StreamingLLMPress", "RandomPress", "DecodingPress", "PrefillDecodingPress", "PRESSES"]
