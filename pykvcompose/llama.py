@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import functools
 import inspect
 import os
 import time
@@ -33,6 +34,17 @@ def _default_threads() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not Linux
         return max(1, os.cpu_count() or 1)
+
+
+class _instance_or_class:
+    """A method that receives the instance when called on one and the class when called on the class."""
+
+    def __init__(self, func) -> None:
+        self.func = func
+        self.__doc__ = func.__doc__
+
+    def __get__(self, obj, cls):
+        return functools.partial(self.func, cls if obj is None else obj)
 
 
 class Llama(llama_cpp.Llama):
@@ -333,6 +345,107 @@ class Llama(llama_cpp.Llama):
             super().close()
         if self._kv_capture is not None:
             self._kv_capture.close()  # after the context that points at it
+
+    # ---- sessions on disk ----------------------------------------------------------------------
+    def save_session(self, path: Union[str, os.PathLike]) -> Dict[str, Any]:
+        """
+        Save the conversation: its (compressed) cache, the whole token history, the press and the
+        model's fingerprint. Written atomically: an existing file is replaced only when complete.
+
+        Returns
+        -------
+        dict
+            ``path``, ``file_bytes``, ``cells``, ``n_tokens``.
+        """
+        from . import session
+
+        ctx = self._ctx.ctx
+        size = llama_cpp.llama_state_seq_get_size(ctx, _SEQ)
+        buf = (ctypes.c_uint8 * size)()
+        if self.n_tokens and llama_cpp.llama_state_seq_get_data(ctx, buf, size, _SEQ) != size:
+            raise RuntimeError("llama_state_seq_get_data did not write the whole sequence state")
+        header = {
+            "model_fingerprint": session.model_fingerprint(self),
+            "model_description": session.model_description(self),
+            "model_path": str(self.model_path),
+            "n_ctx": self._n_ctx_cells,
+            "tokens": self.kv_history,
+            "n_tokens": self.n_tokens,
+            "compressed_len": self._compressed_len,
+            "compressed_cells": self._compressed_cells,
+            "press": session.press_to_dict(self._kv_compress),
+        }
+        if self._kv_holes:
+            self._compact(self.kv_cells)  # a loaded state has no holes either: save what loading gives
+            buf = (ctypes.c_uint8 * size)()
+            llama_cpp.llama_state_seq_get_data(ctx, buf, size, _SEQ)
+        n = session.write(path, header, bytes(buf) if self.n_tokens else b"")
+        return {"path": str(path), "file_bytes": n, "cells": self.kv_cells, "n_tokens": self.n_tokens}
+
+    @_instance_or_class
+    def load_session(self_or_cls, path: Union[str, os.PathLike], model_path: Optional[str] = None,
+                     **kwargs: Any) -> "Llama":
+        """
+        Continue a saved conversation.
+
+        ``Llama.load_session(path, model_path=None, **kwargs)`` creates a Llama for it (the model path,
+        ``n_ctx`` and press recorded in the file unless given); ``llm.load_session(path)`` loads it into
+        this instance, which adopts the session's press. A file for another model, a truncated or
+        damaged file raises :class:`~pykvcompose.session.SessionError` and leaves the instance as it was.
+
+        Returns
+        -------
+        Llama
+        """
+        from . import session
+
+        if isinstance(self_or_cls, type):
+            header, _ = session.read(path)  # refuse a bad file before loading a model for it
+            kwargs.setdefault("n_ctx", header.get("n_ctx", 2048))
+            if "kv_compress" not in kwargs:
+                kwargs["kv_compress"] = session.press_from_dict(header.get("press"))
+            llm = self_or_cls(model_path or header.get("model_path"), **kwargs)
+            try:
+                llm._load_session(path, keep_press=True)
+            except BaseException:
+                llm.close()
+                raise
+            return llm
+        if model_path is not None or kwargs:
+            raise TypeError("llm.load_session(path) takes no model arguments; use Llama.load_session(path, ...)")
+        self_or_cls._load_session(path, keep_press=False)
+        return self_or_cls
+
+    def _load_session(self, path: Union[str, os.PathLike], keep_press: bool) -> None:
+        from . import session
+
+        header, state = session.read(path)
+        session.check_compatible(self, header, state, path)
+        press = self._kv_compress if keep_press else session.press_from_dict(header.get("press"))
+        previous = self.save_state()
+        previous_press = self._kv_compress
+        try:
+            self.kv_compress = press
+            self._drop_cache()
+            self._configure_logical_window()
+            if header["n_tokens"]:
+                buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+                if llama_cpp.llama_state_seq_set_data(self._ctx.ctx, buf, len(state), _SEQ) != len(state):
+                    raise session.SessionError(f"llama.cpp refused the cache in {path} (saved with another "
+                                               "cache type, flash attention setting or context size?)")
+            tokens = header["tokens"]
+            if len(tokens) > len(self.input_ids):
+                self.input_ids = np.zeros(len(tokens), dtype=np.intc)  # resized by the call below
+            self.input_ids[: len(tokens)] = tokens
+            self.n_tokens = len(tokens)
+            self._configure_logical_window()
+            self._compressed_len = self._kv_mark = int(header["compressed_len"])
+            self._compressed_cells = int(header["compressed_cells"])
+            self._requires_eval = True
+        except BaseException:
+            self._kv_compress = previous_press
+            self.load_state(previous)
+            raise
 
     # ---- compression ------------------------------------------------------------------------
     def _prepare_prompt(self, tokens: List[int]) -> None:

@@ -1,0 +1,157 @@
+"""Compressed sessions on disk: the cache, the token history, the press and the model's fingerprint.
+
+File layout (little endian)::
+
+    b"PYKVCSES"  u32 format version  u64 header bytes  header (UTF-8 JSON)
+    u64 state bytes  state (llama_state_seq_get_data of sequence 0)  sha256 of everything before (32 bytes)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import os
+import pathlib
+import struct
+from typing import Any, Dict, Tuple, Union
+
+import llama_cpp
+
+from . import _native
+from .presses import PRESSES, DecodingPress, PrefillDecodingPress
+
+MAGIC = b"PYKVCSES"
+FORMAT_VERSION = 1
+_DIGEST = 32
+_PRESS_CLASSES = {cls.__name__: cls for cls in (*PRESSES.values(), DecodingPress, PrefillDecodingPress)}
+
+
+class SessionError(ValueError):
+    """A session file that cannot be loaded here: corrupt, truncated, or saved for another model or cache."""
+
+
+def press_to_dict(press) -> Any:
+    """A press as JSON-able data (``{"type": class name, field: value, ...}``, nested presses too)."""
+    if press is None:
+        return None
+    data = {"type": type(press).__name__}
+    for f in dataclasses.fields(press):
+        value = getattr(press, f.name)
+        data[f.name] = press_to_dict(value) if dataclasses.is_dataclass(value) else value
+    return data
+
+
+def press_from_dict(data: Any):
+    """The press ``press_to_dict`` described; SessionError for anything else."""
+    if data is None:
+        return None
+    if not isinstance(data, dict) or data.get("type") not in _PRESS_CLASSES:
+        raise SessionError(f"unknown press {data!r} in the session file")
+    cls = _PRESS_CLASSES[data["type"]]
+    kwargs = {k: press_from_dict(v) if isinstance(v, dict) else v for k, v in data.items() if k != "type"}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as e:
+        raise SessionError(f"invalid {cls.__name__} in the session file: {e}") from None
+
+
+def model_fingerprint(llm) -> str:
+    """sha256 of what identifies the weights: GGUF metadata, parameter count, byte size, vocabulary size."""
+    model = llm._model.model
+    h = hashlib.sha256()
+    h.update(json.dumps(sorted(llm.metadata.items())).encode())
+    h.update(struct.pack("<QQi", llama_cpp.llama_model_n_params(model), llama_cpp.llama_model_size(model),
+                         llm.n_vocab()))
+    return h.hexdigest()
+
+
+def model_description(llm) -> str:
+    buf = llama_cpp.ctypes.create_string_buffer(256)
+    llama_cpp.llama_model_desc(llm._model.model, buf, len(buf))
+    return buf.value.decode(errors="replace")
+
+
+def _versions() -> Dict[str, str]:
+    from . import __version__
+
+    return {"pykvcompose": __version__, "llama_cpp_python": importlib.metadata.version("llama_cpp_python")}
+
+
+def write(path: Union[str, os.PathLike], header: Dict[str, Any], state: bytes) -> int:
+    """Write a session file atomically (a temporary file renamed over ``path``); returns its size."""
+    head = json.dumps({**header, **_versions()}).encode()
+    body = MAGIC + struct.pack("<IQ", FORMAT_VERSION, len(head)) + head + struct.pack("<Q", len(state)) + state
+    path = pathlib.Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(body)
+        f.write(hashlib.sha256(body).digest())
+    os.replace(tmp, path)
+    return len(body) + _DIGEST
+
+
+def read(path: Union[str, os.PathLike]) -> Tuple[Dict[str, Any], bytes]:
+    """The header and state of a session file, checked for truncation and corruption."""
+    path = pathlib.Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise SessionError(f"cannot read session file {path}: {e}") from None
+
+    def corrupt(why: str) -> SessionError:
+        return SessionError(f"{path} is not a usable session file: {why}")
+
+    fixed = len(MAGIC) + 12
+    if len(data) < fixed or data[: len(MAGIC)] != MAGIC:
+        raise corrupt("it does not start with the pykvcompose session signature")
+    version, n_head = struct.unpack_from("<IQ", data, len(MAGIC))
+    if version != FORMAT_VERSION:
+        raise corrupt(f"format version {version}, this pykvcompose reads version {FORMAT_VERSION}")
+    if n_head > len(data) - fixed - 8 - _DIGEST:
+        raise corrupt("truncated (header)")
+    (n_state,) = struct.unpack_from("<Q", data, fixed + n_head)
+    end = fixed + n_head + 8 + n_state
+    if end + _DIGEST != len(data):
+        raise corrupt("truncated" if end + _DIGEST > len(data) else "trailing bytes after the checksum")
+    if hashlib.sha256(data[:end]).digest() != data[end:]:
+        raise corrupt("checksum mismatch (the file was modified or damaged)")
+    try:
+        header = json.loads(data[fixed: fixed + n_head].decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise corrupt(f"unreadable header ({e})") from None
+    if not isinstance(header, dict):
+        raise corrupt("the header is not an object")
+    return header, data[fixed + n_head + 8: end]
+
+
+def check_compatible(llm, header: Dict[str, Any], state: bytes, path) -> Dict[str, Any]:
+    """Refuse a session this Llama cannot hold; returns the parsed state info."""
+    fingerprint = header.get("model_fingerprint")
+    if fingerprint != model_fingerprint(llm):
+        raise SessionError(f"{path} was saved with another model ({header.get('model_description', '?')}, "
+                           f"fingerprint {str(fingerprint)[:12]}); this Llama runs {model_description(llm)} "
+                           f"(fingerprint {model_fingerprint(llm)[:12]})")
+    tokens = header.get("tokens")
+    n_tokens, done_len, done_cells = (header.get(k) for k in ("n_tokens", "compressed_len", "compressed_cells"))
+    ints = (n_tokens, done_len, done_cells)
+    if (not isinstance(tokens, list) or not all(isinstance(v, int) and v >= 0 for v in ints)
+            or len(tokens) != n_tokens or not all(isinstance(t, int) and 0 <= t < llm.n_vocab() for t in tokens)
+            or done_len > n_tokens or done_cells > done_len):
+        raise SessionError(f"{path} has an inconsistent token history")
+    if n_tokens == 0:
+        return {"n_cells": 0}
+    try:
+        info = _native.state_parse(state)
+    except _native.NativeError as e:
+        raise SessionError(f"{path} holds a damaged cache state: {e}") from None
+    cells = done_cells + n_tokens - done_len
+    if info["n_cells"] != cells or info["pos_max"] != n_tokens - 1:
+        raise SessionError(f"{path} holds {info['n_cells']} cells up to position {info['pos_max']}, its history "
+                           f"needs {cells} cells up to position {n_tokens - 1}")
+    if info["n_cells"] > llm._n_ctx_cells:
+        raise SessionError(f"{path} holds {info['n_cells']} cells; this Llama's cache has n_ctx={llm._n_ctx_cells}")
+    if info["n_layer"] != llm.kv_n_layer:
+        raise SessionError(f"{path} holds {info['n_layer']} layers, the model has {llm.kv_n_layer}")
+    return info
