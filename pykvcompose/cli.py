@@ -7,6 +7,9 @@ from typing import Optional, Sequence
 
 COMMANDS = {
     "demo": "a long document with a planted fact, answered with the full cache and with KVCompose",
+    "run": "answer --question about a --file, however long, on a compressed cache",
+    "chat": "interactive chat on a compressed cache (sessions can be saved and continued)",
+    "serve": "OpenAI-compatible server (llama-cpp-python's) with --kv-compress NAME:RATIO",
     "bench": "every press x compression ratio x task: tables and plots in bench/results",
 }
 
@@ -23,6 +26,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .demo import main as demo_main
 
         return demo_main(rest)
+    if cmd in ("run", "chat", "serve"):
+        from . import commands
+
+        return {"run": commands.run_main, "chat": commands.chat_main, "serve": commands.serve_main}[cmd](rest)
     if cmd == "bench":
         from .benchmark.cli import main as bench_main
 

@@ -111,6 +111,8 @@ class Llama(llama_cpp.Llama):
             raise ValueError(f"kv_max_tokens must be a positive integer, got {kv_max_tokens!r}")
         self._kv_max_tokens = kv_max_tokens
         self.kv_progress = kv_progress
+        self._kv_bytes_per_cell: Optional[int] = None
+        self.kv_session_metadata: Dict[str, Any] = {}
         self.kv_compressions = 0
         self.kv_stats: Dict[str, Any] = {}
         self.kv_selection: Optional[np.ndarray] = None
@@ -190,6 +192,23 @@ class Llama(llama_cpp.Llama):
         """Cells the conversation occupies in the cache now (at most ``n_ctx``)."""
         return self._compressed_cells + self.n_tokens - self._compressed_len
 
+    def kv_memory(self) -> Dict[str, int]:
+        """
+        What the cache holds now against what the same conversation takes uncompressed.
+
+        Returns
+        -------
+        dict
+            ``cells`` (used), ``n_ctx`` (cells in the cache), ``tokens`` (logical length),
+            ``kv_bytes`` (K and V of the used cells), ``kv_bytes_uncompressed`` (one cell per token).
+        """
+        if self._kv_bytes_per_cell is None and self.kv_cells > 0:
+            info = _native.context_state_info(self._ctx.ctx)
+            self._kv_bytes_per_cell = info["kv_bytes"] // max(1, info["n_cells"])
+        per_cell = self._kv_bytes_per_cell or 0
+        return {"cells": self.kv_cells, "n_ctx": self._n_ctx_cells, "tokens": self.n_tokens,
+                "kv_bytes": per_cell * self.kv_cells, "kv_bytes_uncompressed": per_cell * self.n_tokens}
+
     @property
     def kv_history(self) -> List[int]:
         """The logical token history: every token of the conversation, compressed or not."""
@@ -266,7 +285,7 @@ class Llama(llama_cpp.Llama):
 
         Without a press that frees cells this is llama-cpp-python's own ``eval``.
         """
-        if self._room_press() is None or self._logits_all:
+        if self._logits_all or (self._room_press() is None and self.kv_progress is None):
             return super().eval(tokens)
         tokens = list(tokens)
         self._ctx.kv_cache_seq_rm(-1, self.n_tokens, -1)
@@ -276,6 +295,9 @@ class Llama(llama_cpp.Llama):
             press = self._room_press()
             cells = self.kv_cells
             due = self._decoding_due(press)
+            if cells >= limit and press is None:
+                raise ValueError(f"Requested tokens ({self.n_tokens + len(tokens) - done}) exceed context window "
+                                 f"of {limit}")
             if cells >= limit or due == 0:
                 if cells < limit and cells <= press.target_size:
                     self._kv_mark = self.n_tokens  # nothing to drop yet: count the next interval
@@ -347,10 +369,17 @@ class Llama(llama_cpp.Llama):
             self._kv_capture.close()  # after the context that points at it
 
     # ---- sessions on disk ----------------------------------------------------------------------
-    def save_session(self, path: Union[str, os.PathLike]) -> Dict[str, Any]:
+    def save_session(self, path: Union[str, os.PathLike], metadata: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         """
         Save the conversation: its (compressed) cache, the whole token history, the press and the
         model's fingerprint. Written atomically: an existing file is replaced only when complete.
+
+        Parameters
+        ----------
+        path : str or PathLike
+        metadata : dict, optional
+            JSON-serialisable data kept with the session (e.g. the chat messages), returned by
+            ``kv_session_metadata`` after loading.
 
         Returns
         -------
@@ -374,6 +403,7 @@ class Llama(llama_cpp.Llama):
             "compressed_len": self._compressed_len,
             "compressed_cells": self._compressed_cells,
             "press": session.press_to_dict(self._kv_compress),
+            "metadata": {} if metadata is None else metadata,
         }
         if self._kv_holes:
             self._compact(self.kv_cells)  # a loaded state has no holes either: save what loading gives
@@ -442,6 +472,7 @@ class Llama(llama_cpp.Llama):
             self._compressed_len = self._kv_mark = int(header["compressed_len"])
             self._compressed_cells = int(header["compressed_cells"])
             self._requires_eval = True
+            self.kv_session_metadata = header.get("metadata") or {}
         except BaseException:
             self._kv_compress = previous_press
             self.load_state(previous)

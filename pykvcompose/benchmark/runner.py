@@ -12,8 +12,6 @@ import importlib
 import importlib.util
 import json
 import pathlib
-import sys
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -24,6 +22,7 @@ from ..demo import answer
 from ..llama import Llama
 from ..models import default_model_path
 from ..presses import KVComposePress, parse_press_spec
+from ..progress import Progress
 from . import metrics
 from .tasks import TASKS, Sample, score_output
 
@@ -110,25 +109,6 @@ def locate_model(label: str) -> str:
 
 def sample_key(model: str, s: Sample, setting: str, length: int) -> str:
     return f"{model}|{s.task}|{setting}|{length}|{s.seed}"
-
-
-class Progress:
-    """A progress bar over the grid on stderr (one line per step when stderr is not a terminal)."""
-
-    def __init__(self, total: int, quiet: bool = False) -> None:
-        self.total, self.done, self.quiet, self.t0 = total, 0, quiet, time.perf_counter()
-
-    def step(self, label: str, advance: int = 1) -> None:
-        self.done += advance
-        if self.quiet:
-            return
-        elapsed = time.perf_counter() - self.t0
-        eta = elapsed / max(self.done, 1) * (self.total - self.done)
-        width = 30
-        bar = "#" * round(width * self.done / max(self.total, 1))
-        line = f"[{bar:<{width}}] {self.done}/{self.total} {label} | {elapsed:.0f}s elapsed, ~{eta:.0f}s left"
-        end = "\r" if sys.stderr.isatty() and self.done < self.total else "\n"
-        print(line[:160].ljust(160) if end == "\r" else line, end=end, file=sys.stderr, flush=True)
 
 
 def load_records(path: pathlib.Path) -> List[Dict[str, Any]]:

@@ -1,0 +1,310 @@
+"""``pykvcompose run``, ``chat`` and ``serve``: compressed llama.cpp from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+import pathlib
+import sys
+from typing import Any, Dict, List, Sequence
+
+from .presses import DecodingPress, PrefillDecodingPress, SnapKVPress, parse_press_spec
+from .progress import Progress
+
+MIB = 1024 * 1024
+
+
+class CommandError(Exception):
+    """A problem with the command line or its inputs: printed as ``pykvcompose CMD: error: ...``, exit status 2."""
+
+
+def add_model_options(p: argparse.ArgumentParser, default_press: str = "kvcompose:0.5") -> None:
+    p.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--n-ctx", type=int, default=2048, help="cells of the KV cache (default 2048)")
+    p.add_argument("--kv-compress", default=default_press, metavar="NAME:RATIO[,key=value...]",
+                   help=f"the press, e.g. kvcompose:0.75 or snapkv:0.5,window_size=32; 'none' for no compression "
+                        f"(default {default_press})")
+    p.add_argument("--decode-target", type=int, metavar="CELLS",
+                   help="also compress while generating, back to CELLS cells (a DecodingPress)")
+    p.add_argument("--decode-interval", type=int, default=512, metavar="TOKENS",
+                   help="generated tokens between two such compressions (default 512)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: the cores this process may use)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or statistics: only the answer")
+
+
+def press_from_args(a: argparse.Namespace):
+    """The press the options describe (None for ``--kv-compress none``)."""
+    try:
+        press = None if a.kv_compress.strip().lower() == "none" else parse_press_spec(a.kv_compress)
+        if a.decode_target is None:
+            return press
+        base = dataclasses.replace(press, compression_ratio=0.0) if press is not None else SnapKVPress()
+        decoding = DecodingPress(base, compression_interval=a.decode_interval, target_size=a.decode_target)
+        return decoding if press is None else PrefillDecodingPress(press, decoding)
+    except ValueError as e:
+        raise CommandError(f"--kv-compress: {e}") from None
+
+
+def make_llm(a: argparse.Namespace, **kwargs: Any):
+    """A Llama for the options, with a prefill progress bar unless ``--quiet``."""
+    from .llama import Llama
+
+    if a.n_ctx < 16:
+        raise CommandError(f"--n-ctx must be at least 16, got {a.n_ctx}")
+    if a.model is not None and not os.path.isfile(a.model):
+        raise CommandError(f"--model: no such file {a.model!r}")
+    press = press_from_args(a)
+    try:
+        return Llama(a.model, n_ctx=a.n_ctx, n_threads=a.threads, kv_compress=press, verbose=False,
+                     kv_progress=None if a.quiet else prefill_progress(), **kwargs)
+    except (ValueError, NotImplementedError) as e:
+        raise CommandError(str(e)) from None
+
+
+def prefill_progress():
+    """A ``kv_progress`` callback drawing a bar for prompts of more than one batch."""
+    state: Dict[str, Progress] = {}
+
+    def report(done: int, total: int) -> None:
+        bar = state.get("bar")
+        if bar is None or bar.total != total or done < bar.done:
+            bar = state["bar"] = Progress(total, quiet=total <= done)  # one batch: nothing to show
+        bar.update(done, "prompt tokens prefilled")
+
+    return report
+
+
+def memory_line(llm) -> str:
+    m = llm.kv_memory()
+    saved = 1 - m["kv_bytes"] / m["kv_bytes_uncompressed"] if m["kv_bytes_uncompressed"] else 0.0
+    return (f"[cache: {m['cells']}/{m['n_ctx']} cells for {m['tokens']} tokens, KV {m['kv_bytes'] / MIB:.1f} MiB "
+            f"instead of {m['kv_bytes_uncompressed'] / MIB:.1f} MiB (saved {saved:.0%}), "
+            f"{llm.kv_compressions} compressions to make room]")
+
+
+def _stream(llm, messages: List[Dict[str, str]], a: argparse.Namespace, out=sys.stdout) -> str:
+    """Stream a chat answer to ``out``; returns its text."""
+    parts = []
+    for chunk in llm.create_chat_completion(messages, max_tokens=a.max_tokens, temperature=a.temperature,
+                                            stream=True):
+        text = chunk["choices"][0]["delta"].get("content") or ""
+        parts.append(text)
+        out.write(text)
+        out.flush()
+    out.write("\n")
+    return "".join(parts)
+
+
+# ---- pykvcompose run ----------------------------------------------------------------------------
+def run_main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="pykvcompose run",
+                                description="Answer a question about a document, however long, with a compressed cache.")
+    p.add_argument("--file", required=True, help="the document (UTF-8 text)")
+    p.add_argument("--question", required=True, help="the question asked after it")
+    p.add_argument("--max-tokens", type=int, default=256, help="answer length limit (default 256)")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    add_model_options(p)
+    a = p.parse_args(argv)
+    return _guard("run", lambda: _run(a))
+
+
+def _run(a: argparse.Namespace) -> int:
+    try:
+        document = pathlib.Path(a.file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise CommandError(f"cannot read --file {a.file}: {e}") from None
+    if not a.question.strip():
+        raise CommandError("--question is empty")
+    llm = make_llm(a)
+    try:
+        _stream(llm, [{"role": "user", "content": f"{document}\n\n{a.question}"}], a)
+        if not a.quiet:
+            print(memory_line(llm), file=sys.stderr)
+    finally:
+        llm.close()
+    return 0
+
+
+# ---- pykvcompose chat ---------------------------------------------------------------------------
+CHAT_HELP = """commands: /save PATH (keep this conversation), /load PATH, /reset, /stats, /quit
+a line starting with @ reads a file into the message: @notes.txt what changed?"""
+
+
+def chat_main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="pykvcompose chat", description="Chat on a compressed cache. " + CHAT_HELP)
+    p.add_argument("--session", help="a session file: continued if it exists, written on exit")
+    p.add_argument("--system", help="a system message")
+    p.add_argument("--max-tokens", type=int, default=512, help="answer length limit (default 512)")
+    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
+    add_model_options(p)
+    a = p.parse_args(argv)
+    return _guard("chat", lambda: _chat(a))
+
+
+def _chat(a: argparse.Namespace) -> int:
+    from .session import SessionError
+
+    llm = make_llm(a)
+    messages: List[Dict[str, str]] = [{"role": "system", "content": a.system}] if a.system else []
+    if a.session and os.path.exists(a.session):
+        llm.load_session(a.session)
+        messages = list(llm.kv_session_metadata.get("messages", messages))
+        _note(a, f"continuing {a.session}: {len(messages)} messages, {llm.n_tokens} tokens")
+    _note(a, CHAT_HELP)
+    interactive = sys.stdin.isatty()
+    try:
+        while True:
+            if interactive:
+                print("> ", end="", flush=True)
+            line = sys.stdin.readline()
+            if not line:
+                break
+            line = line.strip()
+            if not line:
+                continue
+            cmd, _, arg = line.partition(" ")
+            if cmd in ("/quit", "/exit"):
+                break
+            if cmd == "/reset":
+                llm.reset()
+                messages = messages[:1] if a.system else []
+                _note(a, "conversation cleared")
+            elif cmd == "/stats":
+                print(memory_line(llm), file=sys.stderr)
+            elif cmd == "/save":
+                if not arg:
+                    print("usage: /save PATH", file=sys.stderr)
+                    continue
+                info = llm.save_session(arg, metadata={"messages": messages})
+                _note(a, f"saved {info['file_bytes'] / MIB:.2f} MiB to {arg}", force=True)
+            elif cmd == "/load":
+                try:
+                    llm.load_session(arg)
+                    messages = list(llm.kv_session_metadata.get("messages", []))
+                    _note(a, f"loaded {arg}: {len(messages)} messages", force=True)
+                except SessionError as e:
+                    print(f"error: {e}", file=sys.stderr)
+            elif cmd.startswith("/"):
+                print(f"unknown command {cmd}; {CHAT_HELP}", file=sys.stderr)
+            else:
+                if line.startswith("@"):
+                    name, _, rest = line[1:].partition(" ")
+                    try:
+                        line = pathlib.Path(name).read_text(encoding="utf-8") + ("\n\n" + rest if rest else "")
+                    except (OSError, UnicodeDecodeError) as e:
+                        print(f"error: cannot read {name}: {e}", file=sys.stderr)
+                        continue
+                messages.append({"role": "user", "content": line})
+                try:
+                    messages.append({"role": "assistant", "content": _stream(llm, messages, a)})
+                except ValueError as e:  # e.g. a conversation past kv_max_tokens
+                    messages.pop()
+                    print(f"error: {e}", file=sys.stderr)
+                    continue
+                if not a.quiet:
+                    print(memory_line(llm), file=sys.stderr)
+    finally:
+        if a.session:
+            llm.save_session(a.session, metadata={"messages": messages})
+            _note(a, f"conversation saved to {a.session}")
+        llm.close()
+    return 0
+
+
+def _note(a: argparse.Namespace, text: str, force: bool = False) -> None:
+    if force or not a.quiet:
+        print(text, file=sys.stderr)
+
+
+# ---- pykvcompose serve --------------------------------------------------------------------------
+def serve_main(argv: Sequence[str]) -> int:
+    p = argparse.ArgumentParser(prog="pykvcompose serve",
+                                description="An OpenAI-compatible server (llama-cpp-python's) on a compressed cache.")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--model-alias", help="the model name clients use (default: the file name)")
+    p.add_argument("--logits-all", action="store_true",
+                   help="keep every token's logits so that requests may ask for logprobs; this keeps one row of "
+                        "logits per cache cell, so prompts and answers then stop at --n-ctx tokens")
+    add_model_options(p)
+    a = p.parse_args(argv)
+    return _guard("serve", lambda: _serve(a))
+
+
+def create_app(a: argparse.Namespace):
+    """llama-cpp-python's FastAPI app serving our Llama, plus ``GET /v1/kv/stats``."""
+    try:
+        from fastapi import Depends
+        from llama_cpp.server import app as server_app
+        from llama_cpp.server import model as server_model
+        from llama_cpp.server.settings import ModelSettings, ServerSettings
+    except ImportError as e:
+        raise CommandError(f"the server needs the [server] extra: pip install 'pykvcompose[server]' ({e})") from None
+    from .llama import Llama, _default_threads
+    from .models import default_model_path
+    from .session import press_to_dict
+
+    press = press_from_args(a)
+    model = a.model or default_model_path()
+    if a.n_ctx < 16:
+        raise CommandError(f"--n-ctx must be at least 16, got {a.n_ctx}")
+    if not os.path.isfile(model):
+        raise CommandError(f"--model: no such file {model!r}")
+    factory = functools.partial(Llama, kv_compress=press)
+
+    class CompressedLlamaProxy(server_model.LlamaProxy):
+        @staticmethod
+        def load_llama_from_model_settings(settings):
+            # llama-cpp-python maps its many settings onto ``llama_cpp.Llama(...)``, looked up when
+            # called: point that name at our Llama for the duration, so every setting still applies
+            original = server_model.llama_cpp.Llama
+            server_model.llama_cpp.Llama = factory
+            try:
+                return server_model.LlamaProxy.load_llama_from_model_settings(settings)
+            finally:
+                server_model.llama_cpp.Llama = original
+
+    settings = ModelSettings(model=model, model_alias=a.model_alias or os.path.basename(model), n_ctx=a.n_ctx,
+                             n_threads=a.threads or _default_threads(), n_threads_batch=a.threads or _default_threads(),
+                             logits_all=a.logits_all, verbose=False)
+    server_app.LlamaProxy = CompressedLlamaProxy  # create_app builds its proxy from this name
+    try:
+        app = server_app.create_app(server_settings=ServerSettings(host=a.host, port=a.port), model_settings=[settings])
+    except (ValueError, NotImplementedError) as e:
+        raise CommandError(str(e)) from None
+    finally:
+        server_app.LlamaProxy = server_model.LlamaProxy
+
+    @app.get("/v1/kv/stats")
+    def kv_stats(llama_proxy=Depends(server_app.get_llama_proxy)):
+        llm = llama_proxy()
+        last = {k: v for k, v in llm.kv_stats.items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+        return {"press": press_to_dict(llm.kv_compress), "memory": llm.kv_memory(),
+                "compressions": llm.kv_compressions, "last_compression": last}
+
+    return app
+
+
+def _serve(a: argparse.Namespace) -> int:
+    app = create_app(a)  # refuses a bad press, model or missing [server] extra first
+    import uvicorn
+
+    if not a.quiet:
+        print(f"pykvcompose serve: http://{a.host}:{a.port}/v1 (OpenAI API), stats at /v1/kv/stats", file=sys.stderr)
+    uvicorn.run(app, host=a.host, port=a.port, log_level="warning" if a.quiet else "info")
+    return 0
+
+
+def _guard(name: str, run) -> int:
+    """Run a command; its input errors become one line on stderr and exit status 2."""
+    from .session import SessionError
+
+    try:
+        return run()
+    except (CommandError, SessionError, ValueError) as e:
+        print(f"pykvcompose {name}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
