@@ -537,7 +537,7 @@ class Llama(llama_cpp.Llama):
         press = self._prompt_press() if press is None else press
         tokens = list(tokens)
         if not isinstance(press, BasePress):
-            raise ValueError(f"compress_context needs a press such as KVComposePress(...), got {press!r}")
+            raise ValueError(f"no press: pass one such as KVComposePress(...) or set kv_compress (got {press!r})")
         if len(tokens) < 2:
             raise ValueError(f"a context to compress needs at least 2 tokens, got {len(tokens)}")
         if len(tokens) + 1 < self._n_ctx_cells:
