@@ -66,12 +66,14 @@ def make_llm(a: argparse.Namespace, **kwargs: Any):
 def prefill_progress():
     """A ``kv_progress`` callback drawing a bar for prompts of more than one batch."""
     state: Dict[str, Progress] = {}
+    labels = {"prefill": "prompt tokens prefilled", "probe": "prompt tokens probed (KVCompose reconstruct pass)"}
 
-    def report(done: int, total: int) -> None:
+    def report(done: int, total: int, stage: str) -> None:
         bar = state.get("bar")
-        if bar is None or bar.total != total or done < bar.done:
+        if bar is None or bar.total != total or done < bar.done or state.get("stage") != stage:
             bar = state["bar"] = Progress(total, quiet=total <= done)  # one batch: nothing to show
-        bar.update(done, "prompt tokens prefilled")
+            state["stage"] = stage
+        bar.update(done, labels.get(stage, stage))
 
     return report
 

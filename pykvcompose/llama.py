@@ -69,7 +69,8 @@ class Llama(llama_cpp.Llama):
         Logical length (prompt + generated tokens, i.e. positions) a conversation may reach when
         the press can make room; defaults to the larger of ``n_ctx`` and the model's trained context.
     kv_progress : callable, optional
-        ``kv_progress(done, total)`` after every batch of prompt tokens prefilled.
+        ``kv_progress(done, total, stage)`` after every batch of prompt tokens: ``stage`` is
+        ``"prefill"``, or ``"probe"`` for KVCompose's reconstruct pass over the prompt.
     n_threads : int, optional
         Defaults to the cores this process may use.
     **kwargs
@@ -92,7 +93,7 @@ class Llama(llama_cpp.Llama):
     """
 
     def __init__(self, model_path: Optional[str] = None, *, kv_compress: Optional[AnyPress] = None,
-                 kv_max_tokens: Optional[int] = None, kv_progress: Optional[Callable[[int, int], None]] = None,
+                 kv_max_tokens: Optional[int] = None, kv_progress: Optional[Callable[[int, int, str], None]] = None,
                  n_threads: Optional[int] = None, **kwargs: Any) -> None:
         if model_path is None:
             model_path = default_model_path()
@@ -310,7 +311,7 @@ class Llama(llama_cpp.Llama):
             self._decode(tokens[done: done + n])
             done += n
             if self.kv_progress is not None:
-                self.kv_progress(done, len(tokens))
+                self.kv_progress(done, len(tokens), "prefill")
 
     def _decode(self, batch: List[int]) -> None:
         """Decode ``batch`` at the next logical positions and record it in the history."""
@@ -864,5 +865,7 @@ class Llama(llama_cpp.Llama):
             self._batch.set_batch(batch=part, n_past=n + start, logits_all=False)
             self._ctx.decode(self._batch)
             held += len(part)
+            if self.kv_progress is not None:
+                self.kv_progress(start + len(part), n, "probe")
         self._ctx.kv_cache_seq_rm(_SEQ, n, -1)  # the probe's own cells never stay
         return {"probe": "reconstruct" if full else f"reconstruct, chunks of {chunk}", "probe_queries": n}

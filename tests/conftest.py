@@ -52,6 +52,16 @@ def logits_after(llm, tokens) -> np.ndarray:
     return last_logits(llm)
 
 
+def greedy(llm, tokens, n):
+    """n greedy tokens, EOS included (the test wants a fixed length, not a sensible answer)."""
+    out = []
+    for tok in llm.generate(tokens, temp=0.0, top_k=1):
+        out.append(tok)
+        if len(out) == n:
+            break
+    return out
+
+
 def seq_state(llm, seq_id: int = 0) -> bytes:
     ctx = llm._ctx.ctx
     size = llama_cpp.llama_state_seq_get_size(ctx, seq_id)

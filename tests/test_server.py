@@ -7,9 +7,8 @@ import sys
 import time
 import urllib.request
 
+import openai  # the [test] extra installs it
 import pytest
-
-openai = pytest.importorskip("openai", reason="the [test] extra installs the OpenAI client")  # listed in pyproject
 
 N_CTX = 512
 

@@ -11,7 +11,7 @@ from pykvcompose import Llama, session
 from pykvcompose.presses import (DecodingPress, KVComposePress, PrefillDecodingPress, SnapKVPress,
                                  StreamingLLMPress, parse_press_spec)
 
-from conftest import last_logits
+from conftest import greedy, last_logits
 
 N_CTX = 512
 
@@ -21,15 +21,6 @@ def talker(model_path):
     m = Llama(model_path, n_ctx=N_CTX, n_batch=128, verbose=False, kv_compress=SnapKVPress(0.75))
     yield m
     m.close()
-
-
-def greedy(llm, tokens, n):
-    out = []
-    for tok in llm.generate(tokens, temp=0.0, top_k=1):
-        out.append(tok)
-        if len(out) == n:
-            break
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ from pykvcompose.haystack import haystack_text
 from pykvcompose.presses import (DecodingPress, KnormPress, KVComposePress, PrefillDecodingPress, SnapKVPress,
                                  StreamingLLMPress)
 
-from conftest import N_THREADS, last_logits, seq_state
+from conftest import N_THREADS, greedy, last_logits, seq_state
 
 N_CTX = 256
 
@@ -27,16 +27,6 @@ def small(model_path):
     m = Llama(model_path, n_ctx=N_CTX, n_batch=128, verbose=False)
     yield m
     m.close()
-
-
-def greedy(llm, tokens, n):
-    """n greedy tokens, EOS included (the test wants a fixed length, not a sensible answer)."""
-    out = []
-    for tok in llm.generate(tokens, temp=0.0, top_k=1):
-        out.append(tok)
-        if len(out) == n:
-            break
-    return out
 
 
 def test_a_prompt_longer_than_the_cache_is_compressed_chunk_by_chunk(small, long_tokens):
@@ -219,3 +209,21 @@ def test_target_size_must_fit_the_cache(small):
 def test_kv_max_tokens_validation(model_path, bad):
     with pytest.raises(ValueError, match="kv_max_tokens"):
         Llama(model_path, n_ctx=N_CTX, kv_max_tokens=bad, verbose=False)
+
+
+def test_progress_is_reported_per_batch(model_path, long_tokens):
+    seen = []
+    llm = Llama(model_path, n_ctx=N_CTX, n_batch=128, verbose=False, kv_compress=KVComposePress(0.5, min_tokens=16),
+                kv_progress=lambda done, total, stage: seen.append((stage, done, total)))
+    try:
+        greedy(llm, long_tokens[:200], 1)  # fits: prefill of 199 tokens, reconstruct probe, last token
+        assert [s for s in seen if s[0] == "prefill"][:2] == [("prefill", 128, 199), ("prefill", 199, 199)]
+        probe = [s for s in seen if s[0] == "probe"]
+        assert probe and probe[-1] == ("probe", 199, 199)
+        assert all(a[1] < b[1] for a, b in zip(probe, probe[1:]))
+        seen.clear()
+        llm.reset()
+        greedy(llm, long_tokens, 1)  # longer than the cache: one prefill of all 700, compressed on the way
+        assert seen[-1] == ("prefill", 700, 700) and {s[0] for s in seen} == {"prefill"}
+    finally:
+        llm.close()
