@@ -20,7 +20,7 @@ from pykvcompose.demo import answer
 from pykvcompose.haystack import passkey_cases
 from pykvcompose.presses import parse_press_spec
 
-PRESSES = ["kvcompose:0.5", "kvcompose:0.75", "kvcompose:0.5,per_head=false", "snapkv:0.5", "streaming_llm:0.5"]
+PRESSES = ["kvcompose:0.5", "kvcompose:0.75", "kvcompose:0.5,head_consensus=1", "snapkv:0.5", "streaming_llm:0.5"]
 
 
 def main() -> None:

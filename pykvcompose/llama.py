@@ -81,7 +81,8 @@ class Llama(llama_cpp.Llama):
     kv_stats : dict
         Measurements of the last compression (empty before the first).
     kv_selection : np.ndarray or None
-        int32 (layers, kv_heads, C): the original positions each head kept, ascending.
+        int32 (layers, kv_heads, C): the original (logical) positions each head kept, ascending, after
+        the last compression; after compressions that made room, the positions the cells hold now.
     kv_head_scores : np.ndarray or None
         float32 (layers, heads, tokens): the probe attention of the last compression, per query
         head, aggregated over probe queries with the press's ``agg_task``.
@@ -107,6 +108,8 @@ class Llama(llama_cpp.Llama):
         self._kv_phase = "prefill"  # "decode" once generate has produced its first token
         self._kv_mark = 0  # logical length at the last compression or at the start of decoding
         self._kv_room_override: Optional[AnyPress] = None
+        self._kv_chunk_start: Optional[int] = None  # logical position where a chunk capture began
+        self._kv_origin: Optional[np.ndarray] = None  # positions the composite cells hold (layers, kv_heads, C)
         if kv_max_tokens is not None and (isinstance(kv_max_tokens, bool) or not isinstance(kv_max_tokens, int)
                                           or kv_max_tokens < 1):
             raise ValueError(f"kv_max_tokens must be a positive integer, got {kv_max_tokens!r}")
@@ -259,6 +262,7 @@ class Llama(llama_cpp.Llama):
         super().reset()
         self._compressed_len = self._compressed_cells = self._kv_mark = self.kv_compressions = 0
         self._kv_holes = False
+        self._kv_origin = None
 
     def generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any) -> Iterator[int]:
         """``llama_cpp.Llama.generate``, compressing the prompt first when the press applies."""
@@ -292,26 +296,31 @@ class Llama(llama_cpp.Llama):
         self._ctx.kv_cache_seq_rm(-1, self.n_tokens, -1)
         limit = self._n_ctx_cells
         done = 0
-        while done < len(tokens):
-            press = self._room_press()
-            cells = self.kv_cells
-            due = self._decoding_due(press)
-            if cells >= limit and press is None:
-                raise ValueError(f"Requested tokens ({self.n_tokens + len(tokens) - done}) exceed context window "
-                                 f"of {limit}")
-            if cells >= limit or due == 0:
-                if cells < limit and cells <= press.target_size:
-                    self._kv_mark = self.n_tokens  # nothing to drop yet: count the next interval
-                else:
-                    self._compress_to_make_room(press, "cache full" if cells >= limit else "interval")
-                continue
-            n = min(self.n_batch, limit - cells, len(tokens) - done)
-            if due is not None:
-                n = min(n, due)  # compress exactly every compression_interval tokens
-            self._decode(tokens[done: done + n])
-            done += n
-            if self.kv_progress is not None:
-                self.kv_progress(done, len(tokens), "prefill")
+        try:
+            while done < len(tokens):
+                press = self._room_press()
+                cells = self.kv_cells
+                due = self._decoding_due(press)
+                if cells >= limit and press is None:
+                    raise ValueError(f"Requested tokens ({self.n_tokens + len(tokens) - done}) exceed context "
+                                     f"window of {limit}")
+                if cells >= limit or due == 0:
+                    if cells < limit and cells <= press.target_size:
+                        self._kv_mark = self.n_tokens  # nothing to drop yet: count the next interval
+                    else:
+                        self._compress_to_make_room(press, "cache full" if cells >= limit else "interval")
+                    continue
+                if cells + len(tokens) - done > limit:
+                    self._begin_chunk_probe(press)
+                n = min(self.n_batch, limit - cells, len(tokens) - done)
+                if due is not None:
+                    n = min(n, due)  # compress exactly every compression_interval tokens
+                self._decode(tokens[done: done + n])
+                done += n
+                if self.kv_progress is not None:
+                    self.kv_progress(done, len(tokens), "prefill")
+        finally:
+            self._end_chunk_probe()  # a chunk not followed by a compression is not scored
 
     def _decode(self, batch: List[int]) -> None:
         """Decode ``batch`` at the next logical positions and record it in the history."""
@@ -348,6 +357,7 @@ class Llama(llama_cpp.Llama):
         state = super().save_state()
         state.kv_compressed_len = self._compressed_len  # the cache holds composite cells up to here
         state.kv_compressed_cells = self._compressed_cells
+        state.kv_origin = self._kv_origin
         return state
 
     def load_state(self, state: llama_cpp.LlamaState) -> None:
@@ -356,10 +366,12 @@ class Llama(llama_cpp.Llama):
         if hasattr(state, "kv_compressed_len"):
             self._compressed_len = int(state.kv_compressed_len)
             self._compressed_cells = int(state.kv_compressed_cells)
+            self._kv_origin = getattr(state, "kv_origin", None)
         else:
             # a state saved elsewhere may hold composite cells we cannot tell apart: assume it all is
             self._compressed_len = state.n_tokens
             self._compressed_cells = _native.context_state_info(self._ctx.ctx)["n_cells"] if state.n_tokens else 0
+            self._kv_origin = None
         self._kv_holes = False  # llama.cpp restores a whole-context state into cells 0..n-1
         self._kv_mark = self._compressed_len
 
@@ -472,6 +484,7 @@ class Llama(llama_cpp.Llama):
             self._configure_logical_window()
             self._compressed_len = self._kv_mark = int(header["compressed_len"])
             self._compressed_cells = int(header["compressed_cells"])
+            self._kv_origin = None  # not stored: kv_selection reports -1 for the cells loaded
             self._requires_eval = True
             self.kv_session_metadata = header.get("metadata") or {}
         except BaseException:
@@ -676,6 +689,7 @@ class Llama(llama_cpp.Llama):
         self._kv_holes = not press.per_head
         self._requires_eval = True
         self.kv_selection = selection
+        self._kv_origin = selection
         self.kv_head_scores = press.head_scores(probe)
         self.kv_scores = scores
         self.kv_stats = {
@@ -740,15 +754,17 @@ class Llama(llama_cpp.Llama):
         self._ctx.kv_cache_seq_rm(_SEQ, self.n_tokens, -1)
         self._compressed_len = self._compressed_cells = 0
         self._kv_holes = False
+        self._kv_origin = None
         self._requires_eval = True
 
     # ---- compression to make room (prompts longer than the cache, long generations) -------------
     def _compress_to_make_room(self, press: AnyPress, trigger: str) -> None:
         """Compress the cache, whatever it holds (composite cells and newer tokens), to free cells.
 
-        The cells are scored by the attention of the newest tokens, decoded once more with the
-        capture on (the only queries whose attention can still be observed), and rewritten into
-        the kept number of composite cells, which start the cache again.
+        The cells are scored by the attention of the tokens since the last compression (KVCompose:
+        captured while they were prefilled) or of the newest tokens, decoded once more with the
+        capture on (other presses, and compressions during decoding); then rewritten into the kept
+        number of composite cells, which start the cache again.
         """
         cells = self.kv_cells
         if isinstance(press, DecodingPress):
@@ -763,9 +779,13 @@ class Llama(llama_cpp.Llama):
             raise ValueError(f"Requested tokens ({self.n_tokens + 1}) exceed context window of {self._n_ctx_cells}: "
                              f"{type(press).__name__} keeps {keep} of {cells} cells")
         t0 = time.perf_counter()
-        if self._kv_holes:
-            self._compact(cells)
-        probe = self._recent_probe(scorer, window, cells)
+        if self._kv_chunk_start is not None and self._kv_chunk_start >= self._compressed_len:
+            probe = self._chunk_probe(cells)
+        else:
+            self._end_chunk_probe()
+            if self._kv_holes:
+                self._compact(cells)
+            probe = self._recent_probe(scorer, window, cells)
         t_probe = time.perf_counter()
         scores = scorer.score(probe)
         budgets = scorer.layer_budgets(scores) if hasattr(scorer, "layer_budgets") else None
@@ -777,11 +797,13 @@ class Llama(llama_cpp.Llama):
         t_rewrite = time.perf_counter()
         if result["cells_before"] != cells:
             raise RuntimeError(f"the cache held {result['cells_before']} cells where {cells} were expected")
+        origin = np.take_along_axis(self._cell_positions(cells), selection, axis=-1)
         self._compressed_len = self._kv_mark = self.n_tokens
         self._compressed_cells = int(result["cells_after"])
         self._requires_eval = True
         self.kv_compressions += 1
-        self.kv_selection, self.kv_scores = selection, scores
+        self.kv_selection = self._kv_origin = origin
+        self.kv_scores = scores
         self.kv_head_scores = scorer.head_scores(probe)
         self.kv_stats = {
             "press": type(press).__name__,
@@ -805,6 +827,65 @@ class Llama(llama_cpp.Llama):
             "compressions": self.kv_compressions,
         }
 
+    def _cell_positions(self, cells: int) -> np.ndarray:
+        """int32 (layers, kv_heads, cells): the logical position each cell holds, per head."""
+        shape = (self.kv_n_layer, self.kv_n_head_kv)
+        tail = np.arange(self._compressed_len, self.n_tokens, dtype=np.int32)
+        if self._compressed_cells == 0:
+            head = np.zeros(0, dtype=np.int32)
+        elif self._kv_origin is None:
+            head = np.full(self._compressed_cells, -1, dtype=np.int32)  # restored from a state: unknown
+        else:
+            head = self._kv_origin
+        head = np.broadcast_to(head, shape + head.shape[-1:])
+        positions = np.concatenate([head, np.broadcast_to(tail, shape + tail.shape)], axis=-1)
+        if positions.shape[-1] != cells:
+            raise RuntimeError(f"the cache holds {cells} cells, the conversation's bookkeeping {positions.shape[-1]}")
+        return positions
+
+    def _scorer(self, press: AnyPress) -> BasePress:
+        return press.base_press if isinstance(press, DecodingPress) else press
+
+    def _begin_chunk_probe(self, press: AnyPress) -> None:
+        """Capture the attention of every token prefilled until the next compression, for presses
+        whose own probe is the context attending to itself (KVCompose's reconstruct probe): the
+        chunk's tokens are the queries that stand in for it. Other presses keep their window."""
+        if self._kv_chunk_start is not None or self._kv_capture is None:
+            return
+        if self._scorer(press).probe() != ("reconstruct", 0):
+            return
+        if self._kv_holes:
+            self._compact(self.kv_cells)  # capture columns must be cells 0..cells-1
+        self._kv_capture.begin(self.kv_n_layer, self.kv_n_head, self._n_ctx_cells)
+        self._kv_chunk_start = self.n_tokens
+
+    def _end_chunk_probe(self):
+        """End a chunk capture; its (max, mean) scores over the cache's columns, or None if none ran."""
+        if self._kv_chunk_start is None:
+            return None
+        self._kv_chunk_start = None
+        cap = self._kv_capture
+        cap.end()
+        return cap.scores("max"), cap.scores("mean")
+
+    def _chunk_probe(self, cells: int) -> Probe:
+        """A probe of the cache's ``cells`` cells from the chunk capture (see ``_begin_chunk_probe``)."""
+        queries = self.n_tokens - self._kv_chunk_start
+        mx, mean = self._end_chunk_probe()
+        probe = self._cells_probe(cells)
+        probe.attention[("window", queries)] = {"max": np.ascontiguousarray(mx[..., :cells]),
+                                                "mean": np.ascontiguousarray(mean[..., :cells])}
+        probe.substitute = ("window", queries)
+        probe.description = f"the {queries} tokens since the last compression"
+        return probe
+
+    def _cells_probe(self, cells: int) -> Probe:
+        """A probe of the cache's first ``cells`` cells with no attention yet; norms read on demand."""
+        return Probe(self.kv_n_layer, self.kv_n_head, self.kv_n_head_kv, cells,
+                     norms=lambda part: _native.context_norms(self._ctx.ctx, part, self.kv_n_layer,
+                                                              self.kv_n_head_kv, cells),
+                     description="none")
+
     def _recent_probe(self, press: BasePress, window: int, cells: int) -> Probe:
         """A probe of the cache's ``cells`` cells from the attention of its newest ``window`` tokens.
 
@@ -812,10 +893,7 @@ class Llama(llama_cpp.Llama):
         are the newest, so every cell is visible to them); if that fails they are decoded again
         without it, so the cache is as before, and the error propagates.
         """
-        probe = Probe(self.kv_n_layer, self.kv_n_head, self.kv_n_head_kv, cells,
-                      norms=lambda part: _native.context_norms(self._ctx.ctx, part, self.kv_n_layer,
-                                                               self.kv_n_head_kv, cells),
-                      description="none")
+        probe = self._cells_probe(cells)
         if press.probe() is None:
             return probe
         w = max(1, min(window, self.n_tokens - self._compressed_len, self.n_batch))

@@ -227,3 +227,20 @@ def test_progress_is_reported_per_batch(model_path, long_tokens):
         assert seen[-1] == ("prefill", 700, 700) and {s[0] for s in seen} == {"prefill"}
     finally:
         llm.close()
+
+
+def test_kv_selection_follows_cells_through_several_compressions(small, long_tokens):
+    """After compressions that made room, kv_selection still names original positions: StreamingLLM keeps the
+    sinks and the newest cells, so after two rounds it holds positions 0-3 and the newest 124."""
+    small.kv_compress = StreamingLLMPress(compression_ratio=0.5, n_sink=4, per_head=False)
+    small.reset()
+    small.eval(long_tokens[: N_CTX + N_CTX // 2 + 1])
+    assert small.kv_compressions == 2
+    expected = list(range(4)) + list(range(N_CTX + N_CTX // 2 - 124, N_CTX + N_CTX // 2))
+    assert (small.kv_selection == np.array(expected)).all()
+    small.kv_compress = KVComposePress(0.5)
+    small.reset()
+    small.eval(long_tokens)
+    sel = small.kv_selection
+    assert sel.shape == (small.kv_n_layer, small.kv_n_head_kv, small.kv_stats["cells_after"])
+    assert (np.diff(sel, axis=-1) > 0).all() and sel.min() >= 0 and sel.max() == small.kv_stats["tokens"] - 1
