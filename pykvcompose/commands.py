@@ -47,12 +47,21 @@ def press_from_args(a: argparse.Namespace):
         raise CommandError(f"--kv-compress: {e}") from None
 
 
+def check_options(a: argparse.Namespace) -> None:
+    """Refuse out-of-range numbers before any model is loaded."""
+    for name, low in (("n_ctx", 16), ("threads", 1), ("max_tokens", 1), ("port", 1)):
+        value = getattr(a, name, None)
+        if value is not None and value < low:
+            raise CommandError(f"--{name.replace('_', '-')} must be at least {low}, got {value}")
+    if getattr(a, "temperature", 0.0) < 0:
+        raise CommandError(f"--temperature must be >= 0, got {a.temperature}")
+
+
 def make_llm(a: argparse.Namespace, **kwargs: Any):
     """A Llama for the options, with a prefill progress bar unless ``--quiet``."""
     from .llama import Llama
 
-    if a.n_ctx < 16:
-        raise CommandError(f"--n-ctx must be at least 16, got {a.n_ctx}")
+    check_options(a)
     if a.model is not None and not os.path.isfile(a.model):
         raise CommandError(f"--model: no such file {a.model!r}")
     press = press_from_args(a)
@@ -248,10 +257,9 @@ def create_app(a: argparse.Namespace):
     from .models import default_model_path
     from .session import press_to_dict
 
+    check_options(a)
     press = press_from_args(a)
     model = a.model or default_model_path()
-    if a.n_ctx < 16:
-        raise CommandError(f"--n-ctx must be at least 16, got {a.n_ctx}")
     if not os.path.isfile(model):
         raise CommandError(f"--model: no such file {model!r}")
     factory = functools.partial(Llama, kv_compress=press)

@@ -51,6 +51,11 @@ def test_run_quiet_prints_only_the_answer(document):
     (["--kv-compress", "none", "--n-ctx", "256"], "exceed context window of 256"),
     (["--model", "/nonexistent.gguf"], "no such file"),
     (["--decode-target", "4096", "--n-ctx", "512"], "target_size (4096) must be below n_ctx - 1"),
+    (["--n-ctx", "8"], "--n-ctx must be at least 16"),
+    (["--threads", "0"], "--threads must be at least 1"),
+    (["--max-tokens", "0"], "--max-tokens must be at least 1"),
+    (["--temperature", "-1"], "--temperature must be >= 0"),
+    (["--decode-target", "100", "--decode-interval", "0"], "compression_interval must be an integer >= 1"),
 ])
 def test_run_errors_are_one_line_and_exit_2(document, args, message):
     r = pkv("run", "--file", str(document), "--question", "Q?", "--quiet", *args)
