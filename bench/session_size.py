@@ -1,5 +1,6 @@
 """Saved-session size: ``llm.save_session`` of a compressed conversation against llama-cpp-python's
-``save_state`` of the same conversation uncompressed, in one run.
+``save_state`` of the same conversation uncompressed, in one run. ``save_state`` holds the whole
+context's state (``llama_state``) and, pickled, also the logits rows it keeps (n_batch x vocab floats).
 
     python bench/session_size.py [--tokens 1500]
 """
@@ -28,22 +29,29 @@ def main() -> None:
     llm = Llama(n_ctx=2048, verbose=False)
     toks = llm.tokenize(passkey_prompt(lambda s: llm.tokenize(s.encode(), add_bos=False), a.tokens, 0.5, 31337).encode())
     print(f"conversation: {len(toks)} prompt tokens + an 8-token answer, SmolLM2-135M, f16 cache\n")
-    print("| cache | save_state (pickled) MiB | save_session MiB | session / save_state | save s | load s |")
-    print("|---|---:|---:|---:|---:|---:|")
+    rows, base = [], None
     with tempfile.TemporaryDirectory() as d:
         for spec in [None, *a.presses]:
             llm.kv_compress = None if spec is None else parse_press_spec(spec)
             llm.reset()
             answer(llm, toks, 8)
-            state = len(pickle.dumps(llm.save_state()))
+            if spec is None:  # the reference: llama-cpp-python's save_state of the uncompressed conversation
+                saved = llm.save_state()
+                base = (len(saved.llama_state), len(pickle.dumps(saved)))
             path = pathlib.Path(d) / "s.kvc"
             t0 = time.perf_counter()
             info = llm.save_session(path)
             t1 = time.perf_counter()
-            Llama.load_session(path).close()
+            Llama.load_session(path, verbose=False).close()
             t2 = time.perf_counter()
-            print(f"| {spec or 'full'} | {state / MIB:.1f} | {info['file_bytes'] / MIB:.1f} | "
-                  f"{info['file_bytes'] / state:.2f} | {t1 - t0:.2f} | {t2 - t1:.2f} |", flush=True)
+            rows.append((spec or "full (no compression)", info["cells"], info["file_bytes"], t1 - t0, t2 - t1))
+    print(f"uncompressed save_state: llama_state {base[0] / MIB:.1f} MiB, pickled LlamaState {base[1] / MIB:.1f} MiB "
+          "(it also keeps n_batch rows of logits)\n")
+    print("| cache | cells | save_session MiB | / llama_state of save_state | / pickled save_state | save s | load s |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for spec, cells, size, t_save, t_load in rows:
+        print(f"| {spec} | {cells} | {size / MIB:.1f} | {size / base[0]:.2f} | {size / base[1]:.3f} | "
+              f"{t_save:.2f} | {t_load:.2f} |")
     llm.close()
 
 

@@ -401,11 +401,7 @@ class Llama(llama_cpp.Llama):
         """
         from . import session
 
-        ctx = self._ctx.ctx
-        size = llama_cpp.llama_state_seq_get_size(ctx, _SEQ)
-        buf = (ctypes.c_uint8 * size)()
-        if self.n_tokens and llama_cpp.llama_state_seq_get_data(ctx, buf, size, _SEQ) != size:
-            raise RuntimeError("llama_state_seq_get_data did not write the whole sequence state")
+        state = self._seq_bytes()
         header = {
             "model_fingerprint": session.model_fingerprint(self),
             "model_description": session.model_description(self),
@@ -418,11 +414,7 @@ class Llama(llama_cpp.Llama):
             "press": session.press_to_dict(self._kv_compress),
             "metadata": {} if metadata is None else metadata,
         }
-        if self._kv_holes:
-            self._compact(self.kv_cells)  # a loaded state has no holes either: save what loading gives
-            buf = (ctypes.c_uint8 * size)()
-            llama_cpp.llama_state_seq_get_data(ctx, buf, size, _SEQ)
-        n = session.write(path, header, bytes(buf) if self.n_tokens else b"")
+        n = session.write(path, header, state)
         return {"path": str(path), "file_bytes": n, "cells": self.kv_cells, "n_tokens": self.n_tokens}
 
     @_instance_or_class
@@ -465,32 +457,56 @@ class Llama(llama_cpp.Llama):
         header, state = session.read(path)
         session.check_compatible(self, header, state, path)
         press = self._kv_compress if keep_press else session.press_from_dict(header.get("press"))
-        previous = self.save_state()
-        previous_press = self._kv_compress
+        # what to put back if llama.cpp refuses the cache: the sequence's cells and the bookkeeping
+        previous = (self._seq_bytes(), self.kv_history, self._kv_compress, self._compressed_len,
+                    self._compressed_cells, self._kv_origin)
         try:
             self.kv_compress = press
-            self._drop_cache()
-            self._configure_logical_window()
-            if header["n_tokens"]:
-                buf = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
-                if llama_cpp.llama_state_seq_set_data(self._ctx.ctx, buf, len(state), _SEQ) != len(state):
-                    raise session.SessionError(f"llama.cpp refused the cache in {path} (saved with another "
-                                               "cache type, flash attention setting or context size?)")
-            tokens = header["tokens"]
-            if len(tokens) > len(self.input_ids):
-                self.input_ids = np.zeros(len(tokens), dtype=np.intc)  # resized by the call below
-            self.input_ids[: len(tokens)] = tokens
-            self.n_tokens = len(tokens)
-            self._configure_logical_window()
-            self._compressed_len = self._kv_mark = int(header["compressed_len"])
-            self._compressed_cells = int(header["compressed_cells"])
-            self._kv_origin = None  # not stored: kv_selection reports -1 for the cells loaded
-            self._requires_eval = True
+            if not self._set_seq_bytes(state):
+                raise session.SessionError(f"llama.cpp refused the cache in {path} (saved with another "
+                                           "cache type, flash attention setting or context size?)")
+            self._set_history(header["tokens"], header["compressed_len"], header["compressed_cells"], None)
             self.kv_session_metadata = header.get("metadata") or {}
         except BaseException:
-            self._kv_compress = previous_press
-            self.load_state(previous)
+            seq, tokens, self._kv_compress, done_len, done_cells, origin = previous
+            self._set_seq_bytes(seq)
+            self._set_history(tokens, done_len, done_cells, origin)
             raise
+
+    def _seq_bytes(self) -> bytes:
+        """The conversation's cells as ``llama_state_seq_get_data`` writes them (b"" when empty)."""
+        if self.kv_cells == 0:
+            return b""
+        if self._kv_holes:
+            self._compact(self.kv_cells)  # what llama.cpp restores has no holes either
+        ctx = self._ctx.ctx
+        size = llama_cpp.llama_state_seq_get_size(ctx, _SEQ)
+        buf = (ctypes.c_uint8 * size)()
+        if llama_cpp.llama_state_seq_get_data(ctx, buf, size, _SEQ) != size:
+            raise RuntimeError("llama_state_seq_get_data did not write the whole sequence state")
+        return bytes(buf)
+
+    def _set_seq_bytes(self, data: bytes) -> bool:
+        """Replace the conversation's cells by ``data`` (``_seq_bytes`` output); False if llama.cpp refuses."""
+        llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx.ctx), _SEQ, -1, -1)
+        self._kv_holes = False
+        if not data:
+            return True
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        return llama_cpp.llama_state_seq_set_data(self._ctx.ctx, buf, len(data), _SEQ) == len(data)
+
+    def _set_history(self, tokens: Sequence[int], compressed_len: int, compressed_cells: int,
+                     origin: Optional[np.ndarray]) -> None:
+        """Bookkeeping for cells just restored: the token history and what of it is composite."""
+        if len(tokens) > len(self.input_ids):
+            self.input_ids = np.zeros(len(tokens), dtype=np.intc)  # resized by the call below
+        self.input_ids[: len(tokens)] = tokens
+        self.n_tokens = len(tokens)
+        self._configure_logical_window()
+        self._compressed_len = self._kv_mark = int(compressed_len)
+        self._compressed_cells = int(compressed_cells)
+        self._kv_origin = origin  # None for a session file: kv_selection reports -1 for its composite cells
+        self._requires_eval = True
 
     # ---- compression ------------------------------------------------------------------------
     def _prepare_prompt(self, tokens: List[int]) -> None:

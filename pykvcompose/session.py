@@ -141,6 +141,8 @@ def check_compatible(llm, header: Dict[str, Any], state: bytes, path) -> Dict[st
             or done_len > n_tokens or done_cells > done_len):
         raise SessionError(f"{path} has an inconsistent token history")
     if n_tokens == 0:
+        if state:
+            raise SessionError(f"{path} holds cache cells but no token history")
         return {"n_cells": 0}
     try:
         info = _native.state_parse(state)
