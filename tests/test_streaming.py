@@ -244,3 +244,56 @@ def test_kv_selection_follows_cells_through_several_compressions(small, long_tok
     sel = small.kv_selection
     assert sel.shape == (small.kv_n_layer, small.kv_n_head_kv, small.kv_stats["cells_after"])
     assert (np.diff(sel, axis=-1) > 0).all() and sel.min() >= 0 and sel.max() == small.kv_stats["tokens"] - 1
+
+
+def test_a_failed_compression_to_make_room_loses_nothing(model_path, small, long_tokens, monkeypatch):
+    """The rewrite fails in the middle of a long prompt: the error propagates, the cache still holds the
+    conversation up to there, and the next request gives what a fresh instance gives."""
+    from pykvcompose import _native
+
+    small.kv_compress = SnapKVPress(0.5)
+    small.reset()
+    real = _native.context_compose
+    calls = []
+
+    def failing(ctx, selection, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise _native.NativeError(_native.KVC_ERR_LLAMA, "kvc_context_compose", "injected")
+        return real(ctx, selection, *args, **kwargs)
+
+    monkeypatch.setattr(_native, "context_compose", failing)
+    with pytest.raises(_native.NativeError, match="injected"):
+        small.create_completion(long_tokens, max_tokens=2, temperature=0.0)
+    assert small.kv_cells == N_CTX  # full, not compressed, nothing dropped
+    assert small.kv_history == long_tokens[: small.n_tokens] and small.n_tokens > N_CTX
+    monkeypatch.setattr(_native, "context_compose", real)
+    ours = greedy(small, long_tokens, 4)
+    fresh = Llama(model_path, n_ctx=N_CTX, n_batch=128, verbose=False, kv_compress=SnapKVPress(0.5))
+    try:
+        assert greedy(fresh, long_tokens, 4) == ours
+    finally:
+        fresh.close()
+
+
+def test_a_failed_probe_of_the_newest_tokens_puts_them_back(model_path, small, long_tokens, monkeypatch):
+    """SnapKV scores by re-decoding the newest tokens with the capture on; if reading the capture fails,
+    those tokens are decoded again without it and the conversation goes on unchanged."""
+    from pykvcompose import _native
+
+    small.kv_compress = SnapKVPress(0.5)
+    small.reset()
+    real = _native.Capture.scores
+    monkeypatch.setattr(_native.Capture, "scores", lambda self, agg="max": (_ for _ in ()).throw(
+        _native.NativeError(_native.KVC_ERR_CAPTURE, "kvc_capture_get_scores", "injected")))
+    with pytest.raises(_native.NativeError, match="injected"):
+        small.eval(long_tokens[: N_CTX + 1])
+    assert small.n_tokens == N_CTX and small.kv_cells == N_CTX
+    assert small.kv_history == long_tokens[:N_CTX]
+    monkeypatch.setattr(_native.Capture, "scores", real)
+    ours = greedy(small, long_tokens[:400], 4)
+    fresh = Llama(model_path, n_ctx=N_CTX, n_batch=128, verbose=False, kv_compress=SnapKVPress(0.5))
+    try:
+        assert greedy(fresh, long_tokens[:400], 4) == ours
+    finally:
+        fresh.close()
