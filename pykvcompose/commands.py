@@ -34,6 +34,12 @@ def add_model_options(p: argparse.ArgumentParser, default_press: str = "kvcompos
     p.add_argument("--quiet", action="store_true", help="no progress bars or statistics: only the answer")
 
 
+def add_answer_options(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"answer length limit (default {max_tokens})")
+    p.add_argument("--temperature", type=float, default=temperature,
+                   help=f"sampling temperature (default {temperature:g}{': greedy' if temperature == 0 else ''})")
+
+
 def press_from_args(a: argparse.Namespace):
     """The press the options describe (None for ``--kv-compress none``)."""
     try:
@@ -114,8 +120,7 @@ def run_main(argv: Sequence[str]) -> int:
                                 description="Answer a question about a document, however long, with a compressed cache.")
     p.add_argument("--file", required=True, help="the document (UTF-8 text)")
     p.add_argument("--question", required=True, help="the question asked after it")
-    p.add_argument("--max-tokens", type=int, default=256, help="answer length limit (default 256)")
-    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    add_answer_options(p, max_tokens=256, temperature=0.0)
     add_model_options(p)
     a = p.parse_args(argv)
     return _guard("run", lambda: _run(a))
@@ -147,8 +152,7 @@ def chat_main(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="pykvcompose chat", description="Chat on a compressed cache. " + CHAT_HELP)
     p.add_argument("--session", help="a session file: continued if it exists, written on exit")
     p.add_argument("--system", help="a system message")
-    p.add_argument("--max-tokens", type=int, default=512, help="answer length limit (default 512)")
-    p.add_argument("--temperature", type=float, default=0.7, help="sampling temperature (default 0.7)")
+    add_answer_options(p, max_tokens=512, temperature=0.7)
     add_model_options(p)
     a = p.parse_args(argv)
     return _guard("chat", lambda: _chat(a))

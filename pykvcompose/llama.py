@@ -435,26 +435,27 @@ class Llama(llama_cpp.Llama):
         from . import session
 
         if isinstance(self_or_cls, type):
-            header, _ = session.read(path)  # refuse a bad file before loading a model for it
+            header, state = session.read(path)  # refuse a bad file before loading a model for it
             kwargs.setdefault("n_ctx", header.get("n_ctx", 2048))
             if "kv_compress" not in kwargs:
                 kwargs["kv_compress"] = session.press_from_dict(header.get("press"))
             llm = self_or_cls(model_path or header.get("model_path"), **kwargs)
             try:
-                llm._load_session(path, keep_press=True)
+                llm._load_session(path, header, state, keep_press=True)
             except BaseException:
                 llm.close()
                 raise
             return llm
         if model_path is not None or kwargs:
             raise TypeError("llm.load_session(path) takes no model arguments; use Llama.load_session(path, ...)")
-        self_or_cls._load_session(path, keep_press=False)
+        self_or_cls._load_session(path, *session.read(path), keep_press=False)
         return self_or_cls
 
-    def _load_session(self, path: Union[str, os.PathLike], keep_press: bool) -> None:
+    def _load_session(self, path: Union[str, os.PathLike], header: Dict[str, Any], state: bytes,
+                      keep_press: bool) -> None:
+        """Load a session read by ``session.read`` into this instance (see ``load_session``)."""
         from . import session
 
-        header, state = session.read(path)
         session.check_compatible(self, header, state, path)
         press = self._kv_compress if keep_press else session.press_from_dict(header.get("press"))
         # what to put back if llama.cpp refuses the cache: the sequence's cells and the bookkeeping
@@ -783,12 +784,13 @@ class Llama(llama_cpp.Llama):
         number of composite cells, which start the cache again.
         """
         cells = self.kv_cells
+        scorer = self._scorer(press)
         if isinstance(press, DecodingPress):
-            keep, window, scorer = min(press.target_size, cells - 1), press.hidden_states_buffer_size, press.base_press
+            keep, window = min(press.target_size, cells - 1), press.hidden_states_buffer_size
             if keep >= 1:
                 scorer = dataclasses.replace(scorer, compression_ratio=1.0 - keep / cells)
         else:
-            keep, scorer = press.n_kept(cells), press
+            keep = press.n_kept(cells)
             spec = press.probe()
             window = int(spec[1]) if spec is not None and spec[0] == "window" else int(getattr(press, "window", 64))
         if keep >= cells or keep < 1 or (trigger == "cache full" and keep >= self._n_ctx_cells):
@@ -860,6 +862,7 @@ class Llama(llama_cpp.Llama):
         return positions
 
     def _scorer(self, press: AnyPress) -> BasePress:
+        """The press that scores the cells when ``press`` compresses to make room."""
         return press.base_press if isinstance(press, DecodingPress) else press
 
     def _begin_chunk_probe(self, press: AnyPress) -> None:
