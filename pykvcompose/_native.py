@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.metadata
+import os
 import pathlib
 import sys
 from typing import Optional, Sequence
@@ -17,7 +18,7 @@ import numpy as np
 
 import llama_cpp  # noqa: F401  (loads libllama/libggml into the process first)
 
-API_VERSION = 2
+API_VERSION = 3
 
 # status codes (enum kvc_status)
 KVC_OK = 0
@@ -65,6 +66,11 @@ _ERROR_CLASS = {
 def _library_path() -> pathlib.Path:
     name = "libkvcompose.so" if sys.platform != "darwin" else "libkvcompose.dylib"
     here = pathlib.Path(__file__).resolve().parent
+    override = os.environ.get("PYKVCOMPOSE_LIBRARY")
+    if override:  # another build of the same sources, e.g. the sanitizer build of `make test-asan`
+        if not pathlib.Path(override).is_file():
+            raise ImportError(f"PYKVCOMPOSE_LIBRARY={override} is not a file")
+        return pathlib.Path(override)
     # next to this file when installed; in site-packages when this module runs from a source tree
     candidates = [here / name] + [pathlib.Path(p) / "pykvcompose" / name for p in sys.path if p]
     for c in candidates:
@@ -128,6 +134,8 @@ class StateInfo(ctypes.Structure):
         ("pos_max", ctypes.c_int32),
         ("seq_id", ctypes.c_int32),
         ("kv_bytes", ctypes.c_uint64),
+        ("swa_n_cells", ctypes.c_uint32),
+        ("swa_n_layer", ctypes.c_uint32),
     ]
 
 

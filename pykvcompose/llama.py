@@ -126,9 +126,13 @@ class Llama(llama_cpp.Llama):
         self._n_ctx_cells = self.n_ctx()  # cells of the cache; self._n_ctx becomes the logical limit
 
         model = self._model.model
-        self.kv_n_layer = int(llama_cpp.llama_model_n_layer(model))
+        self._n_model_layers = int(llama_cpp.llama_model_n_layer(model))
         self.kv_n_head = int(llama_cpp.llama_model_n_head(model))
         self.kv_n_head_kv = int(llama_cpp.llama_model_n_head_kv(model))
+        self.kv_layers: List[int] = self._full_attention_layers() or []
+        self.kv_n_layer = len(self.kv_layers)  # layers of the compressed cache (iSWA: the global ones)
+        self._kv_swa = bool(llama_cpp.llama_model_n_swa(model) > 0)
+        self._kv_layers_checked = False
         self._unsupported = self._why_unsupported()
         self._flash_attn = self.context_params.flash_attn_type != llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         if self._unsupported is None and not self._flash_attn:
@@ -172,7 +176,7 @@ class Llama(llama_cpp.Llama):
         """
         press = self._kv_compress if press is None else press
         limit = self._n_ctx_cells
-        if self._makes_room(press) and not self._logits_all:
+        if self._makes_room(press) and not self._logits_all and self._swa_window_fits():
             trained = int(llama_cpp.llama_model_n_ctx_train(self._model.model))
             limit = max(limit, self._kv_max_tokens if self._kv_max_tokens is not None else trained)
         limit = max(limit, self.n_tokens)
@@ -181,6 +185,15 @@ class Llama(llama_cpp.Llama):
             history[: self.n_tokens] = self.input_ids[: self.n_tokens]
             self.input_ids = history
         self._n_ctx = limit
+
+    def _swa_window_fits(self) -> bool:
+        """Whether prompts may run past ``n_ctx``: compression frees cells of the global layers only,
+        so an iSWA model's sliding-window cache (as large as ``n_ctx`` in llama-cpp-python) must hold
+        the window and a batch by itself."""
+        if not self._kv_swa:
+            return True
+        n_swa = int(llama_cpp.llama_model_n_swa(self._model.model))
+        return self._n_ctx_cells >= n_swa + int(self.context_params.n_ubatch)
 
     @staticmethod
     def _makes_room(press: Optional[AnyPress]) -> bool:
@@ -228,13 +241,66 @@ class Llama(llama_cpp.Llama):
             return f"KV compression is not implemented for the hybrid (attention + recurrent) architecture {arch!r}"
         if llama_cpp.llama_model_has_encoder(model):
             return f"KV compression is not implemented for the encoder-decoder architecture {arch!r}"
-        if llama_cpp.llama_model_n_swa(model) > 0:
-            return f"KV compression is not implemented yet for sliding-window attention models ({arch!r})"
+        if not self.kv_layers:
+            return (f"KV compression is not implemented for the sliding-window attention architecture {arch!r}: "
+                    "which of its layers attend to the whole context is not known here")
         if self.kv_n_head_kv <= 0 or self.kv_n_head % self.kv_n_head_kv != 0:
             return f"architecture {arch!r} has {self.kv_n_head} query heads and {self.kv_n_head_kv} kv heads"
         if any(k.endswith(".attention.kv_lora_rank") for k in self.metadata):
             return f"KV compression is not implemented for multi-head latent attention ({arch!r})"
         return None
+
+    # llama.cpp's default interleaving of sliding-window (SWA) and global layers per architecture, used
+    # when the GGUF file has no "{arch}.attention.sliding_window_pattern" (llama_hparams::set_swa_pattern
+    # with dense_first=False: layer il slides unless il % n == n - 1). Checked against the cache's own
+    # layer count before the first compression.
+    _SWA_PATTERNS = {"gemma2": 2, "gemma3": 6, "cohere2": 4}
+
+    def _full_attention_layers(self) -> Optional[List[int]]:
+        """Model layers whose cache is compressed: every layer, or for interleaved sliding-window
+        (iSWA) models the global layers, whose cache llama.cpp keeps apart from the sliding-window
+        one (which is left as it is). None when that split is not known for the architecture."""
+        model = self._model.model
+        n = self._n_model_layers
+        if llama_cpp.llama_model_n_swa(model) <= 0:
+            return list(range(n))
+        arch = self.metadata.get("general.architecture", "unknown")
+        pattern = self.metadata.get(f"{arch}.attention.sliding_window_pattern", self._SWA_PATTERNS.get(arch))
+        try:
+            pattern = int(pattern)
+        except (TypeError, ValueError):  # absent, or a per-layer array llama-cpp-python does not render
+            return None
+        if pattern <= 1:  # every layer slides: no global cache to compress
+            return None
+        return [il for il in range(n) if il % pattern == pattern - 1]
+
+    def _check_cache_layers(self) -> None:
+        """Once per instance: the cache llama.cpp keeps for the compressed layers has as many layers
+        as ``kv_layers`` (for iSWA models this validates the sliding-window pattern)."""
+        if self._kv_layers_checked or self.n_tokens == 0:
+            return
+        info = _native.context_state_info(self._ctx.ctx)
+        if info["n_layer"] != self.kv_n_layer:
+            arch = self.metadata.get("general.architecture", "unknown")
+            raise NotImplementedError(
+                f"KV compression of {arch!r}: its cache holds {info['n_layer']} layers "
+                f"({info['swa_n_layer']} more in a sliding-window cache), expected {self.kv_n_layer} "
+                f"(layers {self.kv_layers}); this layer layout is not supported")
+        self._kv_layers_checked = True
+
+    def _capture_begin(self, n_keys: int) -> None:
+        """Start capturing the attention of every model layer over ``n_keys`` cache columns."""
+        self._kv_capture.begin(self._n_model_layers, self.kv_n_head, n_keys)
+
+    def _capture_scores(self):
+        """The capture's (max, mean) head scores of the compressed layers, ``[kv_n_layer, n_head, n_keys]``.
+
+        Sliding-window layers attend to their own cache, whose columns are other cells: dropped."""
+        cap = self._kv_capture
+        mx, mean = cap.scores("max"), cap.scores("mean")
+        if self.kv_n_layer == self._n_model_layers:
+            return mx, mean
+        return np.ascontiguousarray(mx[self.kv_layers]), np.ascontiguousarray(mean[self.kv_layers])
 
     def _install_capture(self) -> None:
         """Recreate the context with the native attention capture as its eval callback.
@@ -664,13 +730,13 @@ class Llama(llama_cpp.Llama):
     def _captured(self, run, n_keys: int):
         """Run ``run()`` with the attention capture on; return its (max, mean) head scores."""
         cap = self._kv_capture
-        cap.begin(self.kv_n_layer, self.kv_n_head, n_keys)
+        self._capture_begin(n_keys)
         try:
             run()
         finally:
             if cap.active:
                 cap.end()
-        return cap.scores("max"), cap.scores("mean")
+        return self._capture_scores()
 
     def kv_apply(self, press: BasePress, probe: Probe) -> Dict[str, Any]:
         """
@@ -685,6 +751,7 @@ class Llama(llama_cpp.Llama):
         dict
             ``kv_stats``.
         """
+        self._check_cache_layers()
         n = probe.n_tokens
         t0 = time.perf_counter()
         scores = press.score(probe)
@@ -693,7 +760,8 @@ class Llama(llama_cpp.Llama):
         # the newest context token stays in every head: positions must end at it
         selection = press.select(scores, n_keep, forced=[n - 1], budgets=budgets)
         t_select = time.perf_counter()
-        if press.per_head:
+        composite = press.per_head or self._kv_swa  # llama.cpp's eviction would cut the sliding window too
+        if composite:
             # restores the sequence exactly if llama.cpp refuses the rewrite
             result = _native.context_compose(self._ctx.ctx, selection, expected_cells=n)
         else:
@@ -703,7 +771,7 @@ class Llama(llama_cpp.Llama):
         self.n_tokens = n  # the logical length: the next token goes to position n
         self._compressed_len = self._kv_mark = n
         self._compressed_cells = int(result["cells_after"])
-        self._kv_holes = not press.per_head
+        self._kv_holes = not composite
         self._requires_eval = True
         self.kv_selection = selection
         self._kv_origin = selection
@@ -783,6 +851,7 @@ class Llama(llama_cpp.Llama):
         capture on (other presses, and compressions during decoding); then rewritten into the kept
         number of composite cells, which start the cache again.
         """
+        self._check_cache_layers()
         cells = self.kv_cells
         scorer = self._scorer(press)
         if isinstance(press, DecodingPress):
@@ -875,7 +944,7 @@ class Llama(llama_cpp.Llama):
             return
         if self._kv_holes:
             self._compact(self.kv_cells)  # capture columns must be cells 0..cells-1
-        self._kv_capture.begin(self.kv_n_layer, self.kv_n_head, self._n_ctx_cells)
+        self._capture_begin(self._n_ctx_cells)
         self._kv_chunk_start = self.n_tokens
 
     def _end_chunk_probe(self):
@@ -883,9 +952,8 @@ class Llama(llama_cpp.Llama):
         if self._kv_chunk_start is None:
             return None
         self._kv_chunk_start = None
-        cap = self._kv_capture
-        cap.end()
-        return cap.scores("max"), cap.scores("mean")
+        self._kv_capture.end()
+        return self._capture_scores()
 
     def _chunk_probe(self, cells: int) -> Probe:
         """A probe of the cache's ``cells`` cells from the chunk capture (see ``_begin_chunk_probe``)."""

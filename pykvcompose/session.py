@@ -99,6 +99,11 @@ def read(path: Union[str, os.PathLike]) -> Tuple[Dict[str, Any], bytes]:
         data = path.read_bytes()
     except OSError as e:
         raise SessionError(f"cannot read session file {path}: {e}") from None
+    return parse(data, path)
+
+
+def parse(data: bytes, path: Union[str, os.PathLike] = "<bytes>") -> Tuple[Dict[str, Any], bytes]:
+    """The header and state of the bytes of a session file (``path`` names it in errors)."""
 
     def corrupt(why: str) -> SessionError:
         return SessionError(f"{path} is not a usable session file: {why}")
@@ -133,11 +138,18 @@ def check_compatible(llm, header: Dict[str, Any], state: bytes, path) -> Dict[st
         raise SessionError(f"{path} was saved with another model ({header.get('model_description', '?')}, "
                            f"fingerprint {str(fingerprint)[:12]}); this Llama runs {model_description(llm)} "
                            f"(fingerprint {model_fingerprint(llm)[:12]})")
+    return check_contents(header, state, path, llm.n_vocab(), llm._n_ctx_cells, llm.kv_n_layer)
+
+
+def check_contents(header: Dict[str, Any], state: bytes, path, n_vocab: int, n_ctx: int,
+                   n_layer: int) -> Dict[str, Any]:
+    """Refuse a token history and cache state that do not agree with each other or do not fit a cache
+    of ``n_ctx`` cells and ``n_layer`` layers; returns the parsed state info."""
     tokens = header.get("tokens")
     n_tokens, done_len, done_cells = (header.get(k) for k in ("n_tokens", "compressed_len", "compressed_cells"))
     ints = (n_tokens, done_len, done_cells)
     if (not isinstance(tokens, list) or not all(isinstance(v, int) and v >= 0 for v in ints)
-            or len(tokens) != n_tokens or not all(isinstance(t, int) and 0 <= t < llm.n_vocab() for t in tokens)
+            or len(tokens) != n_tokens or not all(isinstance(t, int) and 0 <= t < n_vocab for t in tokens)
             or done_len > n_tokens or done_cells > done_len):
         raise SessionError(f"{path} has an inconsistent token history")
     if n_tokens == 0:
@@ -152,8 +164,8 @@ def check_compatible(llm, header: Dict[str, Any], state: bytes, path) -> Dict[st
     if info["n_cells"] != cells or info["pos_max"] != n_tokens - 1:
         raise SessionError(f"{path} holds {info['n_cells']} cells up to position {info['pos_max']}, its history "
                            f"needs {cells} cells up to position {n_tokens - 1}")
-    if info["n_cells"] > llm._n_ctx_cells:
-        raise SessionError(f"{path} holds {info['n_cells']} cells; this Llama's cache has n_ctx={llm._n_ctx_cells}")
-    if info["n_layer"] != llm.kv_n_layer:
-        raise SessionError(f"{path} holds {info['n_layer']} layers, the model has {llm.kv_n_layer}")
+    if info["n_cells"] > n_ctx:
+        raise SessionError(f"{path} holds {info['n_cells']} cells; this Llama's cache has n_ctx={n_ctx}")
+    if info["n_layer"] != n_layer:
+        raise SessionError(f"{path} holds {info['n_layer']} layers, the model has {n_layer}")
     return info

@@ -31,7 +31,7 @@ def np_layer_budgets(scores, ratio, agg_head, lower_bound):
     flat = comp.reshape(-1)
     order = np.lexsort((np.arange(flat.size), -flat))  # value descending, then index ascending
     kept = order[:n_total] // n
-    return np.maximum(np.bincount(kept, minlength=L), max(1, lower_bound))
+    return np.maximum(np.bincount(kept, minlength=L), min(n, max(1, lower_bound)))
 
 
 def np_consensus(scores, weight):

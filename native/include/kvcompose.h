@@ -30,7 +30,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a signature or a struct in this header changes. */
-#define KVC_API_VERSION 2
+#define KVC_API_VERSION 3
 
 struct ggml_tensor;
 struct llama_context;
@@ -111,7 +111,7 @@ KVC_API int32_t kvc_kvcompose_score(
  * The paper's global layer allocation: composite score of rank r in layer l = agg_head over
  * kv heads of each head's r-th largest score (+1e9 for r < keep_token_lower_bound); layer 0
  * takes the max over layers; the n_total_keep largest composite scores (ties: lower layer, then
- * lower rank first) are counted per layer, each layer at least max(1, keep_token_lower_bound).
+ * lower rank first) are counted per layer, each layer at least min(n_tokens, max(1, keep_token_lower_bound)).
  * The caller computes n_total_keep = max(1, int(n_layer * n_tokens * (1 - compression_ratio))).
  * scores [n_layer, n_head_kv, n_tokens]; out_budgets [n_layer].
  */
@@ -149,9 +149,13 @@ typedef struct kvc_state_info {
     int32_t  pos_max;      /* largest cell position                                   */
     int32_t  seq_id;       /* sequence id recorded in the header                      */
     uint64_t kv_bytes;     /* K and V bytes of all cells and layers                   */
+    uint32_t swa_n_cells;  /* iSWA models: cells of the sliding-window cache (else 0)  */
+    uint32_t swa_n_layer;  /* iSWA models: its layers (else 0)                         */
 } kvc_state_info;
 
-/* Validate a single-stream sequence state and describe it. positions, if not NULL, receives
+/* Validate a single-stream sequence state and describe it. The fields above describe the first
+ * cache; iSWA models (Gemma 2/3, ...) write a second, sliding-window cache after it, which every
+ * call here validates and keeps unchanged (compose copies it verbatim). positions, if not NULL, receives
  * n_positions (>= n_cells) cell positions in buffer order. */
 KVC_API int32_t kvc_state_parse(const uint8_t * src, size_t src_size, kvc_state_info * info,
         int32_t * positions, size_t n_positions);

@@ -132,7 +132,8 @@ int32_t kvc_kvcompose_layer_budgets(const float * scores, int32_t n_layer, int32
         std::nth_element(idx.begin(), idx.begin() + (n_total_keep - 1), idx.end(), [&](int64_t a, int64_t b) {
             return composite[a] > composite[b] || (composite[a] == composite[b] && a < b);
         });
-        const int32_t floor = std::max<int32_t>(1, keep_token_lower_bound);
+        // a layer cannot keep more tokens than there are (found by fuzz/fuzz_native.py)
+        const int32_t floor = std::min<int32_t>(n_tokens, std::max<int32_t>(1, keep_token_lower_bound));
         std::vector<int64_t> counts(n_layer, 0);
         for (int64_t i = 0; i < n_total_keep; ++i) {
             counts[idx[i] / n_tokens] += 1;

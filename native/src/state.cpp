@@ -69,6 +69,10 @@ int32_t read_rows(Reader & r, uint32_t n_cells, const char * what, uint32_t il, 
     }
     const auto type = static_cast<ggml_type>(out.type);
     const uint64_t ts = ggml_type_size(type);
+    // a row larger than what is left cannot be followed by its data (and would overflow n_embd below)
+    if (out.row_size > r.remaining()) {
+        return corrupt(std::string("truncated ") + what + " data of layer " + std::to_string(il));
+    }
     if (out.row_size == 0 || out.row_size % ts != 0) {
         return corrupt(std::string(what) + " row size " + std::to_string(out.row_size) + " is not whole blocks");
     }
@@ -89,20 +93,13 @@ uint64_t ParsedState::kv_bytes_per_cell() const {
     return b;
 }
 
-int32_t parse_state(const uint8_t * src, size_t size, ParsedState & out) {
-    out = ParsedState{};
-    if (src == nullptr && size > 0) {
-        return fail(KVC_ERR_INVALID_ARGUMENT, "state buffer is NULL");
-    }
-    if (size == 0) {
-        return corrupt("empty buffer");
-    }
-    Reader r(src, size);
-    if (!r.read(out.magic) || !r.read(out.seq_id) || !r.read(out.n_stream)) {
+namespace {
+
+// One cache's part of the buffer (llama_kv_cache::state_write): u32 n_stream, then per stream the cells
+// and, if it has any, the layers. Fills out's cell and layer fields; an empty section leaves n_cells 0.
+int32_t parse_section(Reader & r, ParsedState & out) {
+    if (!r.read(out.n_stream)) {
         return corrupt("truncated header");
-    }
-    if (out.magic != kStateMagic) {
-        return corrupt("wrong magic (not a llama_state_seq_get_data buffer)");
     }
     if (out.n_stream == 0 || out.n_stream > 4096) {
         return corrupt("implausible stream count " + std::to_string(out.n_stream));
@@ -183,11 +180,46 @@ int32_t parse_state(const uint8_t * src, size_t size, ParsedState & out) {
             }
         }
     }
-    if (!seen) {
+    return KVC_OK;
+}
+
+}  // namespace
+
+int32_t parse_state(const uint8_t * src, size_t size, ParsedState & out) {
+    out = ParsedState{};
+    if (src == nullptr && size > 0) {
+        return fail(KVC_ERR_INVALID_ARGUMENT, "state buffer is NULL");
+    }
+    if (size == 0) {
+        return corrupt("empty buffer");
+    }
+    Reader r(src, size);
+    if (!r.read(out.magic) || !r.read(out.seq_id)) {
+        return corrupt("truncated header");
+    }
+    if (out.magic != kStateMagic) {
+        return corrupt("wrong magic (not a llama_state_seq_get_data buffer)");
+    }
+    int32_t status = parse_section(r, out);
+    if (status != KVC_OK) return status;
+    if (out.n_cells == 0) {
         return fail(KVC_ERR_INVALID_ARGUMENT, "the sequence holds no cells");
     }
     if (r.remaining() != 0) {
-        return corrupt(std::to_string(r.remaining()) + " trailing bytes (a layout this library does not know)");
+        // iSWA models (llama_kv_cache_iswa) write their sliding-window cache after the full one:
+        // it must parse as one more cache section, to the last byte
+        out.tail_offset = r.pos();
+        ParsedState tail;
+        status = parse_section(r, tail);
+        if (status != KVC_OK) {
+            return fail(status, std::to_string(size - out.tail_offset) +
+                                    " trailing bytes that are not a second (sliding-window) cache: " + kvc_last_error());
+        }
+        if (r.remaining() != 0) {
+            return corrupt(std::to_string(r.remaining()) + " trailing bytes (a layout this library does not know)");
+        }
+        out.tail_n_cells = tail.n_cells;
+        out.tail_n_layer = tail.n_layer;
     }
     return KVC_OK;
 }
@@ -329,6 +361,9 @@ int32_t compose(const uint8_t * src, size_t src_size, const int32_t * sel, int32
                 }
             }
         }
+        if (st.tail_offset != 0) {  // the sliding-window cache, unchanged
+            w.bytes(src + st.tail_offset, src_size - st.tail_offset);
+        }
         if (pass == 0) {
             *dst_size = w.pos();
             if (dst == nullptr) return KVC_OK;
@@ -452,6 +487,8 @@ int32_t kvc_state_parse(const uint8_t * src, size_t src_size, kvc_state_info * i
         info->pos_max  = *std::max_element(st.pos.begin(), st.pos.end());
         info->seq_id   = st.seq_id;
         info->kv_bytes = st.kv_bytes_per_cell() * st.n_cells;
+        info->swa_n_cells = st.tail_n_cells;
+        info->swa_n_layer = st.tail_n_layer;
         if (positions != nullptr) {
             if (n_positions < st.n_cells) {
                 return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "positions holds fewer entries than the state has cells");

@@ -4,6 +4,8 @@
 //   cell_count x (i32 pos, u32 n_seq_id, n_seq_id x i32 seq_id), u32 v_trans, u32 n_layer,
 //   n_layer x K (i32 type, u64 row_size, cell_count rows),
 //   n_layer x V (as K) or, transposed, (i32 type, u32 el_size, u32 n_embd, n_embd x cell_count elements).
+// iSWA models (llama_kv_cache_iswa) follow it with a second such section, from n_stream on, holding
+// the sliding-window layers.
 #pragma once
 
 #include <cstddef>
@@ -31,6 +33,10 @@ struct ParsedState {
     uint32_t v_trans   = 0;
     uint32_t n_layer   = 0;
     std::vector<TensorRows> k, v;
+    // a second cache after the first (iSWA models: the sliding-window layers), kept as it is
+    size_t   tail_offset  = 0;  // 0: none
+    uint32_t tail_n_cells = 0;
+    uint32_t tail_n_layer = 0;
 
     uint64_t kv_bytes_per_cell() const;
 };
