@@ -291,6 +291,8 @@ def create_app(a: argparse.Namespace):
     finally:
         server_app.LlamaProxy = server_model.LlamaProxy
 
+    _client_errors_as_4xx()
+
     @app.get("/v1/kv/stats")
     def kv_stats(llama_proxy=Depends(server_app.get_llama_proxy)):
         llm = llama_proxy()
@@ -299,6 +301,34 @@ def create_app(a: argparse.Namespace):
                 "compressions": llm.kv_compressions, "last_compression": last}
 
     return app
+
+
+def _client_errors_as_4xx() -> None:
+    """Answer a request body the API's models reject with 422 and a request the model refuses
+    (ValueError: bad input) with 400, naming the field. llama-cpp-python's routes turn every
+    exception into 500 "internal_server_error"; its own mappings (context length) still come first."""
+    from fastapi.exceptions import RequestValidationError
+    from llama_cpp.server.errors import ErrorResponse, RouteErrorHandler
+
+    def wrap(original):
+        def error_message_wrapper(self, error, body=None):
+            if isinstance(error, RequestValidationError):
+                problems = error.errors()
+                fields = [".".join(str(x) for x in e.get("loc", ()) if x != "body") for e in problems]
+                message = "; ".join(f"{f or 'body'}: {e.get('msg', 'invalid')}" for f, e in zip(fields, problems))
+                return 422, ErrorResponse(message=message, type="invalid_request_error",
+                                          param=fields[0] if fields else None, code=None)
+            status, response = original(self, error, body)
+            if status == 500 and isinstance(error, (ValueError, TypeError)):
+                return 400, ErrorResponse(message=str(error), type="invalid_request_error", param=None, code=None)
+            return status, response
+        return error_message_wrapper
+
+    # FastAPI copies included routes lazily, so the class is patched (once; this process serves)
+    if not getattr(RouteErrorHandler.error_message_wrapper, "_pykvcompose", False):
+        patched = wrap(RouteErrorHandler.error_message_wrapper)
+        patched._pykvcompose = True
+        RouteErrorHandler.error_message_wrapper = patched
 
 
 def _serve(a: argparse.Namespace) -> int:

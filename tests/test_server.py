@@ -104,12 +104,26 @@ def test_a_prompt_longer_than_the_cache_is_served(server, client):
     assert s["compressions"] >= 2 and s["memory"]["cells"] <= N_CTX < s["memory"]["tokens"]
 
 
-def test_bad_request_fields_are_rejected_and_the_server_goes_on(server, client):
-    with pytest.raises(openai.APIStatusError) as err:
-        client.completions.create(model="smol", prompt="Hi", max_tokens=-5)
-    # llama-cpp-python's server answers 500 (not 422) for a body its own validation rejects
-    assert err.value.status_code >= 400 and "max_tokens" in str(err.value)
+@pytest.mark.parametrize("call,field", [
+    (lambda c: c.completions.create(model="smol", prompt="Hi", max_tokens=-5), "max_tokens"),
+    (lambda c: c.completions.create(model="smol", prompt="Hi", temperature="hot"), "temperature"),
+    (lambda c: c.completions.create(model="smol", prompt="Hi", extra_body={"top_k": [1]}), "top_k"),
+    (lambda c: c.chat.completions.create(model="smol", messages=[{"role": "wizard", "content": "Hi"}]), "messages"),
+    (lambda c: c.chat.completions.create(model="smol", messages="Hi"), "messages"),
+])
+def test_bad_request_fields_get_422_naming_the_field_and_the_server_goes_on(server, client, call, field):
+    # llama-cpp-python's own routes answer 500 "internal_server_error" for these; ours 422
+    with pytest.raises(openai.UnprocessableEntityError) as err:
+        call(client)
+    assert err.value.status_code == 422 and field in str(err.value)
+    assert err.value.body["type"] == "invalid_request_error" and field in err.value.body["param"]
     assert client.completions.create(model="smol", prompt="Hi", max_tokens=2).choices[0].finish_reason
+
+
+def test_a_prompt_beyond_kv_max_tokens_is_a_400(server, client):
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="smol", prompt="Hi " * 9000, max_tokens=1)
+    assert "context" in str(err.value)
 
 
 def test_bad_press_spec_exits_with_a_message():
