@@ -18,7 +18,7 @@ SOURCES := pyproject.toml CMakeLists.txt $(shell find native pykvcompose -type f
 demo: install
 	$(PY) -m pykvcompose demo
 
-test: install
+test: install test-native
 	$(VENV)/bin/pytest -q tests
 
 install: $(STAMPS)/pykvcompose
