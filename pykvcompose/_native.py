@@ -18,7 +18,7 @@ import numpy as np
 
 import llama_cpp  # noqa: F401  (loads libllama/libggml into the process first)
 
-API_VERSION = 3
+API_VERSION = 4
 
 # status codes (enum kvc_status)
 KVC_OK = 0
@@ -159,6 +159,7 @@ _SIGNATURES = {
     "kvc_capture_begin": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32]),
     "kvc_capture_end": (ctypes.c_int32, [ctypes.c_void_p]),
     "kvc_capture_is_active": (ctypes.c_bool, [ctypes.c_void_p]),
+    "kvc_capture_set_recompute": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_bool]),
     "kvc_capture_get_scores": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, c_float_p, ctypes.c_size_t]),
     "kvc_capture_n_queries": (ctypes.c_int64, [ctypes.c_void_p, ctypes.c_int32]),
     "kvc_kvcompose_score": (
@@ -262,6 +263,11 @@ class Capture:
     @property
     def active(self) -> bool:
         return bool(_lib.kvc_capture_is_active(self.address))
+
+    def set_recompute(self, recompute: bool) -> None:
+        """Without flash attention: recompute the probabilities from q and k (the flash-attention
+        path's code) instead of reading ``kq_soft_max``; for comparing both on the same activations."""
+        _check(_lib.kvc_capture_set_recompute(self.address, bool(recompute)), "kvc_capture_set_recompute")
 
     def scores(self, agg: str = "max") -> np.ndarray:
         """Probe attention reduced over the probe queries by ``agg`` ("max" or "mean"), float32 ``[n_layer, n_head, n_keys]``."""

@@ -135,8 +135,8 @@ class Llama(llama_cpp.Llama):
         self._kv_layers_checked = False
         self._unsupported = self._why_unsupported()
         self._flash_attn = self.context_params.flash_attn_type != llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        if self._unsupported is None and not self._flash_attn:
-            self._install_capture()
+        if self._unsupported is None:
+            self._install_capture()  # flash attention too: the capture recomputes its probabilities
         self.kv_compress = kv_compress
 
     # ---- configuration ------------------------------------------------------------------------
@@ -152,12 +152,6 @@ class Llama(llama_cpp.Llama):
                 raise TypeError(f"kv_compress must be a press such as KVComposePress(...) or None, got {press!r}")
             if self._unsupported is not None:
                 raise NotImplementedError(self._unsupported)
-            if self._flash_attn:
-                raise ValueError(
-                    f"{type(press).__name__} scores tokens from the attention probabilities (kq_soft_max), which "
-                    "llama.cpp never materialises with flash attention: create the Llama with flash_attn=False "
-                    "(a quantized V cache needs flash attention, so use type_v=None too)"
-                )
             decoding = press.decoding_press if isinstance(press, PrefillDecodingPress) else press
             if isinstance(decoding, DecodingPress) and decoding.target_size >= self._n_ctx_cells - 1:
                 raise ValueError(f"DecodingPress.target_size ({decoding.target_size}) must be below n_ctx - 1 "

@@ -9,15 +9,6 @@ from pykvcompose import KVComposePress, Llama, _native
 from conftest import seq_state
 
 
-def test_flash_attention_is_refused_with_a_press(model_path):
-    with pytest.raises(ValueError, match="flash_attn=False"):
-        Llama(model_path, n_ctx=256, flash_attn=True, verbose=False, kv_compress=KVComposePress(0.5))
-    m = Llama(model_path, n_ctx=256, flash_attn=True, verbose=False)  # fine without a press
-    with pytest.raises(ValueError, match="flash_attn"):
-        m.kv_compress = KVComposePress(0.5)
-    m.close()
-
-
 def test_non_press_is_refused(llm):
     with pytest.raises(TypeError, match="kv_compress"):
         llm.kv_compress = 0.5

@@ -30,7 +30,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a signature or a struct in this header changes. */
-#define KVC_API_VERSION 3
+#define KVC_API_VERSION 4
 
 struct ggml_tensor;
 struct llama_context;
@@ -62,7 +62,10 @@ KVC_API size_t       kvc_sizeof_llama_context_params(void);
 /* ---- attention capture -------------------------------------------------------------------- */
 /*
  * A capture reduces the attention probabilities "kq_soft_max-{il}" that llama.cpp computes
- * when flash attention is off, as each ubatch is evaluated, into one score per
+ * when flash attention is off - and, with flash attention on, the same probabilities recomputed
+ * from the inputs of the flash-attention node (queries after RoPE, the cached keys of any type
+ * with ggml to_float traits, llama.cpp's mask, KQ scale, softcap and sinks; not ALiBi), read
+ * when "kqv_out-{il}" is evaluated - as each ubatch is evaluated, into one score per
  * (layer, query head, key column) - no full matrix is kept. Key column j is cache cell j;
  * only columns [0, n_keys) are recorded. Every query row of every ubatch evaluated while
  * the capture is active counts as a probe query.
@@ -86,6 +89,10 @@ KVC_API int32_t kvc_capture_begin(kvc_capture * cap, int32_t n_layer, int32_t n_
 /* Deactivate. Returns KVC_ERR_CAPTURE if a captured tensor had an unexpected shape or type. */
 KVC_API int32_t kvc_capture_end(kvc_capture * cap);
 KVC_API bool    kvc_capture_is_active(const kvc_capture * cap);
+/* Without flash attention, recompute the probabilities from the inputs of kq_soft_max (q.k, mask,
+ * scale) with the flash-attention path's own code instead of reading them: both ways on the same
+ * activations, for tests. Off by default. */
+KVC_API int32_t kvc_capture_set_recompute(kvc_capture * cap, bool recompute);
 /* Copy the reduced scores, [n_layer, n_head, n_keys] floats (n_values must equal that product).
  * agg MAX: max over probe queries; agg MEAN: sum over probe queries / their count. */
 KVC_API int32_t kvc_capture_get_scores(const kvc_capture * cap, int32_t agg, float * dst, size_t n_values);

@@ -1,5 +1,8 @@
 // Attention capture: reduces llama.cpp's "kq_soft_max-{il}" tensors, ubatch by ubatch, into one
-// score per (layer, query head, key column), so no full attention matrix is ever kept.
+// score per (layer, query head, key column), so no full attention matrix is ever kept. With flash
+// attention that matrix never exists: the probabilities are recomputed here from the inputs of the
+// GGML_OP_FLASH_ATTN_EXT node (queries after RoPE, the cache's keys of any type with to_float
+// traits, llama.cpp's own mask, its KQ scale, softcap and sinks), read when "kqv_out-{il}" is done.
 #include "kvcompose.h"
 #include "status.h"
 
@@ -7,7 +10,9 @@
 #include "ggml.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
+#include <thread>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -23,18 +28,21 @@ struct kvc_capture {
     std::vector<double>  sum;        // [n_layer, n_head, n_keys]: running sum, for the mean
     std::vector<int64_t> n_queries;  // [n_layer]
     std::vector<float>   staging;    // host copy of tensors that live on a device buffer
+    std::vector<float>   keys;       // recomputed attention: the layer's keys as f32 [n_head_kv, n_kv, D]
+    bool    recompute = false;       // recompute kq_soft_max from q and k instead of reading it
     std::string          error;      // first problem seen by the callback (it cannot return one)
 };
 
 namespace {
 
 constexpr const char * kSoftMaxPrefix = "kq_soft_max-";
+constexpr const char * kAttnOutPrefix = "kqv_out-";
 
-// Layer index of a "kq_soft_max-{il}" tensor, or -1 for any other tensor.
-int32_t softmax_layer(const ggml_tensor * t) {
+// Layer index of a "{prefix}{il}" tensor, or -1 for any other tensor.
+int32_t layer_of(const ggml_tensor * t, const char * prefix) {
     const char * name = ggml_get_name(t);
-    const size_t plen = std::strlen(kSoftMaxPrefix);
-    if (std::strncmp(name, kSoftMaxPrefix, plen) != 0) {
+    const size_t plen = std::strlen(prefix);
+    if (std::strncmp(name, prefix, plen) != 0) {
         return -1;
     }
     char * end = nullptr;
@@ -43,6 +51,190 @@ int32_t softmax_layer(const ggml_tensor * t) {
         return -1;
     }
     return static_cast<int32_t>(il);
+}
+
+int32_t softmax_layer(const ggml_tensor * t) { return layer_of(t, kSoftMaxPrefix); }
+
+// The flash-attention node behind "kqv_out-{il}" (a reshape of its result), or nullptr.
+const ggml_tensor * flash_attn_node(const ggml_tensor * t) {
+    for (int hop = 0; hop < 3 && t != nullptr; ++hop, t = t->src[0]) {
+        if (t->op == GGML_OP_FLASH_ATTN_EXT) return t;
+    }
+    return nullptr;
+}
+
+// Host bytes of t (a view included): its own data on a host buffer, else a copy into `staging`.
+const char * host_data(const ggml_tensor * t, std::vector<float> & staging) {
+    if (t->buffer == nullptr || ggml_backend_buffer_is_host(t->buffer)) {
+        return static_cast<const char *>(t->data);
+    }
+    const size_t nbytes = ggml_nbytes(t);
+    staging.resize((nbytes + sizeof(float) - 1) / sizeof(float));
+    ggml_backend_tensor_get(t, staging.data(), 0, nbytes);
+    return reinterpret_cast<const char *>(staging.data());
+}
+
+// Recompute softmax(scale * q.k [softcapped] + mask) as ggml's CPU kernels define it and fold
+// columns [0, n_keys) into the capture. Heads are split over threads; each thread owns whole heads,
+// so no two write the same scores.
+void recompute(kvc_capture & cap, const ggml_tensor * q, const ggml_tensor * k, const ggml_tensor * mask,
+               const ggml_tensor * sinks, float scale, float max_bias, float softcap, int32_t il) {
+    if (il >= cap.n_layer) {
+        cap.error = "attention of layer " + std::to_string(il) + " beyond the " + std::to_string(cap.n_layer) + " expected";
+        return;
+    }
+    // q [D, n_tokens, n_head, n_stream] f32; k [D, n_kv, n_head_kv, n_stream]; mask [n_kv, >= n_tokens, *, *] f16
+    const int64_t D = q->ne[0], n_tok = q->ne[1], n_head = q->ne[2], n_kv = k->ne[1], n_head_kv = k->ne[2];
+    if (q->type != GGML_TYPE_F32 || q->nb[0] != sizeof(float) || k->ne[0] != D || q->ne[3] != 1 || k->ne[3] != 1) {
+        cap.error = "flash attention inputs of an unexpected layout";
+        return;
+    }
+    if (n_head != cap.n_head || n_head_kv <= 0 || n_head % n_head_kv != 0) {
+        cap.error = "flash attention with " + std::to_string(n_head) + " query heads, expected " + std::to_string(cap.n_head);
+        return;
+    }
+    if (max_bias != 0.0f) {
+        cap.error = "ALiBi attention (max_bias != 0) is not supported by the flash-attention capture";
+        return;
+    }
+    if (mask != nullptr && ((mask->type != GGML_TYPE_F16 && mask->type != GGML_TYPE_F32) || mask->ne[0] < n_kv ||
+                            mask->ne[1] < n_tok)) {
+        cap.error = "flash attention mask of an unexpected type or shape";
+        return;
+    }
+    if (sinks != nullptr && (sinks->type != GGML_TYPE_F32 || sinks->ne[0] < n_head)) {
+        cap.error = "attention sinks of an unexpected type or shape";
+        return;
+    }
+    const ggml_type_traits * tr = ggml_get_type_traits(k->type);
+    if (k->type != GGML_TYPE_F32 && (tr == nullptr || tr->to_float == nullptr || D % ggml_blck_size(k->type) != 0)) {
+        cap.error = std::string("keys of type ") + ggml_type_name(k->type) + " cannot be read as floats";
+        return;
+    }
+    std::vector<float> q_stage, k_stage, m_stage, s_stage;
+    const char * qd = host_data(q, q_stage);
+    const char * kd = host_data(k, k_stage);
+    const char * md = mask != nullptr ? host_data(mask, m_stage) : nullptr;
+    const char * sd = sinks != nullptr ? host_data(sinks, s_stage) : nullptr;
+    if (qd == nullptr || kd == nullptr || (mask != nullptr && md == nullptr)) {
+        cap.error = "flash attention inputs have no data";
+        return;
+    }
+    // keys once per layer as f32 rows
+    cap.keys.resize(static_cast<size_t>(n_head_kv) * n_kv * D);
+    for (int64_t g = 0; g < n_head_kv; ++g) {
+        for (int64_t j = 0; j < n_kv; ++j) {
+            const char * row = kd + j * k->nb[1] + g * k->nb[2];
+            float * dst = cap.keys.data() + (static_cast<size_t>(g) * n_kv + j) * D;
+            if (k->type == GGML_TYPE_F32) {
+                std::memcpy(dst, row, D * sizeof(float));
+            } else {
+                tr->to_float(row, dst, D);
+            }
+        }
+    }
+    // ggml rounds each query to the type its dot product with K takes (f16 for f16 keys, q8_0 for
+    // block-quantized ones) before multiplying; so do we, so that both paths agree to the last bits
+    ggml_type q_type = GGML_TYPE_F32;
+    if (k->type == GGML_TYPE_F16 || k->type == GGML_TYPE_BF16) {
+        q_type = k->type;
+    } else if (ggml_is_quantized(k->type)) {
+        q_type = GGML_TYPE_Q8_0;
+    }
+    const ggml_type_traits * qt = ggml_get_type_traits(q_type);
+    if (q_type != GGML_TYPE_F32 && (D % ggml_blck_size(q_type) != 0 || qt->from_float_ref == nullptr)) {
+        q_type = GGML_TYPE_F32;
+    }
+    const int64_t m = std::min<int64_t>(n_kv, cap.n_keys);
+    const int64_t group = n_head / n_head_kv;
+    auto work = [&](int64_t h0, int64_t h1) {
+        std::vector<float> logits(n_kv), q_round(D);
+        std::vector<uint8_t> q_packed(q_type == GGML_TYPE_F32 ? 0 : ggml_row_size(q_type, D));
+        for (int64_t h = h0; h < h1; ++h) {
+            const float * keys = cap.keys.data() + static_cast<size_t>(h / group) * n_kv * D;
+            const size_t at = (static_cast<size_t>(il) * cap.n_head + h) * cap.n_keys;
+            float *  mx = cap.max.data() + at;
+            double * sm = cap.sum.data() + at;
+            for (int64_t t = 0; t < n_tok; ++t) {
+                const float * qv = reinterpret_cast<const float *>(qd + t * q->nb[1] + h * q->nb[2]);
+                if (q_type != GGML_TYPE_F32) {
+                    qt->from_float_ref(qv, q_packed.data(), D);
+                    qt->to_float(q_packed.data(), q_round.data(), D);
+                    qv = q_round.data();
+                }
+                const char * mrow = md == nullptr ? nullptr
+                                                  : md + t * mask->nb[1] + (h % mask->ne[2]) * mask->nb[2];
+                float M = -INFINITY;
+                for (int64_t j = 0; j < n_kv; ++j) {
+                    float mv = 0.0f;
+                    if (mrow != nullptr && mask->type == GGML_TYPE_F16) {
+                        ggml_fp16_t hv;
+                        std::memcpy(&hv, mrow + j * mask->nb[0], sizeof hv);
+                        mv = ggml_fp16_to_fp32(hv);
+                    } else if (mrow != nullptr) {
+                        std::memcpy(&mv, mrow + j * mask->nb[0], sizeof mv);
+                    }
+                    if (mv == -INFINITY) {
+                        logits[j] = -INFINITY;
+                        continue;
+                    }
+                    const float * kv = keys + static_cast<size_t>(j) * D;
+                    float dot = 0.0f;
+                    for (int64_t d = 0; d < D; ++d) dot += qv[d] * kv[d];  // vectorised by the compiler
+                    float s = softcap != 0.0f ? softcap * std::tanh(dot * (scale / softcap)) : dot * scale;
+                    s += mv;
+                    logits[j] = s;
+                    M = std::max(M, s);
+                }
+                if (sd != nullptr) {
+                    M = std::max(M, reinterpret_cast<const float *>(sd)[h]);
+                }
+                if (M == -INFINITY) continue;  // a padding row that sees nothing
+                double S = 0.0;
+                for (int64_t j = 0; j < n_kv; ++j) {
+                    if (logits[j] != -INFINITY) S += std::exp(static_cast<double>(logits[j] - M));
+                }
+                if (sd != nullptr) S += std::exp(static_cast<double>(reinterpret_cast<const float *>(sd)[h] - M));
+                for (int64_t j = 0; j < m; ++j) {
+                    const float p = logits[j] == -INFINITY ? 0.0f : static_cast<float>(std::exp(logits[j] - M) / S);
+                    mx[j] = std::max(mx[j], p);
+                    sm[j] += p;
+                }
+            }
+        }
+    };
+    const int64_t n_threads = std::max<int64_t>(1, std::min<int64_t>(n_head, std::thread::hardware_concurrency()));
+    std::vector<std::thread> pool;
+    const int64_t per = (n_head + n_threads - 1) / n_threads;
+    for (int64_t i = 1; i < n_threads; ++i) {
+        const int64_t h0 = i * per, h1 = std::min(n_head, h0 + per);
+        if (h0 < h1) pool.emplace_back(work, h0, h1);
+    }
+    work(0, std::min(n_head, per));
+    for (auto & th : pool) th.join();
+    cap.n_queries[il] += n_tok;
+}
+
+float op_param(const ggml_tensor * t, int i) {
+    float v;
+    std::memcpy(&v, reinterpret_cast<const float *>(t->op_params) + i, sizeof v);
+    return v;
+}
+
+// ggml_flash_attn_ext(q, k, v, mask, scale, max_bias, softcap) [+ sinks]
+void reduce_flash(kvc_capture & cap, const ggml_tensor * fa, int32_t il) {
+    recompute(cap, fa->src[0], fa->src[1], fa->src[3], fa->src[4], op_param(fa, 0), op_param(fa, 1), op_param(fa, 2), il);
+}
+
+// kq_soft_max = ggml_soft_max_ext(mul_mat(k, q), mask, scale, max_bias) [+ sinks], recomputed from
+// its inputs instead of read: the check that both ways agree (kvc_capture_set_recompute)
+void recompute_softmax(kvc_capture & cap, const ggml_tensor * sm, int32_t il) {
+    const ggml_tensor * kq = sm->src[0];
+    if (kq == nullptr || kq->op != GGML_OP_MUL_MAT) {
+        cap.error = "kq_soft_max is not a softmax of q.k (softcapped attention): cannot recompute it";
+        return;
+    }
+    recompute(cap, kq->src[1], kq->src[0], sm->src[1], sm->src[2], op_param(sm, 0), op_param(sm, 1), 0.0f, il);
 }
 
 void reduce(kvc_capture & cap, const ggml_tensor * t, int32_t il) {
@@ -150,6 +342,14 @@ int32_t kvc_capture_end(kvc_capture * cap) {
 
 bool kvc_capture_is_active(const kvc_capture * cap) { return cap != nullptr && cap->active; }
 
+int32_t kvc_capture_set_recompute(kvc_capture * cap, bool recompute) {
+    if (cap == nullptr) {
+        return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "capture is NULL");
+    }
+    cap->recompute = recompute;
+    return KVC_OK;
+}
+
 int32_t kvc_capture_get_scores(const kvc_capture * cap, int32_t agg, float * dst, size_t n_values) {
     return kvc::guard([&] {
         if (cap == nullptr || dst == nullptr) {
@@ -191,12 +391,20 @@ bool kvc_capture_eval_callback(struct ggml_tensor * t, bool ask, void * user_dat
         return !ask;
     }
     const int32_t il = softmax_layer(t);
+    // with flash attention there is no kq_soft_max: the layer's output names the node to read
+    const int32_t il_out = il >= 0 ? -1 : layer_of(t, kAttnOutPrefix);
     if (ask) {
-        return il >= 0;
+        return il >= 0 || (il_out >= 0 && flash_attn_node(t) != nullptr);
     }
-    if (il >= 0 && cap->error.empty()) {
+    if (cap->error.empty() && (il >= 0 || il_out >= 0)) {
         try {
-            reduce(*cap, t, il);
+            if (il >= 0 && cap->recompute) {
+                recompute_softmax(*cap, t, il);
+            } else if (il >= 0) {
+                reduce(*cap, t, il);
+            } else if (const ggml_tensor * fa = flash_attn_node(t)) {
+                reduce_flash(*cap, fa, il_out);
+            }
         } catch (...) {
             cap->error = "allocation failed while capturing attention";
         }
