@@ -42,11 +42,25 @@ def best(fn, repeat: int) -> float:
 
 
 def decode_seconds(llm, tokens) -> float:
-    """Seconds for decoding ``tokens`` one at a time on whatever the cache holds."""
+    """Seconds for decoding ``tokens`` one at a time on whatever the cache holds; the cache is put
+    back as it was (their cells removed), so a run can be repeated."""
+    start = llm.n_tokens
     t0 = time.perf_counter()
     for t in tokens:
         llm.eval([t])
-    return time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    llm._ctx.kv_cache_seq_rm(0, start, -1)
+    llm.n_tokens = start
+    return seconds
+
+
+def interleaved_decode(llms, tokens, repeat: int):
+    """Best decode time of each llm, the runs interleaved so that load changes hit all alike."""
+    best_s = [float("inf")] * len(llms)
+    for _ in range(max(3, repeat)):
+        for i, llm in enumerate(llms):
+            best_s[i] = min(best_s[i], decode_seconds(llm, tokens))
+    return best_s
 
 
 def memcpy_seconds(nbytes: int, repeat: int) -> float:
@@ -67,7 +81,6 @@ def measure(n: int, ratio: float, n_decode: int, repeat: int, text_tokens) -> di
         plain.eval(prompt)
 
     t_prefill = best(plain_prefill, repeat)
-    t_plain_decode = decode_seconds(plain, follow)
 
     ours = Llama(path, n_ctx=n_ctx, n_batch=512, n_threads=threads, verbose=False)
     window = KVComposePress(ratio, scoring="window")
@@ -79,16 +92,13 @@ def measure(n: int, ratio: float, n_decode: int, repeat: int, text_tokens) -> di
         runs.append(dict(ours.kv_stats))
     st = min(runs, key=lambda s: s["compress_seconds"])
     cells = st["cells_after"]
-    t_ours_decode = decode_seconds(ours, follow)
     t_memcpy = memcpy_seconds(st["kv_bytes_before"], repeat)
-    ours.close()
 
     fresh = llama_cpp.Llama(path, n_ctx=n_ctx, n_batch=512, n_threads=threads, verbose=False)
     fresh.eval(prompt[:cells])
-    t_fresh_decode = decode_seconds(fresh, follow)
-    t_full_decode = t_plain_decode
-    plain.close()
-    fresh.close()
+    t_full_decode, t_ours_decode, t_fresh_decode = interleaved_decode([plain, ours, fresh], follow, repeat)
+    for llm in (plain, ours, fresh):
+        llm.close()
     return {
         "tokens": n, "ratio": ratio, "cells_after": cells,
         "kv_bytes_before": st["kv_bytes_before"], "kv_bytes_after": st["kv_bytes_after"],

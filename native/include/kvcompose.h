@@ -204,6 +204,8 @@ typedef struct kvc_compose_result {
  * expected_cells > 0 makes the call fail unless the sequence holds exactly that many cells
  * with positions 0..expected_cells-1 in order. On any failure the sequence is restored to its
  * exact prior content and KVC_ERR_LLAMA or the validation error is returned.
+ * The kvc_context_* calls keep their host buffers per thread between calls (they only grow, to
+ * the largest state seen): page-faulting a fresh state-sized buffer cost more than copying it.
  */
 KVC_API int32_t kvc_context_compose(struct llama_context * ctx, int32_t seq_id,
         const int32_t * selection, int32_t n_layer, int32_t n_head_kv, int32_t n_keep,
