@@ -71,8 +71,11 @@ $(SDIST): $(STAMPS)/venv
 	$(PIP) download -q --no-deps --no-binary :all: -d $(VENV)/sdist llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION)
 	test -f $@
 
+# extra llama.cpp options, e.g. LLAMA_CMAKE_ARGS="-DGGML_CUDA=on" (see the README's GPU section)
+LLAMA_CMAKE_ARGS ?=
+
 $(STAMPS)/llama-cpp-python: $(SDIST)
-	CMAKE_ARGS="$(SAFE_CMAKE_ARGS)" $(PIP) install --no-cache-dir $(SDIST)
+	CMAKE_ARGS="$(SAFE_CMAKE_ARGS) $(LLAMA_CMAKE_ARGS)" $(PIP) install --no-cache-dir $(SDIST)
 	touch $@
 
 $(STAMPS)/model: $(STAMPS)/venv
