@@ -10,6 +10,7 @@
 #include "ggml.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdlib>
 #include <thread>
@@ -54,6 +55,35 @@ int32_t layer_of(const ggml_tensor * t, const char * prefix) {
 }
 
 int32_t softmax_layer(const ggml_tensor * t) { return layer_of(t, kSoftMaxPrefix); }
+
+// Runs work(h0, h1) over [0, n_head) split into one range of whole heads per core: each call owns
+// its heads' scores, so no two threads write the same memory.
+template <typename F>
+void for_heads(int64_t n_head, F && work) {
+    const int64_t hw = static_cast<int64_t>(std::max(1u, std::thread::hardware_concurrency()));
+    const int64_t n_threads = std::max<int64_t>(1, std::min<int64_t>(n_head, hw));
+    const int64_t per = (n_head + n_threads - 1) / n_threads;  // heads per thread
+    std::atomic<bool> failed{false};
+    auto guarded = [&](int64_t h0, int64_t h1) {  // an exception must not leave a thread (std::terminate)
+        try {
+            work(h0, h1);
+        } catch (...) {
+            failed = true;
+        }
+    };
+    std::vector<std::thread> pool;
+    int64_t next = per;  // first head no thread has taken
+    try {
+        for (; next < n_head; next += per) {
+            pool.emplace_back(guarded, next, std::min(n_head, next + per));
+        }
+    } catch (...) {
+        guarded(next, n_head);  // no more threads: this one does the rest
+    }
+    guarded(0, std::min(n_head, per));
+    for (auto & th : pool) th.join();
+    if (failed) throw std::bad_alloc();
+}
 
 // The flash-attention node behind "kqv_out-{il}" (a reshape of its result), or nullptr.
 const ggml_tensor * flash_attn_node(const ggml_tensor * t) {
@@ -203,15 +233,7 @@ void recompute(kvc_capture & cap, const ggml_tensor * q, const ggml_tensor * k, 
             }
         }
     };
-    const int64_t n_threads = std::max<int64_t>(1, std::min<int64_t>(n_head, std::thread::hardware_concurrency()));
-    std::vector<std::thread> pool;
-    const int64_t per = (n_head + n_threads - 1) / n_threads;
-    for (int64_t i = 1; i < n_threads; ++i) {
-        const int64_t h0 = i * per, h1 = std::min(n_head, h0 + per);
-        if (h0 < h1) pool.emplace_back(work, h0, h1);
-    }
-    work(0, std::min(n_head, per));
-    for (auto & th : pool) th.join();
+    for_heads(n_head, work);
     cap.n_queries[il] += n_tok;
 }
 
@@ -274,18 +296,20 @@ void reduce(kvc_capture & cap, const ggml_tensor * t, int32_t il) {
     }
 
     const int64_t m = std::min<int64_t>(n_kv, cap.n_keys);
-    for (int64_t h = 0; h < n_head; ++h) {
-        const size_t at = (static_cast<size_t>(il) * cap.n_head + h) * cap.n_keys;
-        float *  mx = cap.max.data() + at;
-        double * sm = cap.sum.data() + at;
-        for (int64_t q = 0; q < n_tok; ++q) {
-            const float * row = reinterpret_cast<const float *>(base + h * t->nb[2] + q * t->nb[1]);
-            for (int64_t j = 0; j < m; ++j) {
-                mx[j] = std::max(mx[j], row[j]);
-                sm[j] += row[j];
+    for_heads(n_head, [&](int64_t h0, int64_t h1) {
+        for (int64_t h = h0; h < h1; ++h) {
+            const size_t at = (static_cast<size_t>(il) * cap.n_head + h) * cap.n_keys;
+            float *  mx = cap.max.data() + at;
+            double * sm = cap.sum.data() + at;
+            for (int64_t q = 0; q < n_tok; ++q) {
+                const float * row = reinterpret_cast<const float *>(base + h * t->nb[2] + q * t->nb[1]);
+                for (int64_t j = 0; j < m; ++j) {
+                    mx[j] = std::max(mx[j], row[j]);
+                    sm[j] += row[j];
+                }
             }
         }
-    }
+    });
     cap.n_queries[il] += n_tok;
 }
 
