@@ -4,16 +4,15 @@
 // GGML_OP_FLASH_ATTN_EXT node (queries after RoPE, the cache's keys of any type with to_float
 // traits, llama.cpp's own mask, its KQ scale, softcap and sinks), read when "kqv_out-{il}" is done.
 #include "kvcompose.h"
+#include "parallel.h"
 #include "status.h"
 
 #include "ggml-backend.h"
 #include "ggml.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdlib>
-#include <thread>
 #include <cstring>
 #include <limits>
 #include <string>
@@ -56,34 +55,6 @@ int32_t layer_of(const ggml_tensor * t, const char * prefix) {
 
 int32_t softmax_layer(const ggml_tensor * t) { return layer_of(t, kSoftMaxPrefix); }
 
-// Runs work(h0, h1) over [0, n_head) split into one range of whole heads per core: each call owns
-// its heads' scores, so no two threads write the same memory.
-template <typename F>
-void for_heads(int64_t n_head, F && work) {
-    const int64_t hw = static_cast<int64_t>(std::max(1u, std::thread::hardware_concurrency()));
-    const int64_t n_threads = std::max<int64_t>(1, std::min<int64_t>(n_head, hw));
-    const int64_t per = (n_head + n_threads - 1) / n_threads;  // heads per thread
-    std::atomic<bool> failed{false};
-    auto guarded = [&](int64_t h0, int64_t h1) {  // an exception must not leave a thread (std::terminate)
-        try {
-            work(h0, h1);
-        } catch (...) {
-            failed = true;
-        }
-    };
-    std::vector<std::thread> pool;
-    int64_t next = per;  // first head no thread has taken
-    try {
-        for (; next < n_head; next += per) {
-            pool.emplace_back(guarded, next, std::min(n_head, next + per));
-        }
-    } catch (...) {
-        guarded(next, n_head);  // no more threads: this one does the rest
-    }
-    guarded(0, std::min(n_head, per));
-    for (auto & th : pool) th.join();
-    if (failed) throw std::bad_alloc();
-}
 
 // The flash-attention node behind "kqv_out-{il}" (a reshape of its result), or nullptr.
 const ggml_tensor * flash_attn_node(const ggml_tensor * t) {
@@ -233,7 +204,7 @@ void recompute(kvc_capture & cap, const ggml_tensor * q, const ggml_tensor * k, 
             }
         }
     };
-    for_heads(n_head, work);
+    kvc::parallel_for(n_head, work);
     cap.n_queries[il] += n_tok;
 }
 
@@ -296,7 +267,7 @@ void reduce(kvc_capture & cap, const ggml_tensor * t, int32_t il) {
     }
 
     const int64_t m = std::min<int64_t>(n_kv, cap.n_keys);
-    for_heads(n_head, [&](int64_t h0, int64_t h1) {
+    kvc::parallel_for(n_head, [&](int64_t h0, int64_t h1) {
         for (int64_t h = h0; h < h1; ++h) {
             const size_t at = (static_cast<size_t>(il) * cap.n_head + h) * cap.n_keys;
             float *  mx = cap.max.data() + at;

@@ -2,6 +2,7 @@
 // The arithmetic order is fixed (float storage, double accumulation) so that an independent
 // numpy re-implementation reproduces it exactly.
 #include "kvcompose.h"
+#include "parallel.h"
 #include "status.h"
 
 #include <algorithm>
@@ -14,6 +15,7 @@
 namespace {
 
 constexpr float kLowerBoundBonus = 1e9f;  // kvpress's way of pinning the first ranks
+constexpr int64_t kParallelWork = 1 << 16;  // scores below which threads cost more than they save
 
 // NaN would break the strict weak ordering of the comparators below: rank it last.
 inline float rankable(float x) { return std::isnan(x) ? -std::numeric_limits<float>::infinity() : x; }
@@ -99,28 +101,30 @@ int32_t kvc_kvcompose_layer_budgets(const float * scores, int32_t n_layer, int32
         }
         const size_t n = static_cast<size_t>(n_tokens);
         std::vector<float> composite(static_cast<size_t>(total));  // [n_layer, n_tokens]
-        std::vector<float> sorted(n);
-        std::vector<double> acc(n);
-        for (int32_t l = 0; l < n_layer; ++l) {
-            std::fill(acc.begin(), acc.end(),
-                      agg_head == KVC_AGG_MAX ? -std::numeric_limits<double>::infinity() : 0.0);
-            for (int32_t g = 0; g < n_head_kv; ++g) {
-                const float * row = scores + (static_cast<size_t>(l) * n_head_kv + g) * n;
-                std::transform(row, row + n, sorted.begin(), rankable);
-                std::sort(sorted.begin(), sorted.end(), std::greater<float>());
+        kvc::parallel_for(n_layer, [&](int64_t l0, int64_t l1) {
+            std::vector<float> sorted(n);
+            std::vector<double> acc(n);
+            for (int64_t l = l0; l < l1; ++l) {
+                std::fill(acc.begin(), acc.end(),
+                          agg_head == KVC_AGG_MAX ? -std::numeric_limits<double>::infinity() : 0.0);
+                for (int32_t g = 0; g < n_head_kv; ++g) {
+                    const float * row = scores + (static_cast<size_t>(l) * n_head_kv + g) * n;
+                    std::transform(row, row + n, sorted.begin(), rankable);
+                    std::sort(sorted.begin(), sorted.end(), std::greater<float>());
+                    for (size_t r = 0; r < n; ++r) {
+                        acc[r] = agg_head == KVC_AGG_MAX ? std::max(acc[r], static_cast<double>(sorted[r]))
+                                                         : acc[r] + sorted[r];
+                    }
+                }
+                float * comp = composite.data() + l * n;
                 for (size_t r = 0; r < n; ++r) {
-                    acc[r] = agg_head == KVC_AGG_MAX ? std::max(acc[r], static_cast<double>(sorted[r]))
-                                                     : acc[r] + sorted[r];
+                    comp[r] = static_cast<float>(agg_head == KVC_AGG_MAX ? acc[r] : acc[r] / n_head_kv);
+                    if (static_cast<int64_t>(r) < keep_token_lower_bound) {
+                        comp[r] += kLowerBoundBonus;
+                    }
                 }
             }
-            float * comp = composite.data() + l * n;
-            for (size_t r = 0; r < n; ++r) {
-                comp[r] = static_cast<float>(agg_head == KVC_AGG_MAX ? acc[r] : acc[r] / n_head_kv);
-                if (static_cast<int64_t>(r) < keep_token_lower_bound) {
-                    comp[r] += kLowerBoundBonus;
-                }
-            }
-        }
+        }, static_cast<int64_t>(n_layer) * n_head_kv * n_tokens >= kParallelWork);
         // layer 0 gets the largest budget: its composite scores are the max over all layers
         for (int32_t l = 1; l < n_layer; ++l) {
             for (size_t r = 0; r < n; ++r) {
@@ -199,30 +203,32 @@ int32_t kvc_select_top(const float * scores, int32_t n_rows, int32_t n_tokens, i
         if (n_unique_forced > n_keep) {
             return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "more forced tokens than n_keep");
         }
-        std::vector<int32_t> idx;
-        idx.reserve(n_tokens);
-        for (int32_t r = 0; r < n_rows; ++r) {
-            const float * row = scores + static_cast<size_t>(r) * n_tokens;
-            int32_t * dst = out + static_cast<size_t>(r) * n_keep;
-            idx.clear();
-            int32_t n_dst = 0;
-            for (int32_t j = 0; j < n_tokens; ++j) {
-                if (is_forced[j]) {
-                    dst[n_dst++] = j;
-                } else {
-                    idx.push_back(j);
+        kvc::parallel_for(n_rows, [&](int64_t r0, int64_t r1) {
+            std::vector<int32_t> idx;
+            idx.reserve(n_tokens);
+            for (int64_t r = r0; r < r1; ++r) {
+                const float * row = scores + static_cast<size_t>(r) * n_tokens;
+                int32_t * dst = out + static_cast<size_t>(r) * n_keep;
+                idx.clear();
+                int32_t n_dst = 0;
+                for (int32_t j = 0; j < n_tokens; ++j) {
+                    if (is_forced[j]) {
+                        dst[n_dst++] = j;
+                    } else {
+                        idx.push_back(j);
+                    }
                 }
+                const int32_t n_free = n_keep - n_dst;
+                if (n_free > 0) {
+                    std::nth_element(idx.begin(), idx.begin() + (n_free - 1), idx.end(), [&](int32_t a, int32_t b) {
+                        const float sa = rankable(row[a]), sb = rankable(row[b]);
+                        return sa > sb || (sa == sb && a < b);
+                    });
+                    std::copy(idx.begin(), idx.begin() + n_free, dst + n_dst);
+                }
+                std::sort(dst, dst + n_keep);
             }
-            const int32_t n_free = n_keep - n_dst;
-            if (n_free > 0) {
-                std::nth_element(idx.begin(), idx.begin() + (n_free - 1), idx.end(), [&](int32_t a, int32_t b) {
-                    const float sa = rankable(row[a]), sb = rankable(row[b]);
-                    return sa > sb || (sa == sb && a < b);
-                });
-                std::copy(idx.begin(), idx.begin() + n_free, dst + n_dst);
-            }
-            std::sort(dst, dst + n_keep);
-        }
+        }, static_cast<int64_t>(n_rows) * n_tokens >= kParallelWork);
         return static_cast<int32_t>(KVC_OK);
     });
 }
