@@ -129,12 +129,11 @@ class Llama(llama_cpp.Llama):
         self._n_model_layers = int(llama_cpp.llama_model_n_layer(model))
         self.kv_n_head = int(llama_cpp.llama_model_n_head(model))
         self.kv_n_head_kv = int(llama_cpp.llama_model_n_head_kv(model))
+        self._kv_n_swa = int(llama_cpp.llama_model_n_swa(model))  # > 0: interleaved sliding-window layers
         self.kv_layers: List[int] = self._full_attention_layers() or []
         self.kv_n_layer = len(self.kv_layers)  # layers of the compressed cache (iSWA: the global ones)
-        self._kv_swa = bool(llama_cpp.llama_model_n_swa(model) > 0)
         self._kv_layers_checked = False
         self._unsupported = self._why_unsupported()
-        self._flash_attn = self.context_params.flash_attn_type != llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         if self._unsupported is None:
             self._install_capture()  # flash attention too: the capture recomputes its probabilities
         self.kv_compress = kv_compress
@@ -184,10 +183,7 @@ class Llama(llama_cpp.Llama):
         """Whether prompts may run past ``n_ctx``: compression frees cells of the global layers only,
         so an iSWA model's sliding-window cache (as large as ``n_ctx`` in llama-cpp-python) must hold
         the window and a batch by itself."""
-        if not self._kv_swa:
-            return True
-        n_swa = int(llama_cpp.llama_model_n_swa(self._model.model))
-        return self._n_ctx_cells >= n_swa + int(self.context_params.n_ubatch)
+        return self._kv_n_swa == 0 or self._n_ctx_cells >= self._kv_n_swa + int(self.context_params.n_ubatch)
 
     @staticmethod
     def _makes_room(press: Optional[AnyPress]) -> bool:
@@ -254,9 +250,8 @@ class Llama(llama_cpp.Llama):
         """Model layers whose cache is compressed: every layer, or for interleaved sliding-window
         (iSWA) models the global layers, whose cache llama.cpp keeps apart from the sliding-window
         one (which is left as it is). None when that split is not known for the architecture."""
-        model = self._model.model
         n = self._n_model_layers
-        if llama_cpp.llama_model_n_swa(model) <= 0:
+        if self._kv_n_swa == 0:
             return list(range(n))
         arch = self.metadata.get("general.architecture", "unknown")
         pattern = self.metadata.get(f"{arch}.attention.sliding_window_pattern", self._SWA_PATTERNS.get(arch))
@@ -271,8 +266,8 @@ class Llama(llama_cpp.Llama):
     def _check_cache_layers(self) -> None:
         """Once per instance: the cache llama.cpp keeps for the compressed layers has as many layers
         as ``kv_layers`` (for iSWA models this validates the sliding-window pattern)."""
-        if self._kv_layers_checked or self.n_tokens == 0:
-            return
+        if self._kv_layers_checked or self.n_tokens == 0 or self._kv_n_swa == 0:
+            return  # without sliding-window layers, kv_layers is every layer by construction
         info = _native.context_state_info(self._ctx.ctx)
         if info["n_layer"] != self.kv_n_layer:
             arch = self.metadata.get("general.architecture", "unknown")
@@ -678,7 +673,7 @@ class Llama(llama_cpp.Llama):
         Probe
         """
         self._drop_cache()
-        if self._kv_capture is None:  # flash attention or unsupported model: the setter refused already
+        if self._kv_capture is None:  # an unsupported model: the setter refused already
             raise RuntimeError("attention capture is not installed")
         context = list(context)
         n = len(context)
@@ -754,7 +749,7 @@ class Llama(llama_cpp.Llama):
         # the newest context token stays in every head: positions must end at it
         selection = press.select(scores, n_keep, forced=[n - 1], budgets=budgets)
         t_select = time.perf_counter()
-        composite = press.per_head or self._kv_swa  # llama.cpp's eviction would cut the sliding window too
+        composite = press.per_head or self._kv_n_swa > 0  # llama.cpp's eviction would cut the sliding window too
         if composite:
             # restores the sequence exactly if llama.cpp refuses the rewrite
             result = _native.context_compose(self._ctx.ctx, selection, expected_cells=n)

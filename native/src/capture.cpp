@@ -55,7 +55,6 @@ int32_t layer_of(const ggml_tensor * t, const char * prefix) {
 
 int32_t softmax_layer(const ggml_tensor * t) { return layer_of(t, kSoftMaxPrefix); }
 
-
 // The flash-attention node behind "kqv_out-{il}" (a reshape of its result), or nullptr.
 const ggml_tensor * flash_attn_node(const ggml_tensor * t) {
     for (int hop = 0; hop < 3 && t != nullptr; ++hop, t = t->src[0]) {
@@ -80,10 +79,6 @@ const char * host_data(const ggml_tensor * t, std::vector<float> & staging) {
 // so no two write the same scores.
 void recompute(kvc_capture & cap, const ggml_tensor * q, const ggml_tensor * k, const ggml_tensor * mask,
                const ggml_tensor * sinks, float scale, float max_bias, float softcap, int32_t il) {
-    if (il >= cap.n_layer) {
-        cap.error = "attention of layer " + std::to_string(il) + " beyond the " + std::to_string(cap.n_layer) + " expected";
-        return;
-    }
     // q [D, n_tokens, n_head, n_stream] f32; k [D, n_kv, n_head_kv, n_stream]; mask [n_kv, >= n_tokens, *, *] f16
     const int64_t D = q->ne[0], n_tok = q->ne[1], n_head = q->ne[2], n_kv = k->ne[1], n_head_kv = k->ne[2];
     if (q->type != GGML_TYPE_F32 || q->nb[0] != sizeof(float) || k->ne[0] != D || q->ne[3] != 1 || k->ne[3] != 1) {
@@ -231,10 +226,6 @@ void recompute_softmax(kvc_capture & cap, const ggml_tensor * sm, int32_t il) {
 }
 
 void reduce(kvc_capture & cap, const ggml_tensor * t, int32_t il) {
-    if (il >= cap.n_layer) {
-        cap.error = "attention of layer " + std::to_string(il) + " beyond the " + std::to_string(cap.n_layer) + " expected";
-        return;
-    }
     if (t->type != GGML_TYPE_F32) {
         cap.error = std::string("attention tensor of type ") + ggml_type_name(t->type) + ", expected f32";
         return;
@@ -251,16 +242,7 @@ void reduce(kvc_capture & cap, const ggml_tensor * t, int32_t il) {
         return;
     }
 
-    const char * base = nullptr;
-    if (t->buffer == nullptr || ggml_backend_buffer_is_host(t->buffer)) {
-        base = static_cast<const char *>(t->data);
-    } else {
-        // device tensor: one host copy per layer and ubatch
-        const size_t nbytes = ggml_nbytes(t);
-        cap.staging.resize((nbytes + sizeof(float) - 1) / sizeof(float));
-        ggml_backend_tensor_get(t, cap.staging.data(), 0, nbytes);
-        base = reinterpret_cast<const char *>(cap.staging.data());
-    }
+    const char * base = host_data(t, cap.staging);  // device tensor: one host copy per layer and ubatch
     if (base == nullptr) {
         cap.error = "attention tensor has no data";
         return;
@@ -392,6 +374,12 @@ bool kvc_capture_eval_callback(struct ggml_tensor * t, bool ask, void * user_dat
         return il >= 0 || (il_out >= 0 && flash_attn_node(t) != nullptr);
     }
     if (cap->error.empty() && (il >= 0 || il_out >= 0)) {
+        const int32_t layer = il >= 0 ? il : il_out;
+        if (layer >= cap->n_layer) {
+            cap->error = "attention of layer " + std::to_string(layer) + " beyond the " +
+                         std::to_string(cap->n_layer) + " expected";
+            return true;
+        }
         try {
             if (il >= 0 && cap->recompute) {
                 recompute_softmax(*cap, t, il);
