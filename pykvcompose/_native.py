@@ -18,7 +18,7 @@ import numpy as np
 
 import llama_cpp  # noqa: F401  (loads libllama/libggml into the process first)
 
-API_VERSION = 4
+API_VERSION = 5
 
 # status codes (enum kvc_status)
 KVC_OK = 0
@@ -55,11 +55,16 @@ class UnsupportedCacheError(NativeError, NotImplementedError):
     """A valid cache this library cannot compress (its type or layout)."""
 
 
+class LlamaRefusedError(NativeError):
+    """llama.cpp refused a call (``KVC_ERR_LLAMA``); the message says what became of the cache."""
+
+
 _ERROR_CLASS = {
     KVC_ERR_INVALID_ARGUMENT: type("InvalidArgumentError", (NativeError, ValueError), {}),
     KVC_ERR_CORRUPT_STATE: CorruptStateError,
     KVC_ERR_UNSUPPORTED: UnsupportedCacheError,
     KVC_ERR_OUT_OF_MEMORY: type("NativeMemoryError", (NativeError, MemoryError), {}),
+    KVC_ERR_LLAMA: LlamaRefusedError,
 }
 
 
@@ -162,6 +167,10 @@ _SIGNATURES = {
     "kvc_capture_set_recompute": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_bool]),
     "kvc_capture_get_scores": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, c_float_p, ctypes.c_size_t]),
     "kvc_capture_n_queries": (ctypes.c_int64, [ctypes.c_void_p, ctypes.c_int32]),
+    "kvc_capture_get_visibility": (ctypes.c_int32, [ctypes.c_void_p, c_int32_p, ctypes.c_size_t]),
+    "kvc_capture_get_norms": (
+        ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, c_float_p, ctypes.c_size_t]
+    ),
     "kvc_kvcompose_score": (
         ctypes.c_int32,
         [c_float_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, c_float_p,
@@ -191,6 +200,11 @@ _SIGNATURES = {
         ctypes.c_int32,
         [ctypes.c_void_p, ctypes.c_int32, c_int32_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
          ctypes.POINTER(ComposeResult)],
+    ),
+    "kvc_context_compose_tensors": (
+        ctypes.c_int32,
+        [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, c_int32_p, ctypes.c_int32, c_int32_p, ctypes.c_int32,
+         ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(ComposeResult)],
     ),
     "kvc_context_state_info": (
         ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(StateInfo), c_int32_p, ctypes.c_size_t]
@@ -280,6 +294,21 @@ class Capture:
 
     def n_queries(self, layer: int) -> int:
         return int(_lib.kvc_capture_n_queries(self.address, layer))
+
+    def visibility(self) -> np.ndarray:
+        """int32 ``[n_keys]``: how many probe query rows of layer 0 the attention mask let see cache cell j."""
+        out = np.empty(self._shape[2], dtype=np.int32)
+        _check(_lib.kvc_capture_get_visibility(self.address, _ptr(out, ctypes.c_int32), out.size),
+               "kvc_capture_get_visibility")
+        return out
+
+    def norms(self, part: str, n_head_kv: int, n_cells: int) -> np.ndarray:
+        """:func:`state_norms` of cache cells ``[0, n_cells)``, read from the cache tensors the capture saw:
+        float32 ``[n_layer, n_head_kv, n_cells]``."""
+        out = np.empty((self._shape[0], n_head_kv, n_cells), dtype=np.float32)
+        _check(_lib.kvc_capture_get_norms(self.address, _part(part), n_head_kv, n_cells, _ptr(out, ctypes.c_float),
+                                          out.size), "kvc_capture_get_norms")
+        return out
 
     def close(self) -> None:
         if self._handle is not None and self._handle.value:
@@ -439,4 +468,20 @@ def context_compose(ctx, selection: np.ndarray, expected_cells: int = 0, seq_id:
     res = ComposeResult()
     _check(_lib.kvc_context_compose(_ctx_ptr(ctx), seq_id, _ptr(sel, ctypes.c_int32), *sel.shape, int(expected_cells),
                                     ctypes.byref(res)), "kvc_context_compose")
+    return {name: getattr(res, name) for name, _ in ComposeResult._fields_}
+
+
+def context_compose_tensors(ctx, capture: Capture, positions: np.ndarray, selection: np.ndarray,
+                            seq_id: int = 0) -> dict:
+    """Rewrite sequence ``seq_id``, held in cache cells ``[0, len(positions))`` at ``positions``, from the
+    cache tensors ``capture`` found (no copy of the whole sequence). :class:`UnsupportedCacheError`: the
+    cache is untouched (use :func:`context_compose`); :class:`LlamaRefusedError`: the sequence was removed."""
+    sel = _selection(selection)
+    pos = np.ascontiguousarray(positions, dtype=np.int32)
+    if pos.ndim != 1:
+        raise ValueError(f"positions must be one-dimensional, got shape {pos.shape}")
+    res = ComposeResult()
+    _check(_lib.kvc_context_compose_tensors(_ctx_ptr(ctx), capture.address, seq_id, _ptr(pos, ctypes.c_int32),
+                                            pos.size, _ptr(sel, ctypes.c_int32), *sel.shape, ctypes.byref(res)),
+           "kvc_context_compose_tensors")
     return {name: getattr(res, name) for name, _ in ComposeResult._fields_}

@@ -682,9 +682,11 @@ class Llama(llama_cpp.Llama):
         if unknown:
             raise ValueError(f"unknown probe {sorted(unknown)}: expected ('window', w) or ('reconstruct', 0)")
         windows = sorted({min(int(w), n) for kind, w in specs if kind == "window"}, reverse=True)
-        probe = Probe(self.kv_n_layer, self.kv_n_head, self.kv_n_head_kv, n,
-                      norms=lambda part: _native.context_norms(self._ctx.ctx, part, self.kv_n_layer,
-                                                               self.kv_n_head_kv, n))
+        probe = Probe(self.kv_n_layer, self.kv_n_head, self.kv_n_head_kv, n)
+        probe.norms = lambda part: (
+            self._kv_capture.norms(part, self.kv_n_head_kv, n) if probe.in_place
+            else _native.context_norms(self._ctx.ctx, part, self.kv_n_layer, self.kv_n_head_kv, n))
+        queries = None  # positions [first, stop) of the last capture's queries
         t0 = time.perf_counter()
         # Window probes: the last w tokens are prefilled in segments cut at every window's start;
         # a window's max / mean is the max / query-weighted mean of its segments'.
@@ -694,6 +696,7 @@ class Llama(llama_cpp.Llama):
         for start, stop in zip(cuts, cuts[1:]):
             if stop > start:
                 segments.append((start, stop) + self._captured(lambda: self.eval(context[start:stop]), n))
+                queries = (start, stop)
         t_prefill = time.perf_counter()
         for w in windows:
             parts = [(stop - start, mx, mean) for start, stop, mx, mean in segments if start >= n - w]
@@ -711,10 +714,41 @@ class Llama(llama_cpp.Llama):
             mx, mean = self._captured(lambda: info.update(self._reconstruct_probe(context)), n)
             probe.attention[("reconstruct", 0)] = {"max": mx, "mean": mean}
             descriptions.append(info["probe"])
+            queries = (n, 2 * n)
+        probe.in_place = queries is not None and self._context_in_place(n, *queries)
         probe.prefill_seconds = t_prefill - t0
         probe.probe_seconds = time.perf_counter() - t_prefill
         probe.description = ", ".join(descriptions) or "none"
         return probe
+
+    def _context_in_place(self, n: int, first: int, stop: int) -> bool:
+        """Whether the last capture saw the context's ``n`` tokens in cache cells ``0..n-1``, token j in
+        cell j: its queries, at positions ``[first, stop)``, must have seen cell j exactly as often as
+        a causal mask shows position j to them (llama.cpp's mask hides empty cells, other sequences
+        and later positions). iSWA models keep a second cache in their state: never in place."""
+        if self._kv_n_swa > 0:
+            return False
+        seen = self._kv_capture.visibility()
+        if seen.size < n:
+            return False
+        j = np.arange(n)
+        expected = np.clip(stop - np.maximum(j, first), 0, stop - first)
+        return bool(np.array_equal(seen[:n], expected))
+
+    def _rewrite_context(self, selection: np.ndarray, probe: Probe) -> Dict[str, int]:
+        """Rewrite the cache's ``probe.n_tokens`` context cells into the selection's composite cells:
+        from the cache tensors when the probe saw where the cells are, else through a host copy of
+        the sequence state (which is also the fallback for layouts the tensor path does not read)."""
+        n = probe.n_tokens
+        if probe.in_place:
+            try:
+                result = _native.context_compose_tensors(self._ctx.ctx, self._kv_capture,
+                                                         np.arange(n, dtype=np.int32), selection)
+                return dict(result, rewrite="tensors")
+            except _native.UnsupportedCacheError:
+                pass  # checked before anything was written: the cache is as it was
+        # restores the sequence exactly if llama.cpp refuses the rewrite
+        return dict(_native.context_compose(self._ctx.ctx, selection, expected_cells=n), rewrite="state")
 
     def _captured(self, run, n_keys: int):
         """Run ``run()`` with the attention capture on; return its (max, mean) head scores."""
@@ -751,8 +785,7 @@ class Llama(llama_cpp.Llama):
         t_select = time.perf_counter()
         composite = press.per_head or self._kv_n_swa > 0  # llama.cpp's eviction would cut the sliding window too
         if composite:
-            # restores the sequence exactly if llama.cpp refuses the rewrite
-            result = _native.context_compose(self._ctx.ctx, selection, expected_cells=n)
+            result = self._rewrite_context(selection, probe)
         else:
             result = self._evict(selection[0, 0], n)
         t_rewrite = time.perf_counter()
@@ -780,6 +813,7 @@ class Llama(llama_cpp.Llama):
             "probe_seconds": probe.probe_seconds,
             "select_seconds": t_select - t0,
             "rewrite_seconds": t_rewrite - t_select,
+            "rewrite": result["rewrite"],
             "compress_seconds": probe.probe_seconds + (t_rewrite - t0),
             "layer_budgets": None if budgets is None else [int(b) for b in budgets],
             "probe": probe.description,
@@ -813,7 +847,7 @@ class Llama(llama_cpp.Llama):
                 self.n_tokens = 0
                 raise RuntimeError(f"llama_memory_seq_rm refused to remove positions [{start}, {stop})")
         return {"cells_before": n, "cells_after": int(kept.sum()), "kv_bytes_before": per_cell * n,
-                "kv_bytes_after": per_cell * int(kept.sum())}
+                "kv_bytes_after": per_cell * int(kept.sum()), "rewrite": "eviction"}
 
     def _keep_uncompressed(self) -> None:
         """After a failed compression: end the capture, drop probe cells, keep the prefilled context.
@@ -826,6 +860,13 @@ class Llama(llama_cpp.Llama):
             with contextlib.suppress(Exception):
                 cap.end()
         self._ctx.kv_cache_seq_rm(_SEQ, self.n_tokens, -1)
+        mem = llama_cpp.llama_get_memory(self._ctx.ctx)
+        if self.n_tokens > 0 and llama_cpp.llama_memory_seq_pos_max(mem, _SEQ) != self.n_tokens - 1:
+            # the rewrite through the cache tensors removed the sequence before llama.cpp refused it:
+            # prefill the context again (same tokens, same batches: the same cache as before)
+            context = self.input_ids[: self.n_tokens].tolist()
+            self._drop_cache()
+            self.eval(context)
         self._compressed_len = self._compressed_cells = 0
         self._kv_holes = False
         self._kv_origin = None
@@ -895,6 +936,7 @@ class Llama(llama_cpp.Llama):
             "probe_seconds": t_probe - t0,
             "select_seconds": t_select - t_probe,
             "rewrite_seconds": t_rewrite - t_select,
+            "rewrite": "state",
             "compress_seconds": t_rewrite - t0,
             "layer_budgets": None if budgets is None else [int(b) for b in budgets],
             "probe": probe.description,

@@ -34,6 +34,9 @@ class Probe:
         The probe that answers for any probe not run. Compressions of a cache that already holds
         composite cells (a prompt longer than the cache, long generations) can only observe the
         newest tokens' attention, so that window stands in for a press's own probe.
+    in_place : bool
+        The probe's attention mask showed the context in cache cells ``0..n_tokens-1``, token j in
+        cell j: the norms and the rewrite can read the cache tensors instead of a copy of the state.
     """
 
     n_layer: int
@@ -46,6 +49,7 @@ class Probe:
     probe_seconds: float = 0.0
     description: str = ""
     substitute: Optional[ProbeSpec] = None
+    in_place: bool = False
     _norm_cache: Dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def head_scores(self, spec: ProbeSpec, agg: str) -> np.ndarray:

@@ -2,11 +2,12 @@
 
 import threading
 
+import llama_cpp
 import numpy as np
 import pytest
 
 import pykvcompose.llama as llama_module
-from pykvcompose import KVComposePress, Llama
+from pykvcompose import KVComposePress, Llama, _native
 
 from conftest import last_logits, logits_after, seq_state
 
@@ -15,7 +16,22 @@ def _boom(*args, **kwargs):
     raise RuntimeError("injected failure")
 
 
-@pytest.mark.parametrize("where", ["rewrite", "capture"])
+def _unsupported(*args, **kwargs):
+    raise _native.UnsupportedCacheError(_native.KVC_ERR_UNSUPPORTED, "kvc_context_compose_tensors", "injected")
+
+
+_REACHED = []
+
+
+def _refused_after_removing(ctx, *args, **kwargs):
+    """What kvc_context_compose_tensors does when llama.cpp refuses the composed state: the
+    sequence is already gone (no full copy to put back)."""
+    _REACHED.append(True)
+    llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(ctx), 0, -1, -1)
+    raise _native.LlamaRefusedError(_native.KVC_ERR_LLAMA, "kvc_context_compose_tensors", "injected failure")
+
+
+@pytest.mark.parametrize("where", ["rewrite-tensors", "rewrite-state", "capture"])
 def test_failed_compression_keeps_the_uncompressed_cache(llm, plain_llm, prompt_tokens, monkeypatch, where):
     ctx_tokens = prompt_tokens[:-1]
     plain_llm.reset()
@@ -26,12 +42,17 @@ def test_failed_compression_keeps_the_uncompressed_cache(llm, plain_llm, prompt_
 
     llm.kv_compress = KVComposePress(compression_ratio=0.5, min_tokens=16)
     llm.reset()
-    if where == "rewrite":
+    if where == "rewrite-tensors":
+        monkeypatch.setattr(llama_module._native, "context_compose_tensors", _refused_after_removing)
+    elif where == "rewrite-state":  # the fallback: the tensor path declines, the state path fails
+        monkeypatch.setattr(llama_module._native, "context_compose_tensors", _unsupported)
         monkeypatch.setattr(llama_module._native, "context_compose", _boom)
     else:
         monkeypatch.setattr(type(llm._kv_capture), "scores", _boom)
+    _REACHED.clear()
     with pytest.raises(RuntimeError, match="injected"):
         logits_after(llm, prompt_tokens)
+    assert _REACHED == ([True] if where == "rewrite-tensors" else [])
     monkeypatch.undo()
     assert not llm._kv_capture.active
     assert llm.n_tokens == len(ctx_tokens)

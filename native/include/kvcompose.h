@@ -30,7 +30,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a signature or a struct in this header changes. */
-#define KVC_API_VERSION 4
+#define KVC_API_VERSION 5
 
 struct ggml_tensor;
 struct llama_context;
@@ -98,6 +98,17 @@ KVC_API int32_t kvc_capture_set_recompute(kvc_capture * cap, bool recompute);
 KVC_API int32_t kvc_capture_get_scores(const kvc_capture * cap, int32_t agg, float * dst, size_t n_values);
 /* Number of probe query rows seen by layer il (-1 if il is out of range). */
 KVC_API int64_t kvc_capture_n_queries(const kvc_capture * cap, int32_t il);
+/* For every key column j (dst [n_keys]): how many probe query rows of layer 0 the attention mask
+ * let see cache cell j. llama.cpp's mask hides other sequences' cells, empty cells and later
+ * positions, so this tells which cells held the sequence and (for cells among the probe's own
+ * positions) at which position: the layout check before kvc_context_compose_tensors. */
+KVC_API int32_t kvc_capture_get_visibility(const kvc_capture * cap, int32_t * dst, size_t n_values);
+/* kvc_state_norms of cache cells [0, n_cells), read from the KV cache tensors the last capture's
+ * graph used (kvc_context_compose_tensors) instead of a host copy of the sequence state.
+ * out [n_layer, n_head_kv, n_cells] over the capture's n_layer layers. KVC_ERR_UNSUPPORTED if the
+ * capture did not see every layer's cache tensors or they have a layout this library does not know. */
+KVC_API int32_t kvc_capture_get_norms(const kvc_capture * cap, int32_t part, int32_t n_head_kv, int32_t n_cells,
+        float * out, size_t n_values);
 /* The ggml_backend_sched_eval_callback. user_data is a kvc_capture*. */
 KVC_API bool    kvc_capture_eval_callback(struct ggml_tensor * t, bool ask, void * user_data);
 
@@ -210,6 +221,24 @@ typedef struct kvc_compose_result {
 KVC_API int32_t kvc_context_compose(struct llama_context * ctx, int32_t seq_id,
         const int32_t * selection, int32_t n_layer, int32_t n_head_kv, int32_t n_keep,
         int32_t expected_cells, kvc_compose_result * result);
+
+/*
+ * kvc_context_compose without copying the whole sequence out first: the kept rows are read from the
+ * KV cache tensors that cap's last capture found in ctx's graph (host buffers directly; device
+ * buffers one layer at a time with ggml_backend_tensor_get), composed into a state of n_keep cells
+ * and written with llama_state_seq_set_data. The sequence must be exactly cache cells
+ * [0, n_cells), cell j at positions[j] (the caller checks that with kvc_capture_get_visibility);
+ * checked here: one sequence per context, one stream, every layer's tensors seen, and the size
+ * llama.cpp reports for the sequence equals that of n_cells cells of this layout (so no cell lives
+ * elsewhere; iSWA models, whose state carries a second cache, fail this and take kvc_context_compose).
+ * Those failures return KVC_ERR_UNSUPPORTED with the cache untouched. If llama.cpp then refuses the
+ * composed state, the sequence is left empty (there is no full copy to restore) and the call
+ * returns KVC_ERR_LLAMA: the caller must prefill it again.
+ */
+KVC_API int32_t kvc_context_compose_tensors(struct llama_context * ctx, const kvc_capture * cap, int32_t seq_id,
+        const int32_t * positions, int32_t n_cells,
+        const int32_t * selection, int32_t n_layer, int32_t n_head_kv, int32_t n_keep,
+        kvc_compose_result * result);
 
 /* Describe sequence seq_id of ctx (kvc_state_parse on its host state). */
 KVC_API int32_t kvc_context_state_info(struct llama_context * ctx, int32_t seq_id, kvc_state_info * info,

@@ -3,6 +3,7 @@
 // attention that matrix never exists: the probabilities are recomputed here from the inputs of the
 // GGML_OP_FLASH_ATTN_EXT node (queries after RoPE, the cache's keys of any type with to_float
 // traits, llama.cpp's own mask, its KQ scale, softcap and sinks), read when "kqv_out-{il}" is done.
+#include "capture.h"
 #include "kvcompose.h"
 #include "parallel.h"
 #include "status.h"
@@ -17,21 +18,6 @@
 #include <limits>
 #include <string>
 #include <vector>
-
-struct kvc_capture {
-    bool    active  = false;
-    int32_t n_layer = 0;
-    int32_t n_head  = 0;
-    int32_t n_keys  = 0;
-
-    std::vector<float>   max;        // [n_layer, n_head, n_keys]: running max over probe queries
-    std::vector<double>  sum;        // [n_layer, n_head, n_keys]: running sum, for the mean
-    std::vector<int64_t> n_queries;  // [n_layer]
-    std::vector<float>   staging;    // host copy of tensors that live on a device buffer
-    std::vector<float>   keys;       // recomputed attention: the layer's keys as f32 [n_head_kv, n_kv, D]
-    bool    recompute = false;       // recompute kq_soft_max from q and k instead of reading it
-    std::string          error;      // first problem seen by the callback (it cannot return one)
-};
 
 namespace {
 
@@ -72,6 +58,68 @@ const char * host_data(const ggml_tensor * t, std::vector<float> & staging) {
     staging.resize((nbytes + sizeof(float) - 1) / sizeof(float));
     ggml_backend_tensor_get(t, staging.data(), 0, nbytes);
     return reinterpret_cast<const char *>(staging.data());
+}
+
+// Layer index of a KV cache tensor "cache_{k,v}_l{il}" (llama_kv_cache's names), or -1.
+int32_t cache_layer(const ggml_tensor * t, char part) {
+    const char prefix[] = {'c', 'a', 'c', 'h', 'e', '_', part, '_', 'l', '\0'};
+    return layer_of(t, prefix);
+}
+
+// Records the K and V cache tensors that layer il's attention output "kqv_out-{il}" is computed from:
+// the roots of the views among its ancestors (a few ops up: q.k, softmax, kq.v or flash attention).
+// Read from the graph's structure when the scheduler asks, so it costs no data transfer.
+void find_cache_tensors(kvc_capture & cap, const ggml_tensor * out, int32_t il) {
+    std::vector<std::pair<const ggml_tensor *, int>> todo{{out, 0}};
+    std::vector<const ggml_tensor *> seen;
+    while (!todo.empty() && seen.size() < 64) {
+        const auto [t, depth] = todo.back();
+        todo.pop_back();
+        if (t == nullptr || std::find(seen.begin(), seen.end(), t) != seen.end()) continue;
+        seen.push_back(t);
+        if (const ggml_tensor * root = t->view_src) {
+            if (cache_layer(root, 'k') == il) {
+                cap.k_cache[il] = root;
+            } else if (cache_layer(root, 'v') == il) {
+                cap.v_cache[il] = root;
+                if (t->op == GGML_OP_VIEW) {  // llama_kv_cache::get_v's view: strides tell the layout
+                    cap.v_trans[il] = t->nb[1] > t->nb[2] ? 1 : 0;
+                }
+            }
+        }
+        if (depth < 8) {
+            for (const ggml_tensor * src : t->src) todo.push_back({src, depth + 1});
+        }
+    }
+}
+
+// Layer 0 only: counts, for every key column j < n_keys, the query rows [0, n_tok) whose mask row
+// does not hide cell j (llama.cpp's mask holds -inf for other sequences' cells, empty cells and
+// later positions).
+void count_visible(kvc_capture & cap, const ggml_tensor * mask, int64_t n_tok, int32_t il) {
+    if (il != 0 || mask == nullptr) return;
+    if ((mask->type != GGML_TYPE_F16 && mask->type != GGML_TYPE_F32) || mask->ne[1] < n_tok) {
+        cap.error = "attention mask of an unexpected type or shape";
+        return;
+    }
+    std::vector<float> stage;
+    const char * md = host_data(mask, stage);
+    if (md == nullptr) return;
+    const int64_t m = std::min<int64_t>(mask->ne[0], cap.n_keys);
+    for (int64_t t = 0; t < n_tok; ++t) {
+        const char * row = md + t * mask->nb[1];
+        for (int64_t j = 0; j < m; ++j) {
+            float v;
+            if (mask->type == GGML_TYPE_F16) {
+                ggml_fp16_t h;
+                std::memcpy(&h, row + j * mask->nb[0], sizeof h);
+                v = ggml_fp16_to_fp32(h);
+            } else {
+                std::memcpy(&v, row + j * mask->nb[0], sizeof v);
+            }
+            cap.visible[j] += v != -INFINITY;
+        }
+    }
 }
 
 // Recompute softmax(scale * q.k [softcapped] + mask) as ggml's CPU kernels define it and fold
@@ -200,6 +248,7 @@ void recompute(kvc_capture & cap, const ggml_tensor * q, const ggml_tensor * k, 
         }
     };
     kvc::parallel_for(n_head, work);
+    count_visible(cap, mask, n_tok, il);
     cap.n_queries[il] += n_tok;
 }
 
@@ -263,6 +312,7 @@ void reduce(kvc_capture & cap, const ggml_tensor * t, int32_t il) {
             }
         }
     });
+    count_visible(cap, t->src[1], n_tok, il);
     cap.n_queries[il] += n_tok;
 }
 
@@ -295,6 +345,10 @@ int32_t kvc_capture_begin(kvc_capture * cap, int32_t n_layer, int32_t n_head, in
         cap->max.assign(n, 0.0f);
         cap->sum.assign(n, 0.0);
         cap->n_queries.assign(n_layer, 0);
+        cap->k_cache.assign(n_layer, nullptr);
+        cap->v_cache.assign(n_layer, nullptr);
+        cap->v_trans.assign(n_layer, -1);
+        cap->visible.assign(n_keys, 0);
         cap->n_layer = n_layer;
         cap->n_head  = n_head;
         cap->n_keys  = n_keys;
@@ -354,6 +408,20 @@ int32_t kvc_capture_get_scores(const kvc_capture * cap, int32_t agg, float * dst
     });
 }
 
+int32_t kvc_capture_get_visibility(const kvc_capture * cap, int32_t * dst, size_t n_values) {
+    return kvc::guard([&] {
+        if (cap == nullptr || dst == nullptr) {
+            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "capture or dst is NULL");
+        }
+        if (n_values != cap->visible.size()) {
+            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "dst holds " + std::to_string(n_values) + " values, the capture " +
+                                                           std::to_string(cap->visible.size()));
+        }
+        std::copy(cap->visible.begin(), cap->visible.end(), dst);
+        return static_cast<int32_t>(KVC_OK);
+    });
+}
+
 int64_t kvc_capture_n_queries(const kvc_capture * cap, int32_t il) {
     if (cap == nullptr || il < 0 || il >= static_cast<int32_t>(cap->n_queries.size())) {
         return -1;
@@ -371,6 +439,9 @@ bool kvc_capture_eval_callback(struct ggml_tensor * t, bool ask, void * user_dat
     // with flash attention there is no kq_soft_max: the layer's output names the node to read
     const int32_t il_out = il >= 0 ? -1 : layer_of(t, kAttnOutPrefix);
     if (ask) {
+        if (il_out >= 0 && il_out < cap->n_layer) {
+            find_cache_tensors(*cap, t, il_out);
+        }
         return il >= 0 || (il_out >= 0 && flash_attn_node(t) != nullptr);
     }
     if (cap->error.empty() && (il >= 0 || il_out >= 0)) {

@@ -1,13 +1,20 @@
-// Operations on a live llama_context: read the sequence through the host state API, rewrite it,
-// and put the original back if llama.cpp refuses the rewrite.
+// Operations on a live llama_context: read the sequence through the host state API (or straight
+// from the KV cache tensors the capture found), rewrite it, and put the original back if llama.cpp
+// refuses the rewrite.
+#include "capture.h"
 #include "kvcompose.h"
 #include "state.h"
 #include "status.h"
 
+#include "ggml-backend.h"
+#include "ggml.h"
 #include "llama.h"
 
+#include <algorithm>
+#include <limits>
 #include <memory>
 #include <string>
+#include <vector>
 
 namespace {
 
@@ -117,6 +124,165 @@ int32_t compose_in_place(llama_context * ctx, int32_t seq_id, const int32_t * se
     return KVC_OK;
 }
 
+// Cache cells [0, n_cells) of one layer's K or V cache tensor as TensorRows, laid out like
+// llama_kv_cache::state_write_data: rows of cells (K, plain V) or, transposed, rows of elements with
+// the cells of each element kv_size apart. A tensor on a device buffer is copied into `stage` first.
+int32_t tensor_rows(const ggml_tensor * t, bool transposed, uint32_t n_cells, const char * what, int32_t il,
+                    kvc::TensorRows & out, std::vector<uint8_t> & stage) {
+    const std::string name = std::string(what) + " cache of layer " + std::to_string(il);
+    if (t == nullptr) {
+        return kvc::fail(KVC_ERR_UNSUPPORTED, "the capture did not see the " + name);
+    }
+    const auto type = t->type;
+    if (t->ne[2] != 1 || t->ne[3] != 1 || t->ne[1] < static_cast<int64_t>(n_cells) ||
+        t->nb[0] != ggml_type_size(type) || t->nb[1] != ggml_row_size(type, t->ne[0]) ||
+        (transposed && ggml_blck_size(type) != 1)) {
+        return kvc::fail(KVC_ERR_UNSUPPORTED, name + " has a layout this library does not read directly");
+    }
+    out.type = type;
+    out.n_embd = t->ne[0];
+    out.row_size = transposed ? ggml_type_size(type) : ggml_row_size(type, t->ne[0]);
+    const size_t kv_size = static_cast<size_t>(t->ne[1]);
+    if (t->buffer == nullptr || t->data == nullptr) {
+        return kvc::fail(KVC_ERR_UNSUPPORTED, name + " has no data");
+    }
+    if (ggml_backend_buffer_is_host(t->buffer)) {
+        out.data = static_cast<const uint8_t *>(t->data);
+        out.stride = transposed ? kv_size * out.row_size : static_cast<size_t>(t->nb[1]);
+        return KVC_OK;
+    }
+    // device buffer: only the sequence's cells, contiguous
+    if (!transposed) {
+        stage.resize(static_cast<size_t>(n_cells) * out.row_size);
+        ggml_backend_tensor_get(t, stage.data(), 0, stage.size());
+    } else {
+        const size_t row = static_cast<size_t>(n_cells) * out.row_size;
+        stage.resize(static_cast<size_t>(out.n_embd) * row);
+        for (int64_t e = 0; e < out.n_embd; ++e) {
+            ggml_backend_tensor_get(t, stage.data() + e * row, e * kv_size * out.row_size, row);
+        }
+    }
+    out.data = stage.data();
+    out.stride = transposed ? static_cast<size_t>(n_cells) * out.row_size : out.row_size;
+    return KVC_OK;
+}
+
+// A ParsedState over cache cells [0, n_cells) of the capture's cache tensors: what
+// llama_state_seq_get_data would write for a sequence held in exactly those cells. part: KVC_PART_K,
+// KVC_PART_V, or -1 for both.
+int32_t capture_rows(const kvc_capture & cap, int32_t part, int32_t seq_id, const int32_t * positions,
+                     uint32_t n_cells, kvc::ParsedState & st, std::vector<std::vector<uint8_t>> & stages) {
+    const int32_t n_layer = cap.n_layer;
+    if (n_layer <= 0 || cap.k_cache.size() != static_cast<size_t>(n_layer)) {
+        return kvc::fail(KVC_ERR_UNSUPPORTED, "the capture has not run");
+    }
+    if (n_cells == 0 || n_cells > static_cast<uint32_t>(std::max(cap.n_keys, 0))) {
+        return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "n_cells " + std::to_string(n_cells) + " is not in [1, " +
+                                                       std::to_string(cap.n_keys) + "], the capture's key columns");
+    }
+    st = kvc::ParsedState{};
+    st.magic = kvc::kStateMagic;
+    st.seq_id = seq_id;
+    st.n_stream = 1;
+    st.stream = 0;
+    st.n_cells = n_cells;
+    st.pos.assign(n_cells, 0);
+    if (positions != nullptr) std::copy(positions, positions + n_cells, st.pos.begin());
+    st.cell_seq.assign(n_cells, seq_id);
+    st.n_layer = static_cast<uint32_t>(n_layer);
+    st.v_trans = cap.v_trans[0] == 1 ? 1u : 0u;
+    st.k.resize(n_layer);
+    st.v.resize(n_layer);
+    stages.resize(2 * static_cast<size_t>(n_layer));
+    for (int32_t il = 0; il < n_layer; ++il) {
+        if (part != KVC_PART_V) {
+            const int32_t status = tensor_rows(cap.k_cache[il], false, n_cells, "K", il, st.k[il], stages[2 * il]);
+            if (status != KVC_OK) return status;
+        }
+        if (part != KVC_PART_K) {
+            if (cap.v_trans[il] < 0 || cap.v_trans[il] != cap.v_trans[0]) {
+                return kvc::fail(KVC_ERR_UNSUPPORTED, "the V layout of layer " + std::to_string(il) + " is unknown");
+            }
+            const int32_t status =
+                tensor_rows(cap.v_cache[il], st.v_trans != 0, n_cells, "V", il, st.v[il], stages[2 * il + 1]);
+            if (status != KVC_OK) return status;
+        }
+    }
+    return KVC_OK;
+}
+
+// Bytes of llama_state_seq_get_data for st's cells (header, cell metadata, then K and V).
+uint64_t state_bytes(const kvc::ParsedState & st) {
+    uint64_t b = 3 * sizeof(uint32_t) + sizeof(uint32_t) + st.n_cells * 3ull * sizeof(int32_t) + 2 * sizeof(uint32_t);
+    b += st.n_layer * 2ull * (sizeof(int32_t) + sizeof(uint64_t));  // K/V headers: type + row size (or el + n_embd)
+    return b + st.kv_bytes_per_cell() * st.n_cells;
+}
+
+int32_t compose_tensors(llama_context * ctx, const kvc_capture * cap, int32_t seq_id, const int32_t * positions,
+                        int32_t n_cells, const int32_t * selection, int32_t n_layer, int32_t n_head_kv,
+                        int32_t n_keep, kvc_compose_result * result) {
+    if (ctx == nullptr || cap == nullptr || positions == nullptr || selection == nullptr) {
+        return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "context, capture, positions or selection is NULL");
+    }
+    if (seq_id < 0 || n_cells <= 0) {
+        return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "seq_id must be >= 0 and n_cells > 0");
+    }
+    if (cap->active) {
+        return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "the capture is still active");
+    }
+    if (llama_n_seq_max(ctx) != 1) {
+        return kvc::fail(KVC_ERR_UNSUPPORTED, "the context holds several sequences: their cells can interleave");
+    }
+    static thread_local std::vector<std::vector<uint8_t>> stages;
+    kvc::ParsedState st;
+    int32_t status = capture_rows(*cap, -1, seq_id, positions, static_cast<uint32_t>(n_cells), st, stages);
+    if (status != KVC_OK) return status;
+    if (n_layer != static_cast<int32_t>(st.n_layer)) {
+        return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "selection has " + std::to_string(n_layer) +
+                                                       " layers, the capture " + std::to_string(st.n_layer));
+    }
+    // the sequence must be these cells and no other: llama.cpp's size of it must be theirs
+    const uint64_t expected = state_bytes(st);
+    const size_t actual = llama_state_seq_get_size(ctx, seq_id);
+    if (actual != expected) {
+        return kvc::fail(KVC_ERR_UNSUPPORTED, "llama.cpp's state of sequence " + std::to_string(seq_id) + " has " +
+                                                  std::to_string(actual) + " bytes, " + std::to_string(n_cells) +
+                                                  " cells of the capture's cache tensors " + std::to_string(expected));
+    }
+    llama_memory_t mem = llama_get_memory(ctx);
+    const auto [lo, hi] = std::minmax_element(positions, positions + n_cells);
+    if (llama_memory_seq_pos_min(mem, seq_id) != *lo || llama_memory_seq_pos_max(mem, seq_id) != *hi) {
+        return kvc::fail(KVC_ERR_UNSUPPORTED, "the sequence's positions are not the ones given");
+    }
+
+    size_t size = 0;
+    status = kvc::compose_rows(st, selection, n_layer, n_head_kv, n_keep, nullptr, 0, &size);
+    if (status != KVC_OK) return status;
+    HostBuffer & after = composed_buffer();
+    after.resize(size);
+    status = kvc::compose_rows(st, selection, n_layer, n_head_kv, n_keep, after.data(), after.size(), &size);
+    if (status != KVC_OK) return status;
+
+    llama_memory_seq_rm(mem, seq_id, -1, -1);
+    if (llama_state_seq_set_data(ctx, after.data(), after.size(), seq_id) != after.size()) {
+        llama_memory_seq_rm(mem, seq_id, -1, -1);
+        return kvc::fail(KVC_ERR_LLAMA, "llama_state_seq_set_data refused the composed state; the sequence was "
+                                        "removed from the cache and must be prefilled again");
+    }
+    if (result != nullptr) {
+        result->cells_before    = static_cast<uint32_t>(n_cells);
+        result->cells_after     = static_cast<uint32_t>(n_keep);
+        result->kv_bytes_before = st.kv_bytes_per_cell() * st.n_cells;
+        result->kv_bytes_after  = st.kv_bytes_per_cell() * static_cast<uint64_t>(n_keep);
+        int32_t newest = std::numeric_limits<int32_t>::min();
+        for (int32_t r = 0; r < n_layer * n_head_kv; ++r) {
+            newest = std::max(newest, positions[selection[static_cast<size_t>(r) * n_keep + n_keep - 1]]);
+        }
+        result->pos_max = newest;
+    }
+    return KVC_OK;
+}
+
 }  // namespace
 
 extern "C" {
@@ -125,6 +291,31 @@ int32_t kvc_context_compose(struct llama_context * ctx, int32_t seq_id, const in
                             int32_t n_head_kv, int32_t n_keep, int32_t expected_cells, kvc_compose_result * result) {
     return kvc::guard([&] {
         return compose_in_place(ctx, seq_id, selection, n_layer, n_head_kv, n_keep, expected_cells, result);
+    });
+}
+
+int32_t kvc_context_compose_tensors(struct llama_context * ctx, const kvc_capture * cap, int32_t seq_id,
+                                    const int32_t * positions, int32_t n_cells, const int32_t * selection,
+                                    int32_t n_layer, int32_t n_head_kv, int32_t n_keep, kvc_compose_result * result) {
+    return kvc::guard([&] {
+        return compose_tensors(ctx, cap, seq_id, positions, n_cells, selection, n_layer, n_head_kv, n_keep, result);
+    });
+}
+
+int32_t kvc_capture_get_norms(const kvc_capture * cap, int32_t part, int32_t n_head_kv, int32_t n_cells, float * out,
+                              size_t n_values) {
+    return kvc::guard([&] {
+        if (cap == nullptr || n_cells <= 0) {
+            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "capture is NULL or n_cells is not positive");
+        }
+        if (part != KVC_PART_K && part != KVC_PART_V) {
+            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "part must be KVC_PART_K or KVC_PART_V");
+        }
+        static thread_local std::vector<std::vector<uint8_t>> stages;
+        kvc::ParsedState st;
+        const int32_t status = capture_rows(*cap, part, 0, nullptr, static_cast<uint32_t>(n_cells), st, stages);
+        if (status != KVC_OK) return status;
+        return kvc::row_norms(st, part, n_head_kv, out, n_values);
     });
 }
 

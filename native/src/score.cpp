@@ -7,8 +7,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
-#include <numeric>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -21,6 +22,35 @@ constexpr int64_t kParallelWork = 1 << 16;  // scores below which threads cost m
 inline float rankable(float x) { return std::isnan(x) ? -std::numeric_limits<float>::infinity() : x; }
 
 bool valid_agg(int32_t agg) { return agg == KVC_AGG_MAX || agg == KVC_AGG_MEAN; }
+
+// rankable(x) as an unsigned key in the same order (-0 and +0 equal, as floats compare), so that
+// ranking runs on plain integers: a radix sort, and index ties packed into the low bits.
+inline uint32_t order_key(float x) {
+    x = rankable(x);
+    if (x == 0.0f) x = 0.0f;
+    uint32_t u;
+    std::memcpy(&u, &x, sizeof u);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+inline float key_value(uint32_t k) {
+    const uint32_t u = (k & 0x80000000u) ? (k & 0x7fffffffu) : ~k;
+    float x;
+    std::memcpy(&x, &u, sizeof x);
+    return x;
+}
+
+// Ascending LSD radix sort of 32-bit keys, a byte per pass (tmp: scratch of the same size).
+void radix_sort(std::vector<uint32_t> & keys, std::vector<uint32_t> & tmp) {
+    tmp.resize(keys.size());
+    for (int shift = 0; shift < 32; shift += 8) {
+        size_t count[257] = {0};
+        for (uint32_t k : keys) ++count[((k >> shift) & 0xffu) + 1];
+        for (int b = 0; b < 256; ++b) count[b + 1] += count[b];
+        for (uint32_t k : keys) tmp[count[(k >> shift) & 0xffu]++] = k;
+        keys.swap(tmp);
+    }
+}
 
 }  // namespace
 
@@ -102,18 +132,18 @@ int32_t kvc_kvcompose_layer_budgets(const float * scores, int32_t n_layer, int32
         const size_t n = static_cast<size_t>(n_tokens);
         std::vector<float> composite(static_cast<size_t>(total));  // [n_layer, n_tokens]
         kvc::parallel_for(n_layer, [&](int64_t l0, int64_t l1) {
-            std::vector<float> sorted(n);
+            std::vector<uint32_t> keys(n), tmp(n);
             std::vector<double> acc(n);
             for (int64_t l = l0; l < l1; ++l) {
                 std::fill(acc.begin(), acc.end(),
                           agg_head == KVC_AGG_MAX ? -std::numeric_limits<double>::infinity() : 0.0);
                 for (int32_t g = 0; g < n_head_kv; ++g) {
                     const float * row = scores + (static_cast<size_t>(l) * n_head_kv + g) * n;
-                    std::transform(row, row + n, sorted.begin(), rankable);
-                    std::sort(sorted.begin(), sorted.end(), std::greater<float>());
+                    std::transform(row, row + n, keys.begin(), order_key);
+                    radix_sort(keys, tmp);  // ascending: rank r is keys[n - 1 - r]
                     for (size_t r = 0; r < n; ++r) {
-                        acc[r] = agg_head == KVC_AGG_MAX ? std::max(acc[r], static_cast<double>(sorted[r]))
-                                                         : acc[r] + sorted[r];
+                        const double v = key_value(keys[n - 1 - r]);
+                        acc[r] = agg_head == KVC_AGG_MAX ? std::max(acc[r], v) : acc[r] + v;
                     }
                 }
                 float * comp = composite.data() + l * n;
@@ -122,6 +152,7 @@ int32_t kvc_kvcompose_layer_budgets(const float * scores, int32_t n_layer, int32
                     if (static_cast<int64_t>(r) < keep_token_lower_bound) {
                         comp[r] += kLowerBoundBonus;
                     }
+                    comp[r] = rankable(comp[r]);  // +inf and -inf scores of one rank sum to NaN
                 }
             }
         }, static_cast<int64_t>(n_layer) * n_head_kv * n_tokens >= kParallelWork);
@@ -131,16 +162,26 @@ int32_t kvc_kvcompose_layer_budgets(const float * scores, int32_t n_layer, int32
                 composite[r] = std::max(composite[r], composite[l * n + r]);
             }
         }
-        std::vector<int64_t> idx(static_cast<size_t>(total));
-        std::iota(idx.begin(), idx.end(), 0);
-        std::nth_element(idx.begin(), idx.begin() + (n_total_keep - 1), idx.end(), [&](int64_t a, int64_t b) {
-            return composite[a] > composite[b] || (composite[a] == composite[b] && a < b);
-        });
+        // the n_total_keep largest composite scores, ties to the lower (layer, rank): every score above
+        // the n_total_keep-th largest, then that score's ties in index order
+        std::vector<float> values(composite);
+        std::nth_element(values.begin(), values.begin() + (n_total_keep - 1), values.end(), std::greater<float>());
+        const float threshold = values[n_total_keep - 1];
         // a layer cannot keep more tokens than there are (found by fuzz/fuzz_native.py)
         const int32_t floor = std::min<int32_t>(n_tokens, std::max<int32_t>(1, keep_token_lower_bound));
         std::vector<int64_t> counts(n_layer, 0);
-        for (int64_t i = 0; i < n_total_keep; ++i) {
-            counts[idx[i] / n_tokens] += 1;
+        int64_t taken = 0;
+        for (int64_t i = 0; i < total; ++i) {
+            if (composite[i] > threshold) {
+                counts[i / n_tokens] += 1;
+                ++taken;
+            }
+        }
+        for (int64_t i = 0; i < total && taken < n_total_keep; ++i) {
+            if (composite[i] == threshold) {
+                counts[i / n_tokens] += 1;
+                ++taken;
+            }
         }
         for (int32_t l = 0; l < n_layer; ++l) {
             out_budgets[l] = static_cast<int32_t>(std::max<int64_t>(floor, counts[l]));
@@ -204,29 +245,29 @@ int32_t kvc_select_top(const float * scores, int32_t n_rows, int32_t n_tokens, i
             return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "more forced tokens than n_keep");
         }
         kvc::parallel_for(n_rows, [&](int64_t r0, int64_t r1) {
-            std::vector<int32_t> idx;
-            idx.reserve(n_tokens);
+            // (score key, ~index): the larger key is the higher score, then the lower index
+            std::vector<uint64_t> keys;
+            keys.reserve(n_tokens);
+            std::vector<char> keep(n_tokens);
             for (int64_t r = r0; r < r1; ++r) {
                 const float * row = scores + static_cast<size_t>(r) * n_tokens;
                 int32_t * dst = out + static_cast<size_t>(r) * n_keep;
-                idx.clear();
-                int32_t n_dst = 0;
+                keys.clear();
                 for (int32_t j = 0; j < n_tokens; ++j) {
-                    if (is_forced[j]) {
-                        dst[n_dst++] = j;
-                    } else {
-                        idx.push_back(j);
+                    keep[j] = is_forced[j];
+                    if (!is_forced[j]) {
+                        keys.push_back((static_cast<uint64_t>(order_key(row[j])) << 32) | static_cast<uint32_t>(~j));
                     }
                 }
-                const int32_t n_free = n_keep - n_dst;
+                const int32_t n_free = n_keep - n_unique_forced;
                 if (n_free > 0) {
-                    std::nth_element(idx.begin(), idx.begin() + (n_free - 1), idx.end(), [&](int32_t a, int32_t b) {
-                        const float sa = rankable(row[a]), sb = rankable(row[b]);
-                        return sa > sb || (sa == sb && a < b);
-                    });
-                    std::copy(idx.begin(), idx.begin() + n_free, dst + n_dst);
+                    std::nth_element(keys.begin(), keys.begin() + (n_free - 1), keys.end(), std::greater<uint64_t>());
+                    for (int32_t i = 0; i < n_free; ++i) keep[~static_cast<uint32_t>(keys[i])] = 1;
                 }
-                std::sort(dst, dst + n_keep);
+                int32_t n_dst = 0;
+                for (int32_t j = 0; j < n_tokens; ++j) {
+                    if (keep[j]) dst[n_dst++] = j;
+                }
             }
         }, static_cast<int64_t>(n_rows) * n_tokens >= kParallelWork);
         return static_cast<int32_t>(KVC_OK);

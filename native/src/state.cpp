@@ -3,6 +3,7 @@
 #include "state.h"
 
 #include "kvcompose.h"
+#include "parallel.h"
 #include "status.h"
 
 #include "ggml.h"
@@ -45,6 +46,7 @@ class Reader {
 
     size_t pos() const { return pos_; }
     size_t remaining() const { return size_ - pos_; }
+    const uint8_t * here() const { return data_ + pos_; }
 
   private:
     const uint8_t * data_;
@@ -77,7 +79,8 @@ int32_t read_rows(Reader & r, uint32_t n_cells, const char * what, uint32_t il, 
         return corrupt(std::string(what) + " row size " + std::to_string(out.row_size) + " is not whole blocks");
     }
     out.n_embd = static_cast<int64_t>(out.row_size / ts) * ggml_blck_size(type);
-    out.offset = r.pos();
+    out.data = r.here();
+    out.stride = out.row_size;
     if (!r.skip(n_cells, out.row_size)) {
         return corrupt(std::string("truncated ") + what + " data of layer " + std::to_string(il));
     }
@@ -174,7 +177,8 @@ int32_t parse_section(Reader & r, ParsedState & out) {
             }
             v.row_size = el_size;
             v.n_embd = n_embd;
-            v.offset = r.pos();
+            v.data = r.here();
+            v.stride = static_cast<size_t>(cell_count) * el_size;
             if (!r.skip(static_cast<uint64_t>(n_embd) * cell_count, el_size)) {
                 return corrupt("truncated transposed V data of layer " + std::to_string(il));
             }
@@ -208,11 +212,12 @@ int32_t parse_state(const uint8_t * src, size_t size, ParsedState & out) {
     if (r.remaining() != 0) {
         // iSWA models (llama_kv_cache_iswa) write their sliding-window cache after the full one:
         // it must parse as one more cache section, to the last byte
-        out.tail_offset = r.pos();
+        out.tail = r.here();
+        out.tail_size = r.remaining();
         ParsedState tail;
         status = parse_section(r, tail);
         if (status != KVC_OK) {
-            return fail(status, std::to_string(size - out.tail_offset) +
+            return fail(status, std::to_string(out.tail_size) +
                                     " trailing bytes that are not a second (sliding-window) cache: " + kvc_last_error());
         }
         if (r.remaining() != 0) {
@@ -251,7 +256,6 @@ class Writer {
         if (dst_ != nullptr) std::memcpy(dst_ + pos_, p, n);
         pos_ += n;
     }
-    uint8_t * at() { return dst_ == nullptr ? nullptr : dst_ + pos_; }
     void advance(size_t n) { pos_ += n; }
     size_t pos() const { return pos_; }
 
@@ -282,14 +286,15 @@ void gather(uint8_t * out, const uint8_t * row, const int32_t * idx, int32_t n, 
     }
 }
 
-int32_t compose(const uint8_t * src, size_t src_size, const int32_t * sel, int32_t n_layer, int32_t n_head_kv,
-                int32_t n_keep, uint8_t * dst, size_t dst_capacity, size_t * dst_size) {
+}  // namespace
+
+namespace kvc {
+
+int32_t compose_rows(const ParsedState & st, const int32_t * sel, int32_t n_layer, int32_t n_head_kv, int32_t n_keep,
+                     uint8_t * dst, size_t dst_capacity, size_t * dst_size) {
     if (sel == nullptr || dst_size == nullptr) {
         return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "selection or dst_size is NULL");
     }
-    kvc::ParsedState st;
-    int32_t status = kvc::parse_state(src, src_size, st);
-    if (status != KVC_OK) return status;
     if (n_layer != static_cast<int32_t>(st.n_layer) || n_head_kv <= 0 || n_keep <= 0 ||
         n_keep > static_cast<int32_t>(st.n_cells)) {
         return kvc::fail(KVC_ERR_INVALID_ARGUMENT,
@@ -312,7 +317,7 @@ int32_t compose(const uint8_t * src, size_t src_size, const int32_t * sel, int32
     }
     std::vector<size_t> k_head(n_layer), v_head(n_layer);
     for (int32_t il = 0; il < n_layer; ++il) {
-        status = head_slice(st.k[il], n_head_kv, "K", il, k_head[il]);
+        int32_t status = head_slice(st.k[il], n_head_kv, "K", il, k_head[il]);
         if (status != KVC_OK) return status;
         if (st.v_trans) {
             if (st.v[il].n_embd % n_head_kv != 0) {
@@ -324,7 +329,10 @@ int32_t compose(const uint8_t * src, size_t src_size, const int32_t * sel, int32
         }
     }
 
-    // size first, then (if there is room) the bytes: one code path for both
+    // Two passes over the layout: the first sizes it and notes where each layer's rows go, the second
+    // writes the headers; the rows (the bulk: a gather per kv head) are then copied layer by layer
+    // over the cores, each layer into its own span.
+    std::vector<size_t> k_at(n_layer), v_at(n_layer);
     for (int pass = 0; pass < 2; ++pass) {
         Writer w(pass == 0 ? nullptr : dst);
         w.put(st.magic);
@@ -342,47 +350,28 @@ int32_t compose(const uint8_t * src, size_t src_size, const int32_t * sel, int32
             w.put(st.v_trans);
             w.put(st.n_layer);
             for (int32_t il = 0; il < n_layer; ++il) {
-                const kvc::TensorRows & k = st.k[il];
-                w.put(k.type);
-                w.put(k.row_size);
-                for (int32_t c = 0; c < n_keep; ++c) {
-                    for (int32_t g = 0; g < n_head_kv; ++g) {
-                        const int32_t cell = sel[(static_cast<size_t>(il) * n_head_kv + g) * n_keep + c];
-                        w.bytes(src + k.offset + cell * k.row_size + g * k_head[il], k_head[il]);
-                    }
-                }
+                w.put(st.k[il].type);
+                w.put(st.k[il].row_size);
+                k_at[il] = w.pos();
+                w.advance(static_cast<size_t>(n_keep) * n_head_kv * k_head[il]);
             }
             for (int32_t il = 0; il < n_layer; ++il) {
                 const kvc::TensorRows & v = st.v[il];
                 w.put(v.type);
                 if (!st.v_trans) {
                     w.put(v.row_size);
-                    for (int32_t c = 0; c < n_keep; ++c) {
-                        for (int32_t g = 0; g < n_head_kv; ++g) {
-                            const int32_t cell = sel[(static_cast<size_t>(il) * n_head_kv + g) * n_keep + c];
-                            w.bytes(src + v.offset + cell * v.row_size + g * v_head[il], v_head[il]);
-                        }
-                    }
+                    v_at[il] = w.pos();
+                    w.advance(static_cast<size_t>(n_keep) * n_head_kv * v_head[il]);
                     continue;
                 }
-                const uint32_t el = static_cast<uint32_t>(v.row_size);
-                const uint32_t n_embd = static_cast<uint32_t>(v.n_embd);
-                w.put(el);
-                w.put(n_embd);
-                const int64_t head_dim = v.n_embd / n_head_kv;
-                for (uint32_t e = 0; e < n_embd; ++e) {
-                    const int32_t * s = sel + (static_cast<size_t>(il) * n_head_kv + e / head_dim) * n_keep;
-                    const uint8_t * src_row = src + v.offset + static_cast<size_t>(e) * st.n_cells * el;
-                    uint8_t * out = w.at();
-                    if (out != nullptr) {
-                        gather(out, src_row, s, n_keep, el);
-                    }
-                    w.advance(static_cast<size_t>(n_keep) * el);
-                }
+                w.put(static_cast<uint32_t>(v.row_size));
+                w.put(static_cast<uint32_t>(v.n_embd));
+                v_at[il] = w.pos();
+                w.advance(static_cast<size_t>(n_keep) * v.n_embd * v.row_size);
             }
         }
-        if (st.tail_offset != 0) {  // the sliding-window cache, unchanged
-            w.bytes(src + st.tail_offset, src_size - st.tail_offset);
+        if (st.tail != nullptr) {  // the sliding-window cache, unchanged
+            w.bytes(st.tail, st.tail_size);
         }
         if (pass == 0) {
             *dst_size = w.pos();
@@ -394,41 +383,44 @@ int32_t compose(const uint8_t * src, size_t src_size, const int32_t * sel, int32
             }
         }
     }
+    // rows of (layer, kv head) selection[c] in cell order, the kv heads of a cell side by side
+    auto copy_rows = [&](const kvc::TensorRows & t, size_t head_bytes, int32_t il, uint8_t * out) {
+        for (int32_t c = 0; c < n_keep; ++c) {
+            for (int32_t g = 0; g < n_head_kv; ++g) {
+                const int32_t cell = sel[(static_cast<size_t>(il) * n_head_kv + g) * n_keep + c];
+                std::memcpy(out, t.data + cell * t.stride + g * head_bytes, head_bytes);
+                out += head_bytes;
+            }
+        }
+    };
+    kvc::parallel_for(2 * static_cast<int64_t>(n_layer), [&](int64_t i0, int64_t i1) {
+        for (int64_t i = i0; i < i1; ++i) {
+            const int32_t il = static_cast<int32_t>(i / 2);  // K and V of a layer on one core: even split
+            if (i % 2 == 0) {
+                copy_rows(st.k[il], k_head[il], il, dst + k_at[il]);
+            } else if (!st.v_trans) {
+                copy_rows(st.v[il], v_head[il], il, dst + v_at[il]);
+            } else {  // one row of cells per element: the element's kv head picks the cells
+                const kvc::TensorRows & v = st.v[il];
+                const uint32_t el = static_cast<uint32_t>(v.row_size);
+                const int64_t head_dim = v.n_embd / n_head_kv;
+                for (int64_t e = 0; e < v.n_embd; ++e) {
+                    const int32_t * s = sel + (static_cast<size_t>(il) * n_head_kv + e / head_dim) * n_keep;
+                    gather(dst + v_at[il] + static_cast<size_t>(e) * n_keep * el, v.data + e * v.stride, s, n_keep, el);
+                }
+            }
+        }
+    }, *dst_size >= (1u << 20));
     return KVC_OK;
 }
 
-float to_float(ggml_type type, const uint8_t * p) {
-    switch (type) {
-        case GGML_TYPE_F32: {
-            float f;
-            std::memcpy(&f, p, sizeof f);
-            return f;
-        }
-        case GGML_TYPE_F16: {
-            ggml_fp16_t h;
-            std::memcpy(&h, p, sizeof h);
-            return ggml_fp16_to_fp32(h);
-        }
-        case GGML_TYPE_BF16: {
-            ggml_bf16_t b;
-            std::memcpy(&b, p, sizeof b);
-            return ggml_bf16_to_fp32(b);
-        }
-        default:
-            return NAN;
-    }
-}
-
-int32_t norms(const uint8_t * src, size_t src_size, int32_t part, int32_t n_head_kv, float * out, size_t n_values) {
+int32_t row_norms(const ParsedState & st, int32_t part, int32_t n_head_kv, float * out, size_t n_values) {
     if (out == nullptr || n_head_kv <= 0) {
         return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "out is NULL or n_head_kv is not positive");
     }
     if (part != KVC_PART_K && part != KVC_PART_V) {
         return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "part must be KVC_PART_K or KVC_PART_V");
     }
-    kvc::ParsedState st;
-    const int32_t status = kvc::parse_state(src, src_size, st);
-    if (status != KVC_OK) return status;
     if (n_values != static_cast<size_t>(st.n_layer) * n_head_kv * st.n_cells) {
         return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "out must hold n_layer * n_head_kv * n_cells values");
     }
@@ -436,53 +428,83 @@ int32_t norms(const uint8_t * src, size_t src_size, int32_t part, int32_t n_head
         return kvc::fail(KVC_ERR_UNSUPPORTED, "the state has no V tensors");
     }
     const char * what = part == KVC_PART_K ? "key" : "value";
-    // K is always one row per cell; V is too unless stored transposed (one row per element)
+    // K is always one row per cell; V is too unless stored transposed (one row of cells per element)
     const bool transposed = part == KVC_PART_V && st.v_trans;
-    std::vector<float> row;
     for (uint32_t il = 0; il < st.n_layer; ++il) {
         const kvc::TensorRows & t = part == KVC_PART_K ? st.k[il] : st.v[il];
         const auto type = static_cast<ggml_type>(t.type);
+        const ggml_type_traits * tr = ggml_get_type_traits(type);
         if (t.n_embd % n_head_kv != 0) {
             return kvc::fail(KVC_ERR_UNSUPPORTED, std::string(what) + " rows do not split into heads");
         }
-        const int64_t hd = t.n_embd / n_head_kv;
-        float * dst = out + static_cast<size_t>(il) * n_head_kv * st.n_cells;
-        std::vector<double> acc(static_cast<size_t>(n_head_kv) * st.n_cells, 0.0);
-        if (transposed) {
-            if (type != GGML_TYPE_F32 && type != GGML_TYPE_F16 && type != GGML_TYPE_BF16) {
-                return kvc::fail(KVC_ERR_UNSUPPORTED, std::string(what) + " norms of " + ggml_type_name(type));
-            }
-            for (int64_t e = 0; e < t.n_embd; ++e) {
-                const uint8_t * r = src + t.offset + static_cast<size_t>(e) * st.n_cells * t.row_size;
-                double * a = acc.data() + static_cast<size_t>(e / hd) * st.n_cells;
-                for (uint32_t c = 0; c < st.n_cells; ++c) {
-                    const double x = to_float(type, r + c * t.row_size);
-                    a[c] += x * x;
-                }
-            }
-        } else {
-            const ggml_type_traits * tr = ggml_get_type_traits(type);
-            if (type != GGML_TYPE_F32 && (tr == nullptr || tr->to_float == nullptr)) {
-                return kvc::fail(KVC_ERR_UNSUPPORTED, std::string(what) + " norms of " + ggml_type_name(type));
-            }
-            row.resize(t.n_embd);
-            for (uint32_t c = 0; c < st.n_cells; ++c) {
-                const uint8_t * r = src + t.offset + static_cast<size_t>(c) * t.row_size;
-                if (type == GGML_TYPE_F32) {
-                    std::memcpy(row.data(), r, t.n_embd * sizeof(float));
-                } else {
-                    tr->to_float(r, row.data(), t.n_embd);
-                }
-                for (int64_t e = 0; e < t.n_embd; ++e) {
-                    acc[static_cast<size_t>(e / hd) * st.n_cells + c] += static_cast<double>(row[e]) * row[e];
-                }
-            }
-        }
-        for (size_t i = 0; i < acc.size(); ++i) {
-            dst[i] = static_cast<float>(std::sqrt(acc[i]));
+        if (type != GGML_TYPE_F32 && (tr == nullptr || tr->to_float == nullptr ||
+                                      (transposed && ggml_blck_size(type) != 1))) {
+            return kvc::fail(KVC_ERR_UNSUPPORTED, std::string(what) + " norms of " + ggml_type_name(type));
         }
     }
+    const uint32_t n_cells = st.n_cells;
+    // rows are converted to f32 in bulk by ggml's type traits; squares are summed in double
+    auto to_f32 = [](const ggml_type_traits * tr, ggml_type type, const uint8_t * src, float * dst, int64_t n) {
+        if (type == GGML_TYPE_F32) {
+            std::memcpy(dst, src, n * sizeof(float));
+        } else {
+            tr->to_float(src, dst, n);
+        }
+    };
+    kvc::parallel_for(st.n_layer, [&](int64_t l0, int64_t l1) {
+        std::vector<float> row;
+        std::vector<double> acc;
+        for (int64_t il = l0; il < l1; ++il) {
+            const kvc::TensorRows & t = part == KVC_PART_K ? st.k[il] : st.v[il];
+            const auto type = static_cast<ggml_type>(t.type);
+            const ggml_type_traits * tr = ggml_get_type_traits(type);
+            const int64_t hd = t.n_embd / n_head_kv;
+            acc.assign(static_cast<size_t>(n_head_kv) * n_cells, 0.0);
+            if (transposed) {
+                row.resize(n_cells);
+                for (int64_t e = 0; e < t.n_embd; ++e) {
+                    to_f32(tr, type, t.data + static_cast<size_t>(e) * t.stride, row.data(), n_cells);
+                    double * a = acc.data() + static_cast<size_t>(e / hd) * n_cells;
+                    for (uint32_t c = 0; c < n_cells; ++c) a[c] += static_cast<double>(row[c]) * row[c];
+                }
+            } else {
+                row.resize(t.n_embd);
+                for (uint32_t c = 0; c < n_cells; ++c) {
+                    to_f32(tr, type, t.data + static_cast<size_t>(c) * t.stride, row.data(), t.n_embd);
+                    for (int64_t g = 0; g < n_head_kv; ++g) {
+                        double a = 0.0;
+                        for (int64_t e = g * hd; e < (g + 1) * hd; ++e) a += static_cast<double>(row[e]) * row[e];
+                        acc[static_cast<size_t>(g) * n_cells + c] = a;
+                    }
+                }
+            }
+            float * dst = out + static_cast<size_t>(il) * n_head_kv * n_cells;
+            for (size_t i = 0; i < acc.size(); ++i) dst[i] = static_cast<float>(std::sqrt(acc[i]));
+        }
+    }, static_cast<uint64_t>(st.n_layer) * n_cells * n_head_kv >= (1u << 14));
     return KVC_OK;
+}
+
+}  // namespace kvc
+
+namespace {
+
+int32_t compose(const uint8_t * src, size_t src_size, const int32_t * sel, int32_t n_layer, int32_t n_head_kv,
+                int32_t n_keep, uint8_t * dst, size_t dst_capacity, size_t * dst_size) {
+    kvc::ParsedState st;
+    const int32_t status = kvc::parse_state(src, src_size, st);
+    if (status != KVC_OK) return status;
+    return kvc::compose_rows(st, sel, n_layer, n_head_kv, n_keep, dst, dst_capacity, dst_size);
+}
+
+int32_t norms(const uint8_t * src, size_t src_size, int32_t part, int32_t n_head_kv, float * out, size_t n_values) {
+    if (out == nullptr || n_head_kv <= 0) {
+        return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "out is NULL or n_head_kv is not positive");
+    }
+    kvc::ParsedState st;
+    const int32_t status = kvc::parse_state(src, src_size, st);
+    if (status != KVC_OK) return status;
+    return kvc::row_norms(st, part, n_head_kv, out, n_values);
 }
 
 }  // namespace

@@ -15,11 +15,13 @@
 
 namespace kvc {
 
+// One layer's K or V rows, wherever they live: in a state buffer or in a cache tensor.
 struct TensorRows {
     int32_t  type     = 0;
     uint64_t row_size = 0;  // bytes of one cell's row (K, plain V) or one element (transposed V)
     int64_t  n_embd   = 0;  // elements per cell
-    size_t   offset   = 0;  // where the data starts in the buffer
+    const uint8_t * data = nullptr;  // cell 0's row (K, plain V) or element 0's row of cells (transposed V)
+    size_t   stride   = 0;  // bytes from one cell's row to the next (K, plain V) or one element's row to the next
 };
 
 struct ParsedState {
@@ -34,7 +36,8 @@ struct ParsedState {
     uint32_t n_layer   = 0;
     std::vector<TensorRows> k, v;
     // a second cache after the first (iSWA models: the sliding-window layers), kept as it is
-    size_t   tail_offset  = 0;  // 0: none
+    const uint8_t * tail = nullptr;  // nullptr: none
+    size_t   tail_size    = 0;
     uint32_t tail_n_cells = 0;
     uint32_t tail_n_layer = 0;
 
@@ -43,6 +46,14 @@ struct ParsedState {
 
 // Returns KVC_OK or a failure status (with kvc_last_error set).
 int32_t parse_state(const uint8_t * src, size_t size, ParsedState & out);
+
+// A state of n_keep cells from st's rows (see kvc_state_compose): sizes it into *dst_size, and writes it
+// if dst is not NULL and holds that many bytes. st may describe a buffer or the cache tensors.
+int32_t compose_rows(const ParsedState & st, const int32_t * sel, int32_t n_layer, int32_t n_head_kv, int32_t n_keep,
+                     uint8_t * dst, size_t dst_capacity, size_t * dst_size);
+
+// L2 norms of st's K or V vectors per (layer, kv head, cell) (see kvc_state_norms); layers over threads.
+int32_t row_norms(const ParsedState & st, int32_t part, int32_t n_head_kv, float * out, size_t n_values);
 
 constexpr uint32_t kStateMagic = 0xaf143cd8u;
 

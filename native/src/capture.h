@@ -1,0 +1,32 @@
+// The attention capture's state, shared by capture.cpp (which fills it from the graph) and
+// context.cpp (which rewrites the cache through the tensors the capture found).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+struct ggml_tensor;
+
+struct kvc_capture {
+    bool    active  = false;
+    int32_t n_layer = 0;
+    int32_t n_head  = 0;
+    int32_t n_keys  = 0;
+
+    std::vector<float>   max;        // [n_layer, n_head, n_keys]: running max over probe queries
+    std::vector<double>  sum;        // [n_layer, n_head, n_keys]: running sum, for the mean
+    std::vector<int64_t> n_queries;  // [n_layer]
+    std::vector<float>   staging;    // host copy of tensors that live on a device buffer
+    std::vector<float>   keys;       // recomputed attention: the layer's keys as f32 [n_head_kv, n_kv, D]
+    bool    recompute = false;       // recompute kq_soft_max from q and k instead of reading it
+    // The KV cache tensors ("cache_k_l{il}", "cache_v_l{il}") behind each layer's attention, found in
+    // the graph while capturing; they live as long as the context. Kept after the capture ends.
+    std::vector<const ggml_tensor *> k_cache, v_cache;  // [n_layer], nullptr: not seen
+    std::vector<int8_t>  v_trans;    // [n_layer]: 1 if the layer reads V transposed, -1 not seen
+    // [n_keys]: probe query rows of layer 0 whose attention mask shows cell j (the layout check of
+    // kvc_context_compose_tensors: which cells held the sequence, at which positions)
+    std::vector<int32_t> visible;
+    std::string          error;      // first problem seen by the callback (it cannot return one)
+};
+
