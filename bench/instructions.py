@@ -4,11 +4,12 @@ machine does not disturb.
     python bench/instructions.py [--tokens 2048] [--out bench/results-instructions]
 
 The sequence state of an n-token prefill of the embedded model (and the probe scores of a real
-compression of it) are saved once; then each kernel runs once in its own process under
-``valgrind --tool=callgrind --toggle-collect=<kernel>`` with ``KVC_NUM_THREADS=1`` (all work in the
-calling thread, so the toggle sees all of it). The reference is one ``memmove`` of the state's bytes,
-counted as the difference between a run moving them and a run moving one byte (Python's own calls
-to memmove cancel out). Prints instructions per KV byte and the ratio to that memmove.
+compression of it) are saved once; then each kernel runs once under ``valgrind --tool=callgrind``
+with ``KVC_NUM_THREADS=1``. A count is the difference between two whole runs that start alike
+(fixed hash seed, one thread everywhere) and set up the same arguments, one calling the kernel and
+one not (through ctypes the exported functions give callgrind no entry to toggle on). The reference
+is one ``memmove`` of the state's bytes, counted the same way. Prints instructions per KV byte and
+the ratio to that memmove.
 """
 
 from __future__ import annotations
@@ -23,9 +24,7 @@ import subprocess
 import sys
 import tempfile
 
-import numpy as np
-
-# kernel -> the exported function callgrind toggles on
+# kernel -> the exported function it calls
 KERNELS = {
     "compose": "kvc_state_compose",
     "norms_k": "kvc_state_norms",
@@ -34,12 +33,12 @@ KERNELS = {
     "layer_budgets": "kvc_kvcompose_layer_budgets",
     "select_top": "kvc_select_top",
 }
-MEMMOVE = "*memmove*"
 
 
 def prepare(n: int, work: pathlib.Path) -> dict:
     """Prefill n tokens, compress a copy: save the state, the head scores and the selection."""
     import llama_cpp
+    import numpy as np
 
     from pykvcompose import KVComposePress, Llama, _native
     from pykvcompose.haystack import haystack_text
@@ -67,44 +66,77 @@ def prepare(n: int, work: pathlib.Path) -> dict:
 
 
 def run_kernel(kernel: str, work: pathlib.Path) -> None:
-    """The process callgrind watches: load the inputs, call one kernel once."""
+    """The process callgrind watches: load the inputs, set up one kernel's arguments and, unless the
+    kernel is prefixed "setup-", call it once (the baseline run does all but the call)."""
+    call = not kernel.startswith("setup-")
+    kernel = kernel.removeprefix("setup-")
     meta = json.loads((work / "meta.json").read_text())
     data = (work / "state.bin").read_bytes()
-    if kernel in ("memmove", "memmove-1"):
-        n = len(data) if kernel == "memmove" else 1
+    if kernel == "memmove":
         dst = ctypes.create_string_buffer(len(data))
-        ctypes.memmove(dst, data, n)
+        ctypes.memmove(dst, data, len(data) if call else 1)
         return
+    import numpy as np
+
     from pykvcompose import _native
 
+    lib, f32, i32 = _native._lib, ctypes.c_float, ctypes.c_int32
+    src = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+    g = meta["n_head_kv"]
     if kernel == "compose":
-        _native.state_compose(data, np.load(work / "selection.npy"))
+        sel = np.ascontiguousarray(np.load(work / "selection.npy"), dtype=np.int32)
+        size = ctypes.c_size_t()
+        lib.kvc_state_compose(src, len(data), _native._ptr(sel, i32), *sel.shape, None, 0, ctypes.byref(size))
+        out = np.zeros(size.value, dtype=np.uint8)  # touched before the call: no page faults in it
+        args = (src, len(data), _native._ptr(sel, i32), *sel.shape, _native._ptr(out, ctypes.c_uint8), out.size,
+                ctypes.byref(size))
+        fn = lib.kvc_state_compose
     elif kernel in ("norms_k", "norms_v"):
-        _native.state_norms(data, kernel[-1], meta["n_head_kv"])
+        info = _native.state_parse(data)
+        out = np.zeros((info["n_layer"], g, info["n_cells"]), dtype=np.float32)
+        args = (src, len(data), _native._part(kernel[-1]), g, _native._ptr(out, f32), out.size)
+        fn = lib.kvc_state_norms
     elif kernel == "score":
-        _native.kvcompose_score(np.load(work / "head_scores.npy"), meta["n_head_kv"])
+        hs = np.ascontiguousarray(np.load(work / "head_scores.npy"), dtype=np.float32)
+        out = np.zeros((hs.shape[0], g, hs.shape[2]), dtype=np.float32)
+        args = (_native._ptr(hs, f32), hs.shape[0], hs.shape[1], g, hs.shape[2], _native.KVC_AGG_MEAN, None, True,
+                _native._ptr(out, f32))
+        fn = lib.kvc_kvcompose_score
     elif kernel == "layer_budgets":
-        scores = np.load(work / "scores.npy")
-        _native.kvcompose_layer_budgets(scores, int(scores.shape[0] * scores.shape[2] * 0.5))
+        sc = np.ascontiguousarray(np.load(work / "scores.npy"), dtype=np.float32)
+        out = np.zeros(sc.shape[0], dtype=np.int32)
+        args = (_native._ptr(sc, f32), *sc.shape, int(sc.shape[0] * sc.shape[2] * 0.5), _native.KVC_AGG_MEAN, 0,
+                _native._ptr(out, i32))
+        fn = lib.kvc_kvcompose_layer_budgets
     elif kernel == "select_top":
-        scores = np.load(work / "scores.npy")
-        _native.select_top(scores, meta["n_keep"], [scores.shape[-1] - 1])
+        sc = np.ascontiguousarray(np.load(work / "scores.npy"), dtype=np.float32)
+        rows, n = sc.shape[0] * sc.shape[1], sc.shape[2]
+        out = np.zeros((rows, meta["n_keep"]), dtype=np.int32)
+        forced = np.array([n - 1], dtype=np.int32)
+        args = (_native._ptr(sc, f32), rows, n, meta["n_keep"], _native._ptr(forced, i32), 1, _native._ptr(out, i32))
+        fn = lib.kvc_select_top
     else:
         raise SystemExit(f"unknown kernel {kernel!r}; expected one of {sorted(KERNELS)} or memmove")
+    if call and fn(*args) != _native.KVC_OK:
+        raise SystemExit(f"{kernel}: {lib.kvc_last_error().decode()}")
 
 
-def count(kernel: str, toggle: str, work: pathlib.Path) -> int:
-    """Instructions callgrind counts inside ``toggle`` while ``kernel`` runs once."""
-    with tempfile.TemporaryDirectory() as tmp:
-        out = pathlib.Path(tmp) / "callgrind.out"
-        env = dict(os.environ, KVC_NUM_THREADS="1", PYTHONHASHSEED="0")
-        subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", f"--toggle-collect={toggle}",
-                        sys.executable, __file__, "--run", kernel, "--work", str(work)],
-                       check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        m = re.search(r"^(?:summary|totals):\s+(\d+)", out.read_text(errors="replace"), re.M)
-        if m is None:
-            raise RuntimeError(f"no instruction total in callgrind's output for {kernel}")
-        return int(m.group(1))
+def count(kernel: str, work: pathlib.Path) -> int:
+    """Instructions of one run of ``kernel``: a whole process under callgrind, minus the same process
+    doing everything but the call (both start alike: fixed hash seed, one thread everywhere)."""
+    totals = []
+    for run in (kernel, "setup-" + kernel):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = pathlib.Path(tmp) / "callgrind.out"
+            env = dict(os.environ, KVC_NUM_THREADS="1", PYTHONHASHSEED="0", OPENBLAS_NUM_THREADS="1")
+            subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+                            sys.executable, __file__, "--run", run, "--work", str(work)],
+                           check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            m = re.search(r"^(?:summary|totals):\s+(\d+)", out.read_text(errors="replace"), re.M)
+            if m is None:
+                raise RuntimeError(f"no instruction total in callgrind's output for {run}")
+            totals.append(int(m.group(1)))
+    return totals[0] - totals[1]
 
 
 def main() -> None:
@@ -121,10 +153,10 @@ def main() -> None:
         work = pathlib.Path(a.work or tmp)
         work.mkdir(parents=True, exist_ok=True)
         meta = prepare(a.tokens, work)
-        memmove = count("memmove", MEMMOVE, work) - count("memmove-1", MEMMOVE, work)
+        memmove = count("memmove", work)
         rows = []
         for kernel, symbol in KERNELS.items():
-            ir = count(kernel, symbol, work)
+            ir = count(kernel, work)
             rows.append({"kernel": kernel, "function": symbol, "instructions": ir,
                          "per_kv_byte": ir / meta["kv_bytes"], "vs_memmove": ir / memmove})
             print(json.dumps(rows[-1]), flush=True)
