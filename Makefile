@@ -32,7 +32,7 @@ ASAN_ENV = PYKVCOMPOSE_LIBRARY=$(abspath $(ASAN_BUILD))/libkvcompose.so LD_PRELO
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 # the Python tests that run native code (state parsing, scoring, capture, rewrites, sessions, fuzz corpus)
 NATIVE_TESTS := tests/test_errors.py tests/test_llama.py tests/test_robustness.py tests/test_session.py \
-	tests/test_streaming.py tests/test_iswa.py tests/test_fuzz.py tests/test_flash_attention.py
+	tests/test_streaming.py tests/test_iswa.py tests/test_fuzz.py tests/test_flash_attention.py tests/test_in_place.py
 FUZZ_RUNS ?= 100000
 
 # C++ unit tests (no model needed), plain build

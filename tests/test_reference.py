@@ -164,3 +164,21 @@ def test_value_norms_match_numpy_on_state(llm, prompt_tokens):
         ref = np.sqrt((v.reshape(llm.kv_n_head_kv, -1, n_cells) ** 2).sum(axis=1))
         np.testing.assert_allclose(norms[il], ref, rtol=1e-5)
     assert off == len(data)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_ranking_on_integer_keys_matches_numpy_on_ties_and_signed_zeros(seed):
+    """The C++ ranks on integer keys (a radix sort for the budgets, packed (score, index) keys for the
+    top-C): many exact ties, -0.0 beside +0.0 and -inf must rank as numpy's float comparisons do."""
+    rng = np.random.default_rng(seed)
+    L, Hkv, n = 5, 3, 257
+    levels = np.array([-np.inf, -1.0, -0.0, 0.0, 0.25, 0.5, 1.0], dtype=np.float32)
+    scores = rng.choice(levels, size=(L, Hkv, n)).astype(np.float32)
+    for ratio in (0.1, 0.5, 0.9):
+        n_total = max(1, int(L * n * (1 - ratio)))
+        for agg in ("mean", "max"):
+            for lower_bound in (0, 3):
+                got = _native.kvcompose_layer_budgets(scores, n_total, agg, lower_bound)
+                np.testing.assert_array_equal(got, np_layer_budgets(scores, ratio, agg, lower_bound))
+        c = max(1, int(n * (1 - ratio)))
+        np.testing.assert_array_equal(_native.select_top(scores, c, [n - 1, 7]), np_select(scores, c, [n - 1, 7]))

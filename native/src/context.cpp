@@ -143,10 +143,10 @@ int32_t tensor_rows(const ggml_tensor * t, bool transposed, uint32_t n_cells, co
     out.n_embd = t->ne[0];
     out.row_size = transposed ? ggml_type_size(type) : ggml_row_size(type, t->ne[0]);
     const size_t kv_size = static_cast<size_t>(t->ne[1]);
-    if (t->buffer == nullptr || t->data == nullptr) {
+    if (t->data == nullptr) {
         return kvc::fail(KVC_ERR_UNSUPPORTED, name + " has no data");
     }
-    if (ggml_backend_buffer_is_host(t->buffer)) {
+    if (t->buffer == nullptr || ggml_backend_buffer_is_host(t->buffer)) {  // no buffer: a plain ggml context's memory
         out.data = static_cast<const uint8_t *>(t->data);
         out.stride = transposed ? kv_size * out.row_size : static_cast<size_t>(t->nb[1]);
         return KVC_OK;

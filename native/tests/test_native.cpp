@@ -314,6 +314,75 @@ void test_capture_reduces_softmax_tensors() {
     ggml_free(ctx);
 }
 
+// The graph around one layer's attention, as llama.cpp builds it: views of the layer's cache
+// tensors (V read transposed) under "kqv_out-0", and a softmax whose mask hides some cells.
+void test_capture_finds_cache_tensors_and_counts_visibility() {
+    ggml_init_params params = {1 << 20, nullptr, false};
+    ggml_context * ctx = ggml_init(params);
+    const int64_t n_embd = 4, kv_size = 8, n_kv = 4;  // 2 kv heads of 2 dims
+    ggml_tensor * k = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, n_embd, kv_size, 1);
+    ggml_tensor * v = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, n_embd, kv_size, 1);
+    ggml_set_name(k, "cache_k_l0");
+    ggml_set_name(v, "cache_v_l0");
+    auto * kd = static_cast<float *>(k->data);
+    auto * vd = static_cast<float *>(v->data);
+    for (int64_t i = 0; i < n_embd * kv_size; ++i) {
+        kd[i] = static_cast<float>(i % 7) - 3.0f;
+        vd[i] = static_cast<float>(i % 5) + 1.0f;
+    }
+    ggml_tensor * k_view = ggml_view_2d(ctx, k, n_embd, n_kv, k->nb[1], 0);
+    // llama_kv_cache::get_v, transposed: [n_kv, n_head_kv, head_dim], nb[1] > nb[2]
+    ggml_tensor * v_view = ggml_view_3d(ctx, v, n_kv, 2, 2, kv_size * 2 * sizeof(float), kv_size * sizeof(float), 0);
+    ggml_tensor * out = ggml_add(ctx, ggml_sum(ctx, k_view), ggml_sum(ctx, v_view));
+    ggml_set_name(out, "kqv_out-0");
+
+    // softmax over n_kv = 4 columns for 2 queries and 2 heads; query 0 sees cells 0-1, query 1 cells 0-2
+    ggml_tensor * kq = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, n_kv, 2, 2);
+    ggml_tensor * mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_kv, 2);
+    const float m[8] = {0, 0, -INFINITY, -INFINITY, 0, 0, 0, -INFINITY};
+    std::memcpy(mask->data, m, sizeof m);
+    ggml_tensor * sm = ggml_soft_max_ext(ctx, kq, mask, 1.0f, 0.0f);
+    ggml_set_name(sm, "kq_soft_max-0");
+    std::memset(sm->data, 0, ggml_nbytes(sm));
+
+    kvc_capture * cap = nullptr;
+    CHECK_STATUS(kvc_capture_init(&cap), KVC_OK);
+    CHECK_STATUS(kvc_capture_begin(cap, 1, 2, 3), KVC_OK);
+    float norms[2 * 3];
+    CHECK_STATUS(kvc_capture_get_norms(cap, KVC_PART_K, 2, 3, norms, 6), KVC_ERR_UNSUPPORTED);  // nothing seen yet
+    CHECK(kvc_capture_eval_callback(out, true, cap) == false);  // no flash attention: read, not asked for
+    CHECK(kvc_capture_eval_callback(sm, true, cap) == true);
+    CHECK(kvc_capture_eval_callback(sm, false, cap) == true);
+    CHECK_STATUS(kvc_capture_end(cap), KVC_OK);
+    int32_t seen[3];
+    CHECK_STATUS(kvc_capture_get_visibility(cap, seen, 3), KVC_OK);
+    CHECK(seen[0] == 2 && seen[1] == 2 && seen[2] == 1);  // columns beyond n_keys = 3 are not kept
+    CHECK_STATUS(kvc_capture_get_visibility(cap, seen, 2), KVC_ERR_INVALID_ARGUMENT);
+
+    // norms of cells 0..2 read from the cache tensors: K rows, and V transposed (element e of cell c at e * kv_size + c)
+    CHECK_STATUS(kvc_capture_get_norms(cap, KVC_PART_K, 2, 3, norms, 6), KVC_OK);
+    for (int g = 0; g < 2; ++g) {
+        for (int c = 0; c < 3; ++c) {
+            const float a = kd[c * n_embd + 2 * g], b = kd[c * n_embd + 2 * g + 1];
+            CHECK(std::fabs(norms[g * 3 + c] - std::sqrt(a * a + b * b)) < 1e-6);
+        }
+    }
+    CHECK_STATUS(kvc_capture_get_norms(cap, KVC_PART_V, 2, 3, norms, 6), KVC_OK);
+    for (int g = 0; g < 2; ++g) {
+        for (int c = 0; c < 3; ++c) {
+            const float a = vd[(2 * g) * kv_size + c], b = vd[(2 * g + 1) * kv_size + c];
+            CHECK(std::fabs(norms[g * 3 + c] - std::sqrt(a * a + b * b)) < 1e-6);
+        }
+    }
+    CHECK_STATUS(kvc_capture_get_norms(cap, KVC_PART_V, 2, 4, norms, 8), KVC_ERR_INVALID_ARGUMENT);  // > n_keys
+    // a new capture forgets the tensors until it sees them again
+    CHECK_STATUS(kvc_capture_begin(cap, 1, 2, 3), KVC_OK);
+    CHECK_STATUS(kvc_capture_end(cap), KVC_OK);
+    CHECK_STATUS(kvc_capture_get_norms(cap, KVC_PART_K, 2, 3, norms, 6), KVC_ERR_UNSUPPORTED);
+    kvc_capture_free(cap);
+    ggml_free(ctx);
+}
+
 void test_status_strings() {
     CHECK(std::string(kvc_status_str(KVC_ERR_CORRUPT_STATE)) == "KVC_ERR_CORRUPT_STATE");
     CHECK(std::string(kvc_status_str(12345)) == "unknown status");
@@ -333,6 +402,7 @@ int main() {
         {"select_top", test_select_top},
         {"kvcompose_score_and_budgets", test_kvcompose_score_and_budgets},
         {"capture_reduces_softmax_tensors", test_capture_reduces_softmax_tensors},
+        {"capture_finds_cache_tensors_and_counts_visibility", test_capture_finds_cache_tensors_and_counts_visibility},
         {"status_strings", test_status_strings},
     };
     for (const auto & [name, fn] : tests) {
