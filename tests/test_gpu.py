@@ -1,15 +1,15 @@
 """The same compression with the cache on a GPU (run where llama-cpp-python has a GPU backend:
 `pytest -m gpu`; see the README for CUDA and Metal builds). The capture copies device tensors to
-the host (ggml_backend_tensor_get) and the rewrite goes through llama.cpp's state API, which copies
-device buffers too, so the results must equal the CPU's up to the backends' rounding."""
+the host (ggml_backend_tensor_get) and the rewrite reads the cache tensors' cells the same way, so the
+results must equal the CPU's up to the backends' rounding."""
 
 import llama_cpp
 import numpy as np
 import pytest
 
-from pykvcompose import KVComposePress, Llama
+from pykvcompose import KVComposePress, Llama, _native
 
-from conftest import greedy
+from conftest import greedy, seq_state
 
 pytestmark = [
     pytest.mark.gpu,
@@ -34,3 +34,21 @@ def test_offloaded_cache_compresses_like_the_cpu(model_path, prompt_tokens, flas
     agree = np.mean([len(np.intersect1d(a, b)) / len(a) for a, b in zip(sel_cpu.reshape(-1, cells_cpu),
                                                                        sel_gpu.reshape(-1, cells_gpu))])
     assert agree > 0.9
+
+
+@pytest.mark.parametrize("flash_attn", [False, True])
+def test_device_tensor_rewrite_writes_what_the_state_rewrite_writes(model_path, prompt_tokens, flash_attn):
+    ctx_tokens = prompt_tokens[:-1]
+    n = len(ctx_tokens)
+    press = KVComposePress(0.5, min_tokens=16)
+    m = Llama(model_path, n_ctx=1024, n_gpu_layers=-1, flash_attn=flash_attn, verbose=False)
+    probe = m.kv_probe(ctx_tokens, [press])
+    assert probe.in_place
+    selection = press.select(press.score(probe), press.n_kept(n), forced=[n - 1])
+    before = m.save_state()
+    _native.context_compose(m._ctx.ctx, selection, expected_cells=n)
+    expected = seq_state(m)
+    m.load_state(before)
+    _native.context_compose_tensors(m._ctx.ctx, m._kv_capture, np.arange(n, dtype=np.int32), selection)
+    assert seq_state(m) == expected
+    m.close()
