@@ -17,6 +17,7 @@ CACHES = {
     "f16": dict(),  # flash attention off: V stored transposed
     "flash-f16": dict(flash_attn=True),  # V stored as rows
     "flash-q8_0": dict(flash_attn=True, type_k=Q8_0, type_v=Q8_0),
+    "q8_0-k": dict(type_k=Q8_0),  # quantized K rows beside a transposed f16 V
 }
 
 
@@ -68,6 +69,27 @@ def test_compression_takes_the_tensor_path_and_says_so(llm, prompt_tokens):
     assert llm.kv_stats["rewrite"] == "tensors"
     llm.compress_context(prompt_tokens[:-1], KVComposePress(0.5, min_tokens=16, per_head=False))
     assert llm.kv_stats["rewrite"] == "eviction"
+
+
+def test_a_chunked_reconstruct_probe_still_finds_the_context_in_place(model_path, prompt_tokens):
+    """A cache too small for 2n cells probes in chunks, each chunk's cells dropped before the next;
+    every probe query still sees every context cell, so the tensor path runs, and writes what the
+    state path writes."""
+    ctx_tokens = prompt_tokens[:-1]
+    n = len(ctx_tokens)
+    press = KVComposePress(0.5, min_tokens=16)
+    m = Llama(model_path, n_ctx=n + 64, n_batch=64, verbose=False)
+    probe = m.kv_probe(ctx_tokens, [press])
+    assert probe.description.startswith("reconstruct, chunks of") and probe.in_place
+    before = m.save_state()
+    m.kv_apply(press, probe)
+    assert m.kv_stats["rewrite"] == "tensors"
+    expected = seq_state(m)
+    m.load_state(before)
+    probe.in_place = False
+    m.kv_apply(press, probe)
+    assert m.kv_stats["rewrite"] == "state" and seq_state(m) == expected
+    m.close()
 
 
 def test_a_cache_that_is_not_the_probed_cells_is_refused_untouched(model_path, prompt_tokens):
