@@ -462,13 +462,17 @@ def context_norms(ctx, part: str, n_layer: int, n_head_kv: int, n_cells: int, se
     return out
 
 
+def _result_dict(res: ComposeResult) -> dict:
+    return {name: getattr(res, name) for name, _ in ComposeResult._fields_}
+
+
 def context_compose(ctx, selection: np.ndarray, expected_cells: int = 0, seq_id: int = 0) -> dict:
     """Rewrite sequence ``seq_id`` of a live context; on failure it is restored and this raises."""
     sel = _selection(selection)
     res = ComposeResult()
     _check(_lib.kvc_context_compose(_ctx_ptr(ctx), seq_id, _ptr(sel, ctypes.c_int32), *sel.shape, int(expected_cells),
                                     ctypes.byref(res)), "kvc_context_compose")
-    return {name: getattr(res, name) for name, _ in ComposeResult._fields_}
+    return _result_dict(res)
 
 
 def context_compose_tensors(ctx, capture: Capture, positions: np.ndarray, selection: np.ndarray,
@@ -484,4 +488,4 @@ def context_compose_tensors(ctx, capture: Capture, positions: np.ndarray, select
     _check(_lib.kvc_context_compose_tensors(_ctx_ptr(ctx), capture.address, seq_id, _ptr(pos, ctypes.c_int32),
                                             pos.size, _ptr(sel, ctypes.c_int32), *sel.shape, ctypes.byref(res)),
            "kvc_context_compose_tensors")
-    return {name: getattr(res, name) for name, _ in ComposeResult._fields_}
+    return _result_dict(res)

@@ -93,6 +93,18 @@ void find_cache_tensors(kvc_capture & cap, const ggml_tensor * out, int32_t il) 
     }
 }
 
+// Entry j of a row of llama.cpp's attention mask (f16 or f32).
+inline float mask_value(const ggml_tensor * mask, const char * row, int64_t j) {
+    if (mask->type == GGML_TYPE_F16) {
+        ggml_fp16_t h;
+        std::memcpy(&h, row + j * mask->nb[0], sizeof h);
+        return ggml_fp16_to_fp32(h);
+    }
+    float v;
+    std::memcpy(&v, row + j * mask->nb[0], sizeof v);
+    return v;
+}
+
 // Layer 0 only: counts, for every key column j < n_keys, the query rows [0, n_tok) whose mask row
 // does not hide cell j (llama.cpp's mask holds -inf for other sequences' cells, empty cells and
 // later positions).
@@ -109,15 +121,7 @@ void count_visible(kvc_capture & cap, const ggml_tensor * mask, int64_t n_tok, i
     for (int64_t t = 0; t < n_tok; ++t) {
         const char * row = md + t * mask->nb[1];
         for (int64_t j = 0; j < m; ++j) {
-            float v;
-            if (mask->type == GGML_TYPE_F16) {
-                ggml_fp16_t h;
-                std::memcpy(&h, row + j * mask->nb[0], sizeof h);
-                v = ggml_fp16_to_fp32(h);
-            } else {
-                std::memcpy(&v, row + j * mask->nb[0], sizeof v);
-            }
-            cap.visible[j] += v != -INFINITY;
+            cap.visible[j] += mask_value(mask, row, j) != -INFINITY;
         }
     }
 }
@@ -210,14 +214,7 @@ void recompute(kvc_capture & cap, const ggml_tensor * q, const ggml_tensor * k, 
                                                   : md + t * mask->nb[1] + (h % mask->ne[2]) * mask->nb[2];
                 float M = -INFINITY;
                 for (int64_t j = 0; j < n_kv; ++j) {
-                    float mv = 0.0f;
-                    if (mrow != nullptr && mask->type == GGML_TYPE_F16) {
-                        ggml_fp16_t hv;
-                        std::memcpy(&hv, mrow + j * mask->nb[0], sizeof hv);
-                        mv = ggml_fp16_to_fp32(hv);
-                    } else if (mrow != nullptr) {
-                        std::memcpy(&mv, mrow + j * mask->nb[0], sizeof mv);
-                    }
+                    const float mv = mrow != nullptr ? mask_value(mask, mrow, j) : 0.0f;
                     if (mv == -INFINITY) {
                         logits[j] = -INFINITY;
                         continue;

@@ -70,6 +70,30 @@ int32_t read_sequence(llama_context * ctx, int32_t seq_id, HostBuffer & buf) {
     return KVC_OK;
 }
 
+// kvc_state_compose of an already parsed state (or of the cache tensors) into `after`.
+int32_t compose_into(const kvc::ParsedState & st, const int32_t * selection, int32_t n_layer, int32_t n_head_kv,
+                     int32_t n_keep, HostBuffer & after) {
+    size_t size = 0;
+    int32_t status = kvc::compose_rows(st, selection, n_layer, n_head_kv, n_keep, nullptr, 0, &size);
+    if (status != KVC_OK) return status;
+    after.resize(size);
+    return kvc::compose_rows(st, selection, n_layer, n_head_kv, n_keep, after.data(), after.size(), &size);
+}
+
+// What composing st into n_keep cells by `selection` ([rows, n_keep]) gave: the composed cells' newest
+// position is the newest source position kept.
+void describe(const kvc::ParsedState & st, const int32_t * selection, int32_t rows, int32_t n_keep,
+              kvc_compose_result * result) {
+    if (result == nullptr) return;
+    int32_t newest = std::numeric_limits<int32_t>::min();
+    for (size_t i = 0; i < static_cast<size_t>(rows) * n_keep; ++i) newest = std::max(newest, st.pos[selection[i]]);
+    result->cells_before    = st.n_cells;
+    result->cells_after     = static_cast<uint32_t>(n_keep);
+    result->kv_bytes_before = st.kv_bytes_per_cell() * st.n_cells;
+    result->kv_bytes_after  = st.kv_bytes_per_cell() * static_cast<uint64_t>(n_keep);
+    result->pos_max         = newest;
+}
+
 int32_t compose_in_place(llama_context * ctx, int32_t seq_id, const int32_t * selection, int32_t n_layer,
                          int32_t n_head_kv, int32_t n_keep, int32_t expected_cells, kvc_compose_result * result) {
     HostBuffer & before = state_buffer();
@@ -93,13 +117,8 @@ int32_t compose_in_place(llama_context * ctx, int32_t seq_id, const int32_t * se
         }
     }
 
-    size_t size = 0;
-    status = kvc_state_compose(before.data(), before.size(), selection, n_layer, n_head_kv, n_keep, nullptr, 0, &size);
-    if (status != KVC_OK) return status;
     HostBuffer & after = composed_buffer();
-    after.resize(size);
-    status = kvc_state_compose(before.data(), before.size(), selection, n_layer, n_head_kv, n_keep, after.data(),
-                               after.size(), &size);
+    status = compose_into(st, selection, n_layer, n_head_kv, n_keep, after);
     if (status != KVC_OK) return status;
 
     llama_memory_t mem = llama_get_memory(ctx);
@@ -112,15 +131,7 @@ int32_t compose_in_place(llama_context * ctx, int32_t seq_id, const int32_t * se
         }
         return kvc::fail(KVC_ERR_LLAMA, "llama_state_seq_set_data refused the composed state; the cache was restored");
     }
-    if (result != nullptr) {
-        kvc_state_info info{};
-        kvc_state_parse(after.data(), after.size(), &info, nullptr, 0);
-        result->cells_before    = st.n_cells;
-        result->cells_after     = info.n_cells;
-        result->kv_bytes_before = st.kv_bytes_per_cell() * st.n_cells;
-        result->kv_bytes_after  = info.kv_bytes;
-        result->pos_max         = info.pos_max;
-    }
+    describe(st, selection, n_layer * n_head_kv, n_keep, result);
     return KVC_OK;
 }
 
@@ -211,13 +222,6 @@ int32_t capture_rows(const kvc_capture & cap, int32_t part, int32_t seq_id, cons
     return KVC_OK;
 }
 
-// Bytes of llama_state_seq_get_data for st's cells (header, cell metadata, then K and V).
-uint64_t state_bytes(const kvc::ParsedState & st) {
-    uint64_t b = 3 * sizeof(uint32_t) + sizeof(uint32_t) + st.n_cells * 3ull * sizeof(int32_t) + 2 * sizeof(uint32_t);
-    b += st.n_layer * 2ull * (sizeof(int32_t) + sizeof(uint64_t));  // K/V headers: type + row size (or el + n_embd)
-    return b + st.kv_bytes_per_cell() * st.n_cells;
-}
-
 int32_t compose_tensors(llama_context * ctx, const kvc_capture * cap, int32_t seq_id, const int32_t * positions,
                         int32_t n_cells, const int32_t * selection, int32_t n_layer, int32_t n_head_kv,
                         int32_t n_keep, kvc_compose_result * result) {
@@ -242,7 +246,7 @@ int32_t compose_tensors(llama_context * ctx, const kvc_capture * cap, int32_t se
                                                        " layers, the capture " + std::to_string(st.n_layer));
     }
     // the sequence must be these cells and no other: llama.cpp's size of it must be theirs
-    const uint64_t expected = state_bytes(st);
+    const size_t expected = kvc::state_size(st, st.n_cells);
     const size_t actual = llama_state_seq_get_size(ctx, seq_id);
     if (actual != expected) {
         return kvc::fail(KVC_ERR_UNSUPPORTED, "llama.cpp's state of sequence " + std::to_string(seq_id) + " has " +
@@ -255,12 +259,8 @@ int32_t compose_tensors(llama_context * ctx, const kvc_capture * cap, int32_t se
         return kvc::fail(KVC_ERR_UNSUPPORTED, "the sequence's positions are not the ones given");
     }
 
-    size_t size = 0;
-    status = kvc::compose_rows(st, selection, n_layer, n_head_kv, n_keep, nullptr, 0, &size);
-    if (status != KVC_OK) return status;
     HostBuffer & after = composed_buffer();
-    after.resize(size);
-    status = kvc::compose_rows(st, selection, n_layer, n_head_kv, n_keep, after.data(), after.size(), &size);
+    status = compose_into(st, selection, n_layer, n_head_kv, n_keep, after);
     if (status != KVC_OK) return status;
 
     llama_memory_seq_rm(mem, seq_id, -1, -1);
@@ -269,17 +269,7 @@ int32_t compose_tensors(llama_context * ctx, const kvc_capture * cap, int32_t se
         return kvc::fail(KVC_ERR_LLAMA, "llama_state_seq_set_data refused the composed state; the sequence was "
                                         "removed from the cache and must be prefilled again");
     }
-    if (result != nullptr) {
-        result->cells_before    = static_cast<uint32_t>(n_cells);
-        result->cells_after     = static_cast<uint32_t>(n_keep);
-        result->kv_bytes_before = st.kv_bytes_per_cell() * st.n_cells;
-        result->kv_bytes_after  = st.kv_bytes_per_cell() * static_cast<uint64_t>(n_keep);
-        int32_t newest = std::numeric_limits<int32_t>::min();
-        for (int32_t r = 0; r < n_layer * n_head_kv; ++r) {
-            newest = std::max(newest, positions[selection[static_cast<size_t>(r) * n_keep + n_keep - 1]]);
-        }
-        result->pos_max = newest;
-    }
+    describe(st, selection, n_layer * n_head_kv, n_keep, result);
     return KVC_OK;
 }
 

@@ -286,9 +286,61 @@ void gather(uint8_t * out, const uint8_t * row, const int32_t * idx, int32_t n, 
     }
 }
 
+// The layout of a state of n_cells cells with st's layers and types: header, cell metadata (positions
+// from pos, read only when writing), each layer's header; the rows are skipped, each layer's start
+// noted in k_at/v_at if given; st's second cache, if any, copied at the end. Writes only if dst
+// is not NULL; returns the size.
+size_t write_layout(const kvc::ParsedState & st, uint32_t n_cells, const int32_t * pos, uint8_t * dst, size_t * k_at,
+                    size_t * v_at) {
+    Writer w(dst);
+    w.put(st.magic);
+    w.put(st.seq_id);
+    w.put(st.n_stream);
+    for (uint32_t s = 0; s < st.n_stream; ++s) {
+        const uint32_t count = s == st.stream ? n_cells : 0u;
+        w.put(count);
+        if (count == 0) continue;
+        for (uint32_t c = 0; c < n_cells; ++c) {
+            w.put(dst != nullptr ? pos[c] : 0);
+            w.put(uint32_t{1});
+            w.put(st.cell_seq[0]);
+        }
+        w.put(st.v_trans);
+        w.put(st.n_layer);
+        for (uint32_t il = 0; il < st.n_layer; ++il) {
+            w.put(st.k[il].type);
+            w.put(st.k[il].row_size);
+            if (k_at != nullptr) k_at[il] = w.pos();
+            w.advance(static_cast<size_t>(n_cells) * st.k[il].row_size);
+        }
+        for (uint32_t il = 0; il < st.n_layer; ++il) {
+            const kvc::TensorRows & v = st.v[il];
+            w.put(v.type);
+            if (!st.v_trans) {
+                w.put(v.row_size);
+                if (v_at != nullptr) v_at[il] = w.pos();
+                w.advance(static_cast<size_t>(n_cells) * v.row_size);
+                continue;
+            }
+            w.put(static_cast<uint32_t>(v.row_size));
+            w.put(static_cast<uint32_t>(v.n_embd));
+            if (v_at != nullptr) v_at[il] = w.pos();
+            w.advance(static_cast<size_t>(n_cells) * v.n_embd * v.row_size);
+        }
+    }
+    if (st.tail != nullptr) {  // the sliding-window cache, unchanged
+        w.bytes(st.tail, st.tail_size);
+    }
+    return w.pos();
+}
+
 }  // namespace
 
 namespace kvc {
+
+size_t state_size(const ParsedState & st, uint32_t n_cells) {
+    return write_layout(st, n_cells, nullptr, nullptr, nullptr, nullptr);
+}
 
 int32_t compose_rows(const ParsedState & st, const int32_t * sel, int32_t n_layer, int32_t n_head_kv, int32_t n_keep,
                      uint8_t * dst, size_t dst_capacity, size_t * dst_size) {
@@ -329,60 +381,16 @@ int32_t compose_rows(const ParsedState & st, const int32_t * sel, int32_t n_laye
         }
     }
 
-    // Two passes over the layout: the first sizes it and notes where each layer's rows go, the second
-    // writes the headers; the rows (the bulk: a gather per kv head) are then copied layer by layer
-    // over the cores, each layer into its own span.
-    std::vector<size_t> k_at(n_layer), v_at(n_layer);
-    for (int pass = 0; pass < 2; ++pass) {
-        Writer w(pass == 0 ? nullptr : dst);
-        w.put(st.magic);
-        w.put(st.seq_id);
-        w.put(st.n_stream);
-        for (uint32_t s = 0; s < st.n_stream; ++s) {
-            const uint32_t count = s == st.stream ? static_cast<uint32_t>(n_keep) : 0u;
-            w.put(count);
-            if (count == 0) continue;
-            for (int32_t c = 0; c < n_keep; ++c) {
-                w.put(new_pos[c]);
-                w.put(uint32_t{1});
-                w.put(st.cell_seq[0]);
-            }
-            w.put(st.v_trans);
-            w.put(st.n_layer);
-            for (int32_t il = 0; il < n_layer; ++il) {
-                w.put(st.k[il].type);
-                w.put(st.k[il].row_size);
-                k_at[il] = w.pos();
-                w.advance(static_cast<size_t>(n_keep) * n_head_kv * k_head[il]);
-            }
-            for (int32_t il = 0; il < n_layer; ++il) {
-                const kvc::TensorRows & v = st.v[il];
-                w.put(v.type);
-                if (!st.v_trans) {
-                    w.put(v.row_size);
-                    v_at[il] = w.pos();
-                    w.advance(static_cast<size_t>(n_keep) * n_head_kv * v_head[il]);
-                    continue;
-                }
-                w.put(static_cast<uint32_t>(v.row_size));
-                w.put(static_cast<uint32_t>(v.n_embd));
-                v_at[il] = w.pos();
-                w.advance(static_cast<size_t>(n_keep) * v.n_embd * v.row_size);
-            }
-        }
-        if (st.tail != nullptr) {  // the sliding-window cache, unchanged
-            w.bytes(st.tail, st.tail_size);
-        }
-        if (pass == 0) {
-            *dst_size = w.pos();
-            if (dst == nullptr) return KVC_OK;
-            if (dst_capacity < w.pos()) {
-                return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "dst holds " + std::to_string(dst_capacity) +
-                                                               " bytes, the composed state needs " +
-                                                               std::to_string(w.pos()));
-            }
-        }
+    // The layout is sized first, then (if there is room) its headers are written; the rows (the bulk:
+    // a gather per kv head) are then copied layer by layer over the cores, each into its own span.
+    *dst_size = write_layout(st, static_cast<uint32_t>(n_keep), nullptr, nullptr, nullptr, nullptr);
+    if (dst == nullptr) return KVC_OK;
+    if (dst_capacity < *dst_size) {
+        return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "dst holds " + std::to_string(dst_capacity) +
+                                                       " bytes, the composed state needs " + std::to_string(*dst_size));
     }
+    std::vector<size_t> k_at(n_layer), v_at(n_layer);
+    write_layout(st, static_cast<uint32_t>(n_keep), new_pos.data(), dst, k_at.data(), v_at.data());
     // rows of (layer, kv head) selection[c] in cell order, the kv heads of a cell side by side
     auto copy_rows = [&](const kvc::TensorRows & t, size_t head_bytes, int32_t il, uint8_t * out) {
         for (int32_t c = 0; c < n_keep; ++c) {

@@ -47,6 +47,10 @@ struct ParsedState {
 // Returns KVC_OK or a failure status (with kvc_last_error set).
 int32_t parse_state(const uint8_t * src, size_t size, ParsedState & out);
 
+// Bytes of a state of n_cells cells with st's layers and types (and st's second cache, if any): what
+// llama_state_seq_get_data writes for a sequence of that many cells.
+size_t state_size(const ParsedState & st, uint32_t n_cells);
+
 // A state of n_keep cells from st's rows (see kvc_state_compose): sizes it into *dst_size, and writes it
 // if dst is not NULL and holds that many bytes. st may describe a buffer or the cache tensors.
 int32_t compose_rows(const ParsedState & st, const int32_t * sel, int32_t n_layer, int32_t n_head_kv, int32_t n_keep,
