@@ -7,7 +7,7 @@ The sequence state of an n-token prefill of the embedded model (and the probe sc
 compression of it) are saved once; then each kernel runs once under ``valgrind --tool=callgrind``
 with ``KVC_NUM_THREADS=1``. A count is the difference between two whole runs that start alike
 (fixed hash seed, one thread everywhere) and set up the same arguments, one calling the kernel and
-one not (through ctypes the exported functions give callgrind no entry to toggle on). The reference
+one not (through cffi the exported functions give callgrind no entry to toggle on). The reference
 is one ``memmove`` of the state's bytes, counted the same way. Prints instructions per KV byte and
 the ratio to that memmove.
 """
@@ -80,16 +80,15 @@ def run_kernel(kernel: str, work: pathlib.Path) -> None:
 
     from pykvcompose import _native
 
-    lib, f32, i32 = _native._lib, ctypes.c_float, ctypes.c_int32
-    src = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+    lib, ffi, f32, i32 = _native._lib, _native.ffi, "float", "int32_t"
+    src = ffi.from_buffer("uint8_t[]", bytearray(data))
     g = meta["n_head_kv"]
     if kernel == "compose":
         sel = np.ascontiguousarray(np.load(work / "selection.npy"), dtype=np.int32)
-        size = ctypes.c_size_t()
-        lib.kvc_state_compose(src, len(data), _native._ptr(sel, i32), *sel.shape, None, 0, ctypes.byref(size))
-        out = np.zeros(size.value, dtype=np.uint8)  # touched before the call: no page faults in it
-        args = (src, len(data), _native._ptr(sel, i32), *sel.shape, _native._ptr(out, ctypes.c_uint8), out.size,
-                ctypes.byref(size))
+        size = ffi.new("size_t *")
+        lib.kvc_state_compose(src, len(data), _native._ptr(sel, i32), *sel.shape, ffi.NULL, 0, size)
+        out = np.zeros(size[0], dtype=np.uint8)  # touched before the call: no page faults in it
+        args = (src, len(data), _native._ptr(sel, i32), *sel.shape, _native._ptr(out, "uint8_t"), out.size, size)
         fn = lib.kvc_state_compose
     elif kernel in ("norms_k", "norms_v"):
         info = _native.state_parse(data)
@@ -99,7 +98,7 @@ def run_kernel(kernel: str, work: pathlib.Path) -> None:
     elif kernel == "score":
         hs = np.ascontiguousarray(np.load(work / "head_scores.npy"), dtype=np.float32)
         out = np.zeros((hs.shape[0], g, hs.shape[2]), dtype=np.float32)
-        args = (_native._ptr(hs, f32), hs.shape[0], hs.shape[1], g, hs.shape[2], _native.KVC_AGG_MEAN, None, True,
+        args = (_native._ptr(hs, f32), hs.shape[0], hs.shape[1], g, hs.shape[2], _native.KVC_AGG_MEAN, ffi.NULL, True,
                 _native._ptr(out, f32))
         fn = lib.kvc_kvcompose_score
     elif kernel == "layer_budgets":
@@ -118,7 +117,7 @@ def run_kernel(kernel: str, work: pathlib.Path) -> None:
     else:
         raise SystemExit(f"unknown kernel {kernel!r}; expected one of {sorted(KERNELS)} or memmove")
     if call and fn(*args) != _native.KVC_OK:
-        raise SystemExit(f"{kernel}: {lib.kvc_last_error().decode()}")
+        raise SystemExit(f"{kernel}: {ffi.string(lib.kvc_last_error()).decode()}")
 
 
 def count(kernel: str, work: pathlib.Path) -> int:

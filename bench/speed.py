@@ -105,7 +105,8 @@ def measure(n: int, ratio: float, n_decode: int, repeat: int, text_tokens) -> di
         for captured in (False, True):
             ours._ctx.kv_cache_seq_rm(0, n - window.window, -1)
             ours.n_tokens = n - window.window
-            run = (lambda: ours._captured(lambda: ours._decode(tail), n)) if captured else (lambda: ours._decode(tail))
+            run = ((lambda: ours._engine.captured(lambda: ours._engine.decode(tail), n)) if captured
+                   else (lambda: ours._engine.decode(tail)))
             segment[captured].append(best(run, 1))
     t_capture = min(segment[True]) - min(segment[False])
     t_window_parts = (t_capture + min(r["select_seconds"] for r in window_runs)

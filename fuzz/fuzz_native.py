@@ -14,9 +14,10 @@ An input is ``target byte, four parameter bytes, payload``. Targets: 0 ``kvc_sta
 1 ``kvc_state_compose`` (selection from the parameters), 2 ``kvc_state_norms``, 3 ``kvc_select_top``,
 4 ``kvc_kvcompose_score`` / ``kvc_kvcompose_layer_budgets`` / ``kvc_scores_consensus``, 5 a session file
 (``session.parse`` + ``session.check_contents``; the harness appends the SHA-256 so that mutations
-reach the header and state parsers). An input may only end in a ``NativeError`` or a ``ValueError``
-(``SessionError``, bad shapes); any other exception, a failed property check, a crash or a
-sanitizer report is a finding.
+reach the header and state parsers). An input may only end in a ``NativeError`` (a native refusal)
+or, for session files, a ``SessionError``; any other exception (a ``ValueError`` from the Python side
+means the harness called an entry point wrongly and never reached native code), a failed property
+check, a crash or a sanitizer report is a finding.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ import struct
 import sys
 
 import numpy as np
+
+#: The native entry point each target exists to reach (tests check every corpus family reaches it).
+TARGET_FUNCTIONS = {0: "kvc_state_parse", 1: "kvc_state_compose", 2: "kvc_state_norms", 3: "kvc_select_top",
+                    4: "kvc_kvcompose_score", 5: "kvc_state_parse"}
+PARTS = ("k", "v")
 
 MAGIC = 0xAF143CD8
 F32, F16, Q8_0 = 0, 1, 8  # ggml_type values
@@ -105,24 +111,43 @@ def test_one_input(data: bytes) -> None:
     target, p1, p2, p3, p4 = data[:5]
     payload = data[5:]
     try:
-        if target % 6 == 0:
+        if target % 6 == 5:
+            body = payload + hashlib.sha256(payload).digest()
+            header, st = session.parse(body)
+            session.check_contents(header, st, "<fuzz>", n_vocab=49152, n_ctx=4096, n_layer=2)
+        elif target % 6 == 0:
             _native.state_parse(payload)
         elif target % 6 == 1:
             _fuzz_compose(payload, p1, p2, p3, p4)
         elif target % 6 == 2:
             info = _native.state_parse(payload)
-            norms = _native.state_norms(payload, "K" if p1 % 2 == 0 else "V", p2 % 4 + 1)
+            norms = _native.state_norms(payload, PARTS[p1 % 2], p2 % 4 + 1)
             assert norms.shape == (info["n_layer"], p2 % 4 + 1, info["n_cells"])
         elif target % 6 == 3:
             _fuzz_select(payload, p1, p2, p3)
-        elif target % 6 == 4:
-            _fuzz_scores(payload, p1, p2, p3, p4)
         else:
-            body = payload + hashlib.sha256(payload).digest()
-            header, st = session.parse(body)
-            session.check_contents(header, st, "<fuzz>", n_vocab=49152, n_ctx=4096, n_layer=2)
-    except (_native.NativeError, ValueError):
+            _fuzz_scores(payload, p1, p2, p3, p4)
+    except (_native.NativeError, session.SessionError):
         pass
+
+
+def native_calls(data: bytes) -> list:
+    """The native functions (``kvc_*``) that ``test_one_input(data)`` called, in order."""
+    from pykvcompose import _native
+
+    calls = []
+    real = _native._check
+
+    def record(status: int, function: str) -> None:
+        calls.append(function)
+        real(status, function)
+
+    _native._check = record
+    try:
+        test_one_input(data)
+    finally:
+        _native._check = real
+    return calls
 
 
 def _fuzz_compose(payload: bytes, p1: int, p2: int, p3: int, p4: int) -> None:

@@ -6,8 +6,43 @@
 
 from .llama import Llama
 from .models import default_model_path
-from .presses import BasePress, KVComposePress
+from .presses import (
+    PRESSES,
+    BasePress,
+    DecodingPress,
+    KnormPress,
+    KVComposePress,
+    PrefillDecodingPress,
+    Press,
+    PyramidKVPress,
+    RandomPress,
+    SnapKVPress,
+    StreamingLLMPress,
+    TOVAPress,
+    parse_press_spec,
+)
+from .probe import Probe
+from .session import SessionError
 
 __version__ = "0.1.0"
 
-__all__ = ["Llama", "KVComposePress", "BasePress", "default_model_path", "__version__"]
+__all__ = [
+    "Llama",
+    "Press",
+    "BasePress",
+    "KVComposePress",
+    "SnapKVPress",
+    "PyramidKVPress",
+    "TOVAPress",
+    "KnormPress",
+    "StreamingLLMPress",
+    "RandomPress",
+    "DecodingPress",
+    "PrefillDecodingPress",
+    "PRESSES",
+    "parse_press_spec",
+    "Probe",
+    "SessionError",
+    "default_model_path",
+    "__version__",
+]

@@ -1,8 +1,10 @@
-"""ctypes binding to ``libkvcompose``, mirroring ``native/include/kvcompose.h`` one function at a time.
+"""cffi binding to ``libkvcompose``: the declarations are read from ``kvcompose.h`` itself (cffi's ABI
+mode, no compiler at import), so no signature, struct or enum here can drift from the header.
 
-Status codes become :class:`NativeError` (or a subclass); wrapper objects own native memory.
-``llama_cpp`` is imported first so that the ``libllama``/``libggml-base`` it loaded are the ones
-this library binds to (same SONAME, same process): there is never a second copy of llama.cpp.
+Status codes become :class:`NativeError` (or a subclass); wrapper objects own native memory; arrays
+go in and out as numpy. ``llama_cpp`` is imported first so that the ``libllama``/``libggml-base`` it
+loaded are the ones this library binds to (same SONAME, same process): there is never a second copy
+of llama.cpp.
 """
 
 from __future__ import annotations
@@ -11,31 +13,110 @@ import ctypes
 import importlib.metadata
 import os
 import pathlib
+import re
 import sys
 from typing import Optional, Sequence
 
+import cffi
 import numpy as np
 
 import llama_cpp  # noqa: F401  (loads libllama/libggml into the process first)
 
+#: The header version this Python code was written for (checked against the header and the library).
 API_VERSION = 5
 
-# status codes (enum kvc_status)
-KVC_OK = 0
-KVC_ERR_INVALID_ARGUMENT = 1
-KVC_ERR_CORRUPT_STATE = 2
-KVC_ERR_UNSUPPORTED = 3
-KVC_ERR_OUT_OF_MEMORY = 4
-KVC_ERR_LLAMA = 5
-KVC_ERR_CAPTURE = 6
-KVC_ERR_INTERNAL = 7
 
-# enum kvc_agg
-KVC_AGG_MAX = 0
-KVC_AGG_MEAN = 1
-KVC_PART_K = 0
-KVC_PART_V = 1
+def _library_path() -> pathlib.Path:
+    name = "libkvcompose.so" if sys.platform != "darwin" else "libkvcompose.dylib"
+    here = pathlib.Path(__file__).resolve().parent
+    override = os.environ.get("PYKVCOMPOSE_LIBRARY")
+    if override:  # another build of the same sources, e.g. the sanitizer build of `make test-asan`
+        if not pathlib.Path(override).is_file():
+            raise ImportError(f"PYKVCOMPOSE_LIBRARY={override} is not a file")
+        return pathlib.Path(override)
+    # next to this file when installed; in site-packages when this module runs from a source tree
+    candidates = [here / name] + [pathlib.Path(p) / "pykvcompose" / name for p in sys.path if p]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ImportError(
+        f"pykvcompose's native library {name} was not found next to {here} nor on sys.path; "
+        "install the package (`make install`, or `pip install --no-build-isolation .` after llama-cpp-python)"
+    )
+
+
+def _header_path(library: pathlib.Path) -> pathlib.Path:
+    """``kvcompose.h``: installed beside the library; in a source tree, ``native/include``."""
+    here = pathlib.Path(__file__).resolve().parent
+    for c in (library.parent / "kvcompose.h", here / "kvcompose.h", here.parent / "native" / "include" / "kvcompose.h"):
+        if c.is_file():
+            return c
+    raise ImportError(f"kvcompose.h was not found beside {library} nor in the source tree; reinstall pykvcompose")
+
+
+def declarations(header: str) -> str:
+    """The C declarations of ``kvcompose.h`` as cffi's ``cdef`` reads them: comments, preprocessor lines,
+    the ``extern "C"`` wrapper and the ``KVC_API`` export macro removed, the version kept as a constant."""
+    text = re.sub(r"/\*.*?\*/", " ", header, flags=re.S)
+    text = re.sub(r"//[^\n]*", "", text)
+    version = re.search(r"^\s*#\s*define\s+KVC_API_VERSION\s+(\d+)", text, flags=re.M)
+    if version is None:
+        raise ImportError("kvcompose.h defines no KVC_API_VERSION")
+    lines = [line for line in text.splitlines() if not line.lstrip().startswith("#")]
+    text = "\n".join(lines).replace('extern "C" {', "")
+    text = re.sub(r"\bKVC_API\b", "", text)
+    text = text.strip()
+    if text.endswith("}"):  # the closing brace of extern "C"
+        text = text[:-1]
+    return text + f"\n#define KVC_API_VERSION {version.group(1)}\n"
+
+
+_LIBRARY = _library_path()
+ffi = cffi.FFI()
+ffi.cdef(declarations(_header_path(_LIBRARY).read_text()))
+_lib = ffi.dlopen(str(_LIBRARY))
+
+
+def _check_versions() -> None:
+    built = ffi.string(_lib.kvc_llama_cpp_python_version()).decode()
+    installed = importlib.metadata.version("llama-cpp-python")
+    fix = (
+        f"reinstall with `pip install --no-build-isolation --force-reinstall pykvcompose` against "
+        f"llama-cpp-python=={installed}, or install llama-cpp-python=={built}"
+    )
+    if installed != built:
+        raise ImportError(
+            f"pykvcompose was compiled against llama-cpp-python {built}'s llama.cpp but {installed} is installed: {fix}"
+        )
+    if _lib.kvc_api_version() != API_VERSION or _lib.KVC_API_VERSION != API_VERSION:
+        raise ImportError(
+            f"libkvcompose has API version {_lib.kvc_api_version()} (header {_lib.KVC_API_VERSION}), this Python "
+            f"code expects {API_VERSION}: the installed native library and the Python sources are out of step; "
+            "reinstall pykvcompose"
+        )
+    if _lib.kvc_sizeof_llama_context_params() != ctypes.sizeof(llama_cpp.llama_context_params):
+        raise ImportError(f"llama_context_params differs between pykvcompose and llama-cpp-python {installed}: {fix}")
+
+
+_check_versions()
+
+# status codes (enum kvc_status), aggregations (enum kvc_agg), cache halves (enum kvc_part): from the header
+KVC_OK = _lib.KVC_OK
+KVC_ERR_INVALID_ARGUMENT = _lib.KVC_ERR_INVALID_ARGUMENT
+KVC_ERR_CORRUPT_STATE = _lib.KVC_ERR_CORRUPT_STATE
+KVC_ERR_UNSUPPORTED = _lib.KVC_ERR_UNSUPPORTED
+KVC_ERR_OUT_OF_MEMORY = _lib.KVC_ERR_OUT_OF_MEMORY
+KVC_ERR_LLAMA = _lib.KVC_ERR_LLAMA
+KVC_ERR_CAPTURE = _lib.KVC_ERR_CAPTURE
+KVC_ERR_INTERNAL = _lib.KVC_ERR_INTERNAL
+KVC_AGG_MAX = _lib.KVC_AGG_MAX
+KVC_AGG_MEAN = _lib.KVC_AGG_MEAN
+KVC_PART_K = _lib.KVC_PART_K
+KVC_PART_V = _lib.KVC_PART_V
 AGG_BY_NAME = {"max": KVC_AGG_MAX, "mean": KVC_AGG_MEAN}
+
+#: address of kvc_capture_eval_callback, for llama_context_params.cb_eval (a C function: no Python per tensor)
+EVAL_CALLBACK_ADDRESS = int(ffi.cast("uintptr_t", _lib.kvc_capture_eval_callback))
 
 
 class NativeError(RuntimeError):
@@ -43,7 +124,7 @@ class NativeError(RuntimeError):
 
     def __init__(self, status: int, function: str, detail: str):
         self.status = status
-        name = _lib.kvc_status_str(status).decode() if _lib is not None else str(status)
+        name = ffi.string(_lib.kvc_status_str(status)).decode()
         super().__init__(f"{function}: {name}: {detail}" if detail else f"{function}: {name}")
 
 
@@ -68,163 +149,9 @@ _ERROR_CLASS = {
 }
 
 
-def _library_path() -> pathlib.Path:
-    name = "libkvcompose.so" if sys.platform != "darwin" else "libkvcompose.dylib"
-    here = pathlib.Path(__file__).resolve().parent
-    override = os.environ.get("PYKVCOMPOSE_LIBRARY")
-    if override:  # another build of the same sources, e.g. the sanitizer build of `make test-asan`
-        if not pathlib.Path(override).is_file():
-            raise ImportError(f"PYKVCOMPOSE_LIBRARY={override} is not a file")
-        return pathlib.Path(override)
-    # next to this file when installed; in site-packages when this module runs from a source tree
-    candidates = [here / name] + [pathlib.Path(p) / "pykvcompose" / name for p in sys.path if p]
-    for c in candidates:
-        if c.is_file():
-            return c
-    raise ImportError(
-        f"pykvcompose's native library {name} was not found next to {here} nor on sys.path; "
-        "install the package (`make install`, or `pip install --no-build-isolation .` after llama-cpp-python)"
-    )
-
-
-def _load() -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(_library_path()))
-    lib.kvc_api_version.restype = ctypes.c_int32
-    lib.kvc_llama_cpp_python_version.restype = ctypes.c_char_p
-    lib.kvc_sizeof_llama_context_params.restype = ctypes.c_size_t
-    return lib
-
-
-_lib: Optional[ctypes.CDLL] = None
-_lib = _load()
-
-
-def _check_versions() -> None:
-    built = _lib.kvc_llama_cpp_python_version().decode()
-    installed = importlib.metadata.version("llama-cpp-python")
-    fix = (
-        f"reinstall with `pip install --no-build-isolation --force-reinstall pykvcompose` against "
-        f"llama-cpp-python=={installed}, or install llama-cpp-python=={built}"
-    )
-    if installed != built:
-        raise ImportError(
-            f"pykvcompose was compiled against llama-cpp-python {built}'s llama.cpp but {installed} is installed: {fix}"
-        )
-    if _lib.kvc_api_version() != API_VERSION:
-        raise ImportError(
-            f"libkvcompose has API version {_lib.kvc_api_version()}, this Python code expects {API_VERSION}: "
-            "the installed native library and the Python sources are out of step; reinstall pykvcompose"
-        )
-    if _lib.kvc_sizeof_llama_context_params() != ctypes.sizeof(llama_cpp.llama_context_params):
-        raise ImportError(f"llama_context_params differs between pykvcompose and llama-cpp-python {installed}: {fix}")
-
-
-_check_versions()
-
-
-# ---- signatures -------------------------------------------------------------------------------
-c_float_p = ctypes.POINTER(ctypes.c_float)
-c_int32_p = ctypes.POINTER(ctypes.c_int32)
-c_uint8_p = ctypes.POINTER(ctypes.c_uint8)
-
-
-class StateInfo(ctypes.Structure):
-    _fields_ = [
-        ("n_cells", ctypes.c_uint32),
-        ("n_layer", ctypes.c_uint32),
-        ("v_trans", ctypes.c_uint32),
-        ("k_type", ctypes.c_int32),
-        ("v_type", ctypes.c_int32),
-        ("pos_min", ctypes.c_int32),
-        ("pos_max", ctypes.c_int32),
-        ("seq_id", ctypes.c_int32),
-        ("kv_bytes", ctypes.c_uint64),
-        ("swa_n_cells", ctypes.c_uint32),
-        ("swa_n_layer", ctypes.c_uint32),
-    ]
-
-
-class ComposeResult(ctypes.Structure):
-    _fields_ = [
-        ("cells_before", ctypes.c_uint32),
-        ("cells_after", ctypes.c_uint32),
-        ("kv_bytes_before", ctypes.c_uint64),
-        ("kv_bytes_after", ctypes.c_uint64),
-        ("pos_max", ctypes.c_int32),
-    ]
-
-
-EVAL_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_bool, ctypes.c_void_p, ctypes.c_bool, ctypes.c_void_p)
-
-_SIGNATURES = {
-    "kvc_status_str": (ctypes.c_char_p, [ctypes.c_int32]),
-    "kvc_last_error": (ctypes.c_char_p, []),
-    "kvc_capture_init": (ctypes.c_int32, [ctypes.POINTER(ctypes.c_void_p)]),
-    "kvc_capture_free": (None, [ctypes.c_void_p]),
-    "kvc_capture_begin": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32]),
-    "kvc_capture_end": (ctypes.c_int32, [ctypes.c_void_p]),
-    "kvc_capture_is_active": (ctypes.c_bool, [ctypes.c_void_p]),
-    "kvc_capture_set_recompute": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_bool]),
-    "kvc_capture_get_scores": (ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, c_float_p, ctypes.c_size_t]),
-    "kvc_capture_n_queries": (ctypes.c_int64, [ctypes.c_void_p, ctypes.c_int32]),
-    "kvc_capture_get_visibility": (ctypes.c_int32, [ctypes.c_void_p, c_int32_p, ctypes.c_size_t]),
-    "kvc_capture_get_norms": (
-        ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, c_float_p, ctypes.c_size_t]
-    ),
-    "kvc_kvcompose_score": (
-        ctypes.c_int32,
-        [c_float_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, c_float_p,
-         ctypes.c_bool, c_float_p],
-    ),
-    "kvc_kvcompose_layer_budgets": (
-        ctypes.c_int32,
-        [c_float_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_int64, ctypes.c_int32, ctypes.c_int32,
-         c_int32_p],
-    ),
-    "kvc_scores_consensus": (
-        ctypes.c_int32, [c_float_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_float, c_float_p]
-    ),
-    "kvc_select_top": (
-        ctypes.c_int32, [c_float_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, c_int32_p, ctypes.c_int32, c_int32_p]
-    ),
-    "kvc_state_parse": (ctypes.c_int32, [c_uint8_p, ctypes.c_size_t, ctypes.POINTER(StateInfo), c_int32_p, ctypes.c_size_t]),
-    "kvc_state_compose": (
-        ctypes.c_int32,
-        [c_uint8_p, ctypes.c_size_t, c_int32_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, c_uint8_p,
-         ctypes.c_size_t, ctypes.POINTER(ctypes.c_size_t)],
-    ),
-    "kvc_state_norms": (
-        ctypes.c_int32, [c_uint8_p, ctypes.c_size_t, ctypes.c_int32, ctypes.c_int32, c_float_p, ctypes.c_size_t]
-    ),
-    "kvc_context_compose": (
-        ctypes.c_int32,
-        [ctypes.c_void_p, ctypes.c_int32, c_int32_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32,
-         ctypes.POINTER(ComposeResult)],
-    ),
-    "kvc_context_compose_tensors": (
-        ctypes.c_int32,
-        [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int32, c_int32_p, ctypes.c_int32, c_int32_p, ctypes.c_int32,
-         ctypes.c_int32, ctypes.c_int32, ctypes.POINTER(ComposeResult)],
-    ),
-    "kvc_context_state_info": (
-        ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, ctypes.POINTER(StateInfo), c_int32_p, ctypes.c_size_t]
-    ),
-    "kvc_context_norms": (
-        ctypes.c_int32, [ctypes.c_void_p, ctypes.c_int32, ctypes.c_int32, ctypes.c_int32, c_float_p, ctypes.c_size_t]
-    ),
-}
-for _name, (_restype, _argtypes) in _SIGNATURES.items():
-    _fn = getattr(_lib, _name)
-    _fn.restype = _restype
-    _fn.argtypes = _argtypes
-
-#: address of kvc_capture_eval_callback, for llama_context_params.cb_eval (a C function: no Python per tensor)
-EVAL_CALLBACK_ADDRESS = ctypes.cast(_lib.kvc_capture_eval_callback, ctypes.c_void_p).value
-
-
 def _check(status: int, function: str) -> None:
     if status != KVC_OK:
-        detail = _lib.kvc_last_error().decode(errors="replace")
+        detail = ffi.string(_lib.kvc_last_error()).decode(errors="replace")
         raise _ERROR_CLASS.get(status, NativeError)(status, function, detail)
 
 
@@ -235,8 +162,9 @@ def _f32(a: np.ndarray, shape: Optional[Sequence[int]] = None) -> np.ndarray:
     return a
 
 
-def _ptr(a: np.ndarray, ctype):
-    return a.ctypes.data_as(ctypes.POINTER(ctype))
+def _ptr(a: np.ndarray, ctype: str):
+    """A ``ctype *`` to a contiguous array's data (the caller keeps ``a`` alive during the call)."""
+    return ffi.cast(ctype + " *", a.ctypes.data)
 
 
 def _part(part: str) -> int:
@@ -246,9 +174,13 @@ def _part(part: str) -> int:
         raise ValueError(f"part must be 'k' or 'v', got {part!r}") from None
 
 
-def _ctx_ptr(ctx) -> int:
-    """Raw ``llama_context*`` of a llama_cpp context handle (a ctypes pointer or an int)."""
-    return ctypes.cast(ctx, ctypes.c_void_p).value
+def _ctx_ptr(ctx):
+    """``struct llama_context *`` of a llama_cpp context handle (a ctypes pointer or an int)."""
+    return ffi.cast("struct llama_context *", ctypes.cast(ctx, ctypes.c_void_p).value or 0)
+
+
+def _fields(struct) -> dict:
+    return {name: getattr(struct, name) for name, _ in ffi.typeof(struct).item.fields}
 
 
 # ---- attention capture ---------------------------------------------------------------------
@@ -256,49 +188,55 @@ class Capture:
     """Owns a ``kvc_capture``. Use as ``cb_eval_user_data`` with :data:`EVAL_CALLBACK_ADDRESS`."""
 
     def __init__(self) -> None:
-        handle = ctypes.c_void_p()
-        _check(_lib.kvc_capture_init(ctypes.byref(handle)), "kvc_capture_init")
-        self._handle = handle
+        handle = ffi.new("kvc_capture **")
+        _check(_lib.kvc_capture_init(handle), "kvc_capture_init")
+        self._handle = handle[0]
         self._shape = (0, 0, 0)
 
     @property
-    def address(self) -> int:
-        if self._handle is None or not self._handle.value:
+    def handle(self):
+        """The ``kvc_capture *``."""
+        if self._handle is None:
             raise ValueError("the capture is closed")
-        return self._handle.value
+        return self._handle
+
+    @property
+    def address(self) -> int:
+        """The ``kvc_capture *`` as an integer (for ``cb_eval_user_data``)."""
+        return int(ffi.cast("uintptr_t", self.handle))
 
     def begin(self, n_layer: int, n_head: int, n_keys: int) -> None:
-        _check(_lib.kvc_capture_begin(self.address, n_layer, n_head, n_keys), "kvc_capture_begin")
+        _check(_lib.kvc_capture_begin(self.handle, n_layer, n_head, n_keys), "kvc_capture_begin")
         self._shape = (n_layer, n_head, n_keys)
 
     def end(self) -> None:
-        _check(_lib.kvc_capture_end(self.address), "kvc_capture_end")
+        _check(_lib.kvc_capture_end(self.handle), "kvc_capture_end")
 
     @property
     def active(self) -> bool:
-        return bool(_lib.kvc_capture_is_active(self.address))
+        return bool(_lib.kvc_capture_is_active(self.handle))
 
     def set_recompute(self, recompute: bool) -> None:
         """Without flash attention: recompute the probabilities from q and k (the flash-attention
         path's code) instead of reading ``kq_soft_max``; for comparing both on the same activations."""
-        _check(_lib.kvc_capture_set_recompute(self.address, bool(recompute)), "kvc_capture_set_recompute")
+        _check(_lib.kvc_capture_set_recompute(self.handle, bool(recompute)), "kvc_capture_set_recompute")
 
     def scores(self, agg: str = "max") -> np.ndarray:
         """Probe attention reduced over the probe queries by ``agg`` ("max" or "mean"), float32 ``[n_layer, n_head, n_keys]``."""
         if agg not in AGG_BY_NAME:
             raise ValueError(f"unknown aggregation {agg!r}; expected one of {sorted(AGG_BY_NAME)}")
         out = np.empty(self._shape, dtype=np.float32)
-        _check(_lib.kvc_capture_get_scores(self.address, AGG_BY_NAME[agg], _ptr(out, ctypes.c_float), out.size),
+        _check(_lib.kvc_capture_get_scores(self.handle, AGG_BY_NAME[agg], _ptr(out, "float"), out.size),
                "kvc_capture_get_scores")
         return out
 
     def n_queries(self, layer: int) -> int:
-        return int(_lib.kvc_capture_n_queries(self.address, layer))
+        return int(_lib.kvc_capture_n_queries(self.handle, layer))
 
     def visibility(self) -> np.ndarray:
         """int32 ``[n_keys]``: how many probe query rows of layer 0 the attention mask let see cache cell j."""
         out = np.empty(self._shape[2], dtype=np.int32)
-        _check(_lib.kvc_capture_get_visibility(self.address, _ptr(out, ctypes.c_int32), out.size),
+        _check(_lib.kvc_capture_get_visibility(self.handle, _ptr(out, "int32_t"), out.size),
                "kvc_capture_get_visibility")
         return out
 
@@ -306,12 +244,12 @@ class Capture:
         """:func:`state_norms` of cache cells ``[0, n_cells)``, read from the cache tensors the capture saw:
         float32 ``[n_layer, n_head_kv, n_cells]``."""
         out = np.empty((self._shape[0], n_head_kv, n_cells), dtype=np.float32)
-        _check(_lib.kvc_capture_get_norms(self.address, _part(part), n_head_kv, n_cells, _ptr(out, ctypes.c_float),
+        _check(_lib.kvc_capture_get_norms(self.handle, _part(part), n_head_kv, n_cells, _ptr(out, "float"),
                                           out.size), "kvc_capture_get_norms")
         return out
 
     def close(self) -> None:
-        if self._handle is not None and self._handle.value:
+        if self._handle is not None:
             _lib.kvc_capture_free(self._handle)
         self._handle = None
 
@@ -338,9 +276,9 @@ def kvcompose_score(head_scores: np.ndarray, n_head_kv: int, agg_group: str = "m
     vn = None if value_norms is None else _f32(value_norms, (n_layer, n_head_kv, n))
     out = np.empty((n_layer, n_head_kv, n), dtype=np.float32)
     _check(
-        _lib.kvc_kvcompose_score(_ptr(hs, ctypes.c_float), n_layer, n_head, n_head_kv, n, AGG_BY_NAME[agg_group],
-                                 None if vn is None else _ptr(vn, ctypes.c_float), add_mean_across_heads,
-                                 _ptr(out, ctypes.c_float)),
+        _lib.kvc_kvcompose_score(_ptr(hs, "float"), n_layer, n_head, n_head_kv, n, AGG_BY_NAME[agg_group],
+                                 ffi.NULL if vn is None else _ptr(vn, "float"), add_mean_across_heads,
+                                 _ptr(out, "float")),
         "kvc_kvcompose_score",
     )
     return out
@@ -356,8 +294,8 @@ def kvcompose_layer_budgets(scores: np.ndarray, n_total_keep: int, agg_head: str
         raise ValueError(f"unknown agg_head {agg_head!r}; expected one of {sorted(AGG_BY_NAME)}")
     out = np.empty(s.shape[0], dtype=np.int32)
     _check(
-        _lib.kvc_kvcompose_layer_budgets(_ptr(s, ctypes.c_float), *s.shape, int(n_total_keep), AGG_BY_NAME[agg_head],
-                                         int(keep_token_lower_bound), _ptr(out, ctypes.c_int32)),
+        _lib.kvc_kvcompose_layer_budgets(_ptr(s, "float"), *s.shape, int(n_total_keep), AGG_BY_NAME[agg_head],
+                                         int(keep_token_lower_bound), _ptr(out, "int32_t")),
         "kvc_kvcompose_layer_budgets",
     )
     return out
@@ -369,7 +307,7 @@ def scores_consensus(scores: np.ndarray, weight: float) -> np.ndarray:
     if s.ndim != 3:
         raise ValueError(f"scores must be [n_layer, n_head_kv, n_tokens], got shape {s.shape}")
     out = np.empty_like(s)
-    _check(_lib.kvc_scores_consensus(_ptr(s, ctypes.c_float), *s.shape, float(weight), _ptr(out, ctypes.c_float)),
+    _check(_lib.kvc_scores_consensus(_ptr(s, "float"), *s.shape, float(weight), _ptr(out, "float")),
            "kvc_scores_consensus")
     return out
 
@@ -382,8 +320,8 @@ def select_top(scores: np.ndarray, n_keep: int, forced: Sequence[int] = ()) -> n
     f = np.ascontiguousarray(np.asarray(forced, dtype=np.int32).reshape(-1))
     out = np.empty((rows.shape[0], n_keep), dtype=np.int32)
     _check(
-        _lib.kvc_select_top(_ptr(rows, ctypes.c_float), rows.shape[0], n_tokens, int(n_keep),
-                            _ptr(f, ctypes.c_int32) if f.size else None, f.size, _ptr(out, ctypes.c_int32)),
+        _lib.kvc_select_top(_ptr(rows, "float"), rows.shape[0], n_tokens, int(n_keep),
+                            _ptr(f, "int32_t") if f.size else ffi.NULL, f.size, _ptr(out, "int32_t")),
         "kvc_select_top",
     )
     return out.reshape(s.shape[:-1] + (n_keep,))
@@ -392,11 +330,11 @@ def select_top(scores: np.ndarray, n_keep: int, forced: Sequence[int] = ()) -> n
 # ---- state buffers -------------------------------------------------------------------------
 def _buf(data: bytes):
     arr = np.frombuffer(data, dtype=np.uint8)
-    return arr, (_ptr(arr, ctypes.c_uint8) if arr.size else None)
+    return arr, (_ptr(arr, "uint8_t") if arr.size else ffi.NULL)
 
 
-def _info_dict(info: StateInfo, positions: Optional[np.ndarray]) -> dict:
-    d = {name: getattr(info, name) for name, _ in StateInfo._fields_}
+def _info_dict(info, positions: Optional[np.ndarray]) -> dict:
+    d = _fields(info)
     if positions is not None:
         d["positions"] = positions[: info.n_cells].copy()
     return d
@@ -405,10 +343,10 @@ def _info_dict(info: StateInfo, positions: Optional[np.ndarray]) -> dict:
 def state_parse(data: bytes) -> dict:
     """Validate a ``llama_state_seq_get_data`` buffer and describe it (with cell ``positions``)."""
     arr, p = _buf(data)
-    info = StateInfo()
-    _check(_lib.kvc_state_parse(p, arr.size, ctypes.byref(info), None, 0), "kvc_state_parse")
+    info = ffi.new("kvc_state_info *")
+    _check(_lib.kvc_state_parse(p, arr.size, info, ffi.NULL, 0), "kvc_state_parse")
     positions = np.empty(max(1, info.n_cells), dtype=np.int32)
-    _check(_lib.kvc_state_parse(p, arr.size, ctypes.byref(info), _ptr(positions, ctypes.c_int32), positions.size),
+    _check(_lib.kvc_state_parse(p, arr.size, info, _ptr(positions, "int32_t"), positions.size),
            "kvc_state_parse")
     return _info_dict(info, positions)
 
@@ -424,12 +362,12 @@ def state_compose(data: bytes, selection: np.ndarray) -> bytes:
     """Compose ``selection[layer, kv_head, cell]`` of the source cells into a new state buffer."""
     arr, p = _buf(data)
     sel = _selection(selection)
-    size = ctypes.c_size_t(0)
-    _check(_lib.kvc_state_compose(p, arr.size, _ptr(sel, ctypes.c_int32), *sel.shape, None, 0, ctypes.byref(size)),
+    size = ffi.new("size_t *")
+    _check(_lib.kvc_state_compose(p, arr.size, _ptr(sel, "int32_t"), *sel.shape, ffi.NULL, 0, size),
            "kvc_state_compose")
-    out = np.empty(size.value, dtype=np.uint8)
-    _check(_lib.kvc_state_compose(p, arr.size, _ptr(sel, ctypes.c_int32), *sel.shape, _ptr(out, ctypes.c_uint8),
-                                  out.size, ctypes.byref(size)), "kvc_state_compose")
+    out = np.empty(size[0], dtype=np.uint8)
+    _check(_lib.kvc_state_compose(p, arr.size, _ptr(sel, "int32_t"), *sel.shape, _ptr(out, "uint8_t"),
+                                  out.size, size), "kvc_state_compose")
     return out.tobytes()
 
 
@@ -438,18 +376,18 @@ def state_norms(data: bytes, part: str, n_head_kv: int) -> np.ndarray:
     info = state_parse(data)
     arr, p = _buf(data)
     out = np.empty((info["n_layer"], n_head_kv, info["n_cells"]), dtype=np.float32)
-    _check(_lib.kvc_state_norms(p, arr.size, _part(part), n_head_kv, _ptr(out, ctypes.c_float), out.size),
+    _check(_lib.kvc_state_norms(p, arr.size, _part(part), n_head_kv, _ptr(out, "float"), out.size),
            "kvc_state_norms")
     return out
 
 
 # ---- live contexts -------------------------------------------------------------------------
 def context_state_info(ctx, seq_id: int = 0) -> dict:
-    info = StateInfo()
+    info = ffi.new("kvc_state_info *")
     c = _ctx_ptr(ctx)
-    _check(_lib.kvc_context_state_info(c, seq_id, ctypes.byref(info), None, 0), "kvc_context_state_info")
+    _check(_lib.kvc_context_state_info(c, seq_id, info, ffi.NULL, 0), "kvc_context_state_info")
     positions = np.empty(max(1, info.n_cells), dtype=np.int32)
-    _check(_lib.kvc_context_state_info(c, seq_id, ctypes.byref(info), _ptr(positions, ctypes.c_int32),
+    _check(_lib.kvc_context_state_info(c, seq_id, info, _ptr(positions, "int32_t"),
                                        positions.size), "kvc_context_state_info")
     return _info_dict(info, positions)
 
@@ -457,22 +395,20 @@ def context_state_info(ctx, seq_id: int = 0) -> dict:
 def context_norms(ctx, part: str, n_layer: int, n_head_kv: int, n_cells: int, seq_id: int = 0) -> np.ndarray:
     """:func:`state_norms` of sequence ``seq_id`` of a live context."""
     out = np.empty((n_layer, n_head_kv, n_cells), dtype=np.float32)
-    _check(_lib.kvc_context_norms(_ctx_ptr(ctx), seq_id, _part(part), n_head_kv, _ptr(out, ctypes.c_float), out.size),
+    _check(_lib.kvc_context_norms(_ctx_ptr(ctx), seq_id, _part(part), n_head_kv, _ptr(out, "float"), out.size),
            "kvc_context_norms")
     return out
 
 
-def _result_dict(res: ComposeResult) -> dict:
-    return {name: getattr(res, name) for name, _ in ComposeResult._fields_}
 
 
 def context_compose(ctx, selection: np.ndarray, expected_cells: int = 0, seq_id: int = 0) -> dict:
     """Rewrite sequence ``seq_id`` of a live context; on failure it is restored and this raises."""
     sel = _selection(selection)
-    res = ComposeResult()
-    _check(_lib.kvc_context_compose(_ctx_ptr(ctx), seq_id, _ptr(sel, ctypes.c_int32), *sel.shape, int(expected_cells),
-                                    ctypes.byref(res)), "kvc_context_compose")
-    return _result_dict(res)
+    res = ffi.new("kvc_compose_result *")
+    _check(_lib.kvc_context_compose(_ctx_ptr(ctx), seq_id, _ptr(sel, "int32_t"), *sel.shape, int(expected_cells),
+                                    res), "kvc_context_compose")
+    return _fields(res)
 
 
 def context_compose_tensors(ctx, capture: Capture, positions: np.ndarray, selection: np.ndarray,
@@ -484,8 +420,8 @@ def context_compose_tensors(ctx, capture: Capture, positions: np.ndarray, select
     pos = np.ascontiguousarray(positions, dtype=np.int32)
     if pos.ndim != 1:
         raise ValueError(f"positions must be one-dimensional, got shape {pos.shape}")
-    res = ComposeResult()
-    _check(_lib.kvc_context_compose_tensors(_ctx_ptr(ctx), capture.address, seq_id, _ptr(pos, ctypes.c_int32),
-                                            pos.size, _ptr(sel, ctypes.c_int32), *sel.shape, ctypes.byref(res)),
+    res = ffi.new("kvc_compose_result *")
+    _check(_lib.kvc_context_compose_tensors(_ctx_ptr(ctx), capture.handle, seq_id, _ptr(pos, "int32_t"),
+                                            pos.size, _ptr(sel, "int32_t"), *sel.shape, res),
            "kvc_context_compose_tensors")
-    return _result_dict(res)
+    return _fields(res)

@@ -1,4 +1,5 @@
-"""Compressed sessions on disk: the cache, the token history, the press and the model's fingerprint.
+"""Sessions: a conversation's cache, token history, press and model fingerprint saved to a file and
+loaded back (``Llama.save_session``/``load_session``), with every check a loaded file must pass.
 
 File layout (little endian)::
 
@@ -9,13 +10,14 @@ File layout (little endian)::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.metadata
 import json
 import os
 import pathlib
 import struct
-from typing import Any, Dict, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import llama_cpp
 
@@ -138,7 +140,7 @@ def check_compatible(llm, header: Dict[str, Any], state: bytes, path) -> Dict[st
         raise SessionError(f"{path} was saved with another model ({header.get('model_description', '?')}, "
                            f"fingerprint {str(fingerprint)[:12]}); this Llama runs {model_description(llm)} "
                            f"(fingerprint {model_fingerprint(llm)[:12]})")
-    return check_contents(header, state, path, llm.n_vocab(), llm._n_ctx_cells, llm.kv_n_layer)
+    return check_contents(header, state, path, llm.n_vocab(), llm._engine.shape.n_ctx, llm._engine.shape.n_layer)
 
 
 def check_contents(header: Dict[str, Any], state: bytes, path, n_vocab: int, n_ctx: int,
@@ -169,3 +171,81 @@ def check_contents(header: Dict[str, Any], state: bytes, path, n_vocab: int, n_c
     if info["n_layer"] != n_layer:
         raise SessionError(f"{path} holds {info['n_layer']} layers, the model has {n_layer}")
     return info
+
+
+# ---- Llama.save_session / load_session ---------------------------------------------------------
+class instance_or_class:
+    """A method that receives the instance when called on one and the class when called on the class."""
+
+    def __init__(self, func) -> None:
+        self.func = func
+        self.__doc__ = func.__doc__
+
+    def __get__(self, obj, cls):
+        return functools.partial(self.func, cls if obj is None else obj)
+
+
+def save(llm, path: Union[str, os.PathLike], metadata: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """``Llama.save_session``: write ``llm``'s conversation to ``path``."""
+    engine = llm._engine
+    conv = engine.conv
+    state = engine.seq_bytes()
+    header = {
+        "model_fingerprint": model_fingerprint(llm),
+        "model_description": model_description(llm),
+        "model_path": str(llm.model_path),
+        "n_ctx": engine.shape.n_ctx,
+        "tokens": conv.history(),
+        "n_tokens": conv.n_tokens,
+        "compressed_len": conv.compressed_len,
+        "compressed_cells": conv.compressed_cells,
+        "press": press_to_dict(engine.press),
+        "metadata": {} if metadata is None else metadata,
+    }
+    n = write(path, header, state)
+    return {"path": str(path), "file_bytes": n, "cells": conv.cells, "n_tokens": conv.n_tokens}
+
+
+def load(llm_or_cls, path: Union[str, os.PathLike], model_path: Optional[str] = None, **kwargs: Any):
+    """``Llama.load_session``: a new Llama for the session (called on the class) or ``llm`` continuing it."""
+    if isinstance(llm_or_cls, type):
+        header, state = read(path)  # refuse a bad file before loading a model for it
+        kwargs.setdefault("n_ctx", header.get("n_ctx", 2048))
+        if "kv_compress" not in kwargs:
+            kwargs["kv_compress"] = press_from_dict(header.get("press"))
+        llm = llm_or_cls(model_path or header.get("model_path"), **kwargs)
+        try:
+            load_into(llm, path, header, state, keep_press=True)
+        except BaseException:
+            llm.close()
+            raise
+        return llm
+    if model_path is not None or kwargs:
+        raise TypeError("llm.load_session(path) takes no model arguments; use Llama.load_session(path, ...)")
+    load_into(llm_or_cls, path, *read(path), keep_press=False)
+    return llm_or_cls
+
+
+def load_into(llm, path: Union[str, os.PathLike], header: Dict[str, Any], state: bytes, keep_press: bool) -> None:
+    """Load a session ``read`` from ``path`` into ``llm``; on any failure ``llm`` is left as it was."""
+    check_compatible(llm, header, state, path)
+    engine = llm._engine
+    conv = engine.conv
+    press = engine.press if keep_press else press_from_dict(header.get("press"))
+    # what to put back if llama.cpp refuses the cache: the sequence's cells and the bookkeeping
+    previous = (engine.seq_bytes(), conv.history(), engine.press, conv.compressed_len, conv.compressed_cells,
+                conv.origin)
+    try:
+        engine.set_press(press)
+        if not engine.set_seq_bytes(state):
+            raise SessionError(f"llama.cpp refused the cache in {path} (saved with another "
+                               "cache type, flash attention setting or context size?)")
+        conv.restored(header["tokens"], header["compressed_len"], header["compressed_cells"], None)
+        engine.configure_window()
+        llm.kv_session_metadata = header.get("metadata") or {}
+    except BaseException:
+        seq, tokens, engine.press, done_len, done_cells, origin = previous
+        engine.set_seq_bytes(seq)
+        conv.restored(tokens, done_len, done_cells, origin)
+        engine.configure_window()
+        raise

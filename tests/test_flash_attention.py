@@ -38,7 +38,7 @@ def test_flash_attention_caches_are_compressed(model_path, prompt_tokens, type_k
     ctx = prompt_tokens[:-1]
     m.eval(ctx[:-8])
     # every probe query's attention is a distribution over the cells it sees
-    mx, mean = m._captured(lambda: m.eval(ctx[-8:]), len(ctx))
+    mx, mean = m._engine.captured(lambda: m.eval(ctx[-8:]), len(ctx))
     np.testing.assert_allclose(mean.sum(axis=-1), 1.0, atol=1e-3)
     assert (mx <= 1.0 + 1e-6).all() and (mean >= 0).all()
     m.reset()

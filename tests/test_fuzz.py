@@ -18,6 +18,20 @@ def test_the_corpus_reaches_every_target():
     assert targets == set(range(6))
 
 
+def test_every_corpus_input_reaches_its_native_entry_point():
+    """An input that a Python-side check refuses never tests native code: every corpus file must reach the
+    entry point its target exists for (norms seeds once passed "K"/"V", which the binding refuses)."""
+    for path in sorted(CORPUS.iterdir()):
+        data = path.read_bytes()
+        assert fuzz_native.TARGET_FUNCTIONS[data[0] % 6] in fuzz_native.native_calls(data), path.name
+
+
+def test_a_wrong_argument_from_the_harness_fails_loudly(monkeypatch):
+    monkeypatch.setattr(fuzz_native, "PARTS", ("K", "V"))
+    with pytest.raises(ValueError, match="part must be"):
+        fuzz_native.test_one_input(fuzz_native.seeds()["norms_f32"])
+
+
 def test_the_seed_inputs_are_valid_buffers():
     """Seeds must get past the parsers, or mutations of them only ever test the first check."""
     from pykvcompose import _native

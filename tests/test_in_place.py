@@ -131,7 +131,7 @@ def test_visibility_counts_the_queries_that_see_each_cell(llm, prompt_tokens):
     n, w = len(prompt_tokens), 16
     llm._drop_cache()
     llm.eval(prompt_tokens[: n - w])
-    llm._captured(lambda: llm.eval(prompt_tokens[n - w:]), n + 8)
+    llm._engine.captured(lambda: llm.eval(prompt_tokens[n - w:]), n + 8)
     seen = llm._kv_capture.visibility()
     # cells before the window: seen by every query; window cell j: by the queries at positions >= j;
     # cells beyond the sequence: by none

@@ -2,12 +2,13 @@
 sliding-window cache is left exactly as it was."""
 
 import ctypes
+import dataclasses
 
 import llama_cpp
 import numpy as np
 import pytest
 
-from pykvcompose import KVComposePress, Llama, _native
+from pykvcompose import KVComposePress, Llama, _native, support
 from pykvcompose.benchmark.runner import gemma3_270m_path
 from pykvcompose.demo import answer
 from pykvcompose.haystack import haystack_text, passkey_cases
@@ -47,7 +48,7 @@ def swa_section(llm) -> bytes:
 
 def test_the_global_layers_are_the_compressed_ones(gemma):
     assert gemma.kv_layers == [5, 11, 17]  # llama.cpp's Gemma 3 pattern: every sixth layer is global
-    assert gemma.kv_n_layer == 3 and gemma._unsupported is None
+    assert gemma.kv_n_layer == 3 and gemma._engine.unsupported is None
 
 
 @pytest.mark.parametrize("press", [KVComposePress(0.5, min_tokens=16), SnapKVPress(0.75, per_head=False)],
@@ -138,19 +139,24 @@ def test_pass_key_retrieval_with_the_global_layers_compressed(gemma):
 
 def test_an_unknown_sliding_window_layout_is_refused_naming_the_architecture(gemma, monkeypatch):
     monkeypatch.setitem(gemma.metadata, "general.architecture", "mystery")
-    assert gemma._full_attention_layers() is None
-    monkeypatch.setattr(gemma, "kv_layers", [])
-    monkeypatch.setattr(gemma, "_unsupported", gemma._why_unsupported())
+    engine = gemma._engine
+    shape = dataclasses.replace(engine.shape, arch="mystery",
+                                layers=support.full_attention_layers("mystery", gemma.metadata,
+                                                                     engine.shape.n_model_layers, engine.shape.n_swa))
+    assert shape.layers is None
+    shape.layers = []
+    monkeypatch.setattr(engine, "shape", shape)
+    monkeypatch.setattr(engine, "unsupported", support.why_unsupported(gemma._model.model, gemma.metadata, shape))
     with pytest.raises(NotImplementedError, match="'mystery'"):
         gemma.kv_compress = KVComposePress(0.5)
 
 
 def test_a_wrong_layer_pattern_is_caught_before_compressing(gemma, doc, monkeypatch):
-    monkeypatch.setattr(gemma, "kv_layers", [3, 7])
-    monkeypatch.setattr(gemma, "kv_n_layer", 2)
-    monkeypatch.setattr(gemma, "_kv_layers_checked", False)
+    engine = gemma._engine
+    monkeypatch.setattr(engine, "shape", dataclasses.replace(engine.shape, layers=[3, 7]))
+    monkeypatch.setattr(engine, "_layers_checked", False)
     gemma.kv_compress = None
     gemma.reset()
     gemma.eval(doc[:100])
     with pytest.raises(NotImplementedError, match="holds 3 layers"):
-        gemma._check_cache_layers()
+        engine.check_cache_layers()

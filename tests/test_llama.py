@@ -205,5 +205,5 @@ def test_save_and_load_state_keep_the_compressed_cache(llm, prompt_tokens):
     expected = logits_after(llm, longer)
     llm.reset()
     llm.load_state(state)
-    assert llm._compressed_len == len(prompt_tokens) - 1
+    assert llm._kv.compressed_len == len(prompt_tokens) - 1
     np.testing.assert_array_equal(logits_after(llm, longer), expected)

@@ -148,7 +148,7 @@ def test_next_turn_reuses_the_compressed_cache(small, long_tokens):
     small.reset()
     prompt = long_tokens[:200]
     first = greedy(small, prompt, 5)
-    compressed = small._compressed_len
+    compressed = small._kv.compressed_len
     assert compressed == 199
     decoded = []
     original = small._decode
@@ -158,7 +158,7 @@ def test_next_turn_reuses_the_compressed_cache(small, long_tokens):
         greedy(small, follow, 3)
     finally:
         del small._decode
-    assert small._compressed_len == compressed  # no new prompt compression: it continued on the cache
+    assert small._kv.compressed_len == compressed  # no new prompt compression: it continued on the cache
     assert sum(decoded) <= len(follow) - compressed + 3  # only the new suffix (+ the sampled tokens)
 
 

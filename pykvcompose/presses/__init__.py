@@ -5,6 +5,7 @@ from .decoding_press import DecodingPress
 from .knorm_press import KnormPress
 from .kvcompose_press import KVComposePress
 from .prefill_decoding_press import PrefillDecodingPress
+from .press import Press
 from .pyramidkv_press import PyramidKVPress
 from .random_press import RandomPress
 from .snapkv_press import SnapKVPress
@@ -24,5 +25,5 @@ PRESSES = {
 
 from .spec import parse_press_spec  # noqa: E402  (uses PRESSES)
 
-__all__ = ["parse_press_spec", "BasePress", "KVComposePress", "SnapKVPress", "PyramidKVPress", "TOVAPress", "KnormPress",
+__all__ = ["parse_press_spec", "Press", "BasePress", "KVComposePress", "SnapKVPress", "PyramidKVPress", "TOVAPress", "KnormPress",
            "StreamingLLMPress", "RandomPress", "DecodingPress", "PrefillDecodingPress", "PRESSES"]

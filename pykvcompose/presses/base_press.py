@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import numbers
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..probe import Probe, ProbeSpec
+from .press import Press
 
 
 def check_choice(name: str, value, choices) -> None:
@@ -35,7 +36,7 @@ def check_bool(name: str, value) -> None:
 
 
 @dataclass
-class BasePress:
+class BasePress(Press):
     """
     Base class of the presses: a press scores every (layer, kv head, token) of a prompt and the
     cache keeps, per (layer, kv head), its top-C tokens as C composite cells.
@@ -57,6 +58,11 @@ class BasePress:
     compression_ratio: float = 0.0
     per_head: bool = field(default=True, kw_only=True)
 
+    #: Prompts shorter than this are not compressed (a field of presses that let users set it).
+    min_tokens = 2
+    #: Newest tokens decoded again to score a full cache when the press has no window probe of its own.
+    room_window = 64
+
     def __post_init__(self) -> None:
         check_number("compression_ratio", self.compression_ratio, 0.0, 1.0, high_inclusive=False)
         check_bool("per_head", self.per_head)
@@ -64,6 +70,13 @@ class BasePress:
     def probe(self) -> Optional[ProbeSpec]:
         """The probe this press reads attention from: None, ``("window", w)`` or ``("reconstruct", 0)``."""
         return None
+
+    def probe_queries(self, n_tokens: int) -> int:
+        """How many probe queries score a context of ``n_tokens`` tokens."""
+        spec = self.probe()
+        if spec is None:
+            return 0
+        return n_tokens if spec[0] == "reconstruct" else min(int(spec[1]), n_tokens)
 
     def head_scores(self, probe: Probe) -> Optional[np.ndarray]:
         """The probe attention this press scores from, float32 (layers, heads, tokens), or None."""
@@ -83,6 +96,46 @@ class BasePress:
         np.ndarray, float32 (layers, kv_heads, tokens)
         """
         raise NotImplementedError
+
+    def layer_budgets(self, scores: np.ndarray) -> Optional[np.ndarray]:
+        """
+        The press's allocation of kept tokens across layers, or None if it has none.
+
+        llama.cpp keeps one cell count for all layers, so budgets are reported in ``kv_stats`` and
+        used by presses that fill a layer's cells differently below and above its budget.
+
+        Parameters
+        ----------
+        scores : np.ndarray, float32 (layers, kv_heads, tokens)
+
+        Returns
+        -------
+        np.ndarray, int32 (layers,), or None
+        """
+        return None
+
+    def compress(self, probe: Probe, n_keep: int, forced: Sequence[int] = ()
+                 ) -> Tuple[np.ndarray, Optional[np.ndarray], np.ndarray]:
+        """
+        Score, allocate and select: everything a compression asks of the press.
+
+        Parameters
+        ----------
+        probe : Probe
+        n_keep : int
+            Cells per head (C).
+        forced : sequence of int
+            Tokens every head keeps.
+
+        Returns
+        -------
+        scores : np.ndarray, float32 (layers, kv_heads, tokens)
+        budgets : np.ndarray, int32 (layers,), or None
+        selection : np.ndarray, int32 (layers, kv_heads, n_keep), ascending per head
+        """
+        scores = self.score(probe)
+        budgets = self.layer_budgets(scores)
+        return scores, budgets, self.select(scores, n_keep, forced=forced, budgets=budgets)
 
     def selection_scores(self, scores: np.ndarray) -> np.ndarray:
         """The scores each (layer, kv head) ranks its tokens by (by default: ``scores``)."""
@@ -116,3 +169,18 @@ class BasePress:
     def n_kept(self, n_tokens: int) -> int:
         """Cells kept for a context of ``n_tokens``: ``max(1, int(n_tokens * (1 - compression_ratio)))``."""
         return max(1, int(n_tokens * (1 - self.compression_ratio)))
+
+    # ---- Press ----------------------------------------------------------------------------------
+    def frees_cells(self) -> bool:
+        return self.compression_ratio > 0
+
+    def prompt_press(self) -> "BasePress":
+        return self
+
+    def scorer(self) -> "BasePress":
+        return self
+
+    def room_plan(self, cells: int) -> Tuple["BasePress", int, int]:
+        spec = self.probe()
+        window = int(spec[1]) if spec is not None and spec[0] == "window" else int(self.room_window)
+        return self, self.n_kept(cells), window

@@ -89,6 +89,11 @@ class KVComposePress(BasePress):
         check_int("min_tokens", self.min_tokens, 2)
         check_number("head_consensus", self.head_consensus, 0.0, 1.0, high_inclusive=True)
 
+    @property
+    def room_window(self) -> int:
+        """Newest tokens that score a full cache when no chunk capture saw them: ``window``."""
+        return self.window
+
     def probe(self) -> ProbeSpec:
         """``("reconstruct", 0)`` or, with ``scoring="window"``, ``("window", window)``."""
         return ("window", self.window) if self.scoring == "window" else ("reconstruct", 0)

@@ -1,0 +1,190 @@
+"""Probes: measuring which cells the attention uses. The probe of a prompt (window and reconstruct
+probes, ``Llama.kv_probe``), the probes of a full cache (the newest tokens decoded again, or the
+chunk of tokens streamed in since the last compression), and the check that a probe saw the
+context in place (so the rewrite may read the cache tensors)."""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any, Dict, List, Sequence
+
+import numpy as np
+
+from . import _native
+from .presses.base_press import BasePress
+from .presses.press import Press
+from .probe import Probe
+
+if TYPE_CHECKING:
+    from .engine import Engine
+
+
+def probe_context(engine: "Engine", context: Sequence[int], presses: Sequence[BasePress]) -> Probe:
+    """Prefill ``context`` into an empty cache and run every probe the presses need, once (``Llama.kv_probe``)."""
+    engine.clear()
+    if engine.capture is None:  # an unsupported model: the Llama refused its presses already
+        raise RuntimeError("attention capture is not installed")
+    shape = engine.shape
+    context = list(context)
+    n = len(context)
+    specs = {tuple(p.probe()) for p in presses if p.probe() is not None}
+    unknown = {spec for spec in specs if spec[0] not in ("window", "reconstruct")}
+    if unknown:
+        raise ValueError(f"unknown probe {sorted(unknown)}: expected ('window', w) or ('reconstruct', 0)")
+    windows = sorted({min(int(w), n) for kind, w in specs if kind == "window"}, reverse=True)
+    probe = Probe(shape.n_layer, shape.n_head, shape.n_head_kv, n)
+    probe.norms = lambda part: (
+        engine.capture.norms(part, shape.n_head_kv, n) if probe.in_place
+        else _native.context_norms(engine.ctx_ptr, part, shape.n_layer, shape.n_head_kv, n))
+    queries = None  # positions [first, stop) of the last capture's queries
+    t0 = time.perf_counter()
+    # Window probes: the last w tokens are prefilled in segments cut at every window's start;
+    # a window's max / mean is the max / query-weighted mean of its segments'.
+    cuts = [n - w for w in windows] + [n]
+    engine.prefill(context[: cuts[0]])
+    segments = []
+    for start, stop in zip(cuts, cuts[1:]):
+        if stop > start:
+            segments.append((start, stop) + engine.captured(lambda: engine.prefill(context[start:stop]), n))
+            queries = (start, stop)
+    t_prefill = time.perf_counter()
+    for w in windows:
+        parts = [(stop - start, mx, mean) for start, stop, mx, mean in segments if start >= n - w]
+        total = sum(q for q, _, _ in parts)
+        probe.attention[("window", w)] = {
+            "max": np.maximum.reduce([mx for _, mx, _ in parts]),
+            "mean": (sum(q * mean.astype(np.float64) for q, _, mean in parts) / total).astype(np.float32),
+        }
+    for kind, w in specs:
+        if kind == "window" and w > n:
+            probe.attention[(kind, w)] = probe.attention[(kind, n)]
+    descriptions = [f"window of {w}" for w in windows]
+    if ("reconstruct", 0) in specs:
+        info: Dict[str, Any] = {}
+        mx, mean = engine.captured(lambda: info.update(_reconstruct(engine, context)), n)
+        probe.attention[("reconstruct", 0)] = {"max": mx, "mean": mean}
+        descriptions.append(info["probe"])
+        queries = (n, 2 * n)
+    probe.in_place = queries is not None and context_in_place(engine, n, *queries)
+    probe.prefill_seconds = t_prefill - t0
+    probe.probe_seconds = time.perf_counter() - t_prefill
+    probe.description = ", ".join(descriptions) or "none"
+    return probe
+
+
+def _reconstruct(engine: "Engine", context: List[int]) -> Dict[str, Any]:
+    """Decode the context again at positions n..2n-1 (the capture records its attention).
+
+    When the cache cannot hold all 2n cells, the probe runs in chunks and a chunk's cells are
+    dropped before the next one, except the newest (llama.cpp needs each batch to start right
+    after the sequence's newest position). A chunk's queries then see the context, that one
+    earlier probe token and their own chunk, where the paper's probe sees all earlier probe
+    tokens; the softmax mass those would take goes to the context columns instead.
+    """
+    n = len(context)
+    free = engine.shape.n_ctx - n  # >= 2: only prompts that fit are compressed whole
+    full = free >= n
+    # a dropped chunk leaves its newest cell between two free runs of together free - 1 cells;
+    # llama.cpp needs a batch's cells in one run, so a chunk must fit into the smaller half
+    chunk = engine.n_batch if full else max(1, min(engine.n_batch, (free - 1) // 2))
+    held = 0
+    for start in range(0, n, chunk):
+        part = context[start: start + chunk]
+        if held + len(part) > free:
+            engine.remove(n, n + start - 1)
+            held = 1
+        engine.batch.set_batch(batch=part, n_past=n + start, logits_all=False)
+        engine.ctx.decode(engine.batch)
+        held += len(part)
+        if engine.progress is not None:
+            engine.progress(start + len(part), n, "probe")
+    engine.remove(n)  # the probe's own cells never stay
+    return {"probe": "reconstruct" if full else f"reconstruct, chunks of {chunk}", "probe_queries": n}
+
+
+def context_in_place(engine: "Engine", n: int, first: int, stop: int) -> bool:
+    """Whether the last capture saw the context's ``n`` tokens in cache cells ``0..n-1``, token j in
+    cell j: its queries, at positions ``[first, stop)``, must have seen cell j exactly as often as
+    a causal mask shows position j to them (llama.cpp's mask hides empty cells, other sequences
+    and later positions). iSWA models keep a second cache in their state: never in place."""
+    if engine.shape.iswa:
+        return False
+    seen = engine.capture.visibility()
+    if seen.size < n:
+        return False
+    j = np.arange(n)
+    expected = np.clip(stop - np.maximum(j, first), 0, stop - first)
+    return bool(np.array_equal(seen[:n], expected))
+
+
+# ---- probes of a full cache (compressions that make room) -------------------------------------
+def cells_probe(engine: "Engine", cells: int) -> Probe:
+    """A probe of the cache's first ``cells`` cells with no attention yet; norms read on demand."""
+    shape = engine.shape
+    return Probe(shape.n_layer, shape.n_head, shape.n_head_kv, cells,
+                 norms=lambda part: _native.context_norms(engine.ctx_ptr, part, shape.n_layer, shape.n_head_kv, cells),
+                 description="none")
+
+
+def recent_probe(engine: "Engine", press: BasePress, window: int, cells: int) -> Probe:
+    """A probe of the cache's ``cells`` cells from the attention of its newest ``window`` tokens.
+
+    Those tokens are removed and decoded again at the same positions with the capture on (they
+    are the newest, so every cell is visible to them); if that fails they are decoded again
+    without it, so the cache is as before, and the error propagates.
+    """
+    probe = cells_probe(engine, cells)
+    if press.probe() is None:
+        return probe
+    conv = engine.conv
+    w = max(1, min(window, conv.n_tokens - conv.compressed_len, engine.n_batch))
+    start = conv.n_tokens - w
+    recent = conv.input_ids[start: conv.n_tokens].tolist()
+    engine.remove(start)
+    conv.n_tokens = start
+    try:
+        mx, mean = engine.captured(lambda: engine.decode(recent), cells)
+    except BaseException:
+        engine.remove(start)
+        conv.n_tokens = start
+        engine.decode(recent)
+        raise
+    probe.attention[("window", w)] = {"max": mx, "mean": mean}
+    probe.substitute = ("window", w)
+    probe.description = f"newest {w} tokens"
+    return probe
+
+
+def begin_chunk(engine: "Engine", press: Press) -> None:
+    """Capture the attention of every token prefilled until the next compression, for presses
+    whose own probe is the context attending to itself (KVCompose's reconstruct probe): the
+    chunk's tokens are the queries that stand in for it. Other presses keep their window."""
+    if engine.conv.chunk_start is not None or engine.capture is None:
+        return
+    if press.scorer().probe() != ("reconstruct", 0):
+        return
+    if engine.conv.holes:
+        engine.compact()  # capture columns must be cells 0..cells-1
+    engine.capture_begin(engine.shape.n_ctx)
+    engine.conv.chunk_start = engine.conv.n_tokens
+
+
+def end_chunk(engine: "Engine"):
+    """End a chunk capture; its (max, mean) scores over the cache's columns, or None if none ran."""
+    if engine.conv.chunk_start is None:
+        return None
+    engine.conv.chunk_start = None
+    engine.capture.end()
+    return engine.capture_scores()
+
+
+def chunk_probe(engine: "Engine", cells: int) -> Probe:
+    """A probe of the cache's ``cells`` cells from the chunk capture (see ``begin_chunk``)."""
+    queries = engine.conv.n_tokens - engine.conv.chunk_start
+    mx, mean = end_chunk(engine)
+    probe = cells_probe(engine, cells)
+    probe.attention[("window", queries)] = {"max": np.ascontiguousarray(mx[..., :cells]),
+                                            "mean": np.ascontiguousarray(mean[..., :cells])}
+    probe.substitute = ("window", queries)
+    probe.description = f"the {queries} tokens since the last compression"
+    return probe
