@@ -1,3 +1,5 @@
+"""``python -m pykvcompose``: the command line (``pykvcompose.cli``)."""
+
 import sys
 
 from .cli import main

@@ -4,10 +4,30 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from pykvcompose import Llama, default_model_path
+from pykvcompose import (KnormPress, KVComposePress, Llama, PyramidKVPress, RandomPress, SnapKVPress,
+                         StreamingLLMPress, TOVAPress, default_model_path)
 from pykvcompose.haystack import haystack_text
 
 N_THREADS = max(1, len(os.sched_getaffinity(0)))
+
+
+def press_list(ratio, per_head=True):
+    """The shared list of presses every test that loops over presses uses: every scoring press, with
+    fields that work on the test prompts (a few hundred tokens)."""
+    kw = dict(compression_ratio=ratio, per_head=per_head)
+    return [
+        KVComposePress(min_tokens=16, **kw),
+        SnapKVPress(window_size=32, **kw),
+        PyramidKVPress(window_size=32, **kw),
+        TOVAPress(**kw),
+        KnormPress(**kw),
+        StreamingLLMPress(n_sink=4, **kw),
+        RandomPress(seed=3, **kw),
+    ]
+
+
+def press_ids(presses):
+    return [type(p).__name__ + ("" if getattr(p, "per_head", True) else "-token") for p in presses]
 
 
 @pytest.fixture(scope="session")

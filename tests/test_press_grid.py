@@ -9,26 +9,8 @@ from pykvcompose import _native
 from pykvcompose.presses import (KnormPress, KVComposePress, PyramidKVPress, RandomPress, SnapKVPress,
                                  StreamingLLMPress, TOVAPress)
 
-from conftest import last_logits, logits_after
-from test_reference import np_consensus, np_select
-
-
-def press_list(ratio, per_head=True):
-    """The shared list: every press, with fields that work on the ~400-token test prompt."""
-    kw = dict(compression_ratio=ratio, per_head=per_head)
-    return [
-        KVComposePress(min_tokens=16, **kw),
-        SnapKVPress(window_size=32, **kw),
-        PyramidKVPress(window_size=32, **kw),
-        TOVAPress(**kw),
-        KnormPress(**kw),
-        StreamingLLMPress(n_sink=4, **kw),
-        RandomPress(seed=3, **kw),
-    ]
-
-
-def ids(presses):
-    return [type(p).__name__ + ("" if p.per_head else "-token") for p in presses]
+from conftest import last_logits, logits_after, press_ids as ids, press_list
+from oracles import np_consensus, np_pyramid_budgets, np_select
 
 
 GRID = press_list(0.6) + press_list(0.6, per_head=False)
@@ -51,6 +33,11 @@ def test_press_keeps_top_c_of_its_scores(llm, prompt_tokens, press):
     assert scores.shape == (llm.kv_n_layer, llm.kv_n_head_kv, n) and sel.shape == scores.shape[:2] + (c,)
     ranked = scores if press.per_head else np_consensus(scores, 1.0)
     np.testing.assert_array_equal(sel, np_select(ranked, c, [n - 1]))
+    if isinstance(press, PyramidKVPress):  # what PyramidKV adds to SnapKV: its pyramid, reported
+        assert stats["layer_budgets"] == np_pyramid_budgets(llm.kv_n_layer, n, press.compression_ratio,
+                                                            press.window_size, press.beta).tolist()
+    elif not isinstance(press, KVComposePress):
+        assert stats["layer_budgets"] is None
     info = _native.context_state_info(llm._ctx.ctx)
     assert info["n_cells"] == c + 1 and info["pos_max"] == n  # + the held-back last prompt token, at position n
     if press.per_head:

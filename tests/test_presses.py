@@ -10,6 +10,8 @@ from pykvcompose.presses import (PRESSES as PRESSES_BY_NAME, BasePress, KnormPre
                                  SnapKVPress, StreamingLLMPress, TOVAPress)
 from pykvcompose.probe import Probe
 
+from oracles import np_pyramid_budgets
+
 PRESSES = list(PRESSES_BY_NAME.values())
 
 
@@ -152,12 +154,27 @@ def test_pyramid_budgets_follow_kvpress_formula():
     assert PyramidKVPress(compression_ratio=0.5).layer_budgets(np.zeros((4, 1, 100), np.float32)).tolist() == [50] * 4
 
 
-def test_pyramid_keeps_snapkv_tokens_on_uniform_cells():
-    probe = fake_probe()
-    snap, pyramid = SnapKVPress(0.5, window_size=8), PyramidKVPress(0.5, window_size=8)
-    n_keep = snap.n_kept(40)
-    np.testing.assert_array_equal(pyramid.select(pyramid.score(probe), n_keep, [39]),
-                                  snap.select(snap.score(probe), n_keep, [39]))
+@pytest.mark.parametrize("n_layer", [1, 4, 30])
+@pytest.mark.parametrize("n", [40, 100, 401, 1000, 5003])
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75, 0.875])
+@pytest.mark.parametrize("window,beta", [(8, 20), (64, 20), (32, 5), (16, 1)])
+def test_pyramid_budgets_match_an_independent_implementation(n_layer, n, ratio, window, beta):
+    scores = np.zeros((n_layer, 1, n), dtype=np.float32)
+    got = PyramidKVPress(ratio, window_size=window, beta=beta).layer_budgets(scores)
+    assert got.dtype == np.int32 and got.tolist() == np_pyramid_budgets(n_layer, n, ratio, window, beta).tolist()
+
+
+def test_pyramid_reports_its_budgets_where_other_presses_report_none():
+    """PyramidKV's addition to SnapKV is its pyramid of layer budgets: ``compress`` hands it on (to
+    ``kv_stats``); a press without an allocation of its own hands on None."""
+    probe = fake_probe()  # 3 layers, 40 tokens: capacity 28 -> the pyramid 32, 20, 8
+    _, budgets, selection = PyramidKVPress(0.5, window_size=8).compress(probe, 20, [39])
+    assert budgets.tolist() == [32, 20, 8] == np_pyramid_budgets(3, 40, 0.5, 8, 20).tolist()
+    assert selection.shape == (3, 2, 20)
+    for press in (SnapKVPress(0.5, window_size=8), TOVAPress(0.5), KnormPress(0.5), StreamingLLMPress(0.5),
+                  RandomPress(0.5, seed=1)):
+        assert press.compress(probe, 20, [39])[1] is None
+        assert press.layer_budgets(press.score(probe)) is None
 
 
 @pytest.mark.parametrize("press_cls", PRESSES)
@@ -207,3 +224,64 @@ def test_bad_press_specs_name_the_problem(spec, message):
 
     with pytest.raises(ValueError, match=re.escape(message)):
         parse_press_spec(spec)
+
+
+# ---- the policy each press owns (the Llama asks, never checks types) ------------------------------
+def test_every_press_is_importable_from_the_top_level_and_listed_in_all():
+    import pykvcompose
+    from pykvcompose import presses
+
+    for name in presses.__all__:
+        assert getattr(pykvcompose, name) is getattr(presses, name), name
+        assert name in pykvcompose.__all__, name
+
+
+def test_which_presses_free_cells():
+    from pykvcompose import DecodingPress, PrefillDecodingPress
+
+    assert not SnapKVPress(0.0).frees_cells() and SnapKVPress(0.5).frees_cells()
+    assert DecodingPress(SnapKVPress()).frees_cells()
+    assert PrefillDecodingPress(SnapKVPress(0.0), DecodingPress(SnapKVPress())).frees_cells()
+    assert not PrefillDecodingPress(SnapKVPress(0.0)).frees_cells()
+
+
+def test_prompt_and_room_presses_by_phase():
+    from pykvcompose import DecodingPress, PrefillDecodingPress
+
+    snap, decoding = KVComposePress(0.5), DecodingPress(SnapKVPress(), target_size=64)
+    assert snap.prompt_press() is snap and decoding.prompt_press() is None
+    both = PrefillDecodingPress(snap, decoding)
+    assert both.prompt_press() is snap
+    assert both.room_press("prefill") is snap and both.room_press("decode") is decoding
+    lossless = PrefillDecodingPress(KVComposePress(0.0), decoding)
+    assert lossless.room_press("prefill") is decoding  # the prompt press frees nothing: the other one does
+    assert PrefillDecodingPress(KVComposePress(0.0)).room_press("decode") is None
+    assert KVComposePress(0.0).room_press("prefill") is None
+    with pytest.raises(ValueError, match="phase"):
+        both.room_press("later")
+
+
+def test_room_plans():
+    from pykvcompose import DecodingPress
+
+    scorer, keep, window = KVComposePress(0.75, window=48).room_plan(1000)
+    assert (keep, window) == (250, 48) and scorer.compression_ratio == 0.75
+    assert SnapKVPress(0.5, window_size=16).room_plan(100)[1:] == (50, 16)
+    assert KnormPress(0.5).room_plan(100)[1:] == (50, 64)
+    scorer, keep, window = DecodingPress(SnapKVPress(), target_size=64, hidden_states_buffer_size=8).room_plan(256)
+    assert (keep, window) == (64, 8) and scorer.compression_ratio == 0.75 and scorer.n_kept(256) == 64
+
+
+def test_decoding_schedule_and_cache_check():
+    from pykvcompose import DecodingPress, PrefillDecodingPress
+
+    press = DecodingPress(SnapKVPress(), compression_interval=32, target_size=100)
+    assert press.decoding_due("prefill", 40) is None
+    assert press.decoding_due("decode", 10) == 22 and press.decoding_due("decode", 40) == 0
+    assert SnapKVPress(0.5).decoding_due("decode", 1000) is None
+    assert press.room_to_free(101) and not press.room_to_free(100)
+    press.check_cache(102)
+    with pytest.raises(ValueError, match="target_size"):
+        press.check_cache(101)
+    with pytest.raises(ValueError, match="target_size"):
+        PrefillDecodingPress(SnapKVPress(0.5), press).check_cache(64)

@@ -11,7 +11,7 @@ from pykvcompose import Llama, session
 from pykvcompose.presses import (DecodingPress, KVComposePress, PrefillDecodingPress, SnapKVPress,
                                  StreamingLLMPress, parse_press_spec)
 
-from conftest import greedy, last_logits
+from conftest import greedy, last_logits, press_ids, press_list
 
 N_CTX = 512
 
@@ -169,13 +169,14 @@ def test_a_long_streamed_conversation_round_trips(model_path, tmp_path):
         llm.close()
 
 
-@pytest.mark.parametrize("press", [
-    None,
+JSON_PRESSES = [None] + press_list(0.75) + press_list(0.5, per_head=False) + [
     KVComposePress(0.75, starved_layers="consensus", head_consensus=0.5),
-    StreamingLLMPress(0.5, n_sink=2, per_head=False),
     DecodingPress(SnapKVPress(window_size=16), compression_interval=8, target_size=100),
     PrefillDecodingPress(parse_press_spec("tova:0.5"), DecodingPress(SnapKVPress(), target_size=64)),
-])
+]
+
+
+@pytest.mark.parametrize("press", JSON_PRESSES, ids=press_ids(JSON_PRESSES))
 def test_presses_round_trip_through_json(press):
     data = json.loads(json.dumps(session.press_to_dict(press)))
     assert session.press_from_dict(data) == press

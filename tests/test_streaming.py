@@ -9,7 +9,7 @@ from pykvcompose.haystack import haystack_text
 from pykvcompose.presses import (DecodingPress, KnormPress, KVComposePress, PrefillDecodingPress, SnapKVPress,
                                  StreamingLLMPress)
 
-from conftest import N_THREADS, greedy, last_logits, seq_state
+from conftest import N_THREADS, greedy, last_logits, press_ids, press_list, seq_state
 
 N_CTX = 256
 
@@ -42,8 +42,11 @@ def test_a_prompt_longer_than_the_cache_is_compressed_chunk_by_chunk(small, long
     assert small.kv_stats["cells_before"] == N_CTX and small.kv_stats["cells_after"] == N_CTX // 2
 
 
-@pytest.mark.parametrize("press", [SnapKVPress(0.5), KVComposePress(0.5), SnapKVPress(0.5, per_head=False)],
-                         ids=["snapkv", "kvcompose", "snapkv-token-level"])
+# the presses that read attention (the others have no probe attention to check)
+ATTENTION_PRESSES = [p for p in press_list(0.5) + press_list(0.5, per_head=False) if p.probe() is not None]
+
+
+@pytest.mark.parametrize("press", ATTENTION_PRESSES, ids=press_ids(ATTENTION_PRESSES))
 def test_the_newest_tokens_attention_covers_exactly_the_cells(small, long_tokens, press):
     """Capture columns are cache cells, the state buffer lists cells in order: they must be the same
     cells. The newest tokens see every cell, so their mean attention over the first ``cells``
@@ -151,13 +154,13 @@ def test_next_turn_reuses_the_compressed_cache(small, long_tokens):
     compressed = small._kv.compressed_len
     assert compressed == 199
     decoded = []
-    original = small._decode
-    small._decode = lambda batch: (decoded.append(len(batch)), original(batch))
+    original = small._engine.decode
+    small._engine.decode = lambda batch: (decoded.append(len(batch)), original(batch))
     try:
         follow = prompt + first + long_tokens[300:340]
         greedy(small, follow, 3)
     finally:
-        del small._decode
+        del small._engine.decode
     assert small._kv.compressed_len == compressed  # no new prompt compression: it continued on the cache
     assert sum(decoded) <= len(follow) - compressed + 3  # only the new suffix (+ the sampled tokens)
 

@@ -1,5 +1,5 @@
-// The attention capture's state, shared by capture.cpp (which fills it from the graph) and
-// context.cpp (which rewrites the cache through the tensors the capture found).
+// The attention capture's state, shared by capture.cpp (which fills it from the graph and reads the
+// cache tensors it found) and context.cpp (which rewrites the cache through those tensors).
 #pragma once
 
 #include <cstdint>
@@ -30,3 +30,12 @@ struct kvc_capture {
     std::string          error;      // first problem seen by the callback (it cannot return one)
 };
 
+namespace kvc {
+struct ParsedState;
+
+// A ParsedState over cache cells [0, n_cells) of the capture's cache tensors: what
+// llama_state_seq_get_data would write for a sequence held in exactly those cells. part: KVC_PART_K,
+// KVC_PART_V, or -1 for both. Rows on device buffers are copied into `stages` (one per layer and part).
+int32_t capture_rows(const kvc_capture & cap, int32_t part, int32_t seq_id, const int32_t * positions,
+                     uint32_t n_cells, ParsedState & st, std::vector<std::vector<uint8_t>> & stages);
+}  // namespace kvc

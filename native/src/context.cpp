@@ -6,8 +6,6 @@
 #include "state.h"
 #include "status.h"
 
-#include "ggml-backend.h"
-#include "ggml.h"
 #include "llama.h"
 
 #include <algorithm>
@@ -135,93 +133,6 @@ int32_t compose_in_place(llama_context * ctx, int32_t seq_id, const int32_t * se
     return KVC_OK;
 }
 
-// Cache cells [0, n_cells) of one layer's K or V cache tensor as TensorRows, laid out like
-// llama_kv_cache::state_write_data: rows of cells (K, plain V) or, transposed, rows of elements with
-// the cells of each element kv_size apart. A tensor on a device buffer is copied into `stage` first.
-int32_t tensor_rows(const ggml_tensor * t, bool transposed, uint32_t n_cells, const char * what, int32_t il,
-                    kvc::TensorRows & out, std::vector<uint8_t> & stage) {
-    const std::string name = std::string(what) + " cache of layer " + std::to_string(il);
-    if (t == nullptr) {
-        return kvc::fail(KVC_ERR_UNSUPPORTED, "the capture did not see the " + name);
-    }
-    const auto type = t->type;
-    if (t->ne[2] != 1 || t->ne[3] != 1 || t->ne[1] < static_cast<int64_t>(n_cells) ||
-        t->nb[0] != ggml_type_size(type) || t->nb[1] != ggml_row_size(type, t->ne[0]) ||
-        (transposed && ggml_blck_size(type) != 1)) {
-        return kvc::fail(KVC_ERR_UNSUPPORTED, name + " has a layout this library does not read directly");
-    }
-    out.type = type;
-    out.n_embd = t->ne[0];
-    out.row_size = transposed ? ggml_type_size(type) : ggml_row_size(type, t->ne[0]);
-    const size_t kv_size = static_cast<size_t>(t->ne[1]);
-    if (t->data == nullptr) {
-        return kvc::fail(KVC_ERR_UNSUPPORTED, name + " has no data");
-    }
-    if (t->buffer == nullptr || ggml_backend_buffer_is_host(t->buffer)) {  // no buffer: a plain ggml context's memory
-        out.data = static_cast<const uint8_t *>(t->data);
-        out.stride = transposed ? kv_size * out.row_size : static_cast<size_t>(t->nb[1]);
-        return KVC_OK;
-    }
-    // device buffer: only the sequence's cells, contiguous
-    if (!transposed) {
-        stage.resize(static_cast<size_t>(n_cells) * out.row_size);
-        ggml_backend_tensor_get(t, stage.data(), 0, stage.size());
-    } else {
-        const size_t row = static_cast<size_t>(n_cells) * out.row_size;
-        stage.resize(static_cast<size_t>(out.n_embd) * row);
-        for (int64_t e = 0; e < out.n_embd; ++e) {
-            ggml_backend_tensor_get(t, stage.data() + e * row, e * kv_size * out.row_size, row);
-        }
-    }
-    out.data = stage.data();
-    out.stride = transposed ? static_cast<size_t>(n_cells) * out.row_size : out.row_size;
-    return KVC_OK;
-}
-
-// A ParsedState over cache cells [0, n_cells) of the capture's cache tensors: what
-// llama_state_seq_get_data would write for a sequence held in exactly those cells. part: KVC_PART_K,
-// KVC_PART_V, or -1 for both.
-int32_t capture_rows(const kvc_capture & cap, int32_t part, int32_t seq_id, const int32_t * positions,
-                     uint32_t n_cells, kvc::ParsedState & st, std::vector<std::vector<uint8_t>> & stages) {
-    const int32_t n_layer = cap.n_layer;
-    if (n_layer <= 0 || cap.k_cache.size() != static_cast<size_t>(n_layer)) {
-        return kvc::fail(KVC_ERR_UNSUPPORTED, "the capture has not run");
-    }
-    if (n_cells == 0 || n_cells > static_cast<uint32_t>(std::max(cap.n_keys, 0))) {
-        return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "n_cells " + std::to_string(n_cells) + " is not in [1, " +
-                                                       std::to_string(cap.n_keys) + "], the capture's key columns");
-    }
-    st = kvc::ParsedState{};
-    st.magic = kvc::kStateMagic;
-    st.seq_id = seq_id;
-    st.n_stream = 1;
-    st.stream = 0;
-    st.n_cells = n_cells;
-    st.pos.assign(n_cells, 0);
-    if (positions != nullptr) std::copy(positions, positions + n_cells, st.pos.begin());
-    st.cell_seq.assign(n_cells, seq_id);
-    st.n_layer = static_cast<uint32_t>(n_layer);
-    st.v_trans = cap.v_trans[0] == 1 ? 1u : 0u;
-    st.k.resize(n_layer);
-    st.v.resize(n_layer);
-    stages.resize(2 * static_cast<size_t>(n_layer));
-    for (int32_t il = 0; il < n_layer; ++il) {
-        if (part != KVC_PART_V) {
-            const int32_t status = tensor_rows(cap.k_cache[il], false, n_cells, "K", il, st.k[il], stages[2 * il]);
-            if (status != KVC_OK) return status;
-        }
-        if (part != KVC_PART_K) {
-            if (cap.v_trans[il] < 0 || cap.v_trans[il] != cap.v_trans[0]) {
-                return kvc::fail(KVC_ERR_UNSUPPORTED, "the V layout of layer " + std::to_string(il) + " is unknown");
-            }
-            const int32_t status =
-                tensor_rows(cap.v_cache[il], st.v_trans != 0, n_cells, "V", il, st.v[il], stages[2 * il + 1]);
-            if (status != KVC_OK) return status;
-        }
-    }
-    return KVC_OK;
-}
-
 int32_t compose_tensors(llama_context * ctx, const kvc_capture * cap, int32_t seq_id, const int32_t * positions,
                         int32_t n_cells, const int32_t * selection, int32_t n_layer, int32_t n_head_kv,
                         int32_t n_keep, kvc_compose_result * result) {
@@ -239,7 +150,7 @@ int32_t compose_tensors(llama_context * ctx, const kvc_capture * cap, int32_t se
     }
     static thread_local std::vector<std::vector<uint8_t>> stages;
     kvc::ParsedState st;
-    int32_t status = capture_rows(*cap, -1, seq_id, positions, static_cast<uint32_t>(n_cells), st, stages);
+    int32_t status = kvc::capture_rows(*cap, -1, seq_id, positions, static_cast<uint32_t>(n_cells), st, stages);
     if (status != KVC_OK) return status;
     if (n_layer != static_cast<int32_t>(st.n_layer)) {
         return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "selection has " + std::to_string(n_layer) +
@@ -289,23 +200,6 @@ int32_t kvc_context_compose_tensors(struct llama_context * ctx, const kvc_captur
                                     int32_t n_layer, int32_t n_head_kv, int32_t n_keep, kvc_compose_result * result) {
     return kvc::guard([&] {
         return compose_tensors(ctx, cap, seq_id, positions, n_cells, selection, n_layer, n_head_kv, n_keep, result);
-    });
-}
-
-int32_t kvc_capture_get_norms(const kvc_capture * cap, int32_t part, int32_t n_head_kv, int32_t n_cells, float * out,
-                              size_t n_values) {
-    return kvc::guard([&] {
-        if (cap == nullptr || n_cells <= 0) {
-            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "capture is NULL or n_cells is not positive");
-        }
-        if (part != KVC_PART_K && part != KVC_PART_V) {
-            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "part must be KVC_PART_K or KVC_PART_V");
-        }
-        static thread_local std::vector<std::vector<uint8_t>> stages;
-        kvc::ParsedState st;
-        const int32_t status = capture_rows(*cap, part, 0, nullptr, static_cast<uint32_t>(n_cells), st, stages);
-        if (status != KVC_OK) return status;
-        return kvc::row_norms(st, part, n_head_kv, out, n_values);
     });
 }
 

@@ -1,0 +1,76 @@
+"""The package's shape: small modules with a docstring saying what each owns, and an acyclic import graph."""
+
+import ast
+import pathlib
+
+PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "pykvcompose"
+MODULES = sorted(p for p in PACKAGE.rglob("*.py"))
+
+
+def _name(path: pathlib.Path) -> str:
+    parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: pathlib.Path) -> set:
+    """Modules of the package that ``path`` imports, at run time (``TYPE_CHECKING`` blocks left out)."""
+    name = _name(path)
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found = set()
+    tree = ast.parse(path.read_text())
+    skip = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            skip.update(id(n) for n in ast.walk(node))
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.ImportFrom):
+            base = package
+            for _ in range(node.level - 1):
+                base = base.rpartition(".")[0]
+            mod = (base + "." + node.module if node.module else base) if node.level else node.module
+            targets = [mod] + [mod + "." + a.name for a in node.names]
+        elif isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        else:
+            continue
+        found.update(t for t in targets if t.startswith("pykvcompose") and t in MODULE_NAMES and t != name)
+    return found
+
+
+MODULE_NAMES = {_name(p) for p in MODULES}
+
+
+def test_no_module_is_over_500_lines():
+    sizes = {_name(p): len(p.read_text().splitlines()) for p in MODULES}
+    assert max(sizes.values()) <= 500, {k: v for k, v in sizes.items() if v > 500}
+
+
+def test_every_module_says_what_it_owns():
+    for p in MODULES:
+        doc = ast.get_docstring(ast.parse(p.read_text()))
+        assert doc and len(doc) > 20, _name(p)
+
+
+def test_the_import_graph_is_acyclic():
+    graph = {_name(p): _imports(p) for p in MODULES}
+    # a package imports its submodules; a submodule importing its own package (for a sibling) is not a cycle
+    for name in graph:
+        graph[name] = {t for t in graph[name] if not name.startswith(t + ".")}
+    state = {}
+
+    def visit(node, path):
+        if state.get(node) == "done":
+            return
+        assert state.get(node) != "open", " -> ".join(path + [node])
+        state[node] = "open"
+        for nxt in sorted(graph.get(node, ())):
+            visit(nxt, path + [node])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        visit(node, [])
+    assert "pykvcompose.llama" not in set().union(*(graph[m] for m in ("pykvcompose.engine", "pykvcompose.probing",
+                                                                        "pykvcompose.rewrite", "pykvcompose.compression",
+                                                                        "pykvcompose.support", "pykvcompose.session")))
