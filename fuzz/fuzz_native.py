@@ -75,7 +75,7 @@ def session_body(st: bytes, n_tokens: int) -> bytes:
     header = {"tokens": list(range(1, n_tokens + 1)), "n_tokens": n_tokens, "compressed_len": 0,
               "compressed_cells": 0, "press": None, "model_fingerprint": "0" * 64}
     head = json.dumps(header).encode()
-    return (session.MAGIC + struct.pack("<IQ", session.FORMAT_VERSION, len(head)) + head
+    return (session.MAGIC + struct.pack("<IQ", 1, len(head)) + head
             + struct.pack("<Q", len(st)) + st)
 
 

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence,
 import numpy as np
 
 from . import probing, rewrite
+from .engine import gather_heads
 from .presses.base_press import BasePress
 from .presses.press import Press
 from .probe import Probe
@@ -37,6 +38,12 @@ def compress(engine: "Engine", press: BasePress, probe: Probe, n_keep: int, writ
     conv.compressed_cells = int(result["cells_after"])
     conv.holes = holes
     conv.origin = conv.selection = origin
+    reconstruct = probe.attention.get(("reconstruct", 0))
+    if reconstruct is not None and not holes:
+        # the probe saw every token once: its attention stays with the cells (persisted chunk scores)
+        conv.cell_scores = {agg: gather_heads(reconstruct[agg], selection) for agg in ("max", "mean")}
+    else:
+        conv.cell_scores = None
     conv.requires_eval = True
     conv.scores = scores
     conv.head_scores = press.head_scores(probe)
@@ -122,20 +129,28 @@ def keep_uncompressed(engine: "Engine") -> None:
 def make_room(engine: "Engine", press: Press, trigger: str) -> None:
     """Compress the cache, whatever it holds (composite cells and newer tokens), to free cells.
 
-    The cells are scored by the attention of the tokens since the last compression (KVCompose:
-    captured while they were prefilled) or of the newest tokens, decoded once more with the
-    capture on (other presses, and compressions during decoding); then rewritten into the kept
-    number of composite cells, which start the cache again.
+    With ``engine.room == "fill"`` a full cache frees only what the next chunk needs (and, for presses
+    that score chunks, its probe); with ``"ratio"`` it keeps the press's ratio of the cells. The cells
+    are ranked by their persisted chunk scores (reconstruct-probe presses, ``kv_room="fill"``), or by
+    the attention of the tokens since the last compression (captured while they were prefilled) or of
+    the newest tokens, decoded once more with the capture on; then rewritten into the kept number of
+    composite cells, which start the cache again.
     """
     engine.check_cache_layers()
     conv = engine.conv
     cells = conv.cells
     scorer, keep, window = press.room_plan(cells)
+    persisted = engine.room == "fill" and press.scores_chunks()
+    if engine.room == "fill" and press.fills_cache() and trigger == "cache full":
+        keep = engine.shape.n_ctx - engine.chunk * (2 if persisted else 1)
     if keep >= cells or keep < 1 or (trigger == "cache full" and keep >= engine.shape.n_ctx):
         raise ValueError(f"Requested tokens ({conv.n_tokens + 1}) exceed context window of {engine.shape.n_ctx}: "
                          f"{type(press).__name__} keeps {keep} of {cells} cells")
     t0 = time.perf_counter()
-    if conv.chunk_start is not None and conv.chunk_start >= conv.compressed_len:
+    if persisted and probing.score_cells(engine):
+        probing.end_chunk(engine)
+        probe = probing.persisted_probe(engine)
+    elif conv.chunk_start is not None and conv.chunk_start >= conv.compressed_len:
         probe = probing.chunk_probe(engine, cells)
     else:
         probing.end_chunk(engine)
@@ -160,7 +175,11 @@ def room_press(engine: "Engine") -> Optional[Press]:
 
 def stream(engine: "Engine", tokens: Sequence[int]) -> None:
     """Decode ``tokens`` after the history, compressing the cache whenever it is full (or a
-    DecodingPress is due); KVCompose's chunk capture scores what streams in."""
+    DecodingPress is due). Reconstruct-probe presses with ``kv_room="fill"`` score every chunk once,
+    right after it is in (``_stream_scored``); otherwise KVCompose's chunk capture scores what streams in."""
+    press = room_press(engine)
+    if press is not None and engine.room == "fill" and press.scores_chunks():
+        return _stream_scored(engine, list(tokens))
     conv = engine.conv
     tokens = list(tokens)
     engine.ctx.kv_cache_seq_rm(-1, conv.n_tokens, -1)
@@ -180,7 +199,7 @@ def stream(engine: "Engine", tokens: Sequence[int]) -> None:
                 else:
                     make_room(engine, press, "cache full" if cells >= limit else "interval")
                 continue
-            if cells + len(tokens) - done > limit:
+            if cells + len(tokens) - done > limit and engine.room == "ratio":
                 probing.begin_chunk(engine, press)
             n = min(engine.n_batch, limit - cells, len(tokens) - done)
             if due is not None:
@@ -191,3 +210,34 @@ def stream(engine: "Engine", tokens: Sequence[int]) -> None:
                 engine.progress(done, len(tokens), "prefill")
     finally:
         probing.end_chunk(engine)  # a chunk not followed by a compression is not scored
+
+
+def _stream_scored(engine: "Engine", tokens: List[int]) -> None:
+    """``stream`` for presses that score chunks: chunks of ``engine.chunk`` tokens go in while the cache
+    has room for them and for the probe of every cell not yet scored; each chunk is probed once it is
+    complete (``probing.score_cells``), and a full cache is ranked by those persisted scores and keeps
+    ``n_ctx - 2 * chunk`` cells: room for the next chunk and its probe."""
+    conv = engine.conv
+    engine.ctx.kv_cache_seq_rm(-1, conv.n_tokens, -1)
+    limit = engine.shape.n_ctx
+    done = 0
+    while done < len(tokens):
+        press = room_press(engine)
+        cells = conv.cells
+        unscored = cells - conv.scored_cells
+        n = min(engine.chunk, len(tokens) - done)
+        if cells + 2 * n + unscored > limit:  # after decoding n tokens, no room to probe the unscored ones
+            if unscored > 0 and probing.score_cells(engine):
+                continue
+            if press is None:
+                raise ValueError(f"Requested tokens ({conv.n_tokens + len(tokens) - done}) exceed context "
+                                 f"window of {limit}")
+            make_room(engine, press, "cache full")
+            continue
+        for start in range(done, done + n, engine.n_batch):
+            engine.decode(tokens[start: min(done + n, start + engine.n_batch)])
+        done += n
+        if engine.progress is not None:
+            engine.progress(done, len(tokens), "prefill")
+        if conv.cells - conv.scored_cells >= engine.chunk:
+            probing.score_cells(engine)

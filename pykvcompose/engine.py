@@ -39,6 +39,9 @@ class Conversation:
     phase: str = "prefill"  # "decode" once generate has produced its first token
     mark: int = 0  # logical length at the last compression or at the start of decoding
     chunk_start: Optional[int] = None  # logical position where a chunk capture began
+    # per-cell scores that persist through rewrites (reconstruct-probe presses): {"max", "mean"} each
+    # float32 (layers, heads, scored_cells), the probe attention each cell got when its chunk was probed
+    cell_scores: Optional[Dict[str, np.ndarray]] = None
     # what the last compression measured and kept (Llama.kv_stats, kv_selection, kv_scores, kv_head_scores)
     stats: Dict[str, Any] = field(default_factory=dict)
     selection: Optional[np.ndarray] = None
@@ -50,6 +53,11 @@ class Conversation:
     def cells(self) -> int:
         """Cells the conversation occupies in the cache."""
         return self.compressed_cells + self.n_tokens - self.compressed_len
+
+    @property
+    def scored_cells(self) -> int:
+        """Cells [0, scored_cells) have persisted scores; the later ones have not been probed yet."""
+        return 0 if self.cell_scores is None else int(self.cell_scores["max"].shape[-1])
 
     def history(self) -> List[int]:
         return self.input_ids[: self.n_tokens].tolist()
@@ -74,9 +82,10 @@ class Conversation:
         self.compressed_len = self.compressed_cells = 0
         self.holes = False
         self.origin = None
+        self.cell_scores = None
 
     def restored(self, tokens: Sequence[int], compressed_len: int, compressed_cells: int,
-                 origin: Optional[np.ndarray]) -> None:
+                 origin: Optional[np.ndarray], cell_scores: Optional[Dict[str, np.ndarray]] = None) -> None:
         """Bookkeeping for cells just restored: the token history and what of it is composite."""
         if len(tokens) > len(self.input_ids):
             self.input_ids = np.zeros(len(tokens), dtype=np.intc)
@@ -85,7 +94,15 @@ class Conversation:
         self.compressed_len = self.mark = int(compressed_len)
         self.compressed_cells = int(compressed_cells)
         self.origin = origin  # None for a session file: kv_selection reports -1 for its composite cells
+        self.cell_scores = cell_scores
         self.requires_eval = True
+
+
+def gather_heads(head_values: np.ndarray, selection: np.ndarray) -> np.ndarray:
+    """Per-query-head values (layers, heads, cells) of the cells each kv head's ``selection``
+    (layers, kv_heads, C) keeps: query head h follows kv head h // (heads // kv_heads)."""
+    group = head_values.shape[1] // selection.shape[1]
+    return np.ascontiguousarray(np.take_along_axis(head_values, np.repeat(selection, group, axis=1), axis=-1))
 
 
 class Engine:
@@ -128,6 +145,10 @@ class Engine:
         self.unsupported = unsupported
         self.logits_rows = logits_rows
         self.press: Optional[Press] = None  # Llama.kv_compress
+        # how a full cache makes room: "fill" keeps it full (frees one chunk, or a chunk and its probe),
+        # "ratio" compresses it to the press's ratio and re-scores every cell (the earlier behaviour)
+        self.room = "ratio"
+        self.chunk = max(1, min(256, n_batch, shape.n_ctx // 4))  # tokens per streamed chunk
         self.room_override: Optional[Press] = None  # compress_context's press while it streams a context
         self.progress: Optional[Callable[[int, int, str], None]] = None
         self._layers_checked = False

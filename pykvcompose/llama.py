@@ -64,6 +64,14 @@ class Llama(llama_cpp.Llama):
     kv_progress : callable, optional
         ``kv_progress(done, total, stage)`` after every batch of prompt tokens: ``stage`` is
         ``"prefill"``, or ``"probe"`` for KVCompose's reconstruct pass over the prompt.
+    kv_room : {"ratio", "fill"}, default="ratio"
+        How a full cache makes room (documents longer than ``n_ctx``, long generations). "fill": only
+        what the next chunk needs is freed, so the cache stays full; presses with a reconstruct probe
+        (KVCompose) score each chunk once, right after it is in (the chunk decoded again against
+        everything the cache holds), and every cell keeps that score through later compressions.
+        "ratio": the cache keeps the press's ratio of its cells, re-scored by the newest tokens.
+    kv_chunk : int, optional
+        Tokens per streamed chunk with ``kv_room="fill"``; default ``min(256, n_batch, n_ctx // 4)``.
     n_threads : int, optional
         Defaults to the cores this process may use.
     **kwargs
@@ -101,6 +109,7 @@ class Llama(llama_cpp.Llama):
 
     def __init__(self, model_path: Optional[str] = None, *, kv_compress: Optional[AnyPress] = None,
                  kv_max_tokens: Optional[int] = None, kv_progress: Optional[Callable[[int, int, str], None]] = None,
+                 kv_room: str = "ratio", kv_chunk: Optional[int] = None,
                  n_threads: Optional[int] = None, **kwargs: Any) -> None:
         if model_path is None:
             model_path = default_model_path()
@@ -110,9 +119,11 @@ class Llama(llama_cpp.Llama):
         self._kv_capture: Optional[_native.Capture] = None
         self._engine: Optional[Engine] = None
         self._kv_bytes_per_cell: Optional[int] = None
-        if kv_max_tokens is not None and (isinstance(kv_max_tokens, bool) or not isinstance(kv_max_tokens, int)
-                                          or kv_max_tokens < 1):
-            raise ValueError(f"kv_max_tokens must be a positive integer, got {kv_max_tokens!r}")
+        for name, value in (("kv_max_tokens", kv_max_tokens), ("kv_chunk", kv_chunk)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if kv_room not in ("fill", "ratio"):
+            raise ValueError(f"kv_room must be 'fill' or 'ratio', got {kv_room!r}")
         self.kv_session_metadata: Dict[str, Any] = {}
         super().__init__(model_path=model_path, n_threads=n_threads, **kwargs)
 
@@ -127,6 +138,13 @@ class Llama(llama_cpp.Llama):
                               max_tokens=kv_max_tokens if kv_max_tokens is not None else trained,
                               unsupported=unsupported, logits_rows=self.scores if self._logits_all else None)
         self._engine.progress = kv_progress
+        self._engine.room = kv_room
+        if kv_chunk is not None:
+            if 2 * kv_chunk >= shape.n_ctx:
+                self.close()
+                raise ValueError(f"kv_chunk ({kv_chunk}) must be below n_ctx / 2 ({shape.n_ctx / 2:g}): a full cache "
+                                 "keeps n_ctx - 2 * kv_chunk cells")
+            self._engine.chunk = kv_chunk
         self.kv_compress = kv_compress
 
     def _install_capture(self) -> None:
@@ -168,6 +186,23 @@ class Llama(llama_cpp.Llama):
     @kv_progress.setter
     def kv_progress(self, callback: Optional[Callable[[int, int, str], None]]) -> None:
         self._engine.progress = callback
+
+    @property
+    def kv_room(self) -> str:
+        """How a full cache makes room: "fill" or "ratio" (see the class docstring)."""
+        return self._engine.room
+
+    @property
+    def kv_chunk(self) -> int:
+        """Tokens per streamed chunk."""
+        return self._engine.chunk
+
+    @property
+    def kv_cell_scores(self) -> Optional[np.ndarray]:
+        """float32 (layers, heads, cells): the persisted score (max attention of its chunk's probe) of every
+        cell that has one, in cache order; None when the cells carry none."""
+        scores = self._kv.cell_scores
+        return None if scores is None else scores["max"]
 
     @property
     def kv_layers(self) -> List[int]:
@@ -254,6 +289,7 @@ class Llama(llama_cpp.Llama):
         state.kv_compressed_len = self._kv.compressed_len  # the cache holds composite cells up to here
         state.kv_compressed_cells = self._kv.compressed_cells
         state.kv_origin = self._kv.origin
+        state.kv_cell_scores = self._kv.cell_scores
         return state
 
     def load_state(self, state: llama_cpp.LlamaState) -> None:
@@ -264,11 +300,13 @@ class Llama(llama_cpp.Llama):
             conv.compressed_len = int(state.kv_compressed_len)
             conv.compressed_cells = int(state.kv_compressed_cells)
             conv.origin = getattr(state, "kv_origin", None)
+            conv.cell_scores = getattr(state, "kv_cell_scores", None)
         else:
             # a state saved elsewhere may hold composite cells we cannot tell apart: assume it all is
             conv.compressed_len = state.n_tokens
             conv.compressed_cells = self._engine.state_info()["n_cells"] if state.n_tokens else 0
             conv.origin = None
+            conv.cell_scores = None
         conv.holes = False  # llama.cpp restores a whole-context state into cells 0..n-1
         conv.mark = conv.compressed_len
 

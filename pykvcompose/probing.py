@@ -73,33 +73,44 @@ def probe_context(engine: "Engine", context: Sequence[int], presses: Sequence[Ba
 
 
 def _reconstruct(engine: "Engine", context: List[int]) -> Dict[str, Any]:
-    """Decode the context again at positions n..2n-1 (the capture records its attention).
-
-    When the cache cannot hold all 2n cells, the probe runs in chunks and a chunk's cells are
-    dropped before the next one, except the newest (llama.cpp needs each batch to start right
-    after the sequence's newest position). A chunk's queries then see the context, that one
-    earlier probe token and their own chunk, where the paper's probe sees all earlier probe
-    tokens; the softmax mass those would take goes to the context columns instead.
-    """
+    """Decode the context again at positions n..2n-1 (the capture records its attention)."""
     n = len(context)
     free = engine.shape.n_ctx - n  # >= 2: only prompts that fit are compressed whole
-    full = free >= n
-    # a dropped chunk leaves its newest cell between two free runs of together free - 1 cells;
-    # llama.cpp needs a batch's cells in one run, so a chunk must fit into the smaller half
-    chunk = engine.n_batch if full else max(1, min(engine.n_batch, (free - 1) // 2))
+    chunk = redecode(engine, context, n, free, "probe")
+    return {"probe": "reconstruct" if free >= n else f"reconstruct, chunks of {chunk}", "probe_queries": n}
+
+
+def redecode(engine: "Engine", tokens: List[int], base: int, free: int, stage: str = "") -> int:
+    """Decode ``tokens`` again at positions ``base``.. as probe queries, within ``free`` free cells, and
+    remove them afterwards; returns the piece size used.
+
+    When the free cells cannot hold them all, they run in pieces and a piece's cells are dropped
+    before the next one, except the newest (llama.cpp needs each batch to start right after the
+    sequence's newest position). A piece's queries then see the cache, that one earlier probe token
+    and their own piece, where a full probe sees all earlier probe tokens; the softmax mass those
+    would take goes to the cache's columns instead.
+    """
+    n = len(tokens)
+    if free < min(n, 2):
+        raise RuntimeError(f"no room in the cache to probe {n} tokens ({free} free cells)")
+    # a dropped piece leaves its newest cell between two free runs of together free - 1 cells;
+    # llama.cpp needs a batch's cells in one run, so a piece must fit into the smaller half
+    chunk = engine.n_batch if free >= n else max(1, min(engine.n_batch, (free - 1) // 2))
     held = 0
-    for start in range(0, n, chunk):
-        part = context[start: start + chunk]
-        if held + len(part) > free:
-            engine.remove(n, n + start - 1)
-            held = 1
-        engine.batch.set_batch(batch=part, n_past=n + start, logits_all=False)
-        engine.ctx.decode(engine.batch)
-        held += len(part)
-        if engine.progress is not None:
-            engine.progress(start + len(part), n, "probe")
-    engine.remove(n)  # the probe's own cells never stay
-    return {"probe": "reconstruct" if full else f"reconstruct, chunks of {chunk}", "probe_queries": n}
+    try:
+        for start in range(0, n, chunk):
+            part = tokens[start: start + chunk]
+            if held + len(part) > free:
+                engine.remove(base, base + start - 1)
+                held = 1
+            engine.batch.set_batch(batch=part, n_past=base + start, logits_all=False)
+            engine.ctx.decode(engine.batch)
+            held += len(part)
+            if stage and engine.progress is not None:
+                engine.progress(start + len(part), n, stage)
+    finally:
+        engine.remove(base)  # the probe's own cells never stay
+    return chunk
 
 
 def context_in_place(engine: "Engine", n: int, first: int, stop: int) -> bool:
@@ -187,4 +198,48 @@ def chunk_probe(engine: "Engine", cells: int) -> Probe:
                                             "mean": np.ascontiguousarray(mean[..., :cells])}
     probe.substitute = ("window", queries)
     probe.description = f"the {queries} tokens since the last compression"
+    return probe
+
+
+# ---- persisted chunk scores (reconstruct-probe presses streaming past n_ctx) ----------------------
+def score_cells(engine: "Engine") -> bool:
+    """Give every cell without a persisted score one: the cells' own tokens (the unscored tail) are
+    decoded once more after everything the cache holds with the capture on (KVzip's chunked
+    reconstruction: each token is scored once, by a probe that sees the whole cache), and each
+    unscored cell keeps the attention it got. Returns False, changing nothing, when the cache has
+    no room for the probe."""
+    conv, shape = engine.conv, engine.shape
+    cells = conv.cells
+    first = conv.scored_cells
+    if first >= cells:
+        return True
+    tail = cells - max(first, conv.compressed_cells)  # unscored cells that hold one token each
+    # composite cells without scores (a restored session or state) are scored by the newest tokens
+    queries = conv.input_ids[conv.n_tokens - tail: conv.n_tokens].tolist() if tail > 0 else \
+        conv.input_ids[max(0, conv.n_tokens - engine.chunk): conv.n_tokens].tolist()
+    free = shape.n_ctx - cells
+    if engine.capture is None or not queries or free < min(len(queries), 2):
+        return False
+    if conv.holes:
+        engine.compact()  # capture columns must be cells 0..cells-1
+    mx, mean = engine.captured(lambda: redecode(engine, queries, conv.n_tokens, free), cells)
+    if not shape.iswa:  # (an iSWA model's layer 0, whose mask this counts, slides)
+        seen = engine.capture.visibility()
+        if not (seen[:cells] == seen[0]).all() or seen[0] <= 0:
+            raise RuntimeError("the probe did not see the conversation in cache cells 0..cells-1")
+    new = {"max": mx[..., first:cells], "mean": mean[..., first:cells]}
+    if conv.cell_scores is None:
+        conv.cell_scores = {agg: np.ascontiguousarray(v) for agg, v in new.items()}
+    else:
+        conv.cell_scores = {agg: np.concatenate([conv.cell_scores[agg], new[agg]], axis=-1) for agg in new}
+    return True
+
+
+def persisted_probe(engine: "Engine") -> Probe:
+    """A probe of every cell from its persisted score (see ``score_cells``)."""
+    cells = engine.conv.cells
+    probe = cells_probe(engine, cells)
+    scores = engine.conv.cell_scores
+    probe.attention[("reconstruct", 0)] = {"max": scores["max"][..., :cells], "mean": scores["mean"][..., :cells]}
+    probe.description = "each chunk's reconstruct probe, persisted"
     return probe

@@ -4,7 +4,11 @@ loaded back (``Llama.save_session``/``load_session``), with every check a loaded
 File layout (little endian)::
 
     b"PYKVCSES"  u32 format version  u64 header bytes  header (UTF-8 JSON)
-    u64 state bytes  state (llama_state_seq_get_data of sequence 0)  sha256 of everything before (32 bytes)
+    u64 state bytes  state (llama_state_seq_get_data of sequence 0)
+    (version 2) u64 score bytes  persisted cell scores: float32 [2 (max, mean), layers, heads, cells]
+    sha256 of everything before (32 bytes)
+
+Version 1 files (no scores) still load: their cells are scored again when the cache next fills.
 """
 
 from __future__ import annotations
@@ -20,12 +24,14 @@ import struct
 from typing import Any, Dict, Optional, Tuple, Union
 
 import llama_cpp
+import numpy as np
 
 from . import _native
 from .presses import PRESSES, DecodingPress, PrefillDecodingPress
 
 MAGIC = b"PYKVCSES"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 _DIGEST = 32
 _PRESS_CLASSES = {cls.__name__: cls for cls in (*PRESSES.values(), DecodingPress, PrefillDecodingPress)}
 
@@ -81,10 +87,11 @@ def _versions() -> Dict[str, str]:
     return {"pykvcompose": __version__, "llama_cpp_python": importlib.metadata.version("llama_cpp_python")}
 
 
-def write(path: Union[str, os.PathLike], header: Dict[str, Any], state: bytes) -> int:
+def write(path: Union[str, os.PathLike], header: Dict[str, Any], state: bytes, scores: bytes = b"") -> int:
     """Write a session file atomically (a temporary file renamed over ``path``); returns its size."""
     head = json.dumps({**header, **_versions()}).encode()
-    body = MAGIC + struct.pack("<IQ", FORMAT_VERSION, len(head)) + head + struct.pack("<Q", len(state)) + state
+    body = (MAGIC + struct.pack("<IQ", FORMAT_VERSION, len(head)) + head + struct.pack("<Q", len(state)) + state
+            + struct.pack("<Q", len(scores)) + scores)
     path = pathlib.Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -96,16 +103,26 @@ def write(path: Union[str, os.PathLike], header: Dict[str, Any], state: bytes) -
 
 def read(path: Union[str, os.PathLike]) -> Tuple[Dict[str, Any], bytes]:
     """The header and state of a session file, checked for truncation and corruption."""
+    return read_all(path)[:2]
+
+
+def read_all(path: Union[str, os.PathLike]) -> Tuple[Dict[str, Any], bytes, bytes]:
+    """The header, state and score section (b"" in version 1 files) of a session file."""
     path = pathlib.Path(path)
     try:
         data = path.read_bytes()
     except OSError as e:
         raise SessionError(f"cannot read session file {path}: {e}") from None
-    return parse(data, path)
+    return parse_all(data, path)
 
 
 def parse(data: bytes, path: Union[str, os.PathLike] = "<bytes>") -> Tuple[Dict[str, Any], bytes]:
     """The header and state of the bytes of a session file (``path`` names it in errors)."""
+    return parse_all(data, path)[:2]
+
+
+def parse_all(data: bytes, path: Union[str, os.PathLike] = "<bytes>") -> Tuple[Dict[str, Any], bytes, bytes]:
+    """The header, state and score section (b"" in version 1 files) of the bytes of a session file."""
 
     def corrupt(why: str) -> SessionError:
         return SessionError(f"{path} is not a usable session file: {why}")
@@ -114,12 +131,18 @@ def parse(data: bytes, path: Union[str, os.PathLike] = "<bytes>") -> Tuple[Dict[
     if len(data) < fixed or data[: len(MAGIC)] != MAGIC:
         raise corrupt("it does not start with the pykvcompose session signature")
     version, n_head = struct.unpack_from("<IQ", data, len(MAGIC))
-    if version != FORMAT_VERSION:
-        raise corrupt(f"format version {version}, this pykvcompose reads version {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise corrupt(f"format version {version}, this pykvcompose reads versions "
+                      f"{', '.join(map(str, READABLE_VERSIONS))}")
     if n_head > len(data) - fixed - 8 - _DIGEST:
         raise corrupt("truncated (header)")
     (n_state,) = struct.unpack_from("<Q", data, fixed + n_head)
-    end = fixed + n_head + 8 + n_state
+    end = state_end = fixed + n_head + 8 + n_state
+    if version >= 2:
+        if state_end + 8 + _DIGEST > len(data):
+            raise corrupt("truncated (state)")
+        (n_scores,) = struct.unpack_from("<Q", data, state_end)
+        end = state_end + 8 + n_scores
     if end + _DIGEST != len(data):
         raise corrupt("truncated" if end + _DIGEST > len(data) else "trailing bytes after the checksum")
     if hashlib.sha256(data[:end]).digest() != data[end:]:
@@ -130,7 +153,7 @@ def parse(data: bytes, path: Union[str, os.PathLike] = "<bytes>") -> Tuple[Dict[
         raise corrupt(f"unreadable header ({e})") from None
     if not isinstance(header, dict):
         raise corrupt("the header is not an object")
-    return header, data[fixed + n_head + 8: end]
+    return header, data[fixed + n_head + 8: state_end], data[state_end + 8: end] if version >= 2 else b""
 
 
 def check_compatible(llm, header: Dict[str, Any], state: bytes, path) -> Dict[str, Any]:
@@ -201,32 +224,39 @@ def save(llm, path: Union[str, os.PathLike], metadata: Optional[Dict[str, Any]] 
         "compressed_cells": conv.compressed_cells,
         "press": press_to_dict(engine.press),
         "metadata": {} if metadata is None else metadata,
+        "cell_scores_shape": None,
     }
-    n = write(path, header, state)
+    scores = b""
+    if conv.cell_scores is not None:
+        stacked = np.stack([conv.cell_scores["max"], conv.cell_scores["mean"]]).astype("<f4")
+        header["cell_scores_shape"] = list(stacked.shape)
+        scores = stacked.tobytes()
+    n = write(path, header, state, scores)
     return {"path": str(path), "file_bytes": n, "cells": conv.cells, "n_tokens": conv.n_tokens}
 
 
 def load(llm_or_cls, path: Union[str, os.PathLike], model_path: Optional[str] = None, **kwargs: Any):
     """``Llama.load_session``: a new Llama for the session (called on the class) or ``llm`` continuing it."""
     if isinstance(llm_or_cls, type):
-        header, state = read(path)  # refuse a bad file before loading a model for it
+        header, state, scores = read_all(path)  # refuse a bad file before loading a model for it
         kwargs.setdefault("n_ctx", header.get("n_ctx", 2048))
         if "kv_compress" not in kwargs:
             kwargs["kv_compress"] = press_from_dict(header.get("press"))
         llm = llm_or_cls(model_path or header.get("model_path"), **kwargs)
         try:
-            load_into(llm, path, header, state, keep_press=True)
+            load_into(llm, path, header, state, scores, keep_press=True)
         except BaseException:
             llm.close()
             raise
         return llm
     if model_path is not None or kwargs:
         raise TypeError("llm.load_session(path) takes no model arguments; use Llama.load_session(path, ...)")
-    load_into(llm_or_cls, path, *read(path), keep_press=False)
+    load_into(llm_or_cls, path, *read_all(path), keep_press=False)
     return llm_or_cls
 
 
-def load_into(llm, path: Union[str, os.PathLike], header: Dict[str, Any], state: bytes, keep_press: bool) -> None:
+def load_into(llm, path: Union[str, os.PathLike], header: Dict[str, Any], state: bytes, scores: bytes,
+              keep_press: bool) -> None:
     """Load a session ``read`` from ``path`` into ``llm``; on any failure ``llm`` is left as it was."""
     check_compatible(llm, header, state, path)
     engine = llm._engine
@@ -234,18 +264,35 @@ def load_into(llm, path: Union[str, os.PathLike], header: Dict[str, Any], state:
     press = engine.press if keep_press else press_from_dict(header.get("press"))
     # what to put back if llama.cpp refuses the cache: the sequence's cells and the bookkeeping
     previous = (engine.seq_bytes(), conv.history(), engine.press, conv.compressed_len, conv.compressed_cells,
-                conv.origin)
+                conv.origin, conv.cell_scores)
     try:
         engine.set_press(press)
         if not engine.set_seq_bytes(state):
             raise SessionError(f"llama.cpp refused the cache in {path} (saved with another "
                                "cache type, flash attention setting or context size?)")
         conv.restored(header["tokens"], header["compressed_len"], header["compressed_cells"], None)
+        conv.cell_scores = cell_scores(header, scores, engine.shape.n_layer, engine.shape.n_head, conv.cells, path)
         engine.configure_window()
         llm.kv_session_metadata = header.get("metadata") or {}
     except BaseException:
-        seq, tokens, engine.press, done_len, done_cells, origin = previous
+        seq, tokens, engine.press, done_len, done_cells, origin, scores = previous
         engine.set_seq_bytes(seq)
-        conv.restored(tokens, done_len, done_cells, origin)
+        conv.restored(tokens, done_len, done_cells, origin, scores)
         engine.configure_window()
         raise
+
+
+def cell_scores(header: Dict[str, Any], data: bytes, n_layer: int, n_head: int, n_cells: int,
+                path) -> Optional[Dict[str, np.ndarray]]:
+    """The persisted cell scores of a session file (None for a version 1 file or a session without any);
+    SessionError if they do not fit the cache they come with."""
+    shape = header.get("cell_scores_shape")
+    if not data and shape is None:
+        return None
+    ok = (isinstance(shape, list) and len(shape) == 4 and all(isinstance(v, int) for v in shape)
+          and shape[:3] == [2, n_layer, n_head] and 0 < shape[3] <= n_cells and len(data) == 4 * int(np.prod(shape)))
+    if not ok:
+        raise SessionError(f"{path} holds cell scores of shape {shape} ({len(data)} bytes), which do not fit its "
+                           f"cache of {n_cells} cells, {n_layer} layers and {n_head} heads")
+    scores = np.frombuffer(data, dtype="<f4").reshape(shape).astype(np.float32)
+    return {"max": np.ascontiguousarray(scores[0]), "mean": np.ascontiguousarray(scores[1])}

@@ -177,6 +177,12 @@ class BasePress(Press):
     def prompt_press(self) -> "BasePress":
         return self
 
+    def fills_cache(self) -> bool:
+        return True
+
+    def scores_chunks(self) -> bool:
+        return self.probe() == ("reconstruct", 0)
+
     def scorer(self) -> "BasePress":
         return self
 

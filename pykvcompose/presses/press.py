@@ -43,6 +43,16 @@ class Press:
         chunk capture saw them."""
         raise NotImplementedError
 
+    def fills_cache(self) -> bool:
+        """Whether a full cache is compressed only by as much as the next chunk needs (the Llama's
+        ``kv_room="fill"``), rather than by a size of the press's own (DecodingPress: ``target_size``)."""
+        return False
+
+    def scores_chunks(self) -> bool:
+        """Whether cells keep the score their chunk's reconstruct probe gave them, so a full cache is
+        ranked by those persisted scores instead of re-scored by the newest tokens."""
+        return False
+
     def decoding_due(self, phase: str, since_mark: int) -> Optional[int]:
         """Tokens until the next scheduled compression, ``since_mark`` tokens after the last one
         (None: this press compresses only when the cache is full)."""

@@ -1,0 +1,135 @@
+"""kv_room="fill": documents longer than the cache keep it full, and reconstruct-probe presses score each
+chunk once and carry those scores through every rewrite (and into session files)."""
+
+import struct
+
+import numpy as np
+import pytest
+
+from pykvcompose import KVComposePress, Llama, SnapKVPress, compression, rewrite, session
+from pykvcompose.engine import gather_heads
+from pykvcompose.haystack import haystack_text
+
+from conftest import greedy, press_ids, press_list
+
+N_CTX, CHUNK = 256, 32
+
+
+@pytest.fixture(scope="module")
+def long_tokens(plain_llm):
+    toks = plain_llm.tokenize(haystack_text()[40000:43500].encode())
+    assert len(toks) > 700
+    return toks[:700]
+
+
+@pytest.fixture(scope="module")
+def filler(model_path):
+    m = Llama(model_path, n_ctx=N_CTX, n_batch=128, verbose=False, kv_room="fill", kv_chunk=CHUNK)
+    yield m
+    m.close()
+
+
+def test_bad_room_options_are_refused(model_path):
+    with pytest.raises(ValueError, match="kv_room"):
+        Llama(model_path, n_ctx=N_CTX, verbose=False, kv_room="half")
+    with pytest.raises(ValueError, match="kv_chunk"):
+        Llama(model_path, n_ctx=N_CTX, verbose=False, kv_chunk=0)
+    with pytest.raises(ValueError, match="kv_chunk"):
+        Llama(model_path, n_ctx=N_CTX, verbose=False, kv_chunk=N_CTX // 2)
+
+
+def test_a_rescoring_press_frees_only_one_chunk(filler, long_tokens):
+    filler.kv_compress = SnapKVPress(0.5)
+    filler.reset()
+    filler.eval(long_tokens)
+    assert filler.kv_stats["trigger"] == "cache full"
+    assert filler.kv_stats["cells_after"] == N_CTX - CHUNK  # the ratio would have kept N_CTX // 2
+    assert N_CTX - CHUNK <= filler.kv_cells <= N_CTX
+    assert filler.kv_history == long_tokens
+
+
+def test_each_chunk_is_scored_by_a_reconstruct_probe_of_it(filler, long_tokens):
+    """The first chunk's persisted scores are exactly what kv_probe's reconstruct probe gives the same
+    tokens (the chunk decoded again after itself, same batches)."""
+    press = KVComposePress(0.5, min_tokens=16)
+    filler.kv_compress = press
+    filler.reset()
+    filler.eval(long_tokens[: CHUNK + 8])
+    scores = filler.kv_cell_scores
+    assert scores.shape == (filler.kv_n_layer, filler.kv_n_head, CHUNK)  # the 8 newest are not scored yet
+    reference = filler.kv_probe(long_tokens[:CHUNK], [press]).attention[("reconstruct", 0)]["max"]
+    np.testing.assert_array_equal(scores, reference)
+
+
+def test_scores_persist_through_every_rewrite(filler, long_tokens, monkeypatch):
+    """At every compression of a full cache the kept cells keep the score they had: the score of the
+    token a cell holds in a head is the score that token got when its chunk was probed."""
+    filler.kv_compress = KVComposePress(0.5, min_tokens=16)
+    filler.reset()
+    engine = filler._engine
+    real = compression.make_room
+    checked = []
+
+    def checking(engine_, press, trigger):
+        conv = engine_.conv
+        assert conv.scored_cells == conv.cells  # every cell was probed before the cache is ranked
+        positions = rewrite.cell_positions(engine_, conv.cells)
+        before = {agg: a.copy() for agg, a in conv.cell_scores.items()}
+        real(engine_, press, trigger)
+        origin = conv.origin  # (layers, kv_heads, kept): the positions the new cells hold
+        index = np.stack([[np.searchsorted(positions[l, g], origin[l, g]) for g in range(origin.shape[1])]
+                          for l in range(origin.shape[0])]).astype(np.int32)
+        assert (np.take_along_axis(positions, index, -1) == origin).all()
+        for agg in ("max", "mean"):
+            np.testing.assert_array_equal(conv.cell_scores[agg], gather_heads(before[agg], index))
+        checked.append(conv.cells)
+
+    monkeypatch.setattr(compression, "make_room", checking)
+    filler.eval(long_tokens)
+    assert len(checked) >= 5 and set(checked) == {N_CTX - 2 * CHUNK}  # room for a chunk and its probe
+    assert engine.conv.cells <= N_CTX - CHUNK
+    assert filler.kv_stats["probe"] == "each chunk's reconstruct probe, persisted"
+
+
+@pytest.mark.parametrize("press", press_list(0.5) + press_list(0.5, per_head=False),
+                         ids=press_ids(press_list(0.5) + press_list(0.5, per_head=False)))
+def test_every_press_streams_and_answers_in_fill_mode(filler, long_tokens, press):
+    filler.kv_compress = press
+    filler.reset()
+    out = greedy(filler, long_tokens[:450], 40)  # a long prompt, then a generation that fills the cache again
+    assert len(out) == 40 and filler.kv_cells <= N_CTX and filler.kv_compressions >= 3
+    assert filler.kv_history[:450] == long_tokens[:450]
+
+
+def test_a_session_keeps_the_scores_and_an_old_file_is_rescored(filler, model_path, long_tokens, tmp_path):
+    filler.kv_compress = KVComposePress(0.5, min_tokens=16)
+    filler.reset()
+    filler.eval(long_tokens[:500])
+    scores = filler.kv_cell_scores.copy()
+    filler.save_session(tmp_path / "s.kvc")
+    loaded = Llama.load_session(tmp_path / "s.kvc", model_path=model_path, n_batch=128, verbose=False,
+                                kv_room="fill", kv_chunk=CHUNK)
+    try:
+        np.testing.assert_array_equal(loaded.kv_cell_scores, scores)
+        # a version 1 file (no score section) loads; its cells are scored again when the cache next fills
+        header, state, _ = session.read_all(tmp_path / "s.kvc")
+        header = {k: v for k, v in header.items() if k not in ("pykvcompose", "llama_cpp_python")}
+        header["cell_scores_shape"] = None
+        old = tmp_path / "v1.kvc"
+        session.write(old, header, state)
+        data = bytearray(old.read_bytes()[:-32 - 8])  # drop the (empty) score section and the checksum
+        data[8:12] = struct.pack("<I", 1)
+        old.write_bytes(bytes(data) + session.hashlib.sha256(bytes(data)).digest())
+        loaded.load_session(old)
+        assert loaded.kv_cell_scores is None and loaded.kv_history == long_tokens[:500]
+        loaded.eval(long_tokens[500:])
+        assert loaded.kv_cell_scores is not None and loaded.kv_cells <= N_CTX
+        # scores that do not fit the cache are refused, the instance intact
+        bad = tmp_path / "bad.kvc"
+        header["cell_scores_shape"] = [2, 1, 1, 1]
+        session.write(bad, header, state, b"\0" * 8)
+        with pytest.raises(session.SessionError, match="cell scores"):
+            loaded.load_session(bad)
+        assert loaded.kv_history == long_tokens
+    finally:
+        loaded.close()
