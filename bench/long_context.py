@@ -68,11 +68,12 @@ def main() -> None:
         rows.setdefault(name, []).append({
             "depth": depth, "tokens": len(toks), "found": str(key) in res["text"], "answer": res["text"].strip()[:40],
             "cells": m["cells"], "compressions": llm.kv_compressions, "prompt_seconds": res["prompt_seconds"],
-            "needle_kept": kept})
+            "needle_kept": kept, "stream_seconds": llm.kv_stream_seconds})
         r = rows[name][-1]
         print(f"{name:32s} depth {depth:.2f}: {'found' if r['found'] else 'missed':6s} {r['answer']!r:44s} "
               f"cells {r['cells']:5d} compressions {r['compressions']:2d} needle kept {kept:.2f} "
-              f"prompt {r['prompt_seconds']:.0f}s | {time.perf_counter() - t0:.0f}s", flush=True)
+              f"prompt {r['prompt_seconds']:.0f}s (chunks {r['stream_seconds']['prefill']:.1f}s, their probes "
+              f"{r['stream_seconds']['probe']:.1f}s) | {time.perf_counter() - t0:.0f}s", flush=True)
 
     for depth, key, toks, needle in cases:
         full.kv_compress = None

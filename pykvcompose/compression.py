@@ -234,10 +234,14 @@ def _stream_scored(engine: "Engine", tokens: List[int]) -> None:
                                  f"window of {limit}")
             make_room(engine, press, "cache full")
             continue
+        t0 = time.perf_counter()
         for start in range(done, done + n, engine.n_batch):
             engine.decode(tokens[start: min(done + n, start + engine.n_batch)])
+        t1 = time.perf_counter()
         done += n
         if engine.progress is not None:
             engine.progress(done, len(tokens), "prefill")
         if conv.cells - conv.scored_cells >= engine.chunk:
             probing.score_cells(engine)
+        conv.stream_seconds["prefill"] += t1 - t0
+        conv.stream_seconds["probe"] += time.perf_counter() - t1

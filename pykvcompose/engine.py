@@ -48,6 +48,8 @@ class Conversation:
     scores: Optional[np.ndarray] = None
     head_scores: Optional[np.ndarray] = None
     compressions: int = 0  # compressions made to free cells since the conversation began
+    # seconds spent since the conversation began decoding streamed chunks, and probing them (kv_room="fill")
+    stream_seconds: Dict[str, float] = field(default_factory=lambda: {"prefill": 0.0, "probe": 0.0})
 
     @property
     def cells(self) -> int:
@@ -76,6 +78,7 @@ class Conversation:
         self.requires_eval = True
         self.forget_compression()
         self.mark = self.compressions = 0
+        self.stream_seconds = {"prefill": 0.0, "probe": 0.0}
 
     def forget_compression(self) -> None:
         """The cache holds one cell per token again."""

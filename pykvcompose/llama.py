@@ -198,6 +198,12 @@ class Llama(llama_cpp.Llama):
         return self._engine.chunk
 
     @property
+    def kv_stream_seconds(self) -> Dict[str, float]:
+        """Seconds this conversation spent decoding streamed chunks (``"prefill"``) and probing them
+        (``"probe"``) with ``kv_room="fill"``."""
+        return dict(self._kv.stream_seconds)
+
+    @property
     def kv_cell_scores(self) -> Optional[np.ndarray]:
         """float32 (layers, heads, cells): the persisted score (max attention of its chunk's probe) of every
         cell that has one, in cache order; None when the cells carry none."""

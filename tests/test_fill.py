@@ -133,3 +133,12 @@ def test_a_session_keeps_the_scores_and_an_old_file_is_rescored(filler, model_pa
         assert loaded.kv_history == long_tokens
     finally:
         loaded.close()
+
+
+def test_stream_seconds_count_chunks_and_their_probes(filler, long_tokens):
+    filler.kv_compress = KVComposePress(0.5, min_tokens=16)
+    filler.reset()
+    assert filler.kv_stream_seconds == {"prefill": 0.0, "probe": 0.0}
+    filler.eval(long_tokens[:300])
+    seconds = filler.kv_stream_seconds
+    assert seconds["prefill"] > 0 and seconds["probe"] > 0
