@@ -62,6 +62,7 @@ def main() -> None:
     t0 = time.perf_counter()
 
     def record(name, llm, depth, key, toks, needle):
+        llm.kv_selection = None  # set again only if this run compresses
         res = answer(llm, toks, a.max_tokens)
         m = llm.kv_memory()
         kept = 1.0 if llm.kv_selection is None else float(np.isin(llm.kv_selection, needle).sum(-1).mean() / len(needle))
