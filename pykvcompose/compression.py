@@ -177,12 +177,12 @@ def stream(engine: "Engine", tokens: Sequence[int]) -> None:
     """Decode ``tokens`` after the history, compressing the cache whenever it is full (or a
     DecodingPress is due). Reconstruct-probe presses with ``kv_room="fill"`` score every chunk once,
     right after it is in (``_stream_scored``); otherwise KVCompose's chunk capture scores what streams in."""
-    press = room_press(engine)
-    if press is not None and engine.room == "fill" and press.scores_chunks():
-        return _stream_scored(engine, list(tokens))
     conv = engine.conv
     tokens = list(tokens)
     engine.ctx.kv_cache_seq_rm(-1, conv.n_tokens, -1)
+    press = room_press(engine)
+    if press is not None and engine.room == "fill" and press.scores_chunks():
+        return _stream_scored(engine, tokens)
     limit = engine.shape.n_ctx
     done = 0
     try:
@@ -218,7 +218,6 @@ def _stream_scored(engine: "Engine", tokens: List[int]) -> None:
     complete (``probing.score_cells``), and a full cache is ranked by those persisted scores and keeps
     ``n_ctx - 2 * chunk`` cells: room for the next chunk and its probe."""
     conv = engine.conv
-    engine.ctx.kv_cache_seq_rm(-1, conv.n_tokens, -1)
     limit = engine.shape.n_ctx
     done = 0
     while done < len(tokens):

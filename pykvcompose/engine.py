@@ -273,13 +273,6 @@ class Engine:
             if self.progress is not None:
                 self.progress(min(start + self.n_batch, len(tokens)), len(tokens), "prefill")
 
-    def redecode(self, start: int) -> None:
-        """Decode the history from ``start`` again (after its cells were removed), without capture."""
-        recent = self.conv.input_ids[start: self.conv.n_tokens].tolist()
-        self.remove(start)
-        self.conv.n_tokens = start
-        self.decode(recent)
-
     # ---- attention capture ----------------------------------------------------------------------
     def capture_begin(self, n_keys: int) -> None:
         """Start capturing the attention of every model layer over ``n_keys`` cache columns."""

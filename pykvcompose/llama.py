@@ -388,8 +388,7 @@ class Llama(llama_cpp.Llama):
         return lcp - 1 if consumed else lcp
 
     def _drop_cache(self) -> None:
-        llama_cpp.llama_memory_clear(self._engine.memory(), False)
-        self.reset()
+        self._engine.clear()
 
     def compress_context(self, tokens: Sequence[int], press: Optional[BasePress] = None) -> Dict[str, Any]:
         """

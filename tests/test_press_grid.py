@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from pykvcompose import _native
-from pykvcompose.presses import (KnormPress, KVComposePress, PyramidKVPress, RandomPress, SnapKVPress,
-                                 StreamingLLMPress, TOVAPress)
+from pykvcompose.presses import KVComposePress, PyramidKVPress, SnapKVPress
 
 from conftest import last_logits, logits_after, press_ids as ids, press_list
 from oracles import np_consensus, np_pyramid_budgets, np_select

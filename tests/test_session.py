@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 from pykvcompose import Llama, session
-from pykvcompose.presses import (DecodingPress, KVComposePress, PrefillDecodingPress, SnapKVPress,
-                                 StreamingLLMPress, parse_press_spec)
+from pykvcompose.presses import DecodingPress, KVComposePress, PrefillDecodingPress, SnapKVPress, parse_press_spec
 
 from conftest import greedy, last_logits, press_ids, press_list
 
