@@ -1,14 +1,16 @@
 """Pass-key retrieval vs depth in documents several times longer than the cache, in one run.
 
-    python bench/long_context.py [--tokens 7000] [--n-ctx 2048] [--depths 0.1 0.3 0.5 0.7 0.9]
-                                 [--rooms ratio fill] [--style completion|chat] [--single-shot]
+    python bench/long_context.py [--tokens 7000] [--n-ctx 2048] [--depths 0.1 0.3 0.5 0.7 0.9 | --cases 10]
+                                 [--rooms ratio fill] [--style completion chat] [--single-shot]
 
 The document is prefilled in chunks and the cache compressed by the press whenever the next chunk
 would not fit (``Llama(n_ctx=2048, kv_compress=..., kv_room=...)``), once per ``--rooms`` entry; the
 reference is the full cache (``n_ctx`` large enough for the whole document) and, with
 ``--single-shot``, KVCompose compressing the whole document at once to ``n_ctx - 1`` cells. Every row
-also reports how many of the needle's tokens each (layer, kv head) still holds at the end. Writes
-``results.md``, ``results.json`` and ``needle_vs_depth.png`` to ``--out``.
+reports its count with a Wilson 95% interval and an exact McNemar test against single-shot and full
+cache on the same cases, per depth band, and how many of the needle's tokens each (layer, kv head)
+still holds at the end; one case traces that after every compression. Writes ``results.md``,
+``results.json``, ``needle_vs_depth.png`` and ``needle_per_head.png`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ import time
 
 import numpy as np
 
-from pykvcompose import KVComposePress, Llama
+from pykvcompose import KVComposePress, Llama, compression
+from pykvcompose.compression import compress
 from pykvcompose.demo import answer
 from pykvcompose.haystack import passkey_cases
 from pykvcompose.presses import parse_press_spec
+from pykvcompose.stats import count_with_interval, mcnemar_exact
 
 PRESSES = ["kvcompose:0.5", "kvcompose:0.75", "kvcompose:0.5,head_consensus=1", "snapkv:0.5", "streaming_llm:0.5"]
 
@@ -33,80 +37,131 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=7000)
     p.add_argument("--n-ctx", type=int, default=2048)
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
-    p.add_argument("--presses", nargs="+", default=PRESSES, help="press specs NAME:RATIO[,key=value...]")
+    p.add_argument("--cases", type=int, help="N cases at depths spread evenly over 0.05-0.95 (instead of --depths)")
+    p.add_argument("--presses", nargs="+", default=PRESSES,
+                   help="press specs NAME:RATIO[,key=value...][@ROOM] (@ROOM: only with that kv_room)")
     p.add_argument("--rooms", nargs="+", default=["ratio"], choices=["ratio", "fill"])
     p.add_argument("--chunk", type=int, help="kv_chunk for kv_room=fill")
-    p.add_argument("--style", default="completion", choices=["completion", "chat"],
+    p.add_argument("--style", nargs="+", default=["completion"], choices=["completion", "chat"],
                    help="chat: the document and question inside SmolLM2's chat template")
     p.add_argument("--single-shot", action="store_true", help="also KVCompose on the whole document at once")
+    p.add_argument("--trace-depth", type=float, default=0.3,
+                   help="the case nearest this depth records the needle kept per (layer, head) after each compression")
+    p.add_argument("--no-full", action="store_true", help="skip the full-cache reference (quick comparisons)")
     p.add_argument("--max-tokens", type=int, default=20)
     p.add_argument("--out", default="bench/results-long")
     a = p.parse_args()
-    presses = {spec: parse_press_spec(spec) for spec in a.presses}  # refuse a bad spec before any work
+    # refuse a bad spec before any work; "spec@room" runs that press with one room only
+    presses = {spec: (parse_press_spec(spec.split("@")[0]), spec.split("@")[1] if "@" in spec else None)
+               for spec in a.presses}
+    if any(only not in (None, "ratio", "fill") for _, only in presses.values()):
+        p.error("a press spec's @ROOM must be @ratio or @fill")
+    depths = list(np.round(np.linspace(0.05, 0.95, a.cases), 3)) if a.cases else a.depths
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
 
     full = Llama(n_ctx=2 * a.tokens + 512 if a.single_shot else a.tokens + 256, n_batch=512, verbose=False)
     tok = lambda s: full.tokenize(s.encode(), add_bos=False)  # noqa: E731
-    cases = []
-    for depth, key, prompt in passkey_cases(tok, a.tokens, a.depths):
-        if a.style == "chat":
-            body = prompt.rsplit("\n\n", 1)[0]
-            prompt = (f"<|im_start|>user\n{body}\n\nWhat is the pass key? Answer with the number only.<|im_end|>\n"
-                      "<|im_start|>assistant\n")
-        toks = full.tokenize(prompt.encode())
-        needle = full.tokenize(f"The pass key is {key}".encode(), add_bos=False)
-        at = next(i for i in range(len(toks)) if toks[i:i + len(needle)] == needle)
-        cases.append((depth, key, toks, np.arange(at, at + len(needle))))
-    rows = {}
+    cases = []  # (style, depth, key, prompt tokens, needle positions)
+    for style in a.style:
+        for depth, key, prompt in passkey_cases(tok, a.tokens, depths):
+            if style == "chat":
+                body = prompt.rsplit("\n\n", 1)[0]
+                prompt = (f"<|im_start|>user\n{body}\n\nWhat is the pass key? Answer with the number only.<|im_end|>\n"
+                          "<|im_start|>assistant\n")
+            toks = full.tokenize(prompt.encode())
+            needle = full.tokenize(f"The pass key is {key}".encode(), add_bos=False)
+            at = next(i for i in range(len(toks)) if toks[i:i + len(needle)] == needle)
+            cases.append((style, depth, key, toks, np.arange(at, at + len(needle))))
+    traced_depth = min(depths, key=lambda d: abs(d - a.trace_depth))
+    rows, traces = {}, {}
+    trace: list = []  # needle kept per (layer, kv head) after each compression of the traced case
     t0 = time.perf_counter()
 
-    def record(name, llm, depth, key, toks, needle):
+    def traced_compress(engine, *args, **kwargs):
+        stats = compress(engine, *args, **kwargs)
+        if tracing_needle is not None:
+            trace.append((np.isin(engine.conv.selection, tracing_needle).sum(-1) / len(tracing_needle)).tolist())
+        return stats
+
+    compression.compress = traced_compress
+    tracing_needle = None
+
+    def record(name, llm, case):
+        nonlocal tracing_needle
+        style, depth, key, toks, needle = case
         llm.kv_selection = None  # set again only if this run compresses
+        trace.clear()
+        tracing_needle = needle if depth == traced_depth else None
         res = answer(llm, toks, a.max_tokens)
+        if tracing_needle is not None:
+            traces[f"{style}: {name}"] = list(trace)
+        tracing_needle = None
         m = llm.kv_memory()
-        kept = 1.0 if llm.kv_selection is None else float(np.isin(llm.kv_selection, needle).sum(-1).mean() / len(needle))
-        rows.setdefault(name, []).append({
+        heads = None if llm.kv_selection is None else np.isin(llm.kv_selection, needle).sum(-1) / len(needle)
+        kept = 1.0 if heads is None else float(heads.mean())
+        rows.setdefault(f"{style}: {name}", []).append({
             "depth": depth, "tokens": len(toks), "found": str(key) in res["text"], "answer": res["text"].strip()[:40],
             "cells": m["cells"], "compressions": llm.kv_compressions, "prompt_seconds": res["prompt_seconds"],
-            "needle_kept": kept, "stream_seconds": llm.kv_stream_seconds})
-        r = rows[name][-1]
-        print(f"{name:32s} depth {depth:.2f}: {'found' if r['found'] else 'missed':6s} {r['answer']!r:44s} "
+            "needle_kept": kept, "stream_seconds": dict(llm.kv_stream_seconds)})
+        r = rows[f"{style}: {name}"][-1]
+        print(f"{style:10s} {name:40s} depth {depth:.2f}: {'found' if r['found'] else 'missed':6s} {r['answer']!r:44s} "
               f"cells {r['cells']:5d} compressions {r['compressions']:2d} needle kept {kept:.2f} "
               f"prompt {r['prompt_seconds']:.0f}s (chunks {r['stream_seconds']['prefill']:.1f}s, their probes "
               f"{r['stream_seconds']['probe']:.1f}s) | {time.perf_counter() - t0:.0f}s", flush=True)
 
-    for depth, key, toks, needle in cases:
-        full.kv_compress = None
-        full.reset()
-        record(f"full cache (n_ctx={a.tokens + 256})", full, depth, key, toks, needle)
-        if a.single_shot:  # the whole document compressed at once to the streamed runs' cache size
-            full.kv_compress = KVComposePress(1 - (a.n_ctx - 1) / (len(toks) - 1))
+    full_name, single_name = f"full cache (n_ctx={a.tokens + 256})", f"single-shot kvcompose to {a.n_ctx - 1} cells"
+    for case in cases:
+        if not a.no_full:
+            full.kv_compress = None
             full.reset()
-            record(f"single-shot kvcompose to {a.n_ctx - 1} cells", full, depth, key, toks, needle)
+            record(full_name, full, case)
+        if a.single_shot:  # the whole document compressed at once to the streamed runs' cache size
+            full.kv_compress = KVComposePress(1 - (a.n_ctx - 1) / (len(case[3]) - 1))
+            full.reset()
+            record(single_name, full, case)
     full.close()
     for room in a.rooms:
         llm = Llama(n_ctx=a.n_ctx, n_batch=512, verbose=False, kv_room=room, kv_chunk=a.chunk)
-        for spec, press in presses.items():
+        for spec, (press, only) in presses.items():
+            if only not in (None, room):
+                continue
             llm.kv_compress = press
-            for depth, key, toks, needle in cases:
+            spec = spec.split("@")[0]
+            for case in cases:
                 llm.reset()
-                record(f"{spec} (n_ctx={a.n_ctx}, {room})", llm, depth, key, toks, needle)
+                record(f"{spec} (n_ctx={a.n_ctx}, {room})", llm, case)
         llm.close()
+    compression.compress = compress
 
-    (out / "results.json").write_text(json.dumps(rows, indent=1))
-    lines = [f"Pass key in a {cases[0][2].__len__()}-token document (depths {', '.join(f'{d:g}' for d in a.depths)}), "
-             f"SmolLM2-135M-Instruct Q4_1, {time.perf_counter() - t0:.0f} s in one run.", "",
-             "| configuration | " + " | ".join(f"depth {d:g}" for d in a.depths)
-             + " | found | needle tokens kept per head | cells | compressions |",
-             "|---|" + "---|" * len(a.depths) + "---:|---:|---:|---:|"]
+    (out / "results.json").write_text(json.dumps({"rows": rows, "traces": traces, "traced_depth": traced_depth}, indent=1))
+    lines = [f"Pass key in ~{a.tokens}-token documents ({len(depths)} cases per prompt style, depths "
+             f"{', '.join(f'{d:g}' for d in depths)}), SmolLM2-135M-Instruct Q4_1, {time.perf_counter() - t0:.0f} s "
+             "in one run. Found: count with Wilson 95% interval; p: exact McNemar test against the "
+             "single-shot row on the same cases (the full cache's row: against the full cache).", "",
+             "| configuration | found | p vs single-shot | p vs full | needle tokens kept per head | cells | compressions "
+             "| streamed chunks s | their probes s | prompt s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, rs in rows.items():
-        lines.append(f"| {name} | " + " | ".join("yes" if r["found"] else "no" for r in rs)
-                     + f" | {sum(r['found'] for r in rs)}/{len(rs)} | {np.mean([r['needle_kept'] for r in rs]):.2f} | "
-                     f"{max(r['cells'] for r in rs)} | {max(r['compressions'] for r in rs)} |")
+        style = name.split(":", 1)[0]
+        found = [r["found"] for r in rs]
+        ref = lambda label: [r["found"] for r in rows.get(f"{style}: {label}", [])]  # noqa: E731
+        p_single = mcnemar_exact(found, ref(single_name)) if ref(single_name) else float("nan")
+        p_full = mcnemar_exact(found, ref(full_name)) if ref(full_name) else float("nan")
+        lines.append(f"| {name} | {count_with_interval(sum(found), len(found))} | {p_single:.2f} | {p_full:.2f} | "
+                     f"{np.mean([r['needle_kept'] for r in rs]):.2f} | {max(r['cells'] for r in rs)} | "
+                     f"{max(r['compressions'] for r in rs)} | {sum(r['stream_seconds']['prefill'] for r in rs):.0f} | "
+                     f"{sum(r['stream_seconds']['probe'] for r in rs):.0f} | {sum(r['prompt_seconds'] for r in rs):.0f} |")
+    lines += ["", "Found per depth band (cases in each fifth of the document, all styles):", "",
+              "| configuration | " + " | ".join(f"{b / 5:.1f}-{(b + 1) / 5:.1f}" for b in range(5)) + " |",
+              "|---|" + "---:|" * 5]
+    for name, rs in rows.items():
+        bands = [[r["found"] for r in rs if min(int(r["depth"] * 5), 4) == b] for b in range(5)]
+        lines.append(f"| {name} | " + " | ".join(f"{sum(b)}/{len(b)}" for b in bands) + " |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    plot(rows, a.depths, out / "needle_vs_depth.png")
+    plot(rows, depths, out / "needle_vs_depth.png")
+    plot_traces(traces, traced_depth, out / "needle_per_head.png")
 
 
 def plot(rows, depths, path) -> None:
@@ -118,18 +173,44 @@ def plot(rows, depths, path) -> None:
     except ImportError:
         print("matplotlib missing: no plot")
         return
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    edges = np.linspace(0, 1, 6)
     for i, (name, rs) in enumerate(rows.items()):
-        offset = (i - len(rows) / 2) * 0.006  # keep overlapping curves visible
-        ax.plot([r["depth"] + offset for r in rs], [int(r["found"]) + offset * 3 for r in rs], marker="o",
-                linestyle="--" if name.startswith("full") else "-", label=name)
-    ax.set_xlabel("needle depth in the document")
-    ax.set_ylabel("pass key found (1) / missed (0)")
-    ax.set_yticks([0, 1])
-    ax.set_xticks(depths)
+        rate = [np.mean([r["found"] for r in rs if lo <= r["depth"] < hi] or [np.nan]) for lo, hi in zip(edges, edges[1:])]
+        offset = (i - len(rows) / 2) * 0.004  # keep overlapping curves visible
+        ax.plot((edges[:-1] + edges[1:]) / 2 + offset, np.array(rate) + offset, marker="o",
+                linestyle="--" if "full cache" in name else "-", label=name)
+    ax.set_xlabel("needle depth in the document (fifths)")
+    ax.set_ylabel("share of cases where the pass key was found")
+    ax.set_ylim(-0.05, 1.05)
     ax.set_title("Documents longer than the cache: retrieval vs depth")
     ax.legend(fontsize=7, loc="center right")
     fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def plot_traces(traces, depth, path) -> None:
+    """Needle tokens kept per (layer, kv head) after each compression of one case, one panel per row."""
+    traces = {name: t for name, t in traces.items() if t}
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    if not traces:
+        return
+    fig, axes = plt.subplots(1, len(traces), figsize=(3.2 * len(traces), 4.2), squeeze=False)
+    for ax, (name, t) in zip(axes[0], traces.items()):
+        grid = np.array(t).reshape(len(t), -1).T  # (layer * kv_heads + head, compression)
+        im = ax.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
+        ax.set_title(name.replace(" (", "\n("), fontsize=7)
+        ax.set_xlabel("compression")
+        ax.set_ylabel("layer x kv head")
+    fig.colorbar(im, ax=axes[0].tolist(), label="share of the needle's tokens kept")
+    fig.suptitle(f"Needle at depth {depth:g}: kept per (layer, kv head) after each compression", fontsize=9)
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
 

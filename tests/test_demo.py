@@ -1,15 +1,22 @@
 """The demo's table, on a short document."""
 
+import pytest
+
 from pykvcompose.demo import format_table, run_demo
 
 
 def test_demo_rows_and_table():
-    rows = run_demo(n_tokens=400, ratios=(0.5,), depth=0.3, quiet=True)
-    assert [r["method"] for r in rows] == ["full cache", "KVCompose 0.5"]
-    full, comp = rows
+    rows = run_demo(n_tokens=400, ratios=(0.5,), depth=0.3, quiet=True, stream_ctx=256)
+    assert [r["method"] for r in rows] == ["full cache", "KVCompose 0.5", "KVCompose streamed, n_ctx=256"]
+    full, comp, streamed = rows
+    # the streamed row reports the cells llama.cpp allocated (n_ctx), fewer than the document needs
+    assert streamed["cells"] == 256 < full["cells"]
+    assert streamed["kv_mib"] == pytest.approx(comp["kv_mib"] / comp["cells"] * 256)
+    assert streamed["prefill_s"] > 0 and streamed["compress_s"] > 0
     assert full["correct"], full  # a 400-token haystack is easy for the full cache
     assert comp["cells"] < full["cells"] and comp["kv_mib"] < full["kv_mib"]
     assert comp["compress_s"] > 0 and full["compress_s"] == 0
     table = format_table(rows)
     assert table.splitlines()[0].startswith("| method | cells | KV MiB |")
-    assert len(table.splitlines()) == 4
+    assert len(table.splitlines()) == 5
+    assert [r["method"] for r in run_demo(n_tokens=300, ratios=(), quiet=True, stream_ctx=0)] == ["full cache"]

@@ -45,6 +45,9 @@ def test_n_kept_follows_kvpress(press_cls, ratio, n, kept):
         ("head_consensus", -0.1),
         ("head_consensus", "all"),
         ("starved_layers", "mean"),
+        ("span", 0),
+        ("span", 4),
+        ("span", 2.0),
     ],
 )
 def test_bad_kvcompose_fields_are_rejected(field, value):

@@ -7,7 +7,7 @@ import pytest
 from pykvcompose import KVComposePress, _native
 
 from conftest import seq_state
-from oracles import np_consensus, np_layer_budgets, np_scores, np_select
+from oracles import np_consensus, np_layer_budgets, np_scores, np_select, np_span_max
 
 
 @pytest.mark.parametrize(
@@ -21,8 +21,11 @@ from oracles import np_consensus, np_layer_budgets, np_scores, np_select
         KVComposePress(compression_ratio=0.5, head_consensus=0.4, min_tokens=16),
         KVComposePress(compression_ratio=0.75, head_consensus=1.0, min_tokens=16),
         KVComposePress(compression_ratio=0.75, starved_layers="consensus", min_tokens=16),
+        KVComposePress(compression_ratio=0.75, span=5, min_tokens=16),
+        KVComposePress(compression_ratio=0.5, span=3, head_consensus=1.0, min_tokens=16),
     ],
-    ids=["reconstruct", "window", "options", "window-no-stabiliser", "consensus-0.4", "consensus-1", "starved"],
+    ids=["reconstruct", "window", "options", "window-no-stabiliser", "consensus-0.4", "consensus-1", "starved",
+         "span-5", "span-3-consensus"],
 )
 def test_native_scoring_matches_numpy(llm, prompt_tokens, press):
     llm.kv_compress = press
@@ -50,10 +53,14 @@ def test_native_scoring_matches_numpy(llm, prompt_tokens, press):
     assert stats["layer_budgets"] == budgets.tolist()
     c = press.n_kept(n)
     ranked = press.selection_scores(kv_scores)
-    if press.head_consensus == 0:
+    if press.head_consensus == 0 and press.span == 1:
         assert ranked is kv_scores  # the paper: each head ranks by its own scores
     else:
-        np.testing.assert_allclose(ranked, np_consensus(kv_scores, press.head_consensus), rtol=2e-6)
+        spanned = np_span_max(kv_scores, press.span)
+        if press.span > 1:
+            assert not np.array_equal(spanned, kv_scores)
+        expected_ranked = spanned if press.head_consensus == 0 else np_consensus(spanned, press.head_consensus)
+        np.testing.assert_allclose(ranked, expected_ranked, rtol=2e-6)
     if press.starved_layers == "own":
         expected_selection = np_select(ranked, c, [n - 1])
     else:

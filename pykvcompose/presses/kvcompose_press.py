@@ -61,6 +61,11 @@ class KVComposePress(BasePress):
         head's top-C (KVCompose as published). "consensus": starved layers rank by the cross-layer
         consensus (as ``head_consensus=1``); every other layer keeps each head's own top-b_l (its
         budget) and fills its remaining C - b_l cells by the consensus.
+    span : int, default=1
+        Not in the paper. Odd window of neighbouring cells (per layer and kv head, in position order):
+        each token ranks by the highest score within ``span // 2`` cells either side, so a multi-token
+        fact (a number split into digit tokens) is kept or dropped as a whole rather than digit by
+        digit across heads. 1 ranks every token by its own score (as published).
     """
 
     agg_task: str = "max"
@@ -74,6 +79,7 @@ class KVComposePress(BasePress):
     min_tokens: int = 128
     head_consensus: float = 0.0
     starved_layers: str = "own"
+    span: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -88,6 +94,9 @@ class KVComposePress(BasePress):
         check_int("window", self.window, 1)
         check_int("min_tokens", self.min_tokens, 2)
         check_number("head_consensus", self.head_consensus, 0.0, 1.0, high_inclusive=True)
+        check_int("span", self.span, 1)
+        if self.span % 2 == 0:
+            raise ValueError(f"span must be odd (a window centred on each token), got {self.span}")
 
     @property
     def room_window(self) -> int:
@@ -123,8 +132,9 @@ class KVComposePress(BasePress):
 
     def selection_scores(self, scores: np.ndarray) -> np.ndarray:
         """
-        The scores each (layer, kv head) ranks its tokens by: ``scores`` itself, or its blend with the
-        cross-layer consensus when ``head_consensus`` > 0.
+        The scores each (layer, kv head) ranks its tokens by: ``scores`` itself, raised to the best of
+        each ``span`` window when ``span`` > 1, blended with the cross-layer consensus when
+        ``head_consensus`` > 0.
 
         Parameters
         ----------
@@ -134,6 +144,8 @@ class KVComposePress(BasePress):
         -------
         np.ndarray, float32 (layers, kv_heads, tokens)
         """
+        if self.span > 1:
+            scores = span_max(scores, self.span)
         if self.head_consensus == 0:
             return scores
         return _native.scores_consensus(scores, self.head_consensus)
@@ -172,3 +184,21 @@ class KVComposePress(BasePress):
         n_layer, _, n = scores.shape
         n_total = max(1, int(n_layer * n * (1 - self.compression_ratio)))
         return _native.kvcompose_layer_budgets(scores, n_total, self.agg_head, self.keep_token_lower_bound)
+
+
+def span_max(scores: np.ndarray, span: int) -> np.ndarray:
+    """
+    The highest score within ``span // 2`` tokens either side of each token (a sliding max).
+
+    Parameters
+    ----------
+    scores : np.ndarray, float32 (layers, kv_heads, tokens)
+    span : int, odd
+
+    Returns
+    -------
+    np.ndarray, float32 (layers, kv_heads, tokens)
+    """
+    half = span // 2
+    padded = np.pad(scores, [(0, 0)] * (scores.ndim - 1) + [(half, half)], constant_values=-np.inf)
+    return np.ascontiguousarray(np.lib.stride_tricks.sliding_window_view(padded, span, axis=-1).max(axis=-1))

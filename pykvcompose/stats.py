@@ -1,0 +1,39 @@
+"""Counts with intervals and paired comparisons, for benchmarks that report retrieval rates."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence, Tuple
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> Tuple[float, float]:
+    """Wilson score interval (95% by default) of a proportion ``successes / n``; (0, 1) when n is 0.
+
+    Unlike the normal approximation it stays inside [0, 1] and is not empty at 0 or n successes,
+    which is where small benchmark counts sit."""
+    if n == 0:
+        return 0.0, 1.0
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def mcnemar_exact(a: Sequence[bool], b: Sequence[bool]) -> float:
+    """Two-sided exact McNemar p-value of paired outcomes ``a`` and ``b`` on the same cases: a binomial
+    test of the discordant pairs (only ``a`` right against only ``b`` right). 1.0 when none differ."""
+    if len(a) != len(b):
+        raise ValueError(f"paired outcomes need equal lengths, got {len(a)} and {len(b)}")
+    only_a = sum(1 for x, y in zip(a, b) if x and not y)
+    only_b = sum(1 for x, y in zip(a, b) if y and not x)
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2 ** n
+    return min(1.0, 2 * tail)
+
+
+def count_with_interval(successes: int, n: int) -> str:
+    """``"3/10 (11-60%)"``: a count and its Wilson 95% interval, for tables."""
+    lo, hi = wilson_interval(successes, n)
+    return f"{successes}/{n} ({100 * lo:.0f}-{100 * hi:.0f}%)"
