@@ -25,7 +25,7 @@ import numpy as np
 from pykvcompose import KVComposePress, Llama, compression
 from pykvcompose.compression import compress
 from pykvcompose.demo import answer
-from pykvcompose.haystack import passkey_cases
+from pykvcompose.haystack import passkey_cases, passkey_chat_prompt
 from pykvcompose.presses import parse_press_spec
 from pykvcompose.stats import count_with_interval, mcnemar_exact
 
@@ -66,9 +66,7 @@ def main() -> None:
     for style in a.style:
         for depth, key, prompt in passkey_cases(tok, a.tokens, depths):
             if style == "chat":
-                body = prompt.rsplit("\n\n", 1)[0]
-                prompt = (f"<|im_start|>user\n{body}\n\nWhat is the pass key? Answer with the number only.<|im_end|>\n"
-                          "<|im_start|>assistant\n")
+                prompt = passkey_chat_prompt(prompt)
             toks = full.tokenize(prompt.encode())
             needle = full.tokenize(f"The pass key is {key}".encode(), add_bos=False)
             at = next(i for i in range(len(toks)) if toks[i:i + len(needle)] == needle)
@@ -202,14 +200,19 @@ def plot_traces(traces, depth, path) -> None:
         return
     if not traces:
         return
-    fig, axes = plt.subplots(1, len(traces), figsize=(3.2 * len(traces), 4.2), squeeze=False)
-    for ax, (name, t) in zip(axes[0], traces.items()):
+    cols = min(4, len(traces))
+    rows = -(-len(traces) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols + 1, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(traces):]:
+        ax.axis("off")
+    for ax, (name, t) in zip(axes.flat, traces.items()):
         grid = np.array(t).reshape(len(t), -1).T  # (layer * kv_heads + head, compression)
         im = ax.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="viridis", interpolation="nearest")
         ax.set_title(name.replace(" (", "\n("), fontsize=7)
         ax.set_xlabel("compression")
         ax.set_ylabel("layer x kv head")
-    fig.colorbar(im, ax=axes[0].tolist(), label="share of the needle's tokens kept")
+    fig.subplots_adjust(hspace=0.5, wspace=0.35)
+    fig.colorbar(im, ax=axes.ravel().tolist(), label="share of the needle's tokens kept")
     fig.suptitle(f"Needle at depth {depth:g}: kept per (layer, kv head) after each compression", fontsize=9)
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")

@@ -1,72 +1,118 @@
-"""Pass-key retrieval vs depth on the embedded model: full cache against presses, in one run.
+"""Pass-key retrieval with statistical power: every press on the same prompts, in one run.
 
-    python bench/passkey.py [--tokens 1500] [--depths 0.1 0.3 0.5 0.7 0.9] [--model gemma3-270m]
-                            [--configs NAME ...]
+    python bench/passkey.py [--tokens 1500] [--cases 20] [--style completion chat]
+                            [--ratios 0.5 0.75 0.875] [--presses kvcompose kvcompose,protect_tail=32 snapkv ...]
+                            [--model gemma3-270m] [--out bench/results-passkey]
 
---model takes a label of the benchmark's model table (smollm2-135m, gemma3-270m) or a GGUF path.
-On Gemma 3 (interleaved sliding-window attention) only the global layers' cache is compressed.
+Each case is a ~``--tokens`` document with a pass key at a depth spread evenly over 0.05-0.95 (a
+different key and stretch of text per case), asked in two prompt styles: "completion" (ends with
+"What is the pass key? The pass key is") and "chat" (SmolLM2's chat template, the assistant's turn
+opened). The prompt is compressed whole, all but its last token, as ``llm(prompt)`` does.
 
-Prints a markdown table (found / cases) per configuration and ratio.
+Each case's prompt is prefilled and probed once (``Llama.kv_probe``); every (press, ratio) is applied
+to a restored copy of that cache (``Llama.kv_apply``) and answered greedily, so all rows are paired on
+the same prompts. Scores are counts with Wilson 95% intervals; "p vs full" and "p vs paper" are exact
+McNemar tests against the full cache and against the published KVCompose (the first ``--presses``
+entry) on the same cases: a row is better or worse only where p < 0.05.
+
+A press spec is NAME[,key=value...] (see ``pykvcompose.presses.parse_press_spec``; the ratio is added).
+--model takes a label of the benchmark's model table (smollm2-135m, gemma3-270m) or a GGUF path. On
+Gemma 3 (interleaved sliding-window attention) only the global layers' cache is compressed.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import pathlib
 import time
 
-import os
+import numpy as np
 
-from pykvcompose import KVComposePress, Llama
+from pykvcompose import Llama
 from pykvcompose.benchmark.runner import MODELS
 from pykvcompose.demo import answer
-from pykvcompose.haystack import passkey_cases
+from pykvcompose.haystack import passkey_cases, passkey_chat_prompt
+from pykvcompose.presses import parse_press_spec
+from pykvcompose.stats import count_with_interval, mcnemar_exact
 
-CONFIGS = {
-    "KVCompose (paper: per-head, reconstruct)": {},
-    "KVCompose, window probe": {"scoring": "window"},
-    "KVCompose, head_consensus=1": {"head_consensus": 1.0},
-    "KVCompose, starved_layers=consensus": {"starved_layers": "consensus"},
-}
+PRESSES = ["kvcompose", "kvcompose,protect_tail=32", "kvcompose,head_consensus=1", "kvcompose,span=3",
+           "kvcompose,starved_layers=consensus", "snapkv", "tova", "streaming_llm"]
+
+
+def press_for(spec: str, ratio: float):
+    name, _, rest = spec.partition(",")
+    return parse_press_spec(f"{name}:{ratio}" + (f",{rest}" if rest else ""))
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=1500)
-    p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
-    p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75])
+    p.add_argument("--cases", type=int, default=20, help="cases per prompt style (depths spread over 0.05-0.95)")
+    p.add_argument("--style", nargs="+", default=["completion", "chat"], choices=["completion", "chat"])
+    p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75, 0.875])
+    p.add_argument("--presses", nargs="+", default=PRESSES, help="press specs NAME[,key=value...]")
     p.add_argument("--model", default="smollm2-135m", help=f"one of {sorted(MODELS)} or a GGUF path")
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS), metavar="NAME",
-                   help="which KVCompose configurations to run (default: all)")
+    p.add_argument("--max-tokens", type=int, default=16, help="enough for \"The pass key is NNNNN.\"")
+    p.add_argument("--out", default="bench/results-passkey")
     a = p.parse_args()
-    configs = {name: CONFIGS[name] for name in a.configs}
+    if a.cases < 1:
+        p.error("--cases must be >= 1")
+    presses = {(spec, r): press_for(spec, r) for spec in a.presses for r in a.ratios}  # refuse bad specs first
     path = a.model if os.path.isfile(a.model) else MODELS[a.model]()
-    llm = Llama(path, n_ctx=2 * a.tokens + 256, verbose=False)
-    print(f"{a.model}: compressed layers {llm.kv_layers}", flush=True)
+    llm = Llama(path, n_ctx=2 * a.tokens + 256, n_batch=512, verbose=False)
     tok = lambda s: llm.tokenize(s.encode(), add_bos=False)  # noqa: E731
-    cases = [(d, key, llm.tokenize(prompt.encode())) for d, key, prompt in passkey_cases(tok, a.tokens, a.depths)]
-    found = {"full cache": [0]}
-    found.update({name: [0] * len(a.ratios) for name in configs})
+    depths = list(np.round(np.linspace(0.05, 0.95, a.cases), 3))
+    out = pathlib.Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    found: dict = {}  # (style, spec, ratio) -> [bool per case]
+    answers: dict = {}
     t0 = time.perf_counter()
-    for depth, key, toks in cases:
-        llm.kv_compress = None
-        llm.reset()
-        row = [str(key) in answer(llm, toks, 8)["text"]]
-        found["full cache"][0] += row[0]
-        for name, kw in configs.items():
-            for j, r in enumerate(a.ratios):
-                llm.kv_compress = KVComposePress(compression_ratio=r, **kw)
-                llm.reset()
-                ok = str(key) in answer(llm, toks, 8)["text"]
-                found[name][j] += ok
-                row.append(ok)
-        print(f"depth {depth:.1f} ({len(toks)} tokens): " + " ".join("Y" if x else "." for x in row), flush=True)
-    n = len(cases)
-    print(f"\n{n} cases of ~{a.tokens} tokens, depths {a.depths}, {time.perf_counter() - t0:.0f} s\n")
-    print("| configuration | " + " | ".join(f"ratio {r}" for r in a.ratios) + " |")
-    print("|---|" + "---:|" * len(a.ratios))
-    print("| full cache | " + " | ".join(f"{found['full cache'][0]}/{n}" for _ in a.ratios) + " |")
-    for name in configs:
-        print(f"| {name} | " + " | ".join(f"{v}/{n}" for v in found[name]) + " |")
+    for style in a.style:
+        for depth, key, prompt in passkey_cases(tok, a.tokens, depths):
+            toks = llm.tokenize((passkey_chat_prompt(prompt) if style == "chat" else prompt).encode())
+            context = toks[:-1]
+            llm.kv_compress = None
+            probe = llm.kv_probe(context, list(presses.values()))
+            state = llm.save_state()
+            row = []
+            for (spec, ratio), press in [(("full cache", 0.0), None)] + list(presses.items()):
+                llm.load_state(state)
+                if press is not None:
+                    llm.kv_apply(press, probe)
+                text = answer(llm, toks, a.max_tokens)["text"]
+                ok = str(key) in text
+                found.setdefault((style, spec, ratio), []).append(ok)
+                answers.setdefault(f"{style}|{spec}|{ratio}", []).append(text.strip()[:24])
+                row.append("Y" if ok else ".")
+            print(f"{style:10s} depth {depth:.2f} ({len(toks)} tokens): {''.join(row)} | {time.perf_counter() - t0:.0f}s",
+                  flush=True)
+    llm.close()
+
+    n = a.cases
+    lines = [f"Pass key in ~{a.tokens}-token prompts, {n} cases per prompt style (depths 0.05-0.95), {a.model}, "
+             f"{time.perf_counter() - t0:.0f} s in one run. Each cell: found / cases (Wilson 95% interval); "
+             f"p: exact McNemar test on the same cases against the full cache and against the published "
+             f"KVCompose (`{a.presses[0]}`) at the same ratio.", ""]
+    for style in a.style:
+        full = found[(style, "full cache", 0.0)]
+        lines += [f"**{style}** prompts: full cache {count_with_interval(sum(full), n)}", "",
+                  "| press | " + " | ".join(f"{r} found | p vs full | p vs paper" for r in a.ratios) + " |",
+                  "|---|" + "---:|---:|---:|" * len(a.ratios)]
+        for spec in a.presses:
+            cells = []
+            for r in a.ratios:
+                f, paper = found[(style, spec, r)], found[(style, a.presses[0], r)]
+                vs_paper = "" if spec == a.presses[0] else f"{mcnemar_exact(f, paper):.2f}"
+                cells.append(f"{count_with_interval(sum(f), n)} | {mcnemar_exact(f, full):.2f} | {vs_paper}")
+            lines.append(f"| {spec} | " + " | ".join(cells) + " |")
+        lines.append("")
+    (out / "results.md").write_text("\n".join(lines))
+    (out / "results.json").write_text(json.dumps({
+        "tokens": a.tokens, "depths": depths, "model": a.model,
+        "found": {f"{s}|{spec}|{r}": v for (s, spec, r), v in found.items()}, "answers": answers}, indent=1))
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -56,6 +56,14 @@ def passkey_prompt(tokenize: Callable[[str], List[int]], n_tokens: int, depth: f
     return intro + "\n\n".join(body) + "\n\n" + PASSKEY_QUESTION
 
 
+def passkey_chat_prompt(prompt: str) -> str:
+    """A ``passkey_prompt`` inside SmolLM2's chat template: the document and question as the user's turn
+    (the completion lead-in replaced by "Answer with the number only."), the assistant's turn opened."""
+    body = prompt.rsplit("\n\n", 1)[0]
+    return (f"<|im_start|>user\n{body}\n\nWhat is the pass key? Answer with the number only.<|im_end|>\n"
+            "<|im_start|>assistant\n")
+
+
 def passkey_cases(tokenize: Callable[[str], List[int]], n_tokens: int,
                   depths: Sequence[float]) -> List[Tuple[float, int, str]]:
     """One ``(depth, passkey, prompt)`` per depth: the fixed cases of the tests and ``bench/passkey.py``."""

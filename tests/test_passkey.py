@@ -56,3 +56,14 @@ def test_budget_aware_selection_finds_it_wherever_the_full_cache_does_at_half(re
 def test_kvcompose_as_published_still_retrieves_at_half(results):
     assert sum(results["paper-0.5"]) >= 1
 
+
+
+def test_chat_prompt_keeps_the_document_and_asks_in_the_template():
+    from pykvcompose.haystack import PASSKEY_QUESTION, passkey_chat_prompt, passkey_prompt
+
+    prompt = passkey_prompt(lambda s: s.split(), 400, 0.5, 12345, seed=1)
+    chat = passkey_chat_prompt(prompt)
+    body = prompt[: -len(PASSKEY_QUESTION)].rstrip()
+    assert chat.startswith("<|im_start|>user\n" + body + "\n\n")
+    assert chat.endswith("Answer with the number only.<|im_end|>\n<|im_start|>assistant\n")
+    assert "The pass key is 12345." in chat and PASSKEY_QUESTION not in chat

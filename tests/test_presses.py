@@ -48,6 +48,8 @@ def test_n_kept_follows_kvpress(press_cls, ratio, n, kept):
         ("span", 0),
         ("span", 4),
         ("span", 2.0),
+        ("protect_tail", -1),
+        ("protect_tail", 1.5),
     ],
 )
 def test_bad_kvcompose_fields_are_rejected(field, value):

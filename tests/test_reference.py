@@ -23,9 +23,10 @@ from oracles import np_consensus, np_layer_budgets, np_scores, np_select, np_spa
         KVComposePress(compression_ratio=0.75, starved_layers="consensus", min_tokens=16),
         KVComposePress(compression_ratio=0.75, span=5, min_tokens=16),
         KVComposePress(compression_ratio=0.5, span=3, head_consensus=1.0, min_tokens=16),
+        KVComposePress(compression_ratio=0.75, protect_tail=24, min_tokens=16),
     ],
     ids=["reconstruct", "window", "options", "window-no-stabiliser", "consensus-0.4", "consensus-1", "starved",
-         "span-5", "span-3-consensus"],
+         "span-5", "span-3-consensus", "protect-tail"],
 )
 def test_native_scoring_matches_numpy(llm, prompt_tokens, press):
     llm.kv_compress = press
@@ -52,6 +53,7 @@ def test_native_scoring_matches_numpy(llm, prompt_tokens, press):
     budgets = np_layer_budgets(kv_scores, press.compression_ratio, press.agg_head, press.keep_token_lower_bound)
     assert stats["layer_budgets"] == budgets.tolist()
     c = press.n_kept(n)
+    forced = sorted({n - 1} | set(range(n - min(press.protect_tail, c), n)))
     ranked = press.selection_scores(kv_scores)
     if press.head_consensus == 0 and press.span == 1:
         assert ranked is kv_scores  # the paper: each head ranks by its own scores
@@ -62,7 +64,10 @@ def test_native_scoring_matches_numpy(llm, prompt_tokens, press):
         expected_ranked = spanned if press.head_consensus == 0 else np_consensus(spanned, press.head_consensus)
         np.testing.assert_allclose(ranked, expected_ranked, rtol=2e-6)
     if press.starved_layers == "own":
-        expected_selection = np_select(ranked, c, [n - 1])
+        expected_selection = np_select(ranked, c, forced)
+        if press.protect_tail:  # the tail is kept by every head, and would not all be by its scores
+            assert np.isin(np.arange(n - press.protect_tail, n), selection).all()
+            assert not np.array_equal(expected_selection, np_select(ranked, c, [n - 1]))
     else:
         consensus = _native.scores_consensus(kv_scores, 1.0)  # checked against numpy in consensus-1
         expected_selection = np.empty_like(selection)

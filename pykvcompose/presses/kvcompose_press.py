@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 
@@ -66,6 +67,10 @@ class KVComposePress(BasePress):
         each token ranks by the highest score within ``span // 2`` cells either side, so a multi-token
         fact (a number split into digit tokens) is kept or dropped as a whole rather than digit by
         digit across heads. 1 ranks every token by its own score (as published).
+    protect_tail : int, default=0
+        Not in the paper. The context's last ``protect_tail`` tokens are kept by every head, counted
+        in C (kvpress appends the question uncompressed after compressing the context; a prompt
+        compressed whole keeps its question's tail this way). 0 ranks the tail like any token.
     """
 
     agg_task: str = "max"
@@ -80,6 +85,7 @@ class KVComposePress(BasePress):
     head_consensus: float = 0.0
     starved_layers: str = "own"
     span: int = 1
+    protect_tail: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -95,6 +101,7 @@ class KVComposePress(BasePress):
         check_int("min_tokens", self.min_tokens, 2)
         check_number("head_consensus", self.head_consensus, 0.0, 1.0, high_inclusive=True)
         check_int("span", self.span, 1)
+        check_int("protect_tail", self.protect_tail, 0)
         if self.span % 2 == 0:
             raise ValueError(f"span must be odd (a window centred on each token), got {self.span}")
 
@@ -129,6 +136,13 @@ class KVComposePress(BasePress):
         return _native.kvcompose_score(
             self.head_scores(probe), probe.n_head_kv, self.agg_group, value_norms, self.add_mean_across_heads,
         )
+
+    def compress(self, probe: Probe, n_keep: int, forced: Sequence[int] = ()):
+        """``BasePress.compress``, with the last ``protect_tail`` tokens (at most ``n_keep``) forced."""
+        tail = min(self.protect_tail, n_keep)
+        if tail:
+            forced = sorted(set(forced) | set(range(probe.n_tokens - tail, probe.n_tokens)))
+        return super().compress(probe, n_keep, forced)
 
     def selection_scores(self, scores: np.ndarray) -> np.ndarray:
         """
