@@ -52,9 +52,11 @@ def main() -> None:
     p.add_argument("--out", default="bench/results-long")
     a = p.parse_args()
     # refuse a bad spec before any work; "spec@room" runs that press with one room only
-    presses = {spec: (parse_press_spec(spec.split("@")[0]), spec.split("@")[1] if "@" in spec else None)
-               for spec in a.presses}
-    if any(only not in (None, "ratio", "fill") for _, only in presses.values()):
+    presses = []  # (spec without its room, press, the only room it runs with or None)
+    for spec in a.presses:
+        name, _, only = spec.partition("@")
+        presses.append((name, parse_press_spec(name), only or None))
+    if any(only not in (None, "ratio", "fill") for _, _, only in presses):
         p.error("a press spec's @ROOM must be @ratio or @fill")
     depths = list(np.round(np.linspace(0.05, 0.95, a.cases), 3)) if a.cases else a.depths
     out = pathlib.Path(a.out)
@@ -121,11 +123,10 @@ def main() -> None:
     full.close()
     for room in a.rooms:
         llm = Llama(n_ctx=a.n_ctx, n_batch=512, verbose=False, kv_room=room, kv_chunk=a.chunk)
-        for spec, (press, only) in presses.items():
+        for spec, press, only in presses:
             if only not in (None, room):
                 continue
             llm.kv_compress = press
-            spec = spec.split("@")[0]
             for case in cases:
                 llm.reset()
                 record(f"{spec} (n_ctx={a.n_ctx}, {room})", llm, case)

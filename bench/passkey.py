@@ -67,7 +67,7 @@ def main() -> None:
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     found: dict = {}  # (style, spec, ratio) -> [bool per case]
-    answers: dict = {}
+    answers: dict = {}  # (style, spec, ratio) -> [answer's start per case]
     t0 = time.perf_counter()
     for style in a.style:
         for depth, key, prompt in passkey_cases(tok, a.tokens, depths):
@@ -84,7 +84,7 @@ def main() -> None:
                 text = answer(llm, toks, a.max_tokens)["text"]
                 ok = str(key) in text
                 found.setdefault((style, spec, ratio), []).append(ok)
-                answers.setdefault(f"{style}|{spec}|{ratio}", []).append(text.strip()[:24])
+                answers.setdefault((style, spec, ratio), []).append(text.strip()[:24])
                 row.append("Y" if ok else ".")
             print(f"{style:10s} depth {depth:.2f} ({len(toks)} tokens): {''.join(row)} | {time.perf_counter() - t0:.0f}s",
                   flush=True)
@@ -111,7 +111,8 @@ def main() -> None:
     (out / "results.md").write_text("\n".join(lines))
     (out / "results.json").write_text(json.dumps({
         "tokens": a.tokens, "depths": depths, "model": a.model,
-        "found": {f"{s}|{spec}|{r}": v for (s, spec, r), v in found.items()}, "answers": answers}, indent=1))
+        **{what: {"|".join(map(str, k)): v for k, v in d.items()} for what, d in (("found", found), ("answers", answers))}},
+        indent=1))
     print("\n".join(lines))
 
 

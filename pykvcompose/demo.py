@@ -73,17 +73,7 @@ def run_demo(n_tokens: int = 3000, ratios: Sequence[float] = (0.5, 0.75), depth:
             st = llm.kv_stats
             cells = st["cells_after"] + 1  # + the held-back last prompt token
             prefill, compress = st["prefill_seconds"], st["compress_seconds"]
-        rows.append({
-            "method": name,
-            "cells": cells,
-            "kv_mib": _kv_bytes_per_cell(llm) * cells / MIB,
-            "prefill_s": prefill,
-            "compress_s": compress,
-            "decode_tok_s": res["decode_tok_s"],
-            "answer": res["text"].strip().splitlines()[0] if res["text"].strip() else "",
-            "correct": str(passkey) in res["text"],
-            "seconds": time.perf_counter() - t0,
-        })
+        rows.append(_row(name, llm, res, cells, prefill, compress, passkey, t0))
     llm.close()
     stream_ctx = stream_ctx if stream_ctx is not None else max(256, len(tokens) // 3 // 64 * 64)
     if 0 < stream_ctx < len(tokens):
@@ -101,20 +91,28 @@ def _streamed_row(model_path: Optional[str], tokens: List[int], n_ctx: int, pass
     try:
         t0 = time.perf_counter()
         res = answer(llm, tokens, max_tokens=12)
-        seconds = llm.kv_stream_seconds
-        return {
-            "method": f"KVCompose streamed, n_ctx={n_ctx}",
-            "cells": n_ctx,  # allocated up front: the memory this run takes, whatever it holds
-            "kv_mib": _kv_bytes_per_cell(llm) * n_ctx / MIB,
-            "prefill_s": seconds["prefill"],
-            "compress_s": res["prompt_seconds"] - seconds["prefill"],
-            "decode_tok_s": res["decode_tok_s"],
-            "answer": res["text"].strip().splitlines()[0] if res["text"].strip() else "",
-            "correct": str(passkey) in res["text"],
-            "seconds": time.perf_counter() - t0,
-        }
+        prefill = llm.kv_stream_seconds["prefill"]
+        # cells: n_ctx, allocated up front: the memory this run takes, whatever it holds
+        return _row(f"KVCompose streamed, n_ctx={n_ctx}", llm, res, n_ctx, prefill, res["prompt_seconds"] - prefill,
+                    passkey, t0)
     finally:
         llm.close()
+
+
+def _row(method: str, llm: Llama, res: Dict[str, Any], cells: int, prefill: float, compress: float, passkey: int,
+         t0: float) -> Dict[str, Any]:
+    """One demo table row from an ``answer`` result (``t0``: when the method started)."""
+    return {
+        "method": method,
+        "cells": cells,
+        "kv_mib": _kv_bytes_per_cell(llm) * cells / MIB,
+        "prefill_s": prefill,
+        "compress_s": compress,
+        "decode_tok_s": res["decode_tok_s"],
+        "answer": res["text"].strip().splitlines()[0] if res["text"].strip() else "",
+        "correct": str(passkey) in res["text"],
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def _kv_bytes_per_cell(llm: Llama) -> float:
