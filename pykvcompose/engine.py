@@ -157,13 +157,17 @@ class Engine:
         self._layers_checked = False
 
     # ---- configuration --------------------------------------------------------------------------
+    def check_supported(self) -> None:
+        """NotImplementedError naming the architecture when this model's cache cannot be compressed."""
+        if self.unsupported is not None:
+            raise NotImplementedError(self.unsupported)
+
     def set_press(self, press: Optional[Press]) -> None:
         """Compress with ``press`` from now on (None: never); refuses presses this model or cache cannot use."""
         if press is not None:
             if not isinstance(press, Press):
                 raise TypeError(f"kv_compress must be a press such as KVComposePress(...) or None, got {press!r}")
-            if self.unsupported is not None:
-                raise NotImplementedError(self.unsupported)
+            self.check_supported()
             press.check_cache(self.shape.n_ctx)
         self.press = press
         self.configure_window()

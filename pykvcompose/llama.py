@@ -52,7 +52,7 @@ class Llama(llama_cpp.Llama):
 
     Parameters
     ----------
-    model_path : str, optional
+    model_path : str or os.PathLike, optional
         A GGUF file; the embedded SmolLM2-135M-Instruct when omitted.
     kv_compress : BasePress, DecodingPress or PrefillDecodingPress, optional
         The press, e.g. ``KVComposePress(compression_ratio=0.75)``; None disables compression.
@@ -107,12 +107,13 @@ class Llama(llama_cpp.Llama):
     kv_head_scores = _conversation_field("head_scores", "Probe attention of the last compression.")
     kv_compressions = _conversation_field("compressions", "Compressions made to free cells.")
 
-    def __init__(self, model_path: Optional[str] = None, *, kv_compress: Optional[AnyPress] = None,
+    def __init__(self, model_path: Optional[Union[str, os.PathLike]] = None, *, kv_compress: Optional[AnyPress] = None,
                  kv_max_tokens: Optional[int] = None, kv_progress: Optional[Callable[[int, int, str], None]] = None,
                  kv_room: str = "ratio", kv_chunk: Optional[int] = None,
                  n_threads: Optional[int] = None, **kwargs: Any) -> None:
         if model_path is None:
             model_path = default_model_path()
+        model_path = os.fspath(model_path)  # a pathlib.Path too (llama-cpp-python takes str only)
         if n_threads is None:
             n_threads = _default_threads()
         self._kv = Conversation()  # before llama_cpp.Llama.__init__, which sets n_tokens and input_ids
@@ -411,6 +412,7 @@ class Llama(llama_cpp.Llama):
         if press is None and self.kv_compress is not None:
             press = self.kv_compress.prompt_press()
         tokens = list(tokens)
+        self._engine.check_supported()
         if not isinstance(press, BasePress):
             raise ValueError(f"no press: pass one such as KVComposePress(...) or set kv_compress (got {press!r})")
         if len(tokens) < 2:
@@ -462,4 +464,5 @@ class Llama(llama_cpp.Llama):
         dict
             ``kv_stats``.
         """
+        self._engine.check_supported()
         return compression.apply(self._engine, press, probe)

@@ -21,9 +21,8 @@ if TYPE_CHECKING:
 
 def probe_context(engine: "Engine", context: Sequence[int], presses: Sequence[BasePress]) -> Probe:
     """Prefill ``context`` into an empty cache and run every probe the presses need, once (``Llama.kv_probe``)."""
+    engine.check_supported()  # before the cache is touched
     engine.clear()
-    if engine.capture is None:  # an unsupported model: the Llama refused its presses already
-        raise RuntimeError("attention capture is not installed")
     shape = engine.shape
     context = list(context)
     n = len(context)

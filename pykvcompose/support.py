@@ -56,6 +56,8 @@ def model_shape(model, metadata: Dict[str, Any], n_ctx: int) -> ModelShape:
     """The :class:`ModelShape` of a loaded ``llama_model*`` whose GGUF metadata is ``metadata``."""
     arch = metadata.get("general.architecture", "unknown")
     n_layers = int(llama_cpp.llama_model_n_layer(model))
+    if n_layers == 0:  # vocab_only=True: no hyperparameters were loaded (llama_model_n_head would abort)
+        return ModelShape(arch=arch, n_model_layers=0, n_head=0, n_head_kv=0, n_swa=0, layers=[], n_ctx=n_ctx)
     n_swa = int(llama_cpp.llama_model_n_swa(model))
     return ModelShape(arch=arch, n_model_layers=n_layers, n_head=int(llama_cpp.llama_model_n_head(model)),
                       n_head_kv=int(llama_cpp.llama_model_n_head_kv(model)), n_swa=n_swa,
@@ -81,6 +83,8 @@ def full_attention_layers(arch: str, metadata: Dict[str, Any], n_layers: int, n_
 def why_unsupported(model, metadata: Dict[str, Any], shape: ModelShape) -> Optional[str]:
     """Why this model's cache cannot be compressed, or None."""
     arch = shape.arch
+    if shape.n_model_layers == 0:
+        return "this model has no layers loaded (vocab_only=True loads the vocabulary alone): nothing to compress"
     if llama_cpp.llama_model_is_recurrent(model):
         return f"KV compression is not possible for the recurrent architecture {arch!r} (it has no KV cache)"
     if llama_cpp.llama_model_is_hybrid(model):

@@ -20,7 +20,8 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server():
+def served():
+    """The server's base URL and process."""
     port = _free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "pykvcompose", "serve", "--port", str(port), "--n-ctx", str(N_CTX),
@@ -40,9 +41,14 @@ def server():
                 proc.kill()
                 raise RuntimeError("server did not come up in 120 s")
             time.sleep(0.5)
-    yield base
+    yield base, proc
     proc.terminate()
     proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    return served[0]
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +137,38 @@ def test_bad_press_spec_exits_with_a_message():
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "unknown press 'fastkv'" in r.stderr
+
+
+def test_concurrent_mixed_requests_are_answered_as_one_at_a_time(served, client):
+    """The server under load: concurrent chat/completion requests (streamed and whole), bad bodies,
+    prompts longer than the cache and beyond any limit, from 6 threads; every request is answered
+    (200 or a 4xx), with the answers it gets when the requests come one at a time; resident memory
+    stays flat over repeated rounds and /v1/kv/stats afterwards says what it said after the same request alone."""
+    from pykvcompose.server_load import load_requests, resident_bytes, run_load, run_request
+
+    base, proc = served
+    requests = load_requests(16, "smol", max_tokens=6, n_long=2, n_ctx=N_CTX)
+    assert {r.kind for r in requests} == {"chat", "chat-stream", "completion", "completion-stream", "bad-body",
+                                          "long", "too-long"}
+    alone = [run_request(client, requests[0])]
+    first_alone = stats(base)  # what the stats say after the first request
+    alone += [run_request(client, r) for r in requests[1:]]
+    expected_status = {"bad-body": 422, "too-long": 400}
+    for o in alone:
+        assert o.status == expected_status.get(o.kind, 200), (o.kind, o.error)
+        assert (o.text != "") == (o.status == 200) or o.kind in expected_status, o
+
+    rss = []
+    for _ in range(3):
+        together = run_load(client, requests, workers=6, timeout=600)
+        assert [(o.status, o.text) for o in together] == [(o.status, o.text) for o in alone]
+        rss.append(resident_bytes(proc.pid))
+    # the first round may still grow caches (allocator arenas); later rounds must not
+    assert rss[2] - rss[0] < 32 * 2**20, [r / 2**20 for r in rss]
+
+    run_request(client, requests[0])  # the first request again, alone: the same stats as the first time
+    after = stats(base)
+    assert after["press"] == first_alone["press"] and after["memory"] == first_alone["memory"]
+    assert 0 < after["memory"]["cells"] <= N_CTX
+    assert {k: v for k, v in after["last_compression"].items() if not k.endswith("seconds")} == \
+        {k: v for k, v in first_alone["last_compression"].items() if not k.endswith("seconds")}
