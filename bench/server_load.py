@@ -56,7 +56,8 @@ def server_argv(which: str, port: int, a) -> list:
                 "--kv-compress", a.press, "--model-alias", "m", "--threads", str(a.threads), "--quiet"]
     return [sys.executable, "-m", "llama_cpp.server", "--model", a.model, "--port", str(port), "--host", "127.0.0.1",
             "--n_ctx", str(a.n_ctx), "--model_alias", "m", "--n_threads", str(a.threads),
-            "--n_threads_batch", str(a.threads), "--verbose", "False"]
+            "--n_threads_batch", str(a.threads), "--verbose", "False",
+            "--interrupt_requests", "False"]  # as ours: whole answers for every concurrent request
 
 
 def summarise(outcomes, seconds, rss):

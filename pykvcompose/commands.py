@@ -243,6 +243,9 @@ def serve_main(argv: Sequence[str]) -> int:
     p.add_argument("--logits-all", action="store_true",
                    help="keep every token's logits so that requests may ask for logprobs; this keeps one row of "
                         "logits per cache cell, so prompts and answers then stop at --n-ctx tokens")
+    p.add_argument("--interrupt-requests", action="store_true",
+                   help="cut a streamed answer short when another request arrives (llama-cpp-python's default); "
+                        "without it, concurrent requests wait their turn and every answer is whole")
     add_model_options(p)
     a = p.parse_args(argv)
     return _guard("serve", lambda: _serve(a))
@@ -285,7 +288,8 @@ def create_app(a: argparse.Namespace):
                              logits_all=a.logits_all, verbose=False)
     server_app.LlamaProxy = CompressedLlamaProxy  # create_app builds its proxy from this name
     try:
-        app = server_app.create_app(server_settings=ServerSettings(host=a.host, port=a.port), model_settings=[settings])
+        server_settings = ServerSettings(host=a.host, port=a.port, interrupt_requests=a.interrupt_requests)
+        app = server_app.create_app(server_settings=server_settings, model_settings=[settings])
     except (ValueError, NotImplementedError) as e:
         raise CommandError(str(e)) from None
     finally:

@@ -14,11 +14,18 @@ def test_non_press_is_refused(llm):
         llm.kv_compress = 0.5
 
 
-@pytest.mark.parametrize("kind", ["llama_model_is_recurrent", "llama_model_is_hybrid"])
-def test_recurrent_and_hybrid_models_are_refused(model_path, monkeypatch, kind):
-    monkeypatch.setattr(llama_cpp, kind, lambda model: True)
-    with pytest.raises(NotImplementedError, match="'llama'"):
-        Llama(model_path, n_ctx=256, verbose=False, kv_compress=KVComposePress(0.5))
+def test_a_vocab_only_model_tokenizes_and_refuses_presses(model_path):
+    """vocab_only=True loads no hyperparameters: llama_model_n_head would abort the process."""
+    import pathlib
+
+    m = Llama(pathlib.Path(model_path), vocab_only=True, verbose=False)  # a Path, as users write it
+    try:
+        assert m.tokenize(b"hello world") == llama_cpp.Llama(model_path, vocab_only=True, verbose=False).tokenize(
+            b"hello world")
+        with pytest.raises(NotImplementedError, match="vocab_only"):
+            m.kv_compress = KVComposePress(0.5)
+    finally:
+        m.close()
 
 
 def test_prompt_longer_than_context(model_path, prompt_tokens):
