@@ -1,7 +1,7 @@
 """``pykvcompose serve`` under load against llama-cpp-python's own server, on the same requests.
 
     python bench/server_load.py [--requests 32] [--workers 8] [--press snapkv:0.5] [--n-ctx 512]
-                                [--rounds 2] [--out bench/results-server]
+                                [--rounds 2] [--n-long 2] [--out bench/results-server]
 
 Each server is started alone on 127.0.0.1 (the machine has 2 cores: never both at once), warmed
 with one request, then sent the same mixed load (pykvcompose.server_load: chat and completions,
@@ -80,11 +80,13 @@ def main() -> None:
     p.add_argument("--n-ctx", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=8)
+    p.add_argument("--n-long", type=int, default=2,
+                   help="requests ~2.5x n_ctx (plain llama-cpp-python refuses them; 0 for like-for-like timings)")
     p.add_argument("--model", default=None)
     p.add_argument("--out", default="bench/results-server")
     a = p.parse_args()
     a.model = a.model or default_model_path()
-    requests = load_requests(a.requests, "m", max_tokens=a.max_tokens, n_ctx=a.n_ctx)
+    requests = load_requests(a.requests, "m", max_tokens=a.max_tokens, n_long=a.n_long, n_ctx=a.n_ctx)
     results = {"pykvcompose": [], "llama-cpp-python": []}
     for rnd in range(a.rounds):
         order = list(results) if rnd % 2 == 0 else list(reversed(results))

@@ -148,6 +148,7 @@ def test_torn_last_line_is_ignored(tmp_path):
     (["--ratios", "0,0.5"], "ratios must lie in"),
     (["--lengths", "50"], "lengths must be >= 200"),
     (["--settings", "sideways"], "unknown setting"),
+    (["--styles", "poem"], "unknown style 'poem'"),
     (["--report-only"], "no results"),
     (["--models", "nonexistent-model"], "unknown model"),
 ])
@@ -176,3 +177,44 @@ def test_tiny_grid_runs_and_resumes(tmp_path, capsys):
     assert [r["perplexity"] for r in second[3:]] == pytest.approx([r["perplexity"] for r in first[3:]], rel=1e-6)
     assert bench_main(args) == 0 and len(runner.load_records(tmp_path / "results.jsonl")) == 6
     assert (tmp_path / "results.md").exists() and (tmp_path / "results.csv").exists()
+
+
+def test_power_table_counts_intervals_and_paired_tests():
+    """20 paired cases: kvcompose finds 15, snapkv 5 of the same (10 discordant, all one way: p = 2/2^10)."""
+    recs = []
+    for seed in range(20):
+        key = f"m|niah_single|aware|100|{seed}"
+        base = dict(model="m", task="niah_single", setting="aware", length=100, seed=seed, key=key)
+        recs.append(dict(base, press="full", ratio=0.0, score=100.0))
+        recs.append(dict(base, press="kvcompose", ratio=0.5, score=100.0 if seed < 15 else 0.0))
+        recs.append(dict(base, press="snapkv", ratio=0.5, score=100.0 if seed < 5 else 50.0))
+        recs.append(dict(base, press="variable_tracking-only", ratio=0.5, score=0.0, task="variable_tracking"))
+    text = "\n".join(report.power(recs, {"niah_single"}))
+    assert "| full cache | 20/20 (84-100%) |" in text
+    assert "| kvcompose | 15/20 (53-89%) |" in text
+    assert f"| snapkv | 5/20 (11-47%), p={2 / 2 ** 10:.2g} |" in text
+    assert "variable_tracking-only" not in text  # not a needle task
+
+
+def test_chat_style_and_the_power_grid(tmp_path, capsys):
+    assert runner.chat_question("What is the special magic number for x mentioned in the text above? "
+                                "The special magic number for x is") == \
+        "What is the special magic number for x mentioned in the text above?"
+    assert runner.chat_question("Find all variables that are assigned the value 5 in the text above. Answer: the "
+                                "variables assigned that value are") == \
+        "Find all variables that are assigned the value 5 in the text above."
+    power = runner.BenchConfig.power()
+    assert power.samples >= 20 and set(power.styles) == {"completion", "chat"} and power.lengths == (1500,)
+    assert set(power.tasks) == set(runner.NEEDLE_TASKS) and power.ratios == (0.5, 0.75, 0.875)
+
+    args = ["--power", "--tasks", "niah_single", "--presses", "kvcompose,snapkv", "--ratios", "0.5",
+            "--lengths", "300", "--samples", "2", "--models", "smollm2-135m", "--out", str(tmp_path), "--quiet"]
+    assert bench_main(args) == 0
+    recs = runner.load_records(tmp_path / "results.jsonl")
+    assert len(recs) == 2 * 2 * 3 and {r["style"] for r in recs} == {"completion", "chat"}
+    chat = [r for r in recs if r["style"] == "chat"]
+    assert all(r["key"].endswith("|chat") for r in chat) and chat[0]["context_tokens"] > recs[0]["context_tokens"]
+    out = capsys.readouterr().out
+    assert "question-aware, chat prompts" in out and "cases found (Wilson 95%)" in out
+    assert "| full cache | " in out and "p=" in out
+    assert (tmp_path / "score_vs_ratio_smollm2-135m_aware_chat_prompts.png").exists()

@@ -38,6 +38,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="pykvcompose bench", description=__doc__)
     p.add_argument("--quick", action="store_true",
                    help="the ~10-minute grid: contexts of 800 tokens, 2 samples per task and setting")
+    p.add_argument("--power", action="store_true",
+                   help="the grid that can tell presses apart: 20 cases per needle task, completion and chat "
+                        "prompts, 1.5k tokens, ratios 0.5/0.75/0.875, with Wilson intervals and paired McNemar tests")
+    p.add_argument("--styles", type=_list("style"), help="completion,chat (plain document or the model's chat template)")
     p.add_argument("--presses", type=_list("press"), help=f"comma-separated, from {', '.join(runner.DEFAULT_PRESSES)}")
     p.add_argument("--ratios", type=_ratios, help=f"comma-separated, in (0, 1) (default {runner.RATIOS}; 0 always runs)")
     p.add_argument("--tasks", type=_list("task"), help=f"comma-separated, from {', '.join(TASKS)}")
@@ -52,10 +56,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
 
-    overrides = {k: getattr(a, k) for k in ("presses", "ratios", "tasks", "lengths", "samples", "settings", "models")
-                 if getattr(a, k) is not None}
+    if a.quick and a.power:
+        p.error("--quick and --power are two different grids: choose one")
+    overrides = {k: getattr(a, k) for k in ("presses", "ratios", "tasks", "lengths", "samples", "settings", "models",
+                                            "styles") if getattr(a, k) is not None}
     overrides["out_dir"] = a.out
-    config = runner.BenchConfig.quick(**overrides) if a.quick else runner.BenchConfig(**overrides)
+    grid = runner.BenchConfig.quick if a.quick else runner.BenchConfig.power if a.power else runner.BenchConfig
+    config = grid(**overrides)
     try:
         config.validate()
         if a.report_only:

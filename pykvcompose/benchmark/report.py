@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
+from .. import stats
 from . import metrics
 
 README_START = "<!-- bench-results:start -->"
@@ -83,6 +84,54 @@ def summarize(records: List[Dict[str, Any]]) -> Dict[str, Any]:
                            "max_ratio_10pct": metrics.max_ratio_within(ratios, [values[x] for x in ratios],
                                                                        values[0.0], higher_is_better=False)})
     return {"rows": rows, "perplexity": perplexity, "skipped": skipped}
+
+
+def by_style(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Records with chat-template samples as a setting of their own ("aware, chat prompts"), so every
+    table and plot compares presses on one prompt style (records before styles existed are completion)."""
+    out = []
+    for r in records:
+        style = r.get("style", "completion")
+        out.append(r if style == "completion" or "setting" not in r else dict(r, setting=f"{r['setting']}, {style} prompts"))
+    return out
+
+
+def power(records: List[Dict[str, Any]], needle_tasks: Sequence[str]) -> List[str]:
+    """Retrieval counts with Wilson 95% intervals and paired exact McNemar tests, per (model, setting,
+    length): a case is found when every answer is in the output; presses are compared on the same cases."""
+    found: Dict[tuple, Dict[tuple, Dict[str, bool]]] = defaultdict(lambda: defaultdict(dict))
+    for r in records:
+        if not r.get("skipped") and "score" in r and r["task"] in needle_tasks:
+            found[(r["model"], r["setting"], r["length"])][(r["press"], float(r["ratio"]))][r["key"]] = r["score"] >= 100
+    out: List[str] = []
+    for (model, setting, length), cells in found.items():
+        full = cells.get(("full", 0.0), {})
+        cases = sorted(full)
+        ratios = sorted({x for (_, x) in cells if x > 0})
+        presses = list(dict.fromkeys(p for (p, x) in cells if p != "full"))
+        out.append(f"### {model}, question-{setting}, {length} tokens: cases found (Wilson 95%), "
+                   f"{', '.join(sorted(needle_tasks & {k.split('|')[1] for k in cases}))}\n")
+        out.append("| press | " + " | ".join(f"{x:g}" for x in ratios) + " |")
+        out.append("|---|" + "---:|" * len(ratios))
+        hits = sum(full[k] for k in cases)
+        out.append(f"| full cache | {stats.count_with_interval(hits, len(cases))}" + " |" * len(ratios))
+        for press in presses:
+            row = []
+            for x in ratios:
+                got = cells.get((press, x), {})
+                if any(k not in got for k in cases):
+                    row.append("-")
+                    continue
+                cell = stats.count_with_interval(sum(got[k] for k in cases), len(cases))
+                ref = cells.get(("kvcompose", x), {})
+                if press != "kvcompose" and all(k in ref for k in cases):
+                    p = stats.mcnemar_exact([got[k] for k in cases], [ref[k] for k in cases])
+                    cell += f", p={p:.2g}"
+                row.append(cell)
+            out.append(f"| {press} | " + " | ".join(row) + " |")
+        out.append("\np: exact McNemar test against `kvcompose` at the same ratio on the same cases; a press "
+                   "is better or worse only where p < 0.05.\n")
+    return out
 
 
 def _fmt(x: Optional[float], digits: int = 1) -> str:
@@ -187,7 +236,7 @@ def plots(records: List[Dict[str, Any]], summary: Dict[str, Any], out_dir: pathl
                 style = "-" if r["press"].startswith("kvcompose") else ":"
                 ax.plot(xs, [r["scores"][x] for x in xs], style, marker="o", label=r["press"])
         written.append(_save(fig, ax, "compression ratio (fraction of KV cells removed)", "mean task score (%)",
-                              f"{model}, question-{setting}", out_dir / f"score_vs_ratio_{_slug(model)}_{setting}.png"))
+                              f"{model}, question-{setting}", out_dir / f"score_vs_ratio_{_slug(model)}_{_slug(setting)}.png"))
     for model in dict.fromkeys(r["model"] for r in records if r.get("layer_budgets")):
         by_ratio = defaultdict(list)
         for r in records:
@@ -226,9 +275,13 @@ def _slug(s: str) -> str:
 
 def write(records: List[Dict[str, Any]], out_dir: str, readme: Optional[str] = None) -> Dict[str, Any]:
     """Write summary.json, results.csv, results.md and the plots; optionally refresh the README section."""
+    from .runner import NEEDLE_TASKS
+
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    records = by_style(records)
     summary = summarize(records)
+    power_text = "\n".join(power(records, set(NEEDLE_TASKS)))
     config_path = out / "config.json"
     config = json.loads(config_path.read_text()) if config_path.exists() else None
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
@@ -242,9 +295,10 @@ def write(records: List[Dict[str, Any]], out_dir: str, readme: Optional[str] = N
         for p in summary["perplexity"]:
             for x, v in sorted(p["perplexity"].items()):
                 w.writerow([p["model"], "perplexity", p["press"], x, f"{v:.4f}", "", p["max_ratio_10pct"]])
-    text = markdown(summary, config)
+    text = markdown(summary, config) + "\n" + power_text
     (out / "results.md").write_text(text)
-    text = markdown(summary, config, per_task=False) + f"\nPer-task tables: `{out.as_posix()}/results.md`.\n"
+    text = (markdown(summary, config, per_task=False) + "\n" + power_text +
+            f"\nPer-task tables: `{out.as_posix()}/results.md`.\n")
     try:
         images = plots(records, summary, out)
     except ImportError:

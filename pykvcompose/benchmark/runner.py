@@ -27,7 +27,13 @@ from . import metrics
 from .tasks import TASKS, Sample, score_output
 
 SETTINGS = ("aware", "agnostic")
+#: How a sample is put to the model: as a plain document whose question ends in the answer's lead-in
+#: ("completion"), or inside the model's chat template as the user's turn with the assistant's turn
+#: opened ("chat"), where the model writes its own lead-in on the compressed cache.
+STYLES = ("completion", "chat")
 RATIOS = (0.25, 0.5, 0.75, 0.875)  # 0 (the full cache) is always measured
+#: The tasks scored by exact retrieval (one case is found or not): the power mode's tasks.
+NEEDLE_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "passage_qa")
 
 #: Benchmark label -> press spec (``parse_press_spec``) with the ratio left as ``{ratio}``.
 #: "kvcompose-token" is the token-level row: the same tokens in every layer and head, evicted by
@@ -70,12 +76,20 @@ class BenchConfig:
     samples: int = 4
     settings: Sequence[str] = SETTINGS
     models: Sequence[str] = ("smollm2-135m", "gemma3-270m")
+    styles: Sequence[str] = ("completion",)
     max_new_tokens: int = 24
     out_dir: str = "bench/results"
 
     @classmethod
     def quick(cls, **overrides: Any) -> "BenchConfig":
         return cls(**{"lengths": (800,), "samples": 2, **overrides})
+
+    @classmethod
+    def power(cls, **overrides: Any) -> "BenchConfig":
+        """The grid that can tell presses apart: 20 cases per needle task, both prompt styles, 1.5k tokens,
+        question-aware, ratios 0.5 / 0.75 / 0.875 (the report adds Wilson intervals and paired tests)."""
+        return cls(**{"tasks": NEEDLE_TASKS, "lengths": (1500,), "samples": 20, "settings": ("aware",),
+                      "styles": STYLES, "ratios": (0.5, 0.75, 0.875), "models": ("smollm2-135m",), **overrides})
 
     def validate(self) -> None:
         unknown = [p for p in self.presses if p not in DEFAULT_PRESSES]
@@ -87,6 +101,9 @@ class BenchConfig:
         unknown = [s for s in self.settings if s not in SETTINGS]
         if unknown:
             raise ValueError(f"unknown setting {unknown[0]!r}; expected one of {list(SETTINGS)}")
+        unknown = [s for s in self.styles if s not in STYLES]
+        if unknown or not self.styles:
+            raise ValueError(f"unknown style {unknown[0] if unknown else None!r}; expected one of {list(STYLES)}")
         if not self.ratios or any(not 0 < r < 1 for r in self.ratios):
             raise ValueError(f"ratios must lie in (0, 1) (0, the full cache, is always measured), got {list(self.ratios)}")
         for m in self.models:
@@ -107,8 +124,31 @@ def locate_model(label: str) -> str:
     return MODELS[label]()
 
 
-def sample_key(model: str, s: Sample, setting: str, length: int) -> str:
-    return f"{model}|{s.task}|{setting}|{length}|{s.seed}"
+def sample_key(model: str, s: Sample, setting: str, length: int, style: str = "completion") -> str:
+    # completion-style keys keep their earlier form, so earlier results still resume
+    return f"{model}|{s.task}|{setting}|{length}|{s.seed}" + ("" if style == "completion" else f"|{style}")
+
+
+def chat_question(question: str) -> str:
+    """A task's question without the answer's lead-in ("... is"), which a chat model writes itself."""
+    if "? " in question:  # "What is the special magic number for X ...? The special magic number for X is"
+        return question.split("? ", 1)[0] + "?"
+    return question.split(" Answer:", 1)[0]  # "Find all variables ... Answer: the variables ... are"
+
+
+def chat_prompt(llm: Llama, context: str, question: str) -> Tuple[str, str]:
+    """The sample as the user's turn of the model's chat template, the assistant's turn opened:
+    (the text up to the end of the context, the rest)."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        raise ValueError("the chat style needs a model with a chat template (tokenizer.chat_template)")
+    token = lambda t: llm._model.token_get_text(t) if t >= 0 else ""  # noqa: E731
+    formatter = Jinja2ChatFormatter(template, eos_token=token(llm.token_eos()), bos_token=token(llm.token_bos()))
+    text = formatter(messages=[{"role": "user", "content": context + "\n\n" + chat_question(question)}]).prompt
+    at = text.index(context) + len(context)
+    return text[:at], text[at:]
 
 
 def load_records(path: pathlib.Path) -> List[Dict[str, Any]]:
@@ -134,12 +174,19 @@ def continuation_perplexity(llm: Llama, continuation: List[int]) -> float:
     return metrics.perplexity(logits[:-1], continuation[1:])
 
 
-def run_sample(llm: Llama, model: str, sample: Sample, setting: str, length: int, config: BenchConfig
-               ) -> List[Dict[str, Any]]:
+def run_sample(llm: Llama, model: str, sample: Sample, setting: str, length: int, config: BenchConfig,
+               style: str = "completion") -> List[Dict[str, Any]]:
     """Prefill and probe one sample once, then answer it with the full cache and every (press, ratio)."""
-    tok = lambda text, bos=True: llm.tokenize(text.encode(), add_bos=bos)  # noqa: E731
+    tok = lambda text, bos=True: llm.tokenize(text.encode(), add_bos=bos, special=style == "chat")  # noqa: E731
     if sample.metric == "perplexity":
         context, follow = tok(sample.context), tok(sample.continuation, False)
+    elif style == "chat":
+        head, tail = chat_prompt(llm, sample.context, sample.question)
+        if setting == "aware":
+            full = tok(head + tail)
+            context, follow = full[:-1], full[-1:]
+        else:
+            context, follow = tok(head), tok(tail, False)
     elif setting == "aware":  # the question is inside the compressed prompt; its last token is held back
         full = tok(sample.context + "\n\n" + sample.question)
         context, follow = full[:-1], full[-1:]
@@ -154,7 +201,8 @@ def run_sample(llm: Llama, model: str, sample: Sample, setting: str, length: int
     llm.kv_compress = None
     probe = llm.kv_probe(context, list(presses.values()))
     state = llm.save_state()
-    base = {"model": model, "task": sample.task, "setting": setting, "length": length, "seed": sample.seed,
+    base = {"model": model, "task": sample.task, "setting": setting, "style": style, "length": length,
+            "seed": sample.seed,
             "context_tokens": len(context), "prefill_seconds": probe.prefill_seconds,
             "probe_seconds": probe.probe_seconds}
     records = []
@@ -190,8 +238,9 @@ def run(config: BenchConfig, fresh: bool = False, quiet: bool = False) -> List[D
     (out / "config.json").write_text(json.dumps({k: list(v) if isinstance(v, tuple) else v
                                                  for k, v in config.__dict__.items()}, indent=2))
 
-    jobs = [(m, task, setting, length, seed) for m in config.models for task in config.tasks
+    jobs = [(m, task, setting, style, length, seed) for m in config.models for task in config.tasks
             for setting in (("agnostic",) if task == "perplexity" else config.settings)
+            for style in (("completion",) if task == "perplexity" else config.styles)
             for length in config.lengths for seed in range(config.samples)]
     progress = Progress(len(jobs), quiet)
     for model in config.models:
@@ -204,15 +253,15 @@ def run(config: BenchConfig, fresh: bool = False, quiet: bool = False) -> List[D
             continue
         try:
             tokenize = lambda text: llm.tokenize(text.encode(), add_bos=False)  # noqa: E731
-            for _, task, setting, length, seed in model_jobs:
+            for _, task, setting, style, length, seed in model_jobs:
                 sample = TASKS[task](tokenize, length, seed)
-                key = sample_key(model, sample, setting, length)
+                key = sample_key(model, sample, setting, length, style)
                 if key not in done:
-                    for rec in run_sample(llm, model, sample, setting, length, config):
+                    for rec in run_sample(llm, model, sample, setting, length, config, style):
                         rec["key"] = key
                         _append(path, rec, records)
                     done.add(key)
-                progress.step(f"{model} {task} {setting} {length} #{seed}")
+                progress.step(f"{model} {task} {setting} {style} {length} #{seed}")
         finally:
             llm.close()
     return records
