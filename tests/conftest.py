@@ -88,3 +88,22 @@ def seq_state(llm, seq_id: int = 0) -> bytes:
     buf = (llama_cpp.ctypes.c_uint8 * size)()
     assert llama_cpp.llama_state_seq_get_data(ctx, buf, size, seq_id) == size
     return bytes(buf)
+
+
+def evict_with_llama_cpp(llm, n: int, keep) -> bytes:
+    """Remove every position of 0..n-1 not in ``keep`` with llama.cpp's own ``llama_memory_seq_rm``;
+    the sequence state afterwards (the reference for token-level selections)."""
+    mem = llama_cpp.llama_get_memory(llm._ctx.ctx)
+    for p in sorted(set(range(n)) - set(int(k) for k in keep)):
+        assert llama_cpp.llama_memory_seq_rm(mem, 0, p, p + 1)
+    return seq_state(llm)
+
+
+def logits_after_compacting(llm, state: bytes, last) -> np.ndarray:
+    """Next logits after ``state`` is loaded into the emptied cache (llama.cpp compacts its cells) and
+    ``last`` decoded: llama.cpp's own logits on an eviction, without the holes it leaves in place."""
+    llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(llm._ctx.ctx), 0, -1, -1)
+    buf = (llama_cpp.ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+    assert llama_cpp.llama_state_seq_set_data(llm._ctx.ctx, buf, len(state), 0) == len(state)
+    llm.eval(last)
+    return last_logits(llm)

@@ -5,8 +5,6 @@ compression relies on; the architectures without per-token K/V rows are refused 
 Random weights say nothing about quality: these tests check graph node names, cache layouts,
 head sizes, biases, norms and softcapping, against llama.cpp itself where it can be the reference."""
 
-import ctypes
-
 import llama_cpp
 import numpy as np
 import pytest
@@ -14,7 +12,8 @@ import pytest
 from pykvcompose import KVComposePress, Llama, _native
 from pykvcompose.haystack import haystack_text
 
-from conftest import N_THREADS, greedy, last_logits, logits_after, seq_state
+from conftest import (N_THREADS, evict_with_llama_cpp, greedy, last_logits, logits_after, logits_after_compacting,
+                      seq_state)
 from tiny_models import MODELS, model_file
 
 SUPPORTED = [m for m in MODELS if m.supported]
@@ -50,7 +49,7 @@ def _swa_bytes(llm) -> int:
     return llama_cpp.llama_state_seq_get_size_ext(ctx, 0, flags) - 8  # without its magic and sequence id
 
 
-def matrix(checks=None):
+def matrix():
     """(spec, flash attention) parameters with readable ids."""
     return pytest.mark.parametrize(
         "spec,flash_attn", [(m, fa) for m in SUPPORTED for fa in FLASH],
@@ -101,17 +100,10 @@ def test_a_token_level_selection_is_llama_cpp_eviction(spec, flash_attn, tokens)
 
     ref = _stock(spec, flash_attn)
     ref.eval(ctx_tokens)
-    mem = llama_cpp.llama_get_memory(ref._ctx.ctx)
-    for p in sorted(set(range(n)) - set(keep.tolist())):
-        assert llama_cpp.llama_memory_seq_rm(mem, 0, p, p + 1)
-    ref_state = seq_state(ref)
+    ref_state = evict_with_llama_cpp(ref, n, keep)
     ref_swa = _swa_bytes(ref)
     if not ref_swa:
-        llama_cpp.llama_memory_seq_rm(mem, 0, -1, -1)
-        buf = (ctypes.c_uint8 * len(ref_state)).from_buffer_copy(ref_state)
-        assert llama_cpp.llama_state_seq_set_data(ref._ctx.ctx, buf, len(ref_state), 0) == len(ref_state)
-        ref.eval(last)
-        ref_logits = last_logits(ref)
+        ref_logits = logits_after_compacting(ref, ref_state, last)
     ref.close()
 
     m = _ours(spec, flash_attn)

@@ -44,6 +44,13 @@ def test_task_answers_are_in_the_haystack_and_seeds_reproduce(tokenize, task, se
             assert f"VAR {b} = VAR {a}" in s.context
 
 
+def test_a_haystack_whose_joined_text_runs_over_still_fits(tokenize):
+    """niah_single seed 18 at 1500 tokens: the joined paragraphs came to 1502 tokens at every one of
+    the 8 budgets once tried (each cut by 2, too little to drop a paragraph), and the power grid stopped."""
+    s = TASKS["niah_single"](tokenize, 1500, 18)
+    assert 1400 <= len(tokenize(s.context)) <= 1500 and s.answers[0] in s.context
+
+
 def test_score_output_matches_whole_words():
     s = Sample("t", 0, "", "", ["894772", "Krakow"])
     assert score_output(s, " 894772. It is in krakow") == 100.0
@@ -191,7 +198,7 @@ def test_power_table_counts_intervals_and_paired_tests():
         recs.append(dict(base, press="variable_tracking-only", ratio=0.5, score=0.0, task="variable_tracking"))
     text = "\n".join(report.power(recs, {"niah_single"}))
     assert "| full cache | 20/20 (84-100%) |" in text
-    assert "| kvcompose | 15/20 (53-89%) |" in text
+    assert f"| kvcompose | 15/20 (53-89%), p={2 / 2 ** 5:.2g} vs full |" in text  # 5 discordant, one way
     assert f"| snapkv | 5/20 (11-47%), p={2 / 2 ** 10:.2g} |" in text
     assert "variable_tracking-only" not in text  # not a needle task
 

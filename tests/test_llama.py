@@ -6,7 +6,7 @@ import pytest
 
 from pykvcompose import KVComposePress, Llama, _native
 
-from conftest import last_logits, logits_after, seq_state
+from conftest import evict_with_llama_cpp, last_logits, logits_after, logits_after_compacting, seq_state
 
 F32, F16, BF16 = llama_cpp.GGML_TYPE_F32, llama_cpp.GGML_TYPE_F16, 30  # GGML_TYPE_BF16 (not exported by llama_cpp)
 Q8_0, Q4_0 = llama_cpp.GGML_TYPE_Q8_0, llama_cpp.GGML_TYPE_Q4_0
@@ -48,15 +48,8 @@ def test_same_tokens_in_every_head_equals_llama_eviction(model_path, prompt_toke
 
     ref = llama_cpp.Llama(model_path, n_threads=2, **kw)
     ref.eval(ctx_tokens)
-    mem = llama_cpp.llama_get_memory(ref._ctx.ctx)
-    for p in sorted(set(range(n)) - set(keep.tolist())):
-        assert llama_cpp.llama_memory_seq_rm(mem, 0, p, p + 1)
-    ref_state = seq_state(ref)
-    llama_cpp.llama_memory_seq_rm(mem, 0, -1, -1)
-    buf = (llama_cpp.ctypes.c_uint8 * len(ref_state)).from_buffer_copy(ref_state)
-    assert llama_cpp.llama_state_seq_set_data(ref._ctx.ctx, buf, len(ref_state), 0) == len(ref_state)
-    ref.eval(last)
-    ref_logits = last_logits(ref)
+    ref_state = evict_with_llama_cpp(ref, n, keep)
+    ref_logits = logits_after_compacting(ref, ref_state, last)
     ref.close()
 
     ours = Llama(model_path, **kw)

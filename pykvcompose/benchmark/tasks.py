@@ -73,7 +73,7 @@ def _plant(tokenize: Tokenize, rng: random.Random, n_tokens: int, needles: Seque
     """A haystack of at most ``n_tokens`` tokens with each needle inserted at its relative depth."""
     budget = n_tokens - sum(len(tokenize(s)) + 1 for s in needles)
     state = rng.getstate()
-    for _ in range(8):
+    for attempt in range(24):
         rng.setstate(state)  # the same filler, shorter, until the joined text fits
         paragraphs = _filler(tokenize, rng, budget)
         for needle, depth in sorted(zip(needles, depths), key=lambda x: -x[1]):
@@ -82,7 +82,9 @@ def _plant(tokenize: Tokenize, rng: random.Random, n_tokens: int, needles: Seque
         over = len(tokenize(text)) - n_tokens
         if over <= 0:
             return text
-        budget -= over
+        # joined paragraphs tokenize a little longer than counted, and a smaller budget changes nothing
+        # until it drops a paragraph: after 8 tries (the samples of earlier runs), step down faster
+        budget -= over if attempt < 8 else over << (attempt - 7)
     raise RuntimeError(f"could not fit a haystack into {n_tokens} tokens")
 
 
