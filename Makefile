@@ -19,7 +19,7 @@ demo: install
 	$(PY) -m pykvcompose demo
 
 test: install test-native
-	$(VENV)/bin/pytest -q tests
+	$(VENV)/bin/pytest -q --durations=15 tests
 
 install: $(STAMPS)/pykvcompose
 
