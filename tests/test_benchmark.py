@@ -10,7 +10,7 @@ import pytest
 
 from pykvcompose.benchmark import metrics, report, runner
 from pykvcompose.benchmark.cli import main as bench_main
-from pykvcompose.benchmark.tasks import TASKS, Sample, score_output
+from pykvcompose.benchmark.tasks import NEEDLE_TASKS, TASKS, Sample, score_output
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +212,7 @@ def test_chat_style_and_the_power_grid(tmp_path, capsys):
         "Find all variables that are assigned the value 5 in the text above."
     power = runner.BenchConfig.power()
     assert power.samples >= 20 and set(power.styles) == {"completion", "chat"} and power.lengths == (1500,)
-    assert set(power.tasks) == set(runner.NEEDLE_TASKS) and power.ratios == (0.5, 0.75, 0.875)
+    assert set(power.tasks) == set(NEEDLE_TASKS) and power.ratios == (0.5, 0.75, 0.875)
 
     args = ["--power", "--tasks", "niah_single", "--presses", "kvcompose,snapkv", "--ratios", "0.5",
             "--lengths", "300", "--samples", "1", "--models", "smollm2-135m", "--out", str(tmp_path), "--quiet"]

@@ -13,6 +13,7 @@ import numpy as np
 
 from .. import stats
 from . import metrics
+from .tasks import NEEDLE_TASKS
 
 README_START = "<!-- bench-results:start -->"
 README_END = "<!-- bench-results:end -->"
@@ -96,13 +97,16 @@ def by_style(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     return out
 
 
-def power(records: List[Dict[str, Any]], needle_tasks: Sequence[str]) -> List[str]:
+def power(records: List[Dict[str, Any]], needle_tasks: Sequence[str] = NEEDLE_TASKS) -> List[str]:
     """Retrieval counts with Wilson 95% intervals and paired exact McNemar tests, per (model, setting,
     length): a case is found when every answer is in the output; presses are compared on the same cases."""
     found: Dict[tuple, Dict[tuple, Dict[str, bool]]] = defaultdict(lambda: defaultdict(dict))
+    tasks: Dict[tuple, set] = defaultdict(set)
     for r in records:
         if not r.get("skipped") and "score" in r and r["task"] in needle_tasks:
-            found[(r["model"], r["setting"], r["length"])][(r["press"], float(r["ratio"]))][r["key"]] = r["score"] >= 100
+            group = (r["model"], r["setting"], r["length"])
+            found[group][(r["press"], float(r["ratio"]))][r["key"]] = r["score"] >= 100
+            tasks[group].add(r["task"])
     out: List[str] = []
     for (model, setting, length), cells in found.items():
         full = cells.get(("full", 0.0), {})
@@ -110,7 +114,7 @@ def power(records: List[Dict[str, Any]], needle_tasks: Sequence[str]) -> List[st
         ratios = sorted({x for (_, x) in cells if x > 0})
         presses = list(dict.fromkeys(p for (p, x) in cells if p != "full"))
         out.append(f"### {model}, question-{setting}, {length} tokens: cases found (Wilson 95%), "
-                   f"{', '.join(sorted(needle_tasks & {k.split('|')[1] for k in cases}))}\n")
+                   f"{', '.join(sorted(tasks[(model, setting, length)]))}\n")
         out.append("| press | " + " | ".join(f"{x:g}" for x in ratios) + " |")
         out.append("|---|" + "---:|" * len(ratios))
         hits = sum(full[k] for k in cases)
@@ -275,13 +279,11 @@ def _slug(s: str) -> str:
 
 def write(records: List[Dict[str, Any]], out_dir: str, readme: Optional[str] = None) -> Dict[str, Any]:
     """Write summary.json, results.csv, results.md and the plots; optionally refresh the README section."""
-    from .runner import NEEDLE_TASKS
-
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = by_style(records)
     summary = summarize(records)
-    power_text = "\n".join(power(records, set(NEEDLE_TASKS)))
+    power_text = "\n".join(power(records))
     config_path = out / "config.json"
     config = json.loads(config_path.read_text()) if config_path.exists() else None
     (out / "summary.json").write_text(json.dumps(summary, indent=1, default=str))

@@ -24,7 +24,7 @@ from ..models import default_model_path
 from ..presses import KVComposePress, parse_press_spec
 from ..progress import Progress
 from . import metrics
-from .tasks import TASKS, Sample, score_output
+from .tasks import NEEDLE_TASKS, TASKS, Sample, score_output
 
 SETTINGS = ("aware", "agnostic")
 #: How a sample is put to the model: as a plain document whose question ends in the answer's lead-in
@@ -32,8 +32,6 @@ SETTINGS = ("aware", "agnostic")
 #: opened ("chat"), where the model writes its own lead-in on the compressed cache.
 STYLES = ("completion", "chat")
 RATIOS = (0.25, 0.5, 0.75, 0.875)  # 0 (the full cache) is always measured
-#: The tasks scored by exact retrieval (one case is found or not): the power mode's tasks.
-NEEDLE_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "passage_qa")
 
 #: Benchmark label -> press spec (``parse_press_spec``) with the ratio left as ``{ratio}``.
 #: "kvcompose-token" is the token-level row: the same tokens in every layer and head, evicted by

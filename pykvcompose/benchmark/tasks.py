@@ -193,6 +193,9 @@ def perplexity(tokenize: Tokenize, n_tokens: int, seed: int, n_continuation: int
     return Sample("perplexity", seed, context, "", [], metric="perplexity", continuation=" " + " ".join(rest[:k]))
 
 
+#: The tasks scored by exact retrieval (one case is found or not): the power grid's tasks and table.
+NEEDLE_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "passage_qa")
+
 #: Task name -> generator(tokenize, n_tokens, seed) -> Sample.
 TASKS: Dict[str, Callable[[Tokenize, int, int], Sample]] = {
     "niah_single": niah_single,
