@@ -104,17 +104,6 @@ def run_load(client, requests: Sequence[LoadRequest], workers: int, timeout: flo
         return sorted((f.result() for f in done), key=lambda o: o.id)
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    """The q-th percentile (0-100) of ``values``, linear between order statistics."""
-    xs = sorted(values)
-    if not xs:
-        return float("nan")
-    k = (len(xs) - 1) * q / 100
-    lo = int(k)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
-
-
 def resident_bytes(pid: int) -> Optional[int]:
     """Resident memory of process ``pid`` (Linux /proc), or None where it cannot be read."""
     try:
