@@ -15,6 +15,11 @@ the same prompts. Scores are counts with Wilson 95% intervals; "p vs full" and "
 McNemar tests against the full cache and against the published KVCompose (the first ``--presses``
 entry) on the same cases: a row is better or worse only where p < 0.05.
 
+--oracle adds, for every press, a row where the pass key's sentence ("The pass key is K. Remember it.
+K is the pass key.") is forced into every (layer, kv head), counted in C: an upper bound for any
+selection that finds the fact, which tells how much of a loss is selection and how much is the rest of
+the compressed cache. It is a measurement, not a press.
+
 A press spec is NAME[,key=value...] (see ``pykvcompose.presses.parse_press_spec``; the ratio is added).
 --model takes a label of the benchmark's model table (smollm2-135m, gemma3-270m) or a GGUF path. On
 Gemma 3 (interleaved sliding-window attention) only the global layers' cache is compressed.
@@ -23,6 +28,7 @@ Gemma 3 (interleaved sliding-window attention) only the global layers' cache is 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import pathlib
@@ -46,6 +52,22 @@ def press_for(spec: str, ratio: float):
     return parse_press_spec(f"{name}:{ratio}" + (f",{rest}" if rest else ""))
 
 
+def needle_forced(press, positions):
+    """``press`` with the cache positions ``positions`` kept by every (layer, kv head), counted in C (the oracle row)."""
+    oracle = copy.copy(press)
+    compress = press.compress
+    oracle.compress = lambda probe, n_keep, forced=(): compress(probe, n_keep, sorted(set(forced) | set(positions)))
+    return oracle
+
+
+def needle_positions(tokenize, text: str, key: int) -> range:
+    """Token positions of the pass key's sentence in ``tokenize(text)`` (it follows a paragraph break, so the
+    tokens before it are the prefix's own)."""
+    at = text.index(f"The pass key is {key}.")
+    end = text.index(f"{key} is the pass key.", at) + len(f"{key} is the pass key.")
+    return range(len(tokenize(text[:at])), len(tokenize(text[:end])))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=1500)
@@ -55,11 +77,13 @@ def main() -> None:
     p.add_argument("--presses", nargs="+", default=PRESSES, help="press specs NAME[,key=value...]")
     p.add_argument("--model", default="smollm2-135m", help=f"one of {sorted(MODELS)} or a GGUF path")
     p.add_argument("--max-tokens", type=int, default=16, help="enough for \"The pass key is NNNNN.\"")
+    p.add_argument("--oracle", action="store_true", help="add each press with the pass key's sentence forced")
     p.add_argument("--out", default="bench/results-passkey")
     a = p.parse_args()
     if a.cases < 1:
         p.error("--cases must be >= 1")
     presses = {(spec, r): press_for(spec, r) for spec in a.presses for r in a.ratios}  # refuse bad specs first
+    rows = a.presses + [f"{spec} +needle" for spec in a.presses if a.oracle]
     path = a.model if os.path.isfile(a.model) else MODELS[a.model]()
     llm = Llama(path, n_ctx=2 * a.tokens + 256, n_batch=512, verbose=False)
     tok = lambda s: llm.tokenize(s.encode(), add_bos=False)  # noqa: E731
@@ -71,13 +95,19 @@ def main() -> None:
     t0 = time.perf_counter()
     for style in a.style:
         for depth, key, prompt in passkey_cases(tok, a.tokens, depths):
-            toks = llm.tokenize((passkey_chat_prompt(prompt) if style == "chat" else prompt).encode())
+            text = passkey_chat_prompt(prompt) if style == "chat" else prompt
+            # special=True: the chat template's markers are its special tokens, not their spelling as text
+            tokenize = lambda s: llm.tokenize(s.encode(), special=True)  # noqa: E731
+            toks = tokenize(text)
             context = toks[:-1]
+            needle = needle_positions(tokenize, text, key)
+            assert llm.detokenize(toks[needle.start:needle.stop]).decode().strip().startswith("The pass key is"), needle
             llm.kv_compress = None
             probe = llm.kv_probe(context, list(presses.values()))
             state = llm.save_state()
             row = []
-            for (spec, ratio), press in [(("full cache", 0.0), None)] + list(presses.items()):
+            oracles = [((f"{spec} +needle", r), needle_forced(p, needle)) for (spec, r), p in presses.items() if a.oracle]
+            for (spec, ratio), press in [(("full cache", 0.0), None)] + list(presses.items()) + oracles:
                 llm.load_state(state)
                 if press is not None:
                     llm.kv_apply(press, probe)
@@ -100,7 +130,7 @@ def main() -> None:
         lines += [f"**{style}** prompts: full cache {count_with_interval(sum(full), n)}", "",
                   "| press | " + " | ".join(f"{r} found | p vs full | p vs paper" for r in a.ratios) + " |",
                   "|---|" + "---:|---:|---:|" * len(a.ratios)]
-        for spec in a.presses:
+        for spec in rows:
             cells = []
             for r in a.ratios:
                 f, paper = found[(style, spec, r)], found[(style, a.presses[0], r)]
