@@ -440,8 +440,9 @@ class Llama(llama_cpp.Llama):
         """
         Prefill ``context`` into an empty cache and run every probe the presses need, once.
 
-        Window probes are read while their tokens are prefilled (no extra pass); the reconstruct
-        probe feeds the context again after itself. The cache afterwards holds exactly the plain
+        Window probes are read while their tokens are prefilled (no extra pass); a lookahead probe
+        decodes the model's greedy continuation of the context (a few tokens, then removed); the
+        reconstruct probe feeds the context again after itself. The cache afterwards holds exactly the plain
         prefill of ``context``, so one probe serves several presses (restore the cache with
         ``save_state``/``load_state`` between ``kv_apply`` calls).
 

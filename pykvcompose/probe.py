@@ -8,6 +8,7 @@ from typing import Callable, Dict, Optional, Tuple
 import numpy as np
 
 #: A probe: ("window", w) = the context's last w tokens as queries, seen while it is prefilled;
+#: ("lookahead", k) = up to k tokens the model greedily writes after the context, decoded and removed;
 #: ("reconstruct", 0) = the whole context fed again after itself (KVCompose's probe).
 ProbeSpec = Tuple[str, int]
 

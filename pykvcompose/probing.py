@@ -1,13 +1,14 @@
-"""Probes: measuring which cells the attention uses. The probe of a prompt (window and reconstruct
-probes, ``Llama.kv_probe``), the probes of a full cache (the newest tokens decoded again, or the
+"""Probes: measuring which cells the attention uses. The probe of a prompt (window, lookahead and
+reconstruct probes, ``Llama.kv_probe``), the probes of a full cache (the newest tokens decoded again, or the
 chunk of tokens streamed in since the last compression), and the check that a probe saw the
 context in place (so the rewrite may read the cache tensors)."""
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
+import llama_cpp
 import numpy as np
 
 from . import _native
@@ -27,9 +28,10 @@ def probe_context(engine: "Engine", context: Sequence[int], presses: Sequence[Ba
     context = list(context)
     n = len(context)
     specs = {tuple(p.probe()) for p in presses if p.probe() is not None}
-    unknown = {spec for spec in specs if spec[0] not in ("window", "reconstruct")}
+    unknown = {spec for spec in specs if spec[0] not in ("window", "lookahead", "reconstruct")}
     if unknown:
-        raise ValueError(f"unknown probe {sorted(unknown)}: expected ('window', w) or ('reconstruct', 0)")
+        raise ValueError(f"unknown probe {sorted(unknown)}: expected ('window', w), ('lookahead', k) "
+                         "or ('reconstruct', 0)")
     windows = sorted({min(int(w), n) for kind, w in specs if kind == "window"}, reverse=True)
     probe = Probe(shape.n_layer, shape.n_head, shape.n_head_kv, n)
     probe.norms = lambda part: (
@@ -58,6 +60,16 @@ def probe_context(engine: "Engine", context: Sequence[int], presses: Sequence[Ba
         if kind == "window" and w > n:
             probe.attention[(kind, w)] = probe.attention[(kind, n)]
     descriptions = [f"window of {w}" for w in windows]
+    # lookaheads run first: the longest continues from the logits the prefill's last token left, and
+    # shorter ones replay its first drafts
+    drafts: Optional[List[int]] = None
+    for k in sorted({int(w) for kind, w in specs if kind == "lookahead"}, reverse=True):
+        info: Dict[str, Any] = {}
+        mx, mean = engine.captured(lambda: info.update(decoded=lookahead(engine, context, k, drafts)), n)
+        drafts = drafts or info["decoded"]
+        probe.attention[("lookahead", k)] = {"max": mx, "mean": mean}
+        descriptions.append(f"lookahead of {len(info['decoded'])}")
+        queries = (n, n + len(info["decoded"]))
     if ("reconstruct", 0) in specs:
         info: Dict[str, Any] = {}
         mx, mean = engine.captured(lambda: info.update(_reconstruct(engine, context)), n)
@@ -77,6 +89,40 @@ def _reconstruct(engine: "Engine", context: List[int]) -> Dict[str, Any]:
     free = engine.shape.n_ctx - n  # >= 2: only prompts that fit are compressed whole
     chunk = redecode(engine, context, n, free, "probe")
     return {"probe": "reconstruct" if free >= n else f"reconstruct, chunks of {chunk}", "probe_queries": n}
+
+
+def lookahead(engine: "Engine", context: List[int], k: int, drafts: Optional[List[int]] = None) -> List[int]:
+    """Greedily decode up to ``k`` tokens after the context, at positions n.., right after its prefill (the
+    capture records their attention), and remove them; returns the tokens decoded. ``drafts``: decode
+    these instead (an earlier lookahead's, whose logits the cache no longer holds).
+
+    The model's own first answer tokens query the context the way the answer will, so their attention
+    finds what the answer reads (a pass key, a number) where the context's attention to itself does not.
+    Decoding stops after an end-of-generation token or when the cache has no free cell left."""
+    n = len(context)
+    model = engine.ctx.model
+    k = min(k, engine.shape.n_ctx - n)
+    if k < 1:
+        raise RuntimeError(f"no room in the cache to look ahead of {n} tokens (n_ctx={engine.shape.n_ctx})")
+    decoded: List[int] = []
+    try:
+        while len(decoded) < k:
+            if drafts is None:
+                # the newest decode's last row of logits: the prefill's last token, then each draft's
+                logits = np.ctypeslib.as_array(engine.ctx.get_logits_ith(-1), shape=(model.n_vocab(),))
+                token = int(np.argmax(logits))
+            elif len(decoded) < len(drafts):
+                token = drafts[len(decoded)]
+            else:
+                break
+            engine.batch.set_batch(batch=[token], n_past=n + len(decoded), logits_all=False)
+            engine.ctx.decode(engine.batch)
+            decoded.append(token)
+            if llama_cpp.llama_vocab_is_eog(model.vocab, token):
+                break
+    finally:
+        engine.remove(n)  # the drafts' cells never stay
+    return decoded
 
 
 def redecode(engine: "Engine", tokens: List[int], base: int, free: int, stage: str = "") -> int:
@@ -240,5 +286,6 @@ def persisted_probe(engine: "Engine") -> Probe:
     probe = cells_probe(engine, cells)
     scores = engine.conv.cell_scores
     probe.attention[("reconstruct", 0)] = {"max": scores["max"][..., :cells], "mean": scores["mean"][..., :cells]}
+    probe.substitute = ("reconstruct", 0)  # also for presses that score prompts by a lookahead
     probe.description = "each chunk's reconstruct probe, persisted"
     return probe

@@ -6,9 +6,11 @@ from pykvcompose.demo import format_table, run_demo
 
 
 def test_demo_rows_and_table():
-    rows = run_demo(n_tokens=400, ratios=(0.5,), depth=0.3, quiet=True, stream_ctx=256)
-    assert [r["method"] for r in rows] == ["full cache", "KVCompose 0.5", "KVCompose streamed, n_ctx=256"]
-    full, comp, streamed = rows
+    rows = run_demo(n_tokens=400, ratios=(0.5,), depth=0.3, quiet=True, stream_ctx=256, lookahead_ratios=(0.75,))
+    assert [r["method"] for r in rows] == ["full cache", "KVCompose 0.5", "KVCompose 0.75, lookahead probe",
+                                           "KVCompose streamed, n_ctx=256"]
+    full, comp, looked, streamed = rows
+    assert looked["cells"] < comp["cells"] and 0 < looked["compress_s"] < comp["compress_s"]  # no second pass
     # the streamed row reports the cells llama.cpp allocated (n_ctx), fewer than the document needs
     assert streamed["cells"] == 256 < full["cells"]
     assert streamed["kv_mib"] == pytest.approx(comp["kv_mib"] / comp["cells"] * 256)
@@ -18,5 +20,6 @@ def test_demo_rows_and_table():
     assert comp["compress_s"] > 0 and full["compress_s"] == 0
     table = format_table(rows)
     assert table.splitlines()[0].startswith("| method | cells | KV MiB |")
-    assert len(table.splitlines()) == 5
-    assert [r["method"] for r in run_demo(n_tokens=300, ratios=(), quiet=True, stream_ctx=0)] == ["full cache"]
+    assert len(table.splitlines()) == 6
+    assert [r["method"] for r in run_demo(n_tokens=300, ratios=(), quiet=True, stream_ctx=0, lookahead_ratios=())] \
+        == ["full cache"]

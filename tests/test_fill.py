@@ -10,7 +10,7 @@ from pykvcompose import KVComposePress, Llama, SnapKVPress, compression, rewrite
 from pykvcompose.engine import gather_heads
 from pykvcompose.haystack import haystack_text
 
-from conftest import greedy, press_ids, press_list
+from conftest import greedy, press_ids, press_list, seq_state
 
 N_CTX, CHUNK = 256, 32
 
@@ -142,3 +142,18 @@ def test_stream_seconds_count_chunks_and_their_probes(filler, long_tokens):
     filler.eval(long_tokens[:300])
     seconds = filler.kv_stream_seconds
     assert seconds["prefill"] > 0 and seconds["probe"] > 0
+
+
+def test_a_lookahead_press_streams_exactly_like_the_reconstruct_press(filler, long_tokens):
+    """scoring="lookahead" scores prompts only: streamed past the cache, it keeps the same persisted chunk
+    scores and the same cells as the published probe."""
+    runs = {}
+    for scoring in ("reconstruct", "lookahead"):
+        filler.kv_compress = KVComposePress(0.5, min_tokens=16, scoring=scoring)
+        filler.reset()
+        filler.eval(long_tokens[:400])
+        assert filler.kv_stats["probe"] == "each chunk's reconstruct probe, persisted"
+        runs[scoring] = (filler.kv_selection.copy(), filler.kv_cell_scores.copy(), seq_state(filler))
+    np.testing.assert_array_equal(runs["lookahead"][0], runs["reconstruct"][0])
+    np.testing.assert_array_equal(runs["lookahead"][1], runs["reconstruct"][1])
+    assert runs["lookahead"][2] == runs["reconstruct"][2]

@@ -12,7 +12,7 @@ F32, F16, BF16 = llama_cpp.GGML_TYPE_F32, llama_cpp.GGML_TYPE_F16, 30  # GGML_TY
 Q8_0, Q4_0 = llama_cpp.GGML_TYPE_Q8_0, llama_cpp.GGML_TYPE_Q4_0
 
 
-@pytest.mark.parametrize("scoring", ["reconstruct", "window"])
+@pytest.mark.parametrize("scoring", ["reconstruct", "window", "lookahead"])
 def test_ratio_zero_gives_logits_identical_to_llama_cpp(llm, plain_llm, prompt_tokens, scoring):
     """Probe + rewrite at ratio 0 are lossless. The reference decodes the prompt in the same two
     calls (all but the last token, then the last), because llama.cpp's own logits depend on how a

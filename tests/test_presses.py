@@ -50,6 +50,8 @@ def test_n_kept_follows_kvpress(press_cls, ratio, n, kept):
         ("span", 2.0),
         ("protect_tail", -1),
         ("protect_tail", 1.5),
+        ("lookahead", 0),
+        ("lookahead", 1.5),
     ],
 )
 def test_bad_kvcompose_fields_are_rejected(field, value):
@@ -202,6 +204,7 @@ def test_token_level_mode_keeps_the_same_tokens_everywhere(press_cls):
     ("random:0.25,seed=3", RandomPress(compression_ratio=0.25, seed=3)),
     ("streaming_llm:0.875,n_sink=8", StreamingLLMPress(compression_ratio=0.875, n_sink=8)),
     ("kvcompose:0,add_v_norm=yes,head_consensus=0.5", KVComposePress(0.0, add_v_norm=True, head_consensus=0.5)),
+    ("kvcompose:0.75,scoring=lookahead,lookahead=4", KVComposePress(0.75, scoring="lookahead", lookahead=4)),
 ])
 def test_press_specs_parse(spec, expected):
     from pykvcompose.presses import parse_press_spec

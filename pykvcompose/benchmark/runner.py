@@ -35,11 +35,13 @@ RATIOS = (0.25, 0.5, 0.75, 0.875)  # 0 (the full cache) is always measured
 
 #: Benchmark label -> press spec (``parse_press_spec``) with the ratio left as ``{ratio}``.
 #: "kvcompose-token" is the token-level row: the same tokens in every layer and head, evicted by
-#: llama.cpp itself (what composite cells are compared against).
+#: llama.cpp itself (what composite cells are compared against). "kvcompose-lookahead" scores by the
+#: attention of the model's first answer tokens (``scoring="lookahead"``, not in the paper).
 DEFAULT_PRESSES: Dict[str, str] = {
     "kvcompose": "kvcompose:{ratio}",
     "kvcompose-starved": "kvcompose:{ratio},starved_layers=consensus",
     "kvcompose-token": "kvcompose:{ratio},per_head=false",
+    "kvcompose-lookahead": "kvcompose:{ratio},scoring=lookahead",
     "snapkv": "snapkv:{ratio}",
     "pyramidkv": "pyramidkv:{ratio}",
     "tova": "tova:{ratio}",

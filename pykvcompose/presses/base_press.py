@@ -68,7 +68,7 @@ class BasePress(Press):
         check_bool("per_head", self.per_head)
 
     def probe(self) -> Optional[ProbeSpec]:
-        """The probe this press reads attention from: None, ``("window", w)`` or ``("reconstruct", 0)``."""
+        """The probe this press reads attention from: None, ``("window", w)``, ``("lookahead", k)`` or ``("reconstruct", 0)``."""
         return None
 
     def probe_queries(self, n_tokens: int) -> int:

@@ -13,7 +13,7 @@ from .base_press import BasePress, check_bool, check_choice, check_int, check_nu
 
 AGGREGATIONS = ("max", "mean")
 STARVED_LAYER_RANKINGS = ("own", "consensus")
-SCORINGS = ("reconstruct", "window")
+SCORINGS = ("reconstruct", "window", "lookahead")
 
 
 @dataclass
@@ -42,11 +42,19 @@ class KVComposePress(BasePress):
         Add the mean over a layer's kv heads to each head's scores (stabiliser).
     keep_token_lower_bound : int, default=0
         Minimum number of tokens of each layer in the layer allocation.
-    scoring : {"reconstruct", "window"}, default="reconstruct"
+    scoring : {"reconstruct", "window", "lookahead"}, default="reconstruct"
         Probe queries. "reconstruct": the context fed again after itself (the paper's probe;
         doubles the prefill). "window": the last ``window`` prompt tokens (no extra pass).
+        "lookahead" (not in the paper): the first ``lookahead`` tokens the model writes greedily after
+        the context on the full cache, decoded and removed before the cache is rewritten; they query
+        the context the way the answer will (Lookahead Q-Cache, https://arxiv.org/abs/2505.20334, uses
+        pseudo queries the same way), at ``lookahead`` decode steps instead of a second prefill.
     window : int, default=64
         Probe size of ``scoring="window"``.
+    lookahead : int, default=32
+        Probe size of ``scoring="lookahead"``: enough for a chat answer's lead-in ("The special magic
+        number for X is") and the fact after it (8 drafts stopped before the digits); fewer are decoded
+        when the model ends its answer or the cache is full.
     min_tokens : int, default=128
         Prompts shorter than this are not compressed.
     head_consensus : float, default=0.0
@@ -81,6 +89,7 @@ class KVComposePress(BasePress):
     keep_token_lower_bound: int = 0
     scoring: str = "reconstruct"
     window: int = 64
+    lookahead: int = 32
     min_tokens: int = 128
     head_consensus: float = 0.0
     starved_layers: str = "own"
@@ -98,6 +107,7 @@ class KVComposePress(BasePress):
         check_bool("add_mean_across_heads", self.add_mean_across_heads)
         check_int("keep_token_lower_bound", self.keep_token_lower_bound, 0)
         check_int("window", self.window, 1)
+        check_int("lookahead", self.lookahead, 1)
         check_int("min_tokens", self.min_tokens, 2)
         check_number("head_consensus", self.head_consensus, 0.0, 1.0, high_inclusive=True)
         check_int("span", self.span, 1)
@@ -111,8 +121,14 @@ class KVComposePress(BasePress):
         return self.window
 
     def probe(self) -> ProbeSpec:
-        """``("reconstruct", 0)`` or, with ``scoring="window"``, ``("window", window)``."""
-        return ("window", self.window) if self.scoring == "window" else ("reconstruct", 0)
+        """``("reconstruct", 0)``, ``("window", window)`` or ``("lookahead", lookahead)`` by ``scoring``."""
+        return {"window": ("window", self.window), "lookahead": ("lookahead", self.lookahead)}.get(
+            self.scoring, ("reconstruct", 0))
+
+    def scores_chunks(self) -> bool:
+        """A lookahead scores prompts only: streamed chunks keep the reconstruct scores, as published
+        (a chunk has no answer to look ahead to)."""
+        return self.scoring in ("reconstruct", "lookahead")
 
     def head_scores(self, probe: Probe) -> np.ndarray:
         """Probe attention per query head, float32 (layers, heads, tokens), reduced over probe queries by ``agg_task``."""
