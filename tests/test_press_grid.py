@@ -131,7 +131,7 @@ def test_compress_context_errors(llm, prompt_tokens):
 def test_kv_probe_rejects_an_unknown_probe(llm, prompt_tokens):
     class Odd(SnapKVPress):
         def probe(self):
-            return ("lookahead", 3)
+            return ("glimpse", 3)
 
     with pytest.raises(ValueError, match="unknown probe"):
         llm.kv_probe(prompt_tokens[:50], [Odd(0.5)])
