@@ -163,9 +163,12 @@ def test_concurrent_mixed_requests_are_answered_as_one_at_a_time(served, client)
         together = run_load(client, requests, workers=6, timeout=600)
         assert [(o.status, o.text) for o in together] == [(o.status, o.text) for o in alone]
         rss.append(resident_bytes(proc.pid))
-    # the first round may still grow caches (allocator arenas); later rounds must not
+    # the first round may still grow caches (allocator arenas); later rounds must not leak per request.
+    # glibc's per-thread arenas alone moved 0-35 MiB between rounds on these machines (seen: 284, 277, 293;
+    # 274, 299, 299; 287, 297, 322 MiB), while a leaked copy of one request's cache state (~11 MiB at this
+    # n_ctx) would add about 200 MiB across the ~20 answered requests of rounds 2 and 3
     print("resident MiB after each round:", [round(r / 2**20, 1) for r in rss])
-    assert rss[2] - rss[0] < 32 * 2**20, [r / 2**20 for r in rss]
+    assert rss[2] - rss[0] < 64 * 2**20, [r / 2**20 for r in rss]
 
     run_request(client, requests[0])  # the first request again, alone: the same stats as the first time
     after = stats(base)
