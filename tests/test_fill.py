@@ -151,7 +151,7 @@ def test_a_lookahead_press_streams_exactly_like_the_reconstruct_press(filler, lo
     for scoring in ("reconstruct", "lookahead"):
         filler.kv_compress = KVComposePress(0.5, min_tokens=16, scoring=scoring)
         filler.reset()
-        filler.eval(long_tokens[:400])
+        filler.eval(long_tokens[:320])
         assert filler.kv_stats["probe"] == "each chunk's reconstruct probe, persisted"
         runs[scoring] = (filler.kv_selection.copy(), filler.kv_cell_scores.copy(), seq_state(filler))
     np.testing.assert_array_equal(runs["lookahead"][0], runs["reconstruct"][0])
