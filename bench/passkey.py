@@ -93,11 +93,11 @@ def main() -> None:
     found: dict = {}  # (style, spec, ratio) -> [bool per case]
     answers: dict = {}  # (style, spec, ratio) -> [answer's start per case]
     t0 = time.perf_counter()
+    # special=True: the chat template's markers are its special tokens, not their spelling as text
+    tokenize = lambda s: llm.tokenize(s.encode(), special=True)  # noqa: E731
     for style in a.style:
         for depth, key, prompt in passkey_cases(tok, a.tokens, depths):
             text = passkey_chat_prompt(prompt) if style == "chat" else prompt
-            # special=True: the chat template's markers are its special tokens, not their spelling as text
-            tokenize = lambda s: llm.tokenize(s.encode(), special=True)  # noqa: E731
             toks = tokenize(text)
             context = toks[:-1]
             needle = needle_positions(tokenize, text, key)

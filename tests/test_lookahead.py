@@ -58,7 +58,7 @@ def test_the_lookahead_stops_where_the_cache_ends(model_path, prompt_tokens):
 
 
 def test_a_prompt_compressed_by_lookahead_continues_like_kv_apply(llm, prompt_tokens):
-    """llm(prompt) with the press = kv_probe + kv_apply of the same context: same cache bytes, same stats."""
+    """llm(prompt) with the press = kv_probe + kv_apply of the same context: same selection, cell count and probe."""
     press = KVComposePress(0.75, scoring="lookahead", min_tokens=16)
     context = prompt_tokens[:-1]
     llm.kv_compress = None
