@@ -1,7 +1,7 @@
 """Pass-key retrieval with statistical power: every press on the same prompts, in one run.
 
     python bench/passkey.py [--tokens 1500] [--cases 20] [--style completion chat]
-                            [--ratios 0.5 0.75 0.875] [--presses kvcompose kvcompose,protect_tail=32 snapkv ...]
+                            [--ratios 0.5 0.75 0.875] [--presses kvcompose,scoring=reconstruct kvcompose snapkv ...]
                             [--model gemma3-270m] [--out bench/results-passkey]
 
 Each case is a ~``--tokens`` document with a pass key at a depth spread evenly over 0.05-0.95 (a
@@ -43,8 +43,10 @@ from pykvcompose.haystack import passkey_cases, passkey_chat_prompt
 from pykvcompose.presses import parse_press_spec
 from pykvcompose.stats import count_with_interval, mcnemar_exact
 
-PRESSES = ["kvcompose", "kvcompose,protect_tail=32", "kvcompose,head_consensus=1", "kvcompose,span=3",
-           "kvcompose,starved_layers=consensus", "snapkv", "tova", "streaming_llm"]
+# KVCompose as published first (the reference of "p vs paper"), then KVComposePress's default (its lookahead)
+PRESSES = ["kvcompose,scoring=reconstruct", "kvcompose", "kvcompose,scoring=reconstruct,protect_tail=32",
+           "kvcompose,scoring=reconstruct,head_consensus=1", "kvcompose,scoring=reconstruct,span=3",
+           "kvcompose,scoring=reconstruct,starved_layers=consensus", "snapkv", "tova", "streaming_llm"]
 
 
 def press_for(spec: str, ratio: float):

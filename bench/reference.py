@@ -56,7 +56,7 @@ def ours(out: str, n_tokens: int, samples: int) -> None:
         meta["outputs"][f"{seed}_full"] = answer(llm, tokens, MAX_NEW_TOKENS, one_line=True)["text"]
         for name in PRESSES:
             for r in RATIOS:
-                llm.kv_compress = KVComposePress(compression_ratio=r) if name == "kvcompose" else \
+                llm.kv_compress = KVComposePress(compression_ratio=r, scoring="reconstruct") if name == "kvcompose" else \
                     SnapKVPress(compression_ratio=r)
                 llm.reset()
                 meta["outputs"][f"{seed}_{name}_{r}"] = answer(llm, tokens, MAX_NEW_TOKENS, one_line=True)["text"]

@@ -50,23 +50,24 @@ def answer(llm: Llama, prompt_tokens: List[int], max_tokens: int, one_line: bool
 
 def run_demo(n_tokens: int = 3000, ratios: Sequence[float] = (0.5, 0.75), depth: float = 0.4,
              passkey: int = 73918, model_path: Optional[str] = None, quiet: bool = False,
-             stream_ctx: Optional[int] = None, lookahead_ratios: Sequence[float] = (0.75,)) -> List[Dict[str, Any]]:
-    """The demo's rows: the document answered with the full cache, compressed whole at each ratio (the
-    published reconstruct probe) and at each of ``lookahead_ratios`` scored by a lookahead
-    (``scoring="lookahead"``), and (``stream_ctx`` cells, default a third of the document) streamed
-    through a cache that small."""
+             stream_ctx: Optional[int] = None, published_ratios: Sequence[float] = (0.75,)) -> List[Dict[str, Any]]:
+    """The demo's rows: the document answered with the full cache, compressed whole at each ratio by
+    ``KVComposePress(ratio)`` (the default: its lookahead probe) and at each of ``published_ratios`` by
+    KVCompose as published (``scoring="reconstruct"``), and (``stream_ctx`` cells, default a third of the
+    document) streamed through a cache that small."""
     _progress("loading the embedded model (SmolLM2-135M-Instruct, Q4_1)", quiet)
     llm = Llama(model_path, n_ctx=2 * n_tokens + 512, n_batch=512, verbose=False)
     prompt = passkey_prompt(lambda s: llm.tokenize(s.encode(), add_bos=False), n_tokens, depth, passkey)
     tokens = llm.tokenize(prompt.encode())
     _progress(f"document of {len(tokens)} tokens, pass key {passkey} planted at {depth:.0%} depth", quiet)
     rows = []
-    runs = [(None, "reconstruct")] + [(r, "reconstruct") for r in ratios] + [(r, "lookahead") for r in lookahead_ratios]
+    runs = [(None, "auto")] + [(r, "auto") for r in ratios] + [(r, "reconstruct") for r in published_ratios]
     for ratio, scoring in runs:
-        name = "full cache" if ratio is None else f"KVCompose {ratio}" + (", lookahead probe" if scoring == "lookahead" else "")
+        name = "full cache" if ratio is None else f"KVCompose {ratio}" + (", as published" if scoring == "reconstruct" else "")
         llm.kv_compress = None if ratio is None else KVComposePress(compression_ratio=ratio, scoring=scoring)
         llm.reset()
-        _progress(f"{name}: prefill" + ("" if ratio is None else f", {scoring} probe, compose") + ", answer", quiet)
+        probe = "lookahead" if scoring == "auto" else scoring
+        _progress(f"{name}: prefill" + ("" if ratio is None else f", {probe} probe, compose") + ", answer", quiet)
         t0 = time.perf_counter()
         res = answer(llm, tokens, max_tokens=12)
         if ratio is None:
@@ -143,8 +144,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="pykvcompose demo", description=__doc__)
     p.add_argument("--tokens", type=int, default=3000, help="document length in tokens (default 3000)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75], help="compression ratios")
-    p.add_argument("--lookahead-ratios", type=float, nargs="*", default=[0.75],
-                   help="ratios of the rows scored by a lookahead (scoring=\"lookahead\"; none: no such row)")
+    p.add_argument("--published-ratios", type=float, nargs="*", default=[0.75],
+                   help="ratios of the rows compressed by KVCompose as published (scoring=\"reconstruct\"; "
+                        "none: no such row)")
     p.add_argument("--depth", type=float, default=0.4, help="relative depth of the planted fact")
     p.add_argument("--stream-ctx", type=int, default=None,
                    help="cache size of the streamed row (default: a third of the document; 0: no streamed row)")
@@ -152,7 +154,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     a = p.parse_args(argv)
     rows = run_demo(a.tokens, a.ratios, a.depth, model_path=a.model, quiet=a.quiet, stream_ctx=a.stream_ctx,
-                    lookahead_ratios=a.lookahead_ratios)
+                    published_ratios=a.published_ratios)
     print(format_table(rows))
     streamed = [r for r in rows if "streamed" in r["method"]]
     if streamed:

@@ -402,7 +402,8 @@ class Llama(llama_cpp.Llama):
         tokens : sequence of int
             The context; its last token is kept in every head.
         press : BasePress, optional
-            Defaults to ``kv_compress``.
+            Defaults to ``kv_compress``. Its ``question_agnostic()`` press is applied:
+            ``KVComposePress(scoring="auto")`` (the default) scores by the reconstruct probe here.
 
         Returns
         -------
@@ -415,6 +416,7 @@ class Llama(llama_cpp.Llama):
         self._engine.check_supported()
         if not isinstance(press, BasePress):
             raise ValueError(f"no press: pass one such as KVComposePress(...) or set kv_compress (got {press!r})")
+        press = press.question_agnostic()
         if len(tokens) < 2:
             raise ValueError(f"a context to compress needs at least 2 tokens, got {len(tokens)}")
         engine = self._engine

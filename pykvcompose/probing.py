@@ -213,11 +213,12 @@ def recent_probe(engine: "Engine", press: BasePress, window: int, cells: int) ->
 
 def begin_chunk(engine: "Engine", press: Press) -> None:
     """Capture the attention of every token prefilled until the next compression, for presses
-    whose own probe is the context attending to itself (KVCompose's reconstruct probe): the
-    chunk's tokens are the queries that stand in for it. Other presses keep their window."""
+    that score streamed chunks by the context attending to itself (KVCompose's reconstruct probe,
+    which a lookahead press falls back to: a chunk has no answer to look ahead to): the chunk's
+    tokens are the queries that stand in for it. Other presses keep their window."""
     if engine.conv.chunk_start is not None or engine.capture is None:
         return
-    if press.scorer().probe() != ("reconstruct", 0):
+    if not press.scorer().scores_chunks():
         return
     if engine.conv.holes:
         engine.compact()  # capture columns must be cells 0..cells-1

@@ -16,7 +16,8 @@ def press_list(ratio, per_head=True):
     fields that work on the test prompts (a few hundred tokens)."""
     kw = dict(compression_ratio=ratio, per_head=per_head)
     return [
-        KVComposePress(min_tokens=16, **kw),
+        KVComposePress(min_tokens=16, **kw),  # the default: a lookahead probe
+        KVComposePress(min_tokens=16, scoring="reconstruct", **kw),  # as published
         SnapKVPress(window_size=32, **kw),
         PyramidKVPress(window_size=32, **kw),
         TOVAPress(**kw),
@@ -27,7 +28,8 @@ def press_list(ratio, per_head=True):
 
 
 def press_ids(presses):
-    return [type(p).__name__ + ("" if getattr(p, "per_head", True) else "-token") for p in presses]
+    return [type(p).__name__ + ("-published" if getattr(p, "scoring", None) == "reconstruct" else "")
+            + ("" if getattr(p, "per_head", True) else "-token") for p in presses]
 
 
 @pytest.fixture(scope="session")

@@ -186,6 +186,22 @@ def test_tiny_grid_runs_and_resumes(tmp_path, capsys):
     assert (tmp_path / "results.md").exists() and (tmp_path / "results.csv").exists()
 
 
+def test_the_default_press_row_probes_as_users_get_it(tmp_path):
+    """kvcompose-default is KVComposePress(ratio): its lookahead probe when the question is in the prompt
+    and for perplexity (the prompt path), the reconstruct probe when the question follows the compressed
+    context (compress_context); "kvcompose" is the published reconstruct probe in every setting."""
+    args = ["--tasks", "niah_single,perplexity", "--presses", "kvcompose,kvcompose-default", "--ratios", "0.5",
+            "--lengths", "300", "--samples", "1", "--settings", "aware,agnostic", "--models", "smollm2-135m",
+            "--out", str(tmp_path), "--quiet"]
+    assert bench_main(args) == 0
+    records = [r for r in runner.load_records(tmp_path / "results.jsonl") if r.get("press", "full") != "full"]
+    assert len(records) == 6
+    for r in records:
+        # probe queries: the whole context for the reconstruct probe, 32 for the lookahead
+        reconstruct = r["press"] == "kvcompose" or (r["setting"] == "agnostic" and r["task"] != "perplexity")
+        assert r["probe_queries"] == (r["context_tokens"] if reconstruct else 32), r
+
+
 def test_power_table_counts_intervals_and_paired_tests():
     """20 paired cases: kvcompose finds 15, snapkv 5 of the same (10 discordant, all one way: p = 2/2^10)."""
     recs = []
@@ -201,6 +217,13 @@ def test_power_table_counts_intervals_and_paired_tests():
     assert f"| kvcompose | 15/20 (53-89%), p={2 / 2 ** 5:.2g} vs full |" in text  # 5 discordant, one way
     assert f"| snapkv | 5/20 (11-47%), p={2 / 2 ** 10:.2g} |" in text
     assert "variable_tracking-only" not in text  # not a needle task
+    # with the default press's row in the grid, every other row is compared with it
+    recs += [dict(r, press="kvcompose-default", score=100.0 if r["seed"] < 18 else 0.0) for r in recs
+             if r["press"] == "kvcompose"]
+    text = "\n".join(report.power(recs, {"niah_single"}))
+    assert f"| kvcompose-default | 18/20 (70-97%), p={2 / 2 ** 2:.2g} vs full |" in text
+    assert f"| kvcompose | 15/20 (53-89%), p={2 / 2 ** 3:.2g} |" in text  # 3 discordant, one way
+    assert "against `kvcompose-default` at the same ratio" in text
 
 
 def test_chat_style_and_the_power_grid(tmp_path, capsys):

@@ -46,7 +46,7 @@ def test_prompt_longer_than_context(model_path, prompt_tokens):
 def test_reconstruct_probe_runs_in_chunks_when_the_cache_is_small(model_path, prompt_tokens):
     n = len(prompt_tokens)
     m = Llama(model_path, n_ctx=n + 64, n_batch=64, verbose=False,
-              kv_compress=KVComposePress(0.5, min_tokens=16))
+              kv_compress=KVComposePress(0.5, min_tokens=16, scoring="reconstruct"))
     gen = m.generate(prompt_tokens, temp=0.0)
     next(gen)
     gen.close()

@@ -44,7 +44,7 @@ def test_flash_attention_caches_are_compressed(model_path, prompt_tokens, type_k
     m.reset()
     out = greedy(m, prompt_tokens, 8)
     assert len(out) == 8
-    assert m.kv_stats["cells_after"] == KVComposePress(0.5).n_kept(len(ctx)) and m.kv_stats["probe"] == "reconstruct"
+    assert m.kv_stats["cells_after"] == KVComposePress(0.5).n_kept(len(ctx)) and m.kv_stats["probe"].startswith("lookahead of")
     assert m.kv_selection.shape[-1] == m.kv_stats["cells_after"]
     m.close()
 

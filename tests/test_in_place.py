@@ -78,7 +78,7 @@ def test_a_chunked_reconstruct_probe_still_finds_the_context_in_place(model_path
     state path writes."""
     ctx_tokens = prompt_tokens[:-1]
     n = len(ctx_tokens)
-    press = KVComposePress(0.5, min_tokens=16)
+    press = KVComposePress(0.5, min_tokens=16, scoring="reconstruct")
     m = Llama(model_path, n_ctx=n + 64, n_batch=64, verbose=False)
     probe = m.kv_probe(ctx_tokens, [press])
     assert probe.description.startswith("reconstruct, chunks of") and probe.in_place

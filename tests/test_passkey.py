@@ -3,8 +3,9 @@
 Measured on these cases (README, bench/passkey.py): the full cache finds 4/4; KVCompose as published
 (per-head selection) finds 2/4 at ratio 0.5 and 0/4 at 0.75; with head_consensus=1 it finds 4/4 at
 0.5 and 1/4 at 0.75, and so does starved_layers="consensus" (per-head selection kept in the layers
-whose paper budget fits in C). Scored by the model's first answer tokens instead (scoring="lookahead"),
-KVCompose at 0.75 keeps the key wherever the full cache finds it (bench/passkey.py: 20 cases per style).
+whose paper budget fits in C). Scored by the model's first answer tokens instead (the default,
+scoring="auto": a lookahead for prompts), KVCompose at 0.75 keeps the key wherever the full cache finds it
+(bench/passkey.py: 20 cases per style).
 """
 
 import pytest
@@ -22,10 +23,10 @@ def results(model_path):
     tok = lambda s: llm.tokenize(s.encode(), add_bos=False)  # noqa: E731
     configs = {
         "full": None,
-        "paper-0.5": KVComposePress(0.5),
-        "consensus-0.5": KVComposePress(0.5, head_consensus=1.0),
-        "starved-0.5": KVComposePress(0.5, starved_layers="consensus"),
-        "lookahead-0.75": KVComposePress(0.75, scoring="lookahead"),
+        "paper-0.5": KVComposePress(0.5, scoring="reconstruct"),
+        "consensus-0.5": KVComposePress(0.5, scoring="reconstruct", head_consensus=1.0),
+        "starved-0.5": KVComposePress(0.5, scoring="reconstruct", starved_layers="consensus"),
+        "default-0.75": KVComposePress(0.75),
     }
     found = {name: [] for name in configs}
     for depth, key, prompt in passkey_cases(tok, 1500, DEPTHS):
@@ -71,6 +72,6 @@ def test_chat_prompt_keeps_the_document_and_asks_in_the_template():
     assert "The pass key is 12345." in chat and PASSKEY_QUESTION not in chat
 
 
-def test_lookahead_scoring_finds_it_wherever_the_full_cache_does_at_three_quarters(results):
-    missed = [d for d, f, c in zip(DEPTHS, results["full"], results["lookahead-0.75"]) if f and not c]
+def test_the_default_press_finds_it_wherever_the_full_cache_does_at_three_quarters(results):
+    missed = [d for d, f, c in zip(DEPTHS, results["full"], results["default-0.75"]) if f and not c]
     assert not missed, f"lost at depths {missed}"  # the published probe finds 0/4 here (module docstring)

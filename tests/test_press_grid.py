@@ -86,7 +86,7 @@ def test_one_probe_serves_many_presses(llm, prompt_tokens):
     context = prompt_tokens[:-1]
     llm.kv_compress = None
     probe = llm.kv_probe(context, presses)
-    assert set(probe.attention) == {("window", 32), ("window", 1), ("reconstruct", 0)}
+    assert set(probe.attention) == {("window", 32), ("window", 1), ("lookahead", 32), ("reconstruct", 0)}
     state = llm.save_state()
     shared = []
     for press in presses:

@@ -64,7 +64,9 @@ def test_kvpress_fields_and_defaults():
     assert isinstance(p, BasePress)
     assert (p.compression_ratio, p.agg_task, p.agg_group, p.agg_head) == (0.0, "max", "mean", "mean")
     assert (p.add_v_norm, p.add_mean_across_heads, p.keep_token_lower_bound) == (False, True, 0)
-    assert p.scoring == "reconstruct"
+    assert p.scoring == "auto" and p.probe() == ("lookahead", 32)
+    assert p.question_agnostic() == KVComposePress(scoring="reconstruct")
+    assert KVComposePress(scoring="reconstruct").probe() == ("reconstruct", 0)  # as published, one field away
 
 
 @pytest.mark.parametrize("press_cls", PRESSES)
@@ -91,7 +93,7 @@ def fake_probe(L=3, H=6, Hkv=2, n=40, seed=0):
     """A probe with random (row-normalised) attention and norms: scoring needs no model."""
     rng = np.random.default_rng(seed)
     att = {}
-    for spec in [("window", 8), ("window", 1), ("reconstruct", 0)]:
+    for spec in [("window", 8), ("window", 1), ("lookahead", 32), ("reconstruct", 0)]:
         a = rng.random((L, H, n)).astype(np.float32)
         a /= a.sum(-1, keepdims=True)
         att[spec] = {"max": a, "mean": (a * 0.5).astype(np.float32)}

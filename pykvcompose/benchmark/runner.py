@@ -34,13 +34,17 @@ STYLES = ("completion", "chat")
 RATIOS = (0.25, 0.5, 0.75, 0.875)  # 0 (the full cache) is always measured
 
 #: Benchmark label -> press spec (``parse_press_spec``) with the ratio left as ``{ratio}``.
-#: "kvcompose-token" is the token-level row: the same tokens in every layer and head, evicted by
-#: llama.cpp itself (what composite cells are compared against). "kvcompose-lookahead" scores by the
-#: attention of the model's first answer tokens (``scoring="lookahead"``, not in the paper).
+#: "kvcompose" is KVCompose as published (the reconstruct probe); "kvcompose-default" is
+#: ``KVComposePress(ratio)`` as users get it (``scoring="auto"``: the lookahead probe when the question is
+#: in the prompt, the reconstruct probe question-agnostic); "kvcompose-lookahead" scores by the
+#: attention of the model's first answer tokens in both settings (``scoring="lookahead"``, not in the
+#: paper). "kvcompose-token" is the token-level row: the same tokens in every layer and head, evicted by
+#: llama.cpp itself (what composite cells are compared against).
 DEFAULT_PRESSES: Dict[str, str] = {
-    "kvcompose": "kvcompose:{ratio}",
-    "kvcompose-starved": "kvcompose:{ratio},starved_layers=consensus",
-    "kvcompose-token": "kvcompose:{ratio},per_head=false",
+    "kvcompose": "kvcompose:{ratio},scoring=reconstruct",
+    "kvcompose-default": "kvcompose:{ratio}",
+    "kvcompose-starved": "kvcompose:{ratio},scoring=reconstruct,starved_layers=consensus",
+    "kvcompose-token": "kvcompose:{ratio},scoring=reconstruct,per_head=false",
     "kvcompose-lookahead": "kvcompose:{ratio},scoring=lookahead",
     "snapkv": "snapkv:{ratio}",
     "pyramidkv": "pyramidkv:{ratio}",
@@ -198,6 +202,11 @@ def run_sample(llm: Llama, model: str, sample: Sample, setting: str, length: int
                          "with its reconstruct probe")
     presses = {(label, r): parse_press_spec(DEFAULT_PRESSES[label].format(ratio=r))
                for label in config.presses for r in config.ratios}
+    if setting == "agnostic" and sample.metric != "perplexity":
+        # a question asked after the context was compressed: ``Llama.compress_context``'s presses. (A
+        # continuation scored for perplexity follows its prompt as the model's own answer would: the
+        # prompt path, ``llm(prompt)``.)
+        presses = {key: press.question_agnostic() for key, press in presses.items()}
     llm.kv_compress = None
     probe = llm.kv_probe(context, list(presses.values()))
     state = llm.save_state()
@@ -215,7 +224,7 @@ def run_sample(llm: Llama, model: str, sample: Sample, setting: str, length: int
             rec.update(cells=stats["cells_after"], kv_bytes=stats["kv_bytes_after"],
                        select_seconds=stats["select_seconds"], rewrite_seconds=stats["rewrite_seconds"],
                        layer_budgets=stats["layer_budgets"] if isinstance(press, KVComposePress) else None,
-                       probe_kind=stats["probe"])
+                       probe_kind=stats["probe"], probe_queries=stats["probe_queries"])
         if sample.metric == "perplexity":
             rec["perplexity"] = continuation_perplexity(llm, follow)
         else:

@@ -67,6 +67,11 @@ class BasePress(Press):
         check_number("compression_ratio", self.compression_ratio, 0.0, 1.0, high_inclusive=False)
         check_bool("per_head", self.per_head)
 
+    def question_agnostic(self) -> "BasePress":
+        """The press ``compress_context`` applies to a context that no question follows yet: this one
+        (KVCompose's ``scoring="auto"`` swaps its lookahead for the reconstruct probe)."""
+        return self
+
     def probe(self) -> Optional[ProbeSpec]:
         """The probe this press reads attention from: None, ``("window", w)``, ``("lookahead", k)`` or ``("reconstruct", 0)``."""
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -13,7 +14,7 @@ from .base_press import BasePress, check_bool, check_choice, check_int, check_nu
 
 AGGREGATIONS = ("max", "mean")
 STARVED_LAYER_RANKINGS = ("own", "consensus")
-SCORINGS = ("reconstruct", "window", "lookahead")
+SCORINGS = ("auto", "lookahead", "reconstruct", "window")
 
 
 @dataclass
@@ -42,13 +43,19 @@ class KVComposePress(BasePress):
         Add the mean over a layer's kv heads to each head's scores (stabiliser).
     keep_token_lower_bound : int, default=0
         Minimum number of tokens of each layer in the layer allocation.
-    scoring : {"reconstruct", "window", "lookahead"}, default="reconstruct"
+    scoring : {"auto", "lookahead", "reconstruct", "window"}, default="auto"
         Probe queries. "reconstruct": the context fed again after itself (the paper's probe;
-        doubles the prefill). "window": the last ``window`` prompt tokens (no extra pass).
-        "lookahead" (not in the paper): the first ``lookahead`` tokens the model writes greedily after
-        the context on the full cache, decoded and removed before the cache is rewritten; they query
-        the context the way the answer will (Lookahead Q-Cache, https://arxiv.org/abs/2505.20334, uses
-        pseudo queries the same way), at ``lookahead`` decode steps instead of a second prefill.
+        doubles the prefill): set it for KVCompose as published. "window": the last ``window`` prompt
+        tokens (no extra pass). "lookahead" (not in the paper): the first ``lookahead`` tokens the model
+        writes greedily after the context on the full cache, decoded and removed before the cache is
+        rewritten; they query the context the way the answer will (Lookahead Q-Cache,
+        https://arxiv.org/abs/2505.20334, uses pseudo queries the same way), at ``lookahead`` decode
+        steps instead of a second prefill. "auto" (not in the paper): "lookahead" for a prompt
+        compressed whole (``llm(prompt)``, chat completions, ``kv_probe``/``kv_apply``), whose end asks
+        what the answer needs; "reconstruct" for ``compress_context`` (question-agnostic: a lookahead
+        there continues the document, not an answer) and for documents streamed past ``n_ctx``. On
+        1.5k-token needle prompts the lookahead kept the full cache's accuracy at 0.75 and 0.875 where
+        the reconstruct probe lost half of it or more (README, "Quality so far").
     window : int, default=64
         Probe size of ``scoring="window"``.
     lookahead : int, default=32
@@ -87,7 +94,7 @@ class KVComposePress(BasePress):
     add_v_norm: bool = False
     add_mean_across_heads: bool = True
     keep_token_lower_bound: int = 0
-    scoring: str = "reconstruct"
+    scoring: str = "auto"
     window: int = 64
     lookahead: int = 32
     min_tokens: int = 128
@@ -121,14 +128,20 @@ class KVComposePress(BasePress):
         return self.window
 
     def probe(self) -> ProbeSpec:
-        """``("reconstruct", 0)``, ``("window", window)`` or ``("lookahead", lookahead)`` by ``scoring``."""
-        return {"window": ("window", self.window), "lookahead": ("lookahead", self.lookahead)}.get(
+        """``("reconstruct", 0)``, ``("window", window)`` or ``("lookahead", lookahead)`` by ``scoring``
+        ("auto": the lookahead; ``question_agnostic`` gives the press for contexts without a question)."""
+        lookahead = ("lookahead", self.lookahead)
+        return {"window": ("window", self.window), "lookahead": lookahead, "auto": lookahead}.get(
             self.scoring, ("reconstruct", 0))
 
     def scores_chunks(self) -> bool:
         """A lookahead scores prompts only: streamed chunks keep the reconstruct scores, as published
         (a chunk has no answer to look ahead to)."""
-        return self.scoring in ("reconstruct", "lookahead")
+        return self.scoring != "window"
+
+    def question_agnostic(self) -> "KVComposePress":
+        """``scoring="auto"``: this press with the reconstruct probe (``compress_context``)."""
+        return dataclasses.replace(self, scoring="reconstruct") if self.scoring == "auto" else self
 
     def head_scores(self, probe: Probe) -> np.ndarray:
         """Probe attention per query head, float32 (layers, heads, tokens), reduced over probe queries by ``agg_task``."""
