@@ -48,6 +48,9 @@ class Conversation:
     scores: Optional[np.ndarray] = None
     head_scores: Optional[np.ndarray] = None
     compressions: int = 0  # compressions made to free cells since the conversation began
+    # the newest prompt's last tokens (where a question usually is), which rank the cells at compressions
+    # that make room while that prompt streams in (lookahead presses, kv_room="fill"; see probing.question_probe)
+    question: Optional[List[int]] = None
     # seconds spent since the conversation began decoding streamed chunks, and probing them (kv_room="fill")
     stream_seconds: Dict[str, float] = field(default_factory=lambda: {"prefill": 0.0, "probe": 0.0})
 
@@ -78,6 +81,7 @@ class Conversation:
         self.requires_eval = True
         self.forget_compression()
         self.mark = self.compressions = 0
+        # (the question stays: llama-cpp-python's generate resets the cache after our prompt hook set it)
         self.stream_seconds = {"prefill": 0.0, "probe": 0.0}
 
     def forget_compression(self) -> None:
@@ -90,6 +94,7 @@ class Conversation:
     def restored(self, tokens: Sequence[int], compressed_len: int, compressed_cells: int,
                  origin: Optional[np.ndarray], cell_scores: Optional[Dict[str, np.ndarray]] = None) -> None:
         """Bookkeeping for cells just restored: the token history and what of it is composite."""
+        self.question = None
         if len(tokens) > len(self.input_ids):
             self.input_ids = np.zeros(len(tokens), dtype=np.intc)
         self.input_ids[: len(tokens)] = tokens

@@ -19,7 +19,7 @@ from .engine import Conversation, Engine
 from .models import default_model_path
 from .presses.base_press import BasePress
 from .presses.press import Press
-from .probe import Probe
+from .probe import QUESTION_TOKENS_KEPT, Probe
 
 #: What ``kv_compress`` accepts: a BasePress, DecodingPress or PrefillDecodingPress.
 AnyPress = Press
@@ -366,9 +366,11 @@ class Llama(llama_cpp.Llama):
             raise ValueError(f"Requested tokens ({len(tokens)}) exceed context window of {self._n_ctx}")
         if self._kv.compressed_len > 0:
             if self._parent_reuse(tokens) >= self._kv.compressed_len:
+                self._kv.question = tokens[-QUESTION_TOKENS_KEPT:]
                 return  # the prompt extends what the compressed cache holds: continue on it
             # composite cells cannot be cut at a token boundary: start again from the original tokens
             self._drop_cache()
+        self._kv.question = tokens[-QUESTION_TOKENS_KEPT:]
         press = None if self.kv_compress is None else self.kv_compress.prompt_press()
         fits = len(tokens) < self._engine.shape.n_ctx  # longer prompts are compressed chunk by chunk in eval
         if press is not None and fits and len(tokens) >= max(2, press.min_tokens):
@@ -417,6 +419,7 @@ class Llama(llama_cpp.Llama):
         if not isinstance(press, BasePress):
             raise ValueError(f"no press: pass one such as KVComposePress(...) or set kv_compress (got {press!r})")
         press = press.question_agnostic()
+        self._kv.question = None  # no prompt: the context streams in without a question
         if len(tokens) < 2:
             raise ValueError(f"a context to compress needs at least 2 tokens, got {len(tokens)}")
         engine = self._engine

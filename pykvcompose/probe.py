@@ -12,6 +12,9 @@ import numpy as np
 #: ("reconstruct", 0) = the whole context fed again after itself (KVCompose's probe).
 ProbeSpec = Tuple[str, int]
 
+#: The most of a prompt's last tokens a question probe may decode (``KVComposePress.question_tail``).
+QUESTION_TOKENS_KEPT = 512
+
 
 @dataclass
 class Probe:

@@ -14,7 +14,7 @@ import numpy as np
 from . import _native
 from .presses.base_press import BasePress
 from .presses.press import Press
-from .probe import Probe
+from .probe import Probe, ProbeSpec
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -100,28 +100,33 @@ def lookahead(engine: "Engine", context: List[int], k: int, drafts: Optional[Lis
     finds what the answer reads (a pass key, a number) where the context's attention to itself does not.
     Decoding stops after an end-of-generation token or when the cache has no free cell left."""
     n = len(context)
-    model = engine.ctx.model
     k = min(k, engine.shape.n_ctx - n)
     if k < 1:
         raise RuntimeError(f"no room in the cache to look ahead of {n} tokens (n_ctx={engine.shape.n_ctx})")
-    decoded: List[int] = []
     try:
-        while len(decoded) < k:
-            if drafts is None:
-                # the newest decode's last row of logits: the prefill's last token, then each draft's
-                logits = np.ctypeslib.as_array(engine.ctx.get_logits_ith(-1), shape=(model.n_vocab(),))
-                token = int(np.argmax(logits))
-            elif len(decoded) < len(drafts):
-                token = drafts[len(decoded)]
-            else:
-                break
-            engine.batch.set_batch(batch=[token], n_past=n + len(decoded), logits_all=False)
-            engine.ctx.decode(engine.batch)
-            decoded.append(token)
-            if llama_cpp.llama_vocab_is_eog(model.vocab, token):
-                break
+        return greedy_drafts(engine, n, k, drafts)
     finally:
         engine.remove(n)  # the drafts' cells never stay
+
+
+def greedy_drafts(engine: "Engine", base: int, k: int, drafts: Optional[List[int]] = None) -> List[int]:
+    """Decode up to ``k`` tokens greedily at positions ``base``.., each from the newest decode's last row
+    of logits (``drafts``: these tokens instead); stops after an end-of-generation token. The cells stay."""
+    model = engine.ctx.model
+    decoded: List[int] = []
+    while len(decoded) < k:
+        if drafts is None:
+            logits = np.ctypeslib.as_array(engine.ctx.get_logits_ith(-1), shape=(model.n_vocab(),))
+            token = int(np.argmax(logits))
+        elif len(decoded) < len(drafts):
+            token = drafts[len(decoded)]
+        else:
+            break
+        engine.batch.set_batch(batch=[token], n_past=base + len(decoded), logits_all=False)
+        engine.ctx.decode(engine.batch)
+        decoded.append(token)
+        if llama_cpp.llama_vocab_is_eog(model.vocab, token):
+            break
     return decoded
 
 
@@ -278,6 +283,42 @@ def score_cells(engine: "Engine") -> bool:
         conv.cell_scores = {agg: np.ascontiguousarray(v) for agg, v in new.items()}
     else:
         conv.cell_scores = {agg: np.concatenate([conv.cell_scores[agg], new[agg]], axis=-1) for agg in new}
+    return True
+
+
+def question_probe(engine: "Engine", probe: Probe, tail: int, spec: ProbeSpec) -> bool:
+    """Score the cache's cells by the prompt's question, for a compression that makes room while the
+    prompt streams in: the prompt's last ``tail`` tokens (``conv.question``; where the question usually
+    is) are decoded after everything the cache holds, then up to ``k`` tokens the model writes greedily
+    after them (``spec`` = ``("lookahead", k)``, the press's probe), all with the capture on and removed
+    afterwards; their attention is stored in ``probe`` under ``spec``. Cells are otherwise ranked by text
+    that follows them (a chunk's own reconstruct probe), which does not ask for the fact a question
+    needs. Returns False, changing nothing, without a question or room in the cache to decode it."""
+    conv, shape = engine.conv, engine.shape
+    question = list(conv.question or [])[-tail:] if tail > 0 else []
+    cells = conv.cells
+    free = shape.n_ctx - cells
+    if not question or engine.capture is None or free < 2:
+        return False
+    question = question[-(free - 1):]  # at least one draft
+    k = min(int(spec[1]), free - len(question))
+    if conv.holes:
+        engine.compact()  # capture columns must be cells 0..cells-1
+    base = conv.n_tokens
+
+    def decode() -> None:
+        for start in range(0, len(question), engine.n_batch):
+            engine.batch.set_batch(batch=question[start: start + engine.n_batch], n_past=base + start, logits_all=False)
+            engine.ctx.decode(engine.batch)
+        greedy_drafts(engine, base + len(question), k)
+
+    try:
+        mx, mean = engine.captured(decode, cells)
+    finally:
+        engine.remove(base)  # the question's and the drafts' cells never stay
+    probe.attention[tuple(spec)] = {"max": np.ascontiguousarray(mx[..., :cells]),
+                                    "mean": np.ascontiguousarray(mean[..., :cells])}
+    probe.description = f"the prompt's last {len(question)} tokens and a lookahead of up to {k}"
     return True
 
 

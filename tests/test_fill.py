@@ -8,7 +8,7 @@ import pytest
 
 from pykvcompose import KVComposePress, Llama, SnapKVPress, compression, rewrite, session
 from pykvcompose.engine import gather_heads
-from pykvcompose.haystack import haystack_text
+from pykvcompose.haystack import haystack_text, passkey_cases
 
 from conftest import greedy, press_ids, press_list, seq_state
 
@@ -57,7 +57,8 @@ def test_each_chunk_is_scored_by_a_reconstruct_probe_of_it(filler, long_tokens):
     filler.eval(long_tokens[: CHUNK + 8])
     scores = filler.kv_cell_scores
     assert scores.shape == (filler.kv_n_layer, filler.kv_n_head, CHUNK)  # the 8 newest are not scored yet
-    reference = filler.kv_probe(long_tokens[:CHUNK], [press]).attention[("reconstruct", 0)]["max"]
+    published = KVComposePress(0.5, min_tokens=16, scoring="reconstruct")  # the default's prompt probe is a lookahead
+    reference = filler.kv_probe(long_tokens[:CHUNK], [published]).attention[("reconstruct", 0)]["max"]
     np.testing.assert_array_equal(scores, reference)
 
 
@@ -157,3 +158,29 @@ def test_a_lookahead_press_streams_exactly_like_the_reconstruct_press(filler, lo
     np.testing.assert_array_equal(runs["lookahead"][0], runs["reconstruct"][0])
     np.testing.assert_array_equal(runs["lookahead"][1], runs["reconstruct"][1])
     assert runs["lookahead"][2] == runs["reconstruct"][2]
+
+
+def test_a_streamed_prompt_is_ranked_by_its_question(filler):
+    """A prompt longer than the cache, with the default press: every compression that makes room ranks the
+    cells by the attention of the prompt's last ``question_tail`` tokens and the model's greedy drafts after
+    them (decoded after the cache, then removed), while the chunks' persisted reconstruct scores stay with
+    the cells. The pass key's tokens stay in more heads than when the persisted scores rank
+    (``question_tail=0``): the text after a fact does not attend to it, the question does."""
+    tok = lambda s: filler.tokenize(s.encode(), add_bos=False)  # noqa: E731
+    (_, key, prompt), = passkey_cases(tok, 700, [0.5])
+    tokens = filler.tokenize(prompt.encode())
+    needle = tok(f"The pass key is {key}")
+    at = next(i for i in range(len(tokens)) if tokens[i:i + len(needle)] == needle)
+    kept = {}
+    for tail in (48, 0):
+        filler.kv_compress = KVComposePress(0.5, question_tail=tail)
+        filler.reset()
+        greedy(filler, tokens, 1)
+        assert filler.kv_compressions >= 10 and filler.kv_history[:len(tokens)] == tokens
+        # (a cache of 256 cells leaves a chunk's room, 32 cells, for the question and its drafts)
+        assert filler.kv_stats["probe"] == ("the prompt's last 31 tokens and a lookahead of up to 1" if tail else
+                                            "each chunk's reconstruct probe, persisted")
+        assert 0 < filler.kv_cell_scores.shape[-1] <= filler.kv_cells  # persisted scores, as without a question
+        kept[tail] = np.isin(filler.kv_selection, np.arange(at, at + len(needle))).sum(-1) / len(needle)
+    # measured here: 0.43 of the key's tokens per head with the question, 0.30 by the persisted scores
+    assert kept[48].mean() > kept[0].mean() + 0.1, (kept[48].mean(), kept[0].mean())

@@ -216,7 +216,8 @@ def test_kv_max_tokens_validation(model_path, bad):
 
 def test_progress_is_reported_per_batch(model_path, long_tokens):
     seen = []
-    llm = Llama(model_path, n_ctx=N_CTX, n_batch=128, verbose=False, kv_compress=KVComposePress(0.5, min_tokens=16),
+    llm = Llama(model_path, n_ctx=N_CTX, n_batch=128, verbose=False,
+                kv_compress=KVComposePress(0.5, min_tokens=16, scoring="reconstruct"),
                 kv_progress=lambda done, total, stage: seen.append((stage, done, total)))
     try:
         greedy(llm, long_tokens[:200], 1)  # fits: prefill of 199 tokens, reconstruct probe, last token

@@ -67,6 +67,11 @@ class BasePress(Press):
         check_number("compression_ratio", self.compression_ratio, 0.0, 1.0, high_inclusive=False)
         check_bool("per_head", self.per_head)
 
+    def question_tail_tokens(self) -> int:
+        """How many of a streamed prompt's last tokens rank the cells when a full cache makes room for
+        the rest of that prompt (0: none; KVCompose's lookahead scoring, ``question_tail``)."""
+        return 0
+
     def question_agnostic(self) -> "BasePress":
         """The press ``compress_context`` applies to a context that no question follows yet: this one
         (KVCompose's ``scoring="auto"`` swaps its lookahead for the reconstruct probe)."""

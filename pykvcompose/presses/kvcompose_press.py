@@ -9,7 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from .. import _native
-from ..probe import Probe, ProbeSpec
+from ..probe import QUESTION_TOKENS_KEPT, Probe, ProbeSpec
 from .base_press import BasePress, check_bool, check_choice, check_int, check_number
 
 AGGREGATIONS = ("max", "mean")
@@ -82,6 +82,13 @@ class KVComposePress(BasePress):
         each token ranks by the highest score within ``span // 2`` cells either side, so a multi-token
         fact (a number split into digit tokens) is kept or dropped as a whole rather than digit by
         digit across heads. 1 ranks every token by its own score (as published).
+    question_tail : int, default=48
+        Not in the paper. A prompt longer than the cache (``kv_room="fill"``) with ``scoring`` "auto" or
+        "lookahead": at every compression that makes room for the rest of the prompt, the prompt's last
+        ``question_tail`` tokens (where its question usually is) and up to ``lookahead`` tokens the model
+        writes greedily after them are decoded after the cache, and their attention ranks the cells
+        (then removed; the chunks' persisted reconstruct scores stay with the cells). Chunk scores
+        alone rank by text that follows a fact, which does not ask for it. 0: the persisted scores rank.
     protect_tail : int, default=0
         Not in the paper. The context's last ``protect_tail`` tokens are kept by every head, counted
         in C (kvpress appends the question uncompressed after compressing the context; a prompt
@@ -102,6 +109,7 @@ class KVComposePress(BasePress):
     starved_layers: str = "own"
     span: int = 1
     protect_tail: int = 0
+    question_tail: int = 48
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -119,6 +127,9 @@ class KVComposePress(BasePress):
         check_number("head_consensus", self.head_consensus, 0.0, 1.0, high_inclusive=True)
         check_int("span", self.span, 1)
         check_int("protect_tail", self.protect_tail, 0)
+        check_int("question_tail", self.question_tail, 0)
+        if self.question_tail > QUESTION_TOKENS_KEPT:
+            raise ValueError(f"question_tail must be at most {QUESTION_TOKENS_KEPT}, got {self.question_tail}")
         if self.span % 2 == 0:
             raise ValueError(f"span must be odd (a window centred on each token), got {self.span}")
 
@@ -138,6 +149,10 @@ class KVComposePress(BasePress):
         """A lookahead scores prompts only: streamed chunks keep the reconstruct scores, as published
         (a chunk has no answer to look ahead to)."""
         return self.scoring != "window"
+
+    def question_tail_tokens(self) -> int:
+        """``question_tail`` for the lookahead scorings, else 0."""
+        return self.question_tail if self.probe()[0] == "lookahead" else 0
 
     def question_agnostic(self) -> "KVComposePress":
         """``scoring="auto"``: this press with the reconstruct probe (``compress_context``)."""
