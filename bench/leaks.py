@@ -32,7 +32,8 @@ def main() -> None:
     a = p.parse_args()
     llm = Llama(n_ctx=256, n_batch=128, verbose=False)
     text = haystack_text()
-    presses = [KVComposePress(0.5, min_tokens=16), KVComposePress(0.5, min_tokens=16, scoring="reconstruct"), SnapKVPress(0.5), SnapKVPress(0.5, per_head=False)]
+    presses = [KVComposePress(0.5, min_tokens=16), KVComposePress(0.5, min_tokens=16, scoring="reconstruct"),
+               SnapKVPress(0.5), SnapKVPress(0.5, per_head=False)]
     t0 = time.perf_counter()
     samples = []
     for i in range(a.compressions):

@@ -133,7 +133,6 @@ def measure(n: int, ratio: float, n_decode: int, repeat: int, text_tokens) -> di
                 st = dict(ours.kv_apply(press, pr))
                 (lookahead_select_rewrite_s if press is lookahead else reconstruct_select_rewrite_s).append(
                     st["select_seconds"] + st["rewrite_seconds"])
-        probe.in_place = in_place
         # selection and rewrite take milliseconds: several runs on this probe (the cache restored
         # in between), both rewrite paths interleaved
         for _ in range(SHORT_RUNS):

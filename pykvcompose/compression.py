@@ -150,9 +150,10 @@ def make_room(engine: "Engine", press: Press, trigger: str) -> None:
     if persisted and probing.score_cells(engine):
         probing.end_chunk(engine)
         probe = probing.persisted_probe(engine)
-        if conv.phase == "prefill" and scorer.question_tail_tokens() > 0:
+        tail = scorer.question_tail_tokens()
+        if conv.phase == "prefill" and tail > 0:
             # a prompt streaming in: its question ranks the cells (the persisted scores stay with them)
-            probing.question_probe(engine, probe, scorer.question_tail_tokens(), scorer.probe())
+            probing.question_probe(engine, probe, tail, scorer.probe())
     elif conv.chunk_start is not None and conv.chunk_start >= conv.compressed_len:
         probe = probing.chunk_probe(engine, cells)
     else:

@@ -66,8 +66,8 @@ def run_demo(n_tokens: int = 3000, ratios: Sequence[float] = (0.5, 0.75), depth:
         name = "full cache" if ratio is None else f"KVCompose {ratio}" + (", as published" if scoring == "reconstruct" else "")
         llm.kv_compress = None if ratio is None else KVComposePress(compression_ratio=ratio, scoring=scoring)
         llm.reset()
-        probe = "lookahead" if scoring == "auto" else scoring
-        _progress(f"{name}: prefill" + ("" if ratio is None else f", {probe} probe, compose") + ", answer", quiet)
+        _progress(f"{name}: prefill" + ("" if ratio is None else f", {llm.kv_compress.probe()[0]} probe, compose")
+                  + ", answer", quiet)
         t0 = time.perf_counter()
         res = answer(llm, tokens, max_tokens=12)
         if ratio is None:

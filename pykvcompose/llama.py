@@ -364,13 +364,12 @@ class Llama(llama_cpp.Llama):
     def _prepare_prompt(self, tokens: List[int]) -> None:
         if len(tokens) >= self._n_ctx:
             raise ValueError(f"Requested tokens ({len(tokens)}) exceed context window of {self._n_ctx}")
+        self._kv.question = tokens[-QUESTION_TOKENS_KEPT:]  # kept through the cache resets below
         if self._kv.compressed_len > 0:
             if self._parent_reuse(tokens) >= self._kv.compressed_len:
-                self._kv.question = tokens[-QUESTION_TOKENS_KEPT:]
                 return  # the prompt extends what the compressed cache holds: continue on it
             # composite cells cannot be cut at a token boundary: start again from the original tokens
             self._drop_cache()
-        self._kv.question = tokens[-QUESTION_TOKENS_KEPT:]
         press = None if self.kv_compress is None else self.kv_compress.prompt_press()
         fits = len(tokens) < self._engine.shape.n_ctx  # longer prompts are compressed chunk by chunk in eval
         if press is not None and fits and len(tokens) >= max(2, press.min_tokens):
