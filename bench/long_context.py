@@ -69,7 +69,8 @@ def main() -> None:
         for depth, key, prompt in passkey_cases(tok, a.tokens, depths):
             if style == "chat":
                 prompt = passkey_chat_prompt(prompt)
-            toks = full.tokenize(prompt.encode())
+            # special=True: the chat template's markers are its special tokens, not their spelling as text
+            toks = full.tokenize(prompt.encode(), special=style == "chat")
             needle = full.tokenize(f"The pass key is {key}".encode(), add_bos=False)
             at = next(i for i in range(len(toks)) if toks[i:i + len(needle)] == needle)
             cases.append((style, depth, key, toks, np.arange(at, at + len(needle))))
@@ -110,7 +111,8 @@ def main() -> None:
               f"prompt {r['prompt_seconds']:.0f}s (chunks {r['stream_seconds']['prefill']:.1f}s, their probes "
               f"{r['stream_seconds']['probe']:.1f}s) | {time.perf_counter() - t0:.0f}s", flush=True)
 
-    full_name, single_name = f"full cache (n_ctx={a.tokens + 256})", f"single-shot kvcompose to {a.n_ctx - 1} cells"
+    full_name = f"full cache (n_ctx={a.tokens + 256})"
+    single_name = f"single-shot kvcompose to {a.n_ctx - 1} cells ({KVComposePress().probe()[0]} probe)"
     for case in cases:
         if not a.no_full:
             full.kv_compress = None

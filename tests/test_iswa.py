@@ -165,3 +165,24 @@ def test_a_wrong_layer_pattern_is_caught_before_compressing(gemma, doc, monkeypa
     gemma.eval(doc[:100])
     with pytest.raises(NotImplementedError, match="holds 3 layers"):
         engine.check_cache_layers()
+
+
+def test_the_bench_chat_style_writes_gemma_turns_without_a_template(gemma):
+    """Gemma 3 270M's GGUF has no tokenizer.chat_template: the bench's chat style writes Gemma's turns
+    (llama-cpp-python's "gemma" format), whose markers are single special tokens of the vocabulary; a
+    model with neither a template nor a known architecture is refused naming its architecture."""
+    from pykvcompose.benchmark import runner
+
+    assert not gemma.metadata.get("tokenizer.chat_template")
+    head, tail = runner.chat_prompt(gemma, "The pass key is 123.", "What is the pass key? The pass key is")
+    assert head == "<start_of_turn>user\nThe pass key is 123."
+    assert tail == "\n\nWhat is the pass key?<end_of_turn>\n<start_of_turn>model\n"
+    toks = gemma.tokenize((head + tail).encode(), special=True)
+    for marker, times in (("<start_of_turn>", 2), ("<end_of_turn>", 1)):
+        marker_tokens = gemma.tokenize(marker.encode(), add_bos=False, special=True)
+        assert len(marker_tokens) == 1 and toks.count(marker_tokens[0]) == times
+
+    class NoTemplate:  # a model whose GGUF names no template and an architecture without a known format
+        metadata = {"general.architecture": "mamba"}
+    with pytest.raises(ValueError, match="mamba model has none"):
+        runner.chat_prompt(NoTemplate(), "x", "y")

@@ -74,3 +74,14 @@ def test_the_import_graph_is_acyclic():
     assert "pykvcompose.llama" not in set().union(*(graph[m] for m in ("pykvcompose.engine", "pykvcompose.probing",
                                                                         "pykvcompose.rewrite", "pykvcompose.compression",
                                                                         "pykvcompose.support", "pykvcompose.session")))
+
+
+def test_every_make_command_the_readme_names_is_a_makefile_target():
+    """`make results` was once documented after its rule had been dropped: nothing ran."""
+    import re
+
+    root = PACKAGE.parent
+    targets = set(re.findall(r"^([A-Za-z][\w-]*):", (root / "Makefile").read_text(), re.M))
+    named = set(re.findall(r"`make ([a-z][\w-]*)", (root / "README.md").read_text()))
+    assert {"demo", "test", "results"} <= named
+    assert named <= targets, f"README names make targets the Makefile lacks: {sorted(named - targets)}"

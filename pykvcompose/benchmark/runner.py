@@ -17,6 +17,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import llama_cpp
 import numpy as np
+from llama_cpp import llama_chat_format
 
 from ..demo import answer
 from ..llama import Llama
@@ -140,17 +141,28 @@ def chat_question(question: str) -> str:
     return question.split(" Answer:", 1)[0]  # "Find all variables ... Answer: the variables ... are"
 
 
+#: Architectures whose GGUF files often ship without ``tokenizer.chat_template`` (Gemma 3 270M's does) ->
+#: llama-cpp-python's chat formatter that writes their turns.
+ARCHITECTURE_CHAT_FORMATS = {arch: llama_chat_format.format_gemma for arch in ("gemma", "gemma2", "gemma3")}
+
+
 def chat_prompt(llm: Llama, context: str, question: str) -> Tuple[str, str]:
     """The sample as the user's turn of the model's chat template, the assistant's turn opened:
-    (the text up to the end of the context, the rest)."""
-    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
+    (the text up to the end of the context, the rest). A model without a template in its GGUF uses
+    llama-cpp-python's chat format for its architecture (``ARCHITECTURE_CHAT_FORMATS``)."""
+    messages = [{"role": "user", "content": context + "\n\n" + chat_question(question)}]
     template = llm.metadata.get("tokenizer.chat_template")
-    if not template:
-        raise ValueError("the chat style needs a model with a chat template (tokenizer.chat_template)")
-    token = lambda t: llm._model.token_get_text(t) if t >= 0 else ""  # noqa: E731
-    formatter = Jinja2ChatFormatter(template, eos_token=token(llm.token_eos()), bos_token=token(llm.token_bos()))
-    text = formatter(messages=[{"role": "user", "content": context + "\n\n" + chat_question(question)}]).prompt
+    architecture = llm.metadata.get("general.architecture", "")
+    if template:
+        token = lambda t: llm._model.token_get_text(t) if t >= 0 else ""  # noqa: E731
+        formatter = llama_chat_format.Jinja2ChatFormatter(template, eos_token=token(llm.token_eos()),
+                                                          bos_token=token(llm.token_bos()))
+        text = formatter(messages=messages).prompt
+    elif architecture in ARCHITECTURE_CHAT_FORMATS:
+        text = ARCHITECTURE_CHAT_FORMATS[architecture](messages=messages).prompt
+    else:
+        raise ValueError(f"the chat style needs a model with a chat template (tokenizer.chat_template); this "
+                         f"{architecture or 'unknown'} model has none")
     at = text.index(context) + len(context)
     return text[:at], text[at:]
 
