@@ -185,7 +185,10 @@ def stream(engine: "Engine", tokens: Sequence[int]) -> None:
     tokens = list(tokens)
     engine.ctx.kv_cache_seq_rm(-1, conv.n_tokens, -1)
     press = room_press(engine)
-    if press is not None and engine.room == "fill" and press.scores_chunks():
+    # a prompt that fits is compressed whole once it is in, by its own probe, or not at all: probing its
+    # chunks would cost a second prefill for scores nothing reads, so it is decoded as without a press
+    fits = conv.phase == "prefill" and conv.cells + len(tokens) <= engine.shape.n_ctx
+    if press is not None and engine.room == "fill" and press.scores_chunks() and not fits:
         return _stream_scored(engine, tokens)
     limit = engine.shape.n_ctx
     done = 0
@@ -219,12 +222,18 @@ def stream(engine: "Engine", tokens: Sequence[int]) -> None:
 def _stream_scored(engine: "Engine", tokens: List[int]) -> None:
     """``stream`` for presses that score chunks: chunks of ``engine.chunk`` tokens go in while the cache
     has room for them and for the probe of every cell not yet scored; each chunk is probed once it is
-    complete (``probing.score_cells``), and a full cache is ranked by those persisted scores and keeps
+    complete, before the next tokens go in (``probing.score_cells``), and a full cache is ranked by those persisted scores and keeps
     ``n_ctx - 2 * chunk`` cells: room for the next chunk and its probe."""
     conv = engine.conv
     limit = engine.shape.n_ctx
     done = 0
     while done < len(tokens):
+        if conv.cells - conv.scored_cells >= engine.chunk:
+            # a complete chunk is probed before more tokens go in, never after the last one: a probe
+            # decodes after the cache, and the logits llama.cpp holds must stay the newest token's
+            t0 = time.perf_counter()
+            probing.score_cells(engine)
+            conv.stream_seconds["probe"] += time.perf_counter() - t0
         press = room_press(engine)
         cells = conv.cells
         unscored = cells - conv.scored_cells
@@ -240,11 +249,7 @@ def _stream_scored(engine: "Engine", tokens: List[int]) -> None:
         t0 = time.perf_counter()
         for start in range(done, done + n, engine.n_batch):
             engine.decode(tokens[start: min(done + n, start + engine.n_batch)])
-        t1 = time.perf_counter()
+        conv.stream_seconds["prefill"] += time.perf_counter() - t0
         done += n
         if engine.progress is not None:
             engine.progress(done, len(tokens), "prefill")
-        if conv.cells - conv.scored_cells >= engine.chunk:
-            probing.score_cells(engine)
-        conv.stream_seconds["prefill"] += t1 - t0
-        conv.stream_seconds["probe"] += time.perf_counter() - t1

@@ -68,10 +68,15 @@ class Llama(llama_cpp.Llama):
         How a full cache makes room (documents longer than ``n_ctx``, long generations). "fill": only
         what the next chunk needs is freed, so the cache stays full; presses with a reconstruct probe
         (KVCompose) score each chunk once, right after it is in (the chunk decoded again against
-        everything the cache holds), and every cell keeps that score through later compressions.
-        "ratio": the cache keeps the press's ratio of its cells, re-scored by the newest tokens.
+        everything the cache holds), and every cell keeps that score through later compressions; with
+        KVCompose's default scoring, a prompt streaming in is ranked by its last ``question_tail``
+        tokens and a short lookahead after them at every compression (README: 11/20 pass keys found in
+        3.5k-token documents through 1024 cells, against 0/20 with "ratio"). A prompt that fits is
+        decoded as with "ratio". "ratio": the cache keeps the press's ratio of its cells, re-scored by
+        the newest tokens (fewer, larger compressions).
     kv_chunk : int, optional
-        Tokens per streamed chunk with ``kv_room="fill"``; default ``min(256, n_batch, n_ctx // 4)``.
+        Tokens per streamed chunk with ``kv_room="fill"``; default ``min(256, n_batch, n_ctx // 4)``
+        (a full cache keeps ``n_ctx - 2 * kv_chunk`` cells; the measurements used ``n_ctx // 8``).
     n_threads : int, optional
         Defaults to the cores this process may use.
     **kwargs

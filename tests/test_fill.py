@@ -6,7 +6,7 @@ import struct
 import numpy as np
 import pytest
 
-from pykvcompose import KVComposePress, Llama, SnapKVPress, compression, rewrite, session
+from pykvcompose import KVComposePress, Llama, SnapKVPress, compression, probing, rewrite, session
 from pykvcompose.engine import gather_heads
 from pykvcompose.haystack import haystack_text, passkey_cases
 
@@ -48,18 +48,45 @@ def test_a_rescoring_press_frees_only_one_chunk(filler, long_tokens):
     assert filler.kv_history == long_tokens
 
 
-def test_each_chunk_is_scored_by_a_reconstruct_probe_of_it(filler, long_tokens):
-    """The first chunk's persisted scores are exactly what kv_probe's reconstruct probe gives the same
-    tokens (the chunk decoded again after itself, same batches)."""
-    press = KVComposePress(0.5, min_tokens=16)
-    filler.kv_compress = press
+def test_each_chunk_is_scored_by_a_reconstruct_probe_of_it(filler, long_tokens, monkeypatch):
+    """The first chunk's persisted scores, written while a prompt longer than the cache streams in, are
+    exactly what kv_probe's reconstruct probe gives the same tokens (the chunk decoded again after
+    itself, same batches)."""
+    filler.kv_compress = KVComposePress(0.5, min_tokens=16)
     filler.reset()
-    filler.eval(long_tokens[: CHUNK + 8])
-    scores = filler.kv_cell_scores
-    assert scores.shape == (filler.kv_n_layer, filler.kv_n_head, CHUNK)  # the 8 newest are not scored yet
+    first = []
+    real = probing.score_cells
+
+    def recording(engine):
+        done = real(engine)
+        if done and not first:
+            first.append({agg: a.copy() for agg, a in engine.conv.cell_scores.items()})
+        return done
+
+    monkeypatch.setattr(probing, "score_cells", recording)
+    filler.eval(long_tokens)
+    monkeypatch.setattr(probing, "score_cells", real)
+    scores = first[0]["max"]
+    assert scores.shape == (filler.kv_n_layer, filler.kv_n_head, CHUNK)
     published = KVComposePress(0.5, min_tokens=16, scoring="reconstruct")  # the default's prompt probe is a lookahead
     reference = filler.kv_probe(long_tokens[:CHUNK], [published]).attention[("reconstruct", 0)]["max"]
     np.testing.assert_array_equal(scores, reference)
+
+
+def test_a_prompt_that_fits_is_not_probed_chunk_by_chunk(filler, long_tokens, monkeypatch):
+    """A prompt that fits is compressed whole by its own probe (or not at all) once it is in: probing its
+    chunks on the way would cost a second prefill for nothing. The same tokens streamed as part of a
+    longer prompt are."""
+    probes = []
+    real = probing.score_cells
+    monkeypatch.setattr(probing, "score_cells", lambda engine: probes.append(engine.conv.cells) or real(engine))
+    filler.kv_compress = KVComposePress(0.5, min_tokens=10_000)  # never compressed whole: what streaming did stays
+    filler.reset()
+    filler.eval(long_tokens[: 2 * CHUNK + 8])
+    assert probes == [] and filler.kv_cell_scores is None
+    filler.reset()
+    filler.eval(long_tokens)
+    assert filler.kv_compressions >= 1 and probes[0] == CHUNK  # the first chunk, probed once it was in
 
 
 def test_scores_persist_through_every_rewrite(filler, long_tokens, monkeypatch):
@@ -184,3 +211,20 @@ def test_a_streamed_prompt_is_ranked_by_its_question(filler):
         kept[tail] = np.isin(filler.kv_selection, np.arange(at, at + len(needle))).sum(-1) / len(needle)
     # measured here: 0.43 of the key's tokens per head with the question, 0.30 by the persisted scores
     assert kept[48].mean() > kept[0].mean() + 0.1, (kept[48].mean(), kept[0].mean())
+
+
+def test_generation_after_a_compressed_prompt_answers_as_with_ratio(model_path, filler, long_tokens):
+    """Chunk probes decode after the cache: one run after the newest token left llama.cpp's logits the
+    probe's, so fill mode sampled a different answer ("the pass key." for 41676 in a pass-key case). A
+    prompt that fits, compressed whole, then generation: the same tokens as kv_room="ratio"."""
+    press = KVComposePress(0.5, min_tokens=16)
+    ratio = Llama(model_path, n_ctx=N_CTX, n_batch=128, verbose=False, kv_room="ratio", kv_compress=press)
+    try:
+        filler.kv_compress = press
+        for prompt in (long_tokens[:200], long_tokens[300:460]):
+            filler.reset()
+            ratio.reset()
+            assert greedy(filler, prompt, 3 * CHUNK) == greedy(ratio, prompt, 3 * CHUNK)
+            assert filler.kv_stats["cells_after"] == ratio.kv_stats["cells_after"] < len(prompt)
+    finally:
+        ratio.close()

@@ -53,7 +53,8 @@ class KVComposePress(BasePress):
         steps instead of a second prefill. "auto" (not in the paper): "lookahead" for a prompt
         compressed whole (``llm(prompt)``, chat completions, ``kv_probe``/``kv_apply``), whose end asks
         what the answer needs; "reconstruct" for ``compress_context`` (question-agnostic: a lookahead
-        there continues the document, not an answer) and for documents streamed past ``n_ctx``. On
+        there continues the document, not an answer) and for the chunks of documents streamed past
+        ``n_ctx`` (which are ranked by their question, ``question_tail``, when the cache is full). On
         1.5k-token needle prompts the lookahead kept the full cache's accuracy at 0.75 and 0.875 where
         the reconstruct probe lost half of it or more (README, "Quality so far").
     window : int, default=64
