@@ -26,6 +26,10 @@ def add_model_options(p: argparse.ArgumentParser, default_press: str = "kvcompos
     p.add_argument("--kv-compress", default=default_press, metavar="NAME:RATIO[,key=value...]",
                    help=f"the press, e.g. kvcompose:0.75 or snapkv:0.5,window_size=32; 'none' for no compression "
                         f"(default {default_press})")
+    p.add_argument("--kv-room", choices=("fill", "ratio"), default="fill",
+                   help="how a full cache makes room: 'fill' frees one chunk and keeps the best cells of all that "
+                        "streamed past (default); 'ratio' compresses it to the press's ratio, re-scored by the "
+                        "newest tokens")
     p.add_argument("--decode-target", type=int, metavar="CELLS",
                    help="also compress while generating, back to CELLS cells (a DecodingPress)")
     p.add_argument("--decode-interval", type=int, default=512, metavar="TOKENS",
@@ -73,7 +77,7 @@ def make_llm(a: argparse.Namespace, **kwargs: Any):
     press = press_from_args(a)
     try:
         return Llama(a.model, n_ctx=a.n_ctx, n_threads=a.threads, kv_compress=press, verbose=False,
-                     kv_progress=None if a.quiet else prefill_progress(), **kwargs)
+                     kv_room=a.kv_room, kv_progress=None if a.quiet else prefill_progress(), **kwargs)
     except (ValueError, NotImplementedError) as e:
         raise CommandError(str(e)) from None
 

@@ -221,16 +221,18 @@ def stream(engine: "Engine", tokens: Sequence[int]) -> None:
 
 def _stream_scored(engine: "Engine", tokens: List[int]) -> None:
     """``stream`` for presses that score chunks: chunks of ``engine.chunk`` tokens go in while the cache
-    has room for them and for the probe of every cell not yet scored; each chunk is probed once it is
-    complete, before the next tokens go in (``probing.score_cells``), and a full cache is ranked by those
-    persisted scores and keeps ``n_ctx - 2 * chunk`` cells: room for the next chunk and its probe."""
+    has room for them and for the probe of every cell not yet scored; each chunk of a prompt is probed
+    once it is complete, before the next tokens go in (``probing.score_cells``), generated tokens all at
+    once when the cache nears full; a full cache is ranked by those persisted scores and keeps
+    ``n_ctx - 2 * chunk`` cells: room for the next chunk and its probe."""
     conv = engine.conv
     limit = engine.shape.n_ctx
     done = 0
     while done < len(tokens):
-        if conv.cells - conv.scored_cells >= engine.chunk:
+        if conv.phase == "prefill" and conv.cells - conv.scored_cells >= engine.chunk:
             # a complete chunk is probed before more tokens go in, never after the last one: a probe
-            # decodes after the cache, and the logits llama.cpp holds must stay the newest token's
+            # decodes after the cache, and the logits llama.cpp holds must stay the newest token's.
+            # Generated tokens are probed only when the cache nears full (below): most answers end first
             t0 = time.perf_counter()
             probing.score_cells(engine)
             conv.stream_seconds["probe"] += time.perf_counter() - t0
@@ -238,7 +240,8 @@ def _stream_scored(engine: "Engine", tokens: List[int]) -> None:
         cells = conv.cells
         unscored = cells - conv.scored_cells
         n = min(engine.chunk, len(tokens) - done)
-        if cells + 2 * n + unscored > limit:  # after decoding n tokens, no room to probe the unscored ones
+        # after decoding n tokens, no room to probe the unscored ones (a chunk at a time)
+        if cells + n + min(unscored + n, engine.chunk) > limit:
             if unscored > 0 and probing.score_cells(engine):
                 continue
             if press is None:

@@ -81,6 +81,7 @@ class Conversation:
         self.requires_eval = True
         self.forget_compression()
         self.mark = self.compressions = 0
+        self.phase = "prefill"  # what goes in next is a prompt until generate samples from it
         # (the question stays: llama-cpp-python's generate resets the cache after our prompt hook set it)
         self.stream_seconds = {"prefill": 0.0, "probe": 0.0}
 
@@ -155,8 +156,9 @@ class Engine:
         self.press: Optional[Press] = None  # Llama.kv_compress
         # how a full cache makes room: "fill" keeps it full (frees one chunk, or a chunk and its probe),
         # "ratio" compresses it to the press's ratio and re-scores every cell (the earlier behaviour)
-        self.room = "ratio"
-        self.chunk = max(1, min(256, n_batch, shape.n_ctx // 4))  # tokens per streamed chunk
+        self.room = "fill"
+        # tokens per streamed chunk: a full cache keeps n_ctx - 2 chunks, so 3/4 of it with n_ctx // 8
+        self.chunk = max(1, min(256, n_batch, shape.n_ctx // 8))
         self.room_override: Optional[Press] = None  # compress_context's press while it streams a context
         self.progress: Optional[Callable[[int, int, str], None]] = None
         self._layers_checked = False

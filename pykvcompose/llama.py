@@ -64,19 +64,20 @@ class Llama(llama_cpp.Llama):
     kv_progress : callable, optional
         ``kv_progress(done, total, stage)`` after every batch of prompt tokens: ``stage`` is
         ``"prefill"``, or ``"probe"`` for KVCompose's reconstruct pass over the prompt.
-    kv_room : {"ratio", "fill"}, default="ratio"
+    kv_room : {"fill", "ratio"}, default="fill"
         How a full cache makes room (documents longer than ``n_ctx``, long generations). "fill": only
         what the next chunk needs is freed, so the cache stays full; presses with a reconstruct probe
-        (KVCompose) score each chunk once, right after it is in (the chunk decoded again against
-        everything the cache holds), and every cell keeps that score through later compressions; with
-        KVCompose's default scoring, a prompt streaming in is ranked by its last ``question_tail``
-        tokens and a short lookahead after them at every compression (README: 11/20 pass keys found in
-        3.5k-token documents through 1024 cells, against 0/20 with "ratio"). A prompt that fits is
-        decoded as with "ratio". "ratio": the cache keeps the press's ratio of its cells, re-scored by
-        the newest tokens (fewer, larger compressions).
+        (KVCompose) score each chunk of a prompt once, right after it is in (the chunk decoded again
+        against everything the cache holds; generated tokens only when the cache nears full), and every
+        cell keeps that score through later compressions; with KVCompose's default scoring, a prompt
+        streaming in is ranked by its last ``question_tail`` tokens and a short lookahead after them at
+        every compression (README: 11/20 pass keys found in 3.5k-token documents through 1024 cells,
+        against 0/20 with "ratio"). A prompt that fits is decoded as with "ratio". "ratio" (the
+        earlier default): the cache keeps the press's ratio of its cells, re-scored by the newest
+        tokens (fewer, larger compressions that forget facts outside the last chunk).
     kv_chunk : int, optional
-        Tokens per streamed chunk with ``kv_room="fill"``; default ``min(256, n_batch, n_ctx // 4)``
-        (a full cache keeps ``n_ctx - 2 * kv_chunk`` cells; the measurements used ``n_ctx // 8``).
+        Tokens per streamed chunk with ``kv_room="fill"``; default ``min(256, n_batch, n_ctx // 8)``,
+        as measured (a full cache keeps ``n_ctx - 2 * kv_chunk`` cells).
     n_threads : int, optional
         Defaults to the cores this process may use.
     **kwargs
@@ -114,7 +115,7 @@ class Llama(llama_cpp.Llama):
 
     def __init__(self, model_path: Optional[Union[str, os.PathLike]] = None, *, kv_compress: Optional[AnyPress] = None,
                  kv_max_tokens: Optional[int] = None, kv_progress: Optional[Callable[[int, int, str], None]] = None,
-                 kv_room: str = "ratio", kv_chunk: Optional[int] = None,
+                 kv_room: str = "fill", kv_chunk: Optional[int] = None,
                  n_threads: Optional[int] = None, **kwargs: Any) -> None:
         if model_path is None:
             model_path = default_model_path()
@@ -262,9 +263,14 @@ class Llama(llama_cpp.Llama):
         return self._kv.history()
 
     # ---- llama_cpp.Llama overrides --------------------------------------------------------------
+    #: True while ``generate`` hands its prompt to llama-cpp-python, whose ``generate`` resets the cache
+    _kv_prompting = False
+
     def reset(self) -> None:
         super().reset()
         self._kv.restart()
+        if not self._kv_prompting:
+            self._kv.question = None  # a new conversation: the last prompt's question must not rank it
 
     def generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any) -> Iterator[int]:
         """``llama_cpp.Llama.generate``, compressing the prompt first when the press applies."""
@@ -275,7 +281,11 @@ class Llama(llama_cpp.Llama):
             self._prepare_prompt(tokens)
         inner = super().generate(tokens, *args, **kwargs)
         try:
-            token = next(inner)
+            self._kv_prompting = True  # its reset keeps the question _prepare_prompt set
+            try:
+                token = next(inner)
+            finally:
+                self._kv_prompting = False
             # the prompt is in: what follows is decoding (DecodingPress counts from here)
             self._kv.phase = "decode"
             self._kv.mark = max(self._kv.mark, self.n_tokens)

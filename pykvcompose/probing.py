@@ -255,19 +255,30 @@ def chunk_probe(engine: "Engine", cells: int) -> Probe:
 # ---- persisted chunk scores (reconstruct-probe presses streaming past n_ctx) ----------------------
 def score_cells(engine: "Engine") -> bool:
     """Give every cell without a persisted score one: the cells' own tokens (the unscored tail) are
-    decoded once more after everything the cache holds with the capture on (KVzip's chunked
-    reconstruction: each token is scored once, by a probe that sees the whole cache), and each
-    unscored cell keeps the attention it got. Returns False, changing nothing, when the cache has
-    no room for the probe."""
+    decoded once more after everything the cache holds with the capture on, one chunk at a time, the
+    oldest first (KVzip's chunked reconstruction: each token is scored once, by a probe that sees the
+    whole cache; a probe needs free cells for one chunk only), and each unscored cell keeps the
+    attention it got. Returns False when the cache has no room for the next probe (the chunks scored
+    until then keep their scores)."""
+    while engine.conv.scored_cells < engine.conv.cells:
+        if not _score_chunk(engine):
+            return False
+    return True
+
+
+def _score_chunk(engine: "Engine") -> bool:
+    """``score_cells`` for the oldest unscored chunk (False, changing nothing: no room for its probe)."""
     conv, shape = engine.conv, engine.shape
     cells = conv.cells
     first = conv.scored_cells
-    if first >= cells:
-        return True
-    tail = cells - max(first, conv.compressed_cells)  # unscored cells that hold one token each
-    # composite cells without scores (a restored session or state) are scored by the newest tokens
-    queries = conv.input_ids[conv.n_tokens - tail: conv.n_tokens].tolist() if tail > 0 else \
-        conv.input_ids[max(0, conv.n_tokens - engine.chunk): conv.n_tokens].tolist()
+    single = max(first, conv.compressed_cells)  # the first unscored cell that holds one token
+    if single < cells:
+        start = conv.n_tokens - (cells - single)
+        queries = conv.input_ids[start: start + min(cells - single, engine.chunk)].tolist()
+        scored = single + len(queries)  # (composite cells without scores before them are scored too)
+    else:  # composite cells without scores (a restored session or state) are scored by the newest tokens
+        queries = conv.input_ids[max(0, conv.n_tokens - engine.chunk): conv.n_tokens].tolist()
+        scored = cells
     free = shape.n_ctx - cells
     if engine.capture is None or not queries or free < min(len(queries), 2):
         return False
@@ -278,7 +289,7 @@ def score_cells(engine: "Engine") -> bool:
         seen = engine.capture.visibility()
         if not (seen[:cells] == seen[0]).all() or seen[0] <= 0:
             raise RuntimeError("the probe did not see the conversation in cache cells 0..cells-1")
-    new = {"max": mx[..., first:cells], "mean": mean[..., first:cells]}
+    new = {"max": mx[..., first:scored], "mean": mean[..., first:scored]}
     if conv.cell_scores is None:
         conv.cell_scores = {agg: np.ascontiguousarray(v) for agg, v in new.items()}
     else:

@@ -100,3 +100,15 @@ def test_press_options():
     a = p.parse_args(["--kv-compress", "none", "--decode-target", "300"])
     assert commands.press_from_args(a) == DecodingPress(SnapKVPress(), target_size=300, compression_interval=512)
     assert commands.press_from_args(p.parse_args(["--kv-compress", "NONE"])) is None
+
+
+@pytest.mark.parametrize("argv,room", [([], "fill"), (["--kv-room", "ratio"], "ratio")])
+def test_the_room_option_reaches_the_cache(argv, room):
+    """``run`` streams documents longer than the cache: by default a full cache is filled (kv_room="fill")."""
+    p = __import__("argparse").ArgumentParser()
+    commands.add_model_options(p)
+    llm = commands.make_llm(p.parse_args(["--n-ctx", "512", "--quiet", *argv]))
+    try:
+        assert llm.kv_room == room and llm.kv_chunk == 64
+    finally:
+        llm.close()

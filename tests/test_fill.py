@@ -29,6 +29,14 @@ def filler(model_path):
     m.close()
 
 
+def test_fill_is_the_default_and_a_chunk_is_an_eighth_of_the_cache(model_path):
+    m = Llama(model_path, n_ctx=N_CTX, verbose=False)
+    try:
+        assert m.kv_room == "fill" and m.kv_chunk == N_CTX // 8  # a full cache keeps 3/4 of its cells
+    finally:
+        m.close()
+
+
 def test_bad_room_options_are_refused(model_path):
     with pytest.raises(ValueError, match="kv_room"):
         Llama(model_path, n_ctx=N_CTX, verbose=False, kv_room="half")
@@ -228,3 +236,45 @@ def test_generation_after_a_compressed_prompt_answers_as_with_ratio(model_path, 
             assert filler.kv_stats["cells_after"] == ratio.kv_stats["cells_after"] < len(prompt)
     finally:
         ratio.close()
+
+
+def test_generated_tokens_are_probed_only_when_the_cache_nears_full(filler, long_tokens, monkeypatch):
+    """A chunk probe decodes the chunk again: for generated tokens that costs a prefill per chunk even when
+    the answer ends long before the cache is full, so they are probed only when room must be made."""
+    probes = []
+    real = probing.score_cells
+    monkeypatch.setattr(probing, "score_cells", lambda engine: probes.append(engine.conv.cells) or real(engine))
+    filler.kv_compress = KVComposePress(0.5, min_tokens=10_000)  # the prompt stays as prefilled
+    filler.reset()
+    greedy(filler, long_tokens[:60], 3 * CHUNK)  # 60 + 96 cells of 256: never full
+    assert probes == [] and filler.kv_compressions == 0
+    filler.reset()
+    out = greedy(filler, long_tokens[:60], N_CTX)  # past n_ctx: probed, ranked, compressed
+    assert len(out) == N_CTX and filler.kv_compressions >= 1
+    assert probes and filler.kv_cell_scores is not None
+
+
+def test_a_prompt_after_reset_streams_as_a_prompt(filler, long_tokens, monkeypatch):
+    """reset() after an answer starts a new conversation: the next tokens are a prompt again (chunks probed
+    as they come in), not more of the answer."""
+    filler.kv_compress = KVComposePress(0.5, min_tokens=10_000)
+    filler.reset()
+    greedy(filler, long_tokens[:60], 4)
+    probes = []
+    real = probing.score_cells
+    monkeypatch.setattr(probing, "score_cells", lambda engine: probes.append(engine.conv.cells) or real(engine))
+    filler.reset()
+    filler.eval(long_tokens[:300])
+    assert probes[0] == CHUNK
+
+
+def test_reset_forgets_the_last_prompts_question(filler, long_tokens):
+    """A streamed prompt is ranked by its question; after reset() a document eval'd on its own has none,
+    so the last prompt's question must not rank it."""
+    filler.kv_compress = KVComposePress(0.5, min_tokens=16)
+    filler.reset()
+    greedy(filler, long_tokens[:400], 2)
+    assert filler.kv_stats["probe"].startswith("the prompt's last")
+    filler.reset()
+    filler.eval(long_tokens[:320])
+    assert filler.kv_stats["probe"] == "each chunk's reconstruct probe, persisted"

@@ -1,4 +1,5 @@
-"""Beyond n_ctx: prompts longer than the cache, long generations (DecodingPress), multi-turn reuse."""
+"""Beyond n_ctx: prompts longer than the cache, long generations (DecodingPress), multi-turn reuse, with
+kv_room="ratio" (a full cache compressed to the press's ratio; the default "fill" is tested in test_fill.py)."""
 
 import llama_cpp
 import numpy as np
@@ -24,7 +25,7 @@ def long_tokens(plain_llm):
 
 @pytest.fixture(scope="module")
 def small(model_path):
-    m = Llama(model_path, n_ctx=N_CTX, n_batch=128, verbose=False)
+    m = Llama(model_path, n_ctx=N_CTX, n_batch=128, verbose=False, kv_room="ratio")
     yield m
     m.close()
 
@@ -172,7 +173,7 @@ def test_a_prompt_diverging_inside_the_compressed_part_is_prefilled_from_the_ori
     greedy(small, long_tokens[:200], 3)
     diverging = long_tokens[:50] + long_tokens[400:560]
     ours = greedy(small, diverging, 6)
-    fresh = Llama(model_path, n_ctx=N_CTX, n_batch=128, verbose=False, kv_compress=press)
+    fresh = Llama(model_path, n_ctx=N_CTX, n_batch=128, verbose=False, kv_room="ratio", kv_compress=press)
     try:
         assert greedy(fresh, diverging, 6) == ours
         assert fresh.kv_history == small.kv_history
@@ -216,7 +217,7 @@ def test_kv_max_tokens_validation(model_path, bad):
 
 def test_progress_is_reported_per_batch(model_path, long_tokens):
     seen = []
-    llm = Llama(model_path, n_ctx=N_CTX, n_batch=128, verbose=False,
+    llm = Llama(model_path, n_ctx=N_CTX, n_batch=128, verbose=False, kv_room="ratio",
                 kv_compress=KVComposePress(0.5, min_tokens=16, scoring="reconstruct"),
                 kv_progress=lambda done, total, stage: seen.append((stage, done, total)))
     try:
@@ -273,7 +274,7 @@ def test_a_failed_compression_to_make_room_loses_nothing(model_path, small, long
     assert small.kv_history == long_tokens[: small.n_tokens] and small.n_tokens > N_CTX
     monkeypatch.setattr(_native, "context_compose", real)
     ours = greedy(small, long_tokens, 4)
-    fresh = Llama(model_path, n_ctx=N_CTX, n_batch=128, verbose=False, kv_compress=SnapKVPress(0.5))
+    fresh = Llama(model_path, n_ctx=N_CTX, n_batch=128, verbose=False, kv_room="ratio", kv_compress=SnapKVPress(0.5))
     try:
         assert greedy(fresh, long_tokens, 4) == ours
     finally:
@@ -296,7 +297,7 @@ def test_a_failed_probe_of_the_newest_tokens_puts_them_back(model_path, small, l
     assert small.kv_history == long_tokens[:N_CTX]
     monkeypatch.setattr(_native.Capture, "scores", real)
     ours = greedy(small, long_tokens[:400], 4)
-    fresh = Llama(model_path, n_ctx=N_CTX, n_batch=128, verbose=False, kv_compress=SnapKVPress(0.5))
+    fresh = Llama(model_path, n_ctx=N_CTX, n_batch=128, verbose=False, kv_room="ratio", kv_compress=SnapKVPress(0.5))
     try:
         assert greedy(fresh, long_tokens[:400], 4) == ours
     finally:
