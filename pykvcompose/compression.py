@@ -222,8 +222,8 @@ def stream(engine: "Engine", tokens: Sequence[int]) -> None:
 def _stream_scored(engine: "Engine", tokens: List[int]) -> None:
     """``stream`` for presses that score chunks: chunks of ``engine.chunk`` tokens go in while the cache
     has room for them and for the probe of every cell not yet scored; each chunk of a prompt is probed
-    once it is complete, before the next tokens go in (``probing.score_cells``), generated tokens all at
-    once when the cache nears full; a full cache is ranked by those persisted scores and keeps
+    once it is complete, before the next tokens go in (``probing.score_cells``), generated tokens a chunk
+    at a time once the cache nears full; a full cache is ranked by those persisted scores and keeps
     ``n_ctx - 2 * chunk`` cells: room for the next chunk and its probe."""
     conv = engine.conv
     limit = engine.shape.n_ctx
