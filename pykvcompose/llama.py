@@ -263,14 +263,9 @@ class Llama(llama_cpp.Llama):
         return self._kv.history()
 
     # ---- llama_cpp.Llama overrides --------------------------------------------------------------
-    #: True while ``generate`` hands its prompt to llama-cpp-python, whose ``generate`` resets the cache
-    _kv_prompting = False
-
     def reset(self) -> None:
         super().reset()
         self._kv.restart()
-        if not self._kv_prompting:
-            self._kv.question = None  # a new conversation: the last prompt's question must not rank it
 
     def generate(self, tokens: Sequence[int], *args: Any, **kwargs: Any) -> Iterator[int]:
         """``llama_cpp.Llama.generate``, compressing the prompt first when the press applies."""
@@ -281,11 +276,10 @@ class Llama(llama_cpp.Llama):
             self._prepare_prompt(tokens)
         inner = super().generate(tokens, *args, **kwargs)
         try:
-            self._kv_prompting = True  # its reset keeps the question _prepare_prompt set
             try:
                 token = next(inner)
             finally:
-                self._kv_prompting = False
+                self._kv.question = None  # the prompt is in (or failed): its question ranks nothing after it
             # the prompt is in: what follows is decoding (DecodingPress counts from here)
             self._kv.phase = "decode"
             self._kv.mark = max(self._kv.mark, self.n_tokens)
