@@ -44,6 +44,9 @@ def compress(engine: "Engine", press: BasePress, probe: Probe, n_keep: int, writ
         conv.cell_scores = {agg: gather_heads(reconstruct[agg], selection) for agg in ("max", "mean")}
     else:
         conv.cell_scores = None
+    asked = probe.attention.get(probe.question) if probe.question else None
+    conv.question_scores = None if asked is None or holes else {
+        agg: gather_heads(asked[agg], selection) for agg in ("max", "mean")}
     conv.requires_eval = True
     conv.scores = scores
     conv.head_scores = press.head_scores(probe)
@@ -242,7 +245,10 @@ def _stream_scored(engine: "Engine", tokens: List[int]) -> None:
         n = min(engine.chunk, len(tokens) - done)
         # after decoding n tokens, no room to probe the unscored ones (a chunk at a time)
         if cells + n + min(unscored + n, engine.chunk) > limit:
-            if unscored > 0 and probing.score_cells(engine):
+            t0 = time.perf_counter()
+            scored = unscored > 0 and probing.score_cells(engine)
+            conv.stream_seconds["probe"] += time.perf_counter() - t0
+            if scored:
                 continue
             if press is None:
                 raise ValueError(f"Requested tokens ({conv.n_tokens + len(tokens) - done}) exceed context "

@@ -51,6 +51,9 @@ class Conversation:
     # the newest prompt's last tokens (where a question usually is), which rank the cells at compressions
     # that make room while that prompt streams in (lookahead presses, kv_room="fill"; see probing.question_probe)
     question: Optional[List[int]] = None
+    # the highest attention each cell got from that question at the compressions made so far, as cell_scores
+    # (see probing.question_probe): a cell ranked high once is not dropped by a later round's weaker probe
+    question_scores: Optional[Dict[str, np.ndarray]] = None
     # seconds spent since the conversation began decoding streamed chunks, and probing them (kv_room="fill")
     stream_seconds: Dict[str, float] = field(default_factory=lambda: {"prefill": 0.0, "probe": 0.0})
 
@@ -91,11 +94,18 @@ class Conversation:
         self.holes = False
         self.origin = None
         self.cell_scores = None
+        self.question_scores = None
+
+    def ask(self, question: Optional[List[int]]) -> None:
+        """``question`` ranks the cells at compressions from now on (None: nothing does); the attention
+        an earlier question gave them is forgotten."""
+        self.question = question
+        self.question_scores = None
 
     def restored(self, tokens: Sequence[int], compressed_len: int, compressed_cells: int,
                  origin: Optional[np.ndarray], cell_scores: Optional[Dict[str, np.ndarray]] = None) -> None:
         """Bookkeeping for cells just restored: the token history and what of it is composite."""
-        self.question = None
+        self.ask(None)
         if len(tokens) > len(self.input_ids):
             self.input_ids = np.zeros(len(tokens), dtype=np.intc)
         self.input_ids[: len(tokens)] = tokens

@@ -279,7 +279,7 @@ class Llama(llama_cpp.Llama):
             try:
                 token = next(inner)
             finally:
-                self._kv.question = None  # the prompt is in (or failed): its question ranks nothing after it
+                self._kv.ask(None)  # the prompt is in (or failed): its question ranks nothing after it
             # the prompt is in: what follows is decoding (DecodingPress counts from here)
             self._kv.phase = "decode"
             self._kv.mark = max(self._kv.mark, self.n_tokens)
@@ -373,7 +373,7 @@ class Llama(llama_cpp.Llama):
     def _prepare_prompt(self, tokens: List[int]) -> None:
         if len(tokens) >= self._n_ctx:
             raise ValueError(f"Requested tokens ({len(tokens)}) exceed context window of {self._n_ctx}")
-        self._kv.question = tokens[-QUESTION_TOKENS_KEPT:]  # kept through the cache resets below
+        self._kv.ask(tokens[-QUESTION_TOKENS_KEPT:])  # kept through the cache resets below
         if self._kv.compressed_len > 0:
             if self._parent_reuse(tokens) >= self._kv.compressed_len:
                 return  # the prompt extends what the compressed cache holds: continue on it
@@ -427,7 +427,7 @@ class Llama(llama_cpp.Llama):
         if not isinstance(press, BasePress):
             raise ValueError(f"no press: pass one such as KVComposePress(...) or set kv_compress (got {press!r})")
         press = press.question_agnostic()
-        self._kv.question = None  # no prompt: the context streams in without a question
+        self._kv.ask(None)  # no prompt: the context streams in without a question
         if len(tokens) < 2:
             raise ValueError(f"a context to compress needs at least 2 tokens, got {len(tokens)}")
         engine = self._engine

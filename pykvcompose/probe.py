@@ -41,6 +41,9 @@ class Probe:
     in_place : bool
         The probe's attention mask showed the context in cache cells ``0..n_tokens-1``, token j in
         cell j: the norms and the rewrite can read the cache tensors instead of a copy of the state.
+    question : ProbeSpec, optional
+        The entry of ``attention`` that holds a prompt's question's attention to cells already in the
+        cache (``probing.question_probe``); the compression carries it with the kept cells.
     """
 
     n_layer: int
@@ -54,6 +57,7 @@ class Probe:
     description: str = ""
     substitute: Optional[ProbeSpec] = None
     in_place: bool = False
+    question: Optional[ProbeSpec] = None
     _norm_cache: Dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def head_scores(self, spec: ProbeSpec, agg: str) -> np.ndarray:

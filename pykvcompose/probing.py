@@ -327,8 +327,16 @@ def question_probe(engine: "Engine", probe: Probe, tail: int, spec: ProbeSpec) -
         mx, mean = engine.captured(decode, cells)
     finally:
         engine.remove(base)  # the question's and the drafts' cells never stay
-    probe.attention[tuple(spec)] = {"max": np.ascontiguousarray(mx[..., :cells]),
-                                    "mean": np.ascontiguousarray(mean[..., :cells])}
+    attention = {"max": np.array(mx[..., :cells]), "mean": np.array(mean[..., :cells])}
+    if conv.question_scores is not None and not conv.holes:
+        # each round ranks by the most attention a cell ever got from the question: the drafts and the
+        # cache change between rounds, and a fact's tokens ranked high once must not each be dropped by
+        # one weaker round in some heads (the rounds split a multi-token fact across heads)
+        held = min(cells, conv.question_scores["max"].shape[-1])
+        for agg, values in attention.items():
+            np.maximum(values[..., :held], conv.question_scores[agg][..., :held], out=values[..., :held])
+    probe.attention[tuple(spec)] = attention
+    probe.question = tuple(spec)
     probe.description = f"the prompt's last {len(question)} tokens and a lookahead of up to {k}"
     return True
 

@@ -278,3 +278,46 @@ def test_reset_forgets_the_last_prompts_question(filler, long_tokens):
     filler.reset()
     filler.eval(long_tokens[:320])
     assert filler.kv_stats["probe"] == "each chunk's reconstruct probe, persisted"
+
+
+def test_a_cell_keeps_the_most_attention_its_question_gave_it(filler, monkeypatch):
+    """Every round of a streamed prompt asks its question again, of a cache that changed: a cell is ranked by
+    the most attention the question ever gave it, carried with the cell through each rewrite (ranked by
+    one round's attention alone, a pass key's digits were dropped in more heads each round: "73." for
+    73352). The prompt's answer forgets those scores with the question."""
+    tok = lambda s: filler.tokenize(s.encode(), add_bos=False)  # noqa: E731
+    (_, _, prompt), = passkey_cases(tok, 700, [0.3])
+    tokens = filler.tokenize(prompt.encode())
+    filler.kv_compress = KVComposePress(0.5)
+    filler.reset()
+    conv = filler._engine.conv
+    real_probe, real_room = probing.question_probe, compression.make_room
+    rounds = []
+
+    def asking(engine, probe, tail, spec):
+        held = None if conv.question_scores is None else {a: v.copy() for a, v in conv.question_scores.items()}
+        asked = real_probe(engine, probe, tail, spec)
+        rounds.append((held, probe.attention[tuple(spec)], rewrite.cell_positions(engine, conv.cells)))
+        return asked
+
+    def checking(engine, press, trigger):
+        real_room(engine, press, trigger)
+        _, attention, positions = rounds[-1]
+        origin = conv.origin
+        index = np.stack([[np.searchsorted(positions[l, g], origin[l, g]) for g in range(origin.shape[1])]
+                          for l in range(origin.shape[0])]).astype(np.int32)
+        for agg in ("max", "mean"):
+            np.testing.assert_array_equal(conv.question_scores[agg], gather_heads(attention[agg], index))
+
+    monkeypatch.setattr(probing, "question_probe", asking)
+    monkeypatch.setattr(compression, "make_room", checking)
+    greedy(filler, tokens, 1)
+    assert len(rounds) >= 10 and rounds[0][0] is None
+    raised = 0
+    for held, attention, _ in rounds[1:]:
+        n = held["max"].shape[-1]
+        for agg in ("max", "mean"):
+            assert (attention[agg][..., :n] >= held[agg]).all()  # never below what a cell was given before
+        raised += int((attention["max"][..., :n] == held["max"]).mean() > 0.01)
+    assert raised == len(rounds) - 1  # (and the earlier rounds' attention is what ranks many cells)
+    assert conv.question is None and conv.question_scores is None
