@@ -154,9 +154,9 @@ def make_room(engine: "Engine", press: Press, trigger: str) -> None:
         probing.end_chunk(engine)
         probe = probing.persisted_probe(engine)
         tail = scorer.question_tail_tokens()
-        if conv.phase == "prefill" and tail > 0:
+        if conv.phase == "prefill" and tail > 0 and probing.question_probe(engine, probe, tail, scorer.probe()):
             # a prompt streaming in: its question ranks the cells (the persisted scores stay with them)
-            probing.question_probe(engine, probe, tail, scorer.probe())
+            scorer = scorer.question_ranked()
     elif conv.chunk_start is not None and conv.chunk_start >= conv.compressed_len:
         probe = probing.chunk_probe(engine, cells)
     else:

@@ -321,3 +321,39 @@ def test_a_cell_keeps_the_most_attention_its_question_gave_it(filler, monkeypatc
         raised += int((attention["max"][..., :n] == held["max"]).mean() > 0.01)
     assert raised == len(rounds) - 1  # (and the earlier rounds' attention is what ranks many cells)
     assert conv.question is None and conv.question_scores is None
+
+
+def test_a_question_ranked_compression_keeps_the_same_cells_in_every_head(filler, monkeypatch):
+    """``question_consensus=1`` (the default): every compression ranked by a streamed prompt's question makes
+    every head of every layer keep the same cells, so the pass key's tokens are kept or dropped together
+    (each head's own ranking, ``question_consensus=0``, splits them across heads round after round). Prompts
+    compressed whole keep each head's own ranking (``head_consensus``)."""
+    tok = lambda s: filler.tokenize(s.encode(), add_bos=False)  # noqa: E731
+    (_, key, prompt), = passkey_cases(tok, 700, [0.3])
+    tokens = filler.tokenize(prompt.encode())
+    needle = tok(f"The pass key is {key}")
+    at = next(i for i in range(len(tokens)) if tokens[i:i + len(needle)] == needle)
+    real_room = compression.make_room
+    selections = []
+
+    def recording(engine, press, trigger):
+        real_room(engine, press, trigger)
+        selections.append(engine.conv.selection.copy())
+
+    monkeypatch.setattr(compression, "make_room", recording)
+    for consensus in (1.0, 0.0):
+        filler.kv_compress = KVComposePress(0.5, question_consensus=consensus)
+        filler.reset()
+        selections.clear()
+        greedy(filler, tokens, 1)
+        assert len(selections) >= 10 and filler.kv_stats["probe"].startswith("the prompt's last")
+        same = [bool((s == s[:1, :1]).all()) for s in selections]
+        kept = np.isin(filler.kv_selection, np.arange(at, at + len(needle))).sum(-1) / len(needle)
+        if consensus:
+            assert all(same)  # every question-ranked round: one set of cells for all heads
+            assert (filler.kv_selection == filler.kv_selection[:1, :1]).all()
+        else:
+            assert not any(same)
+            assert kept.std() > 0  # the key's tokens in some heads and not in others
+    with pytest.raises(ValueError, match="question_consensus"):
+        KVComposePress(0.5, question_consensus=1.5)

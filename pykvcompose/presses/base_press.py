@@ -72,6 +72,11 @@ class BasePress(Press):
         the rest of that prompt (0: none; KVCompose's lookahead scoring, ``question_tail``)."""
         return 0
 
+    def question_ranked(self) -> "BasePress":
+        """The press that selects the cells once a streamed prompt's question has ranked them: this one
+        (KVCompose's ``question_consensus`` makes every head keep the same cells there)."""
+        return self
+
     def question_agnostic(self) -> "BasePress":
         """The press ``compress_context`` applies to a context that no question follows yet: this one
         (KVCompose's ``scoring="auto"`` swaps its lookahead for the reconstruct probe)."""
