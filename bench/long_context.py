@@ -25,7 +25,7 @@ import numpy as np
 from pykvcompose import KVComposePress, Llama, compression
 from pykvcompose.compression import compress
 from pykvcompose.demo import answer
-from pykvcompose.haystack import passkey_cases, passkey_chat_prompt
+from pykvcompose.haystack import passkey_cases, passkey_chat_prompt, passkey_positions, share_kept
 from pykvcompose.presses import parse_press_spec
 from pykvcompose.stats import count_with_interval, mcnemar_exact
 
@@ -71,9 +71,7 @@ def main() -> None:
                 prompt = passkey_chat_prompt(prompt)
             # special=True: the chat template's markers are its special tokens, not their spelling as text
             toks = full.tokenize(prompt.encode(), special=style == "chat")
-            needle = full.tokenize(f"The pass key is {key}".encode(), add_bos=False)
-            at = next(i for i in range(len(toks)) if toks[i:i + len(needle)] == needle)
-            cases.append((style, depth, key, toks, np.arange(at, at + len(needle))))
+            cases.append((style, depth, key, toks, passkey_positions(tok, toks, key)))
     traced_depth = min(depths, key=lambda d: abs(d - a.trace_depth))
     rows, traces = {}, {}
     trace: list = []  # needle kept per (layer, kv head) after each compression of the traced case
@@ -82,7 +80,7 @@ def main() -> None:
     def traced_compress(engine, *args, **kwargs):
         stats = compress(engine, *args, **kwargs)
         if tracing_needle is not None:
-            trace.append((np.isin(engine.conv.selection, tracing_needle).sum(-1) / len(tracing_needle)).tolist())
+            trace.append(share_kept(engine.conv.selection, tracing_needle).tolist())
         return stats
 
     compression.compress = traced_compress
@@ -99,7 +97,7 @@ def main() -> None:
             traces[f"{style}: {name}"] = list(trace)
         tracing_needle = None
         m = llm.kv_memory()
-        heads = None if llm.kv_selection is None else np.isin(llm.kv_selection, needle).sum(-1) / len(needle)
+        heads = None if llm.kv_selection is None else share_kept(llm.kv_selection, needle)
         kept = 1.0 if heads is None else float(heads.mean())
         rows.setdefault(f"{style}: {name}", []).append({
             "depth": depth, "tokens": len(toks), "found": str(key) in res["text"], "answer": res["text"].strip()[:40],

@@ -6,6 +6,8 @@ import functools
 import random
 from typing import Callable, List, Sequence, Tuple
 
+import numpy as np
+
 PASSKEY_QUESTION = "What is the pass key? The pass key is"
 
 
@@ -72,3 +74,16 @@ def passkey_cases(tokenize: Callable[[str], List[int]], n_tokens: int,
         key = 10000 + (7919 * (i + 3)) % 89999
         cases.append((depth, key, passkey_prompt(tokenize, n_tokens, depth, key, seed=i)))
     return cases
+
+
+def passkey_positions(tokenize: Callable[[str], List[int]], tokens: Sequence[int], key: int) -> np.ndarray:
+    """Positions in ``tokens`` of "The pass key is {key}" (``tokenize`` without BOS, as the sentence follows a
+    paragraph break in a ``passkey_cases`` prompt)."""
+    needle = tokenize(f"The pass key is {key}")
+    at = next(i for i in range(len(tokens)) if list(tokens[i:i + len(needle)]) == needle)
+    return np.arange(at, at + len(needle))
+
+
+def share_kept(selection: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Share of ``positions`` each (layer, kv head) of ``selection`` (layers, kv_heads, cells) keeps: (layers, kv_heads)."""
+    return np.isin(selection, positions).sum(-1) / len(positions)

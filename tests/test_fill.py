@@ -8,7 +8,7 @@ import pytest
 
 from pykvcompose import KVComposePress, Llama, SnapKVPress, compression, probing, rewrite, session
 from pykvcompose.engine import gather_heads
-from pykvcompose.haystack import haystack_text, passkey_cases
+from pykvcompose.haystack import haystack_text, passkey_cases, passkey_positions, share_kept
 
 from conftest import greedy, press_ids, press_list, seq_state
 
@@ -204,8 +204,7 @@ def test_a_streamed_prompt_is_ranked_by_its_question(filler):
     tok = lambda s: filler.tokenize(s.encode(), add_bos=False)  # noqa: E731
     (_, key, prompt), = passkey_cases(tok, 700, [0.5])
     tokens = filler.tokenize(prompt.encode())
-    needle = tok(f"The pass key is {key}")
-    at = next(i for i in range(len(tokens)) if tokens[i:i + len(needle)] == needle)
+    needle = passkey_positions(tok, tokens, key)
     kept = {}
     for tail in (48, 0):
         filler.kv_compress = KVComposePress(0.5, question_tail=tail)
@@ -216,7 +215,7 @@ def test_a_streamed_prompt_is_ranked_by_its_question(filler):
         assert filler.kv_stats["probe"] == ("the prompt's last 31 tokens and a lookahead of up to 1" if tail else
                                             "each chunk's reconstruct probe, persisted")
         assert 0 < filler.kv_cell_scores.shape[-1] <= filler.kv_cells  # persisted scores, as without a question
-        kept[tail] = np.isin(filler.kv_selection, np.arange(at, at + len(needle))).sum(-1) / len(needle)
+        kept[tail] = share_kept(filler.kv_selection, needle)
     # measured here: 0.70 of the key's tokens per head with the question (0.52 with each head's own ranking,
     # question_consensus=0), 0.30 by the persisted scores
     assert kept[48].mean() > kept[0].mean() + 0.1, (kept[48].mean(), kept[0].mean())
@@ -327,13 +326,11 @@ def test_a_cell_keeps_the_most_attention_its_question_gave_it(filler, monkeypatc
 def test_a_question_ranked_compression_keeps_the_same_cells_in_every_head(filler, monkeypatch):
     """``question_consensus=1`` (the default): every compression ranked by a streamed prompt's question makes
     every head of every layer keep the same cells, so the pass key's tokens are kept or dropped together
-    (each head's own ranking, ``question_consensus=0``, splits them across heads round after round). Prompts
-    compressed whole keep each head's own ranking (``head_consensus``)."""
+    (each head's own ranking, ``question_consensus=0``, splits them across heads round after round)."""
     tok = lambda s: filler.tokenize(s.encode(), add_bos=False)  # noqa: E731
     (_, key, prompt), = passkey_cases(tok, 700, [0.3])
     tokens = filler.tokenize(prompt.encode())
-    needle = tok(f"The pass key is {key}")
-    at = next(i for i in range(len(tokens)) if tokens[i:i + len(needle)] == needle)
+    needle = passkey_positions(tok, tokens, key)
     real_room = compression.make_room
     selections = []
 
@@ -349,12 +346,11 @@ def test_a_question_ranked_compression_keeps_the_same_cells_in_every_head(filler
         greedy(filler, tokens, 1)
         assert len(selections) >= 10 and filler.kv_stats["probe"].startswith("the prompt's last")
         same = [bool((s == s[:1, :1]).all()) for s in selections]
-        kept = np.isin(filler.kv_selection, np.arange(at, at + len(needle))).sum(-1) / len(needle)
         if consensus:
             assert all(same)  # every question-ranked round: one set of cells for all heads
             assert (filler.kv_selection == filler.kv_selection[:1, :1]).all()
         else:
             assert not any(same)
-            assert kept.std() > 0  # the key's tokens in some heads and not in others
+            assert share_kept(filler.kv_selection, needle).std() > 0  # the key's tokens in some heads, not others
     with pytest.raises(ValueError, match="question_consensus"):
         KVComposePress(0.5, question_consensus=1.5)
