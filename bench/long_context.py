@@ -62,7 +62,8 @@ def main() -> None:
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    full = Llama(n_ctx=2 * a.tokens + 512 if a.single_shot else a.tokens + 256, n_batch=512, verbose=False)
+    full_n_ctx = 2 * a.tokens + 512 if a.single_shot else a.tokens + 256  # single-shot's lookahead probe needs 2n
+    full = Llama(n_ctx=full_n_ctx, n_batch=512, verbose=False)
     tok = lambda s: full.tokenize(s.encode(), add_bos=False)  # noqa: E731
     cases = []  # (style, depth, key, prompt tokens, needle positions)
     for style in a.style:
@@ -109,7 +110,36 @@ def main() -> None:
               f"prompt {r['prompt_seconds']:.0f}s (chunks {r['stream_seconds']['prefill']:.1f}s, their probes "
               f"{r['stream_seconds']['probe']:.1f}s) | {time.perf_counter() - t0:.0f}s", flush=True)
 
-    full_name = f"full cache (n_ctx={a.tokens + 256})"
+    def write_results():
+        """results.json and results.md from the rows so far: a long run killed midway keeps its finished rows."""
+        (out / "results.json").write_text(json.dumps({"rows": rows, "traces": traces, "traced_depth": traced_depth}, indent=1))
+        lines = [f"Pass key in ~{a.tokens}-token documents ({len(depths)} cases per prompt style, depths "
+                 f"{', '.join(f'{d:g}' for d in depths)}), SmolLM2-135M-Instruct Q4_1, {time.perf_counter() - t0:.0f} s "
+                 "in one run. Found: count with Wilson 95% interval; p: exact McNemar test against the "
+                 "single-shot row on the same cases (the full cache's row: against the full cache).", "",
+                 "| configuration | found | p vs single-shot | p vs full | needle tokens kept per head | cells | compressions "
+                 "| streamed chunks s | their probes s | prompt s |",
+                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for name, rs in rows.items():
+            style = name.split(":", 1)[0]
+            found = [r["found"] for r in rs]
+            ref = lambda label: [r["found"] for r in rows.get(f"{style}: {label}", [])]  # noqa: E731
+            p_single = mcnemar_exact(found, ref(single_name)) if ref(single_name) else float("nan")
+            p_full = mcnemar_exact(found, ref(full_name)) if ref(full_name) else float("nan")
+            lines.append(f"| {name} | {count_with_interval(sum(found), len(found))} | {p_single:.2f} | {p_full:.2f} | "
+                         f"{np.mean([r['needle_kept'] for r in rs]):.2f} | {max(r['cells'] for r in rs)} | "
+                         f"{max(r['compressions'] for r in rs)} | {sum(r['stream_seconds']['prefill'] for r in rs):.0f} | "
+                         f"{sum(r['stream_seconds']['probe'] for r in rs):.0f} | {sum(r['prompt_seconds'] for r in rs):.0f} |")
+        lines += ["", "Found per depth band (cases in each fifth of the document, all styles):", "",
+                  "| configuration | " + " | ".join(f"{b / 5:.1f}-{(b + 1) / 5:.1f}" for b in range(5)) + " |",
+                  "|---|" + "---:|" * 5]
+        for name, rs in rows.items():
+            bands = [[r["found"] for r in rs if min(int(r["depth"] * 5), 4) == b] for b in range(5)]
+            lines.append(f"| {name} | " + " | ".join(f"{sum(b)}/{len(b)}" for b in bands) + " |")
+        (out / "results.md").write_text("\n".join(lines) + "\n")
+        return lines
+
+    full_name = f"full cache (n_ctx={full_n_ctx})"
     single_name = f"single-shot kvcompose to {a.n_ctx - 1} cells ({KVComposePress().probe()[0]} probe)"
     for case in cases:
         if not a.no_full:
@@ -120,6 +150,7 @@ def main() -> None:
             full.kv_compress = KVComposePress(1 - (a.n_ctx - 1) / (len(case[3]) - 1))
             full.reset()
             record(single_name, full, case)
+    write_results()
     full.close()
     for room in a.rooms:
         llm = Llama(n_ctx=a.n_ctx, n_batch=512, verbose=False, kv_room=room, kv_chunk=a.chunk)
@@ -130,34 +161,11 @@ def main() -> None:
             for case in cases:
                 llm.reset()
                 record(f"{spec} (n_ctx={a.n_ctx}, {room})", llm, case)
+            write_results()
         llm.close()
     compression.compress = compress
 
-    (out / "results.json").write_text(json.dumps({"rows": rows, "traces": traces, "traced_depth": traced_depth}, indent=1))
-    lines = [f"Pass key in ~{a.tokens}-token documents ({len(depths)} cases per prompt style, depths "
-             f"{', '.join(f'{d:g}' for d in depths)}), SmolLM2-135M-Instruct Q4_1, {time.perf_counter() - t0:.0f} s "
-             "in one run. Found: count with Wilson 95% interval; p: exact McNemar test against the "
-             "single-shot row on the same cases (the full cache's row: against the full cache).", "",
-             "| configuration | found | p vs single-shot | p vs full | needle tokens kept per head | cells | compressions "
-             "| streamed chunks s | their probes s | prompt s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, rs in rows.items():
-        style = name.split(":", 1)[0]
-        found = [r["found"] for r in rs]
-        ref = lambda label: [r["found"] for r in rows.get(f"{style}: {label}", [])]  # noqa: E731
-        p_single = mcnemar_exact(found, ref(single_name)) if ref(single_name) else float("nan")
-        p_full = mcnemar_exact(found, ref(full_name)) if ref(full_name) else float("nan")
-        lines.append(f"| {name} | {count_with_interval(sum(found), len(found))} | {p_single:.2f} | {p_full:.2f} | "
-                     f"{np.mean([r['needle_kept'] for r in rs]):.2f} | {max(r['cells'] for r in rs)} | "
-                     f"{max(r['compressions'] for r in rs)} | {sum(r['stream_seconds']['prefill'] for r in rs):.0f} | "
-                     f"{sum(r['stream_seconds']['probe'] for r in rs):.0f} | {sum(r['prompt_seconds'] for r in rs):.0f} |")
-    lines += ["", "Found per depth band (cases in each fifth of the document, all styles):", "",
-              "| configuration | " + " | ".join(f"{b / 5:.1f}-{(b + 1) / 5:.1f}" for b in range(5)) + " |",
-              "|---|" + "---:|" * 5]
-    for name, rs in rows.items():
-        bands = [[r["found"] for r in rs if min(int(r["depth"] * 5), 4) == b] for b in range(5)]
-        lines.append(f"| {name} | " + " | ".join(f"{sum(b)}/{len(b)}" for b in bands) + " |")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    lines = write_results()
     print("\n".join(lines))
     plot(rows, depths, out / "needle_vs_depth.png")
     plot_traces(traces, traced_depth, out / "needle_per_head.png")
