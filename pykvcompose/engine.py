@@ -144,6 +144,8 @@ class Engine:
         Tokens per micro-batch (iSWA models need a window and one of them in the sliding-window cache).
     max_tokens : int
         Logical length a conversation may reach when the press can make room (``kv_max_tokens``).
+    room : str
+        How a full cache makes room (``kv_room``): "fill" or "ratio".
     unsupported : str, optional
         Why the model's cache cannot be compressed (None: it can).
     logits_rows : np.ndarray, optional
@@ -151,7 +153,7 @@ class Engine:
     """
 
     def __init__(self, ctx, batch, capture: Optional[_native.Capture], shape: ModelShape,
-                 conversation: Conversation, n_batch: int, n_ubatch: int, max_tokens: int,
+                 conversation: Conversation, n_batch: int, n_ubatch: int, max_tokens: int, room: str,
                  unsupported: Optional[str] = None, logits_rows: Optional[np.ndarray] = None) -> None:
         self.ctx = ctx
         self.batch = batch
@@ -166,7 +168,7 @@ class Engine:
         self.press: Optional[Press] = None  # Llama.kv_compress
         # how a full cache makes room: "fill" keeps it full (frees one chunk, or a chunk and its probe),
         # "ratio" compresses it to the press's ratio and re-scores every cell (the earlier behaviour)
-        self.room = "fill"
+        self.room = room
         # tokens per streamed chunk: a full cache keeps n_ctx - 2 chunks, so 3/4 of it with n_ctx // 8
         self.chunk = max(1, min(256, n_batch, shape.n_ctx // 8))
         self.room_override: Optional[Press] = None  # compress_context's press while it streams a context

@@ -143,10 +143,9 @@ class Llama(llama_cpp.Llama):
         trained = int(llama_cpp.llama_model_n_ctx_train(model))
         self._engine = Engine(self._ctx, self._batch, self._kv_capture, shape, self._kv, n_batch=self.n_batch,
                               n_ubatch=int(self.context_params.n_ubatch),
-                              max_tokens=kv_max_tokens if kv_max_tokens is not None else trained,
+                              max_tokens=kv_max_tokens if kv_max_tokens is not None else trained, room=kv_room,
                               unsupported=unsupported, logits_rows=self.scores if self._logits_all else None)
         self._engine.progress = kv_progress
-        self._engine.room = kv_room
         if kv_chunk is not None:
             if 2 * kv_chunk >= shape.n_ctx:
                 self.close()
