@@ -6,7 +6,8 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMPS := $(VENV)/.stamps
 
-LLAMA_CPP_PYTHON_VERSION := 0.3.36
+# the llama-cpp-python version: pinned once, in pyproject.toml's dependencies (CMake reads it there too)
+LLAMA_CPP_PYTHON_VERSION := $(shell sed -n 's/^ *"llama-cpp-python==\([0-9.]*\)",*$$/\1/p' pyproject.toml)
 SDIST := $(VENV)/sdist/llama_cpp_python-$(LLAMA_CPP_PYTHON_VERSION).tar.gz
 # ggml's AMX matmul segfaults on CPUs that have AMX when built with GGML_NATIVE: never build it.
 SAFE_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_BMI2=ON
@@ -23,10 +24,10 @@ test: install test-native
 
 install: $(STAMPS)/pykvcompose
 
-# the README's generated Results section, tables and plots in bench/results (the quick grid on both
-# benchmark models; resumes if interrupted). The test extra already brings Gemma 3 and matplotlib.
+# the quick grid on both benchmark models (resumes if interrupted): tables and plots in bench/runs/grid,
+# the generated section of docs/quality.md. The test extra already brings Gemma 3 and matplotlib.
 results: install
-	$(VENV)/bin/pykvcompose bench --quick --readme README.md
+	$(PY) bench/grid.py --quick --out bench/runs/grid --doc docs/quality.md
 
 # ---- native hardening ----------------------------------------------------------------------------
 CMAKE_CONFIG = -S . -DKVC_BUILD_TESTS=ON -DPython_EXECUTABLE=$(abspath $(PY)) -DLLAMA_CPP_SDIST=$(abspath $(SDIST))

@@ -19,7 +19,7 @@ import argparse
 import numpy as np
 
 from pykvcompose import KVComposePress, Llama, probing
-from pykvcompose.haystack import passkey_cases
+from kvbench.haystack import passkey_cases
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Instruction counts of the native kernels under callgrind: the cost measure that a shared, noisy
 machine does not disturb.
 
-    python bench/instructions.py [--tokens 2048] [--out bench/results-instructions]
+    python bench/instructions.py [--tokens 2048] [--out bench/runs/instructions]
 
 The sequence state of an n-token prefill of the embedded model (and the probe scores of a real
 compression of it) are saved once; then each kernel runs once under ``valgrind --tool=callgrind``
@@ -41,7 +41,7 @@ def prepare(n: int, work: pathlib.Path) -> dict:
     import numpy as np
 
     from pykvcompose import KVComposePress, Llama, _native
-    from pykvcompose.haystack import haystack_text
+    from kvbench.haystack import haystack_text
 
     llm = Llama(n_ctx=2 * n + 256, n_batch=512, verbose=False)
     tokens = llm.tokenize(haystack_text()[: 8 * n].encode())[:n]
@@ -141,7 +141,7 @@ def count(kernel: str, work: pathlib.Path) -> int:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=2048)
-    p.add_argument("--out", default="bench/results-instructions")
+    p.add_argument("--out", default="bench/runs/instructions")
     p.add_argument("--work", help="where the saved inputs are (default: a temporary directory)")
     p.add_argument("--run", help=argparse.SUPPRESS)  # the process under callgrind
     a = p.parse_args()

@@ -13,7 +13,7 @@ import argparse
 import time
 
 from pykvcompose import Llama
-from pykvcompose.haystack import haystack_text
+from kvbench.haystack import haystack_text
 from pykvcompose.presses import KVComposePress, SnapKVPress
 
 

@@ -25,9 +25,9 @@ import numpy as np
 from pykvcompose import KVComposePress, Llama, compression
 from pykvcompose.compression import compress
 from pykvcompose.demo import answer
-from pykvcompose.haystack import passkey_cases, passkey_chat_prompt, passkey_positions, share_kept
+from kvbench.haystack import passkey_cases, passkey_chat_prompt, passkey_positions, share_kept
 from pykvcompose.presses import parse_press_spec
-from pykvcompose.stats import count_with_interval, mcnemar_exact
+from kvbench.stats import count_with_interval, mcnemar_exact
 
 PRESSES = ["kvcompose:0.5", "kvcompose:0.75", "kvcompose:0.5,head_consensus=1", "snapkv:0.5", "streaming_llm:0.5"]
 
@@ -49,7 +49,7 @@ def main() -> None:
                    help="the case nearest this depth records the needle kept per (layer, head) after each compression")
     p.add_argument("--no-full", action="store_true", help="skip the full-cache reference (quick comparisons)")
     p.add_argument("--max-tokens", type=int, default=20)
-    p.add_argument("--out", default="bench/results-long")
+    p.add_argument("--out", default="bench/runs/long")
     a = p.parse_args()
     # refuse a bad spec before any work; "spec@room" runs that press with one room only
     presses = []  # (spec without its room, press, the only room it runs with or None)

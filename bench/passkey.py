@@ -2,7 +2,7 @@
 
     python bench/passkey.py [--tokens 1500] [--cases 20] [--style completion chat]
                             [--ratios 0.5 0.75 0.875] [--presses kvcompose,scoring=reconstruct kvcompose snapkv ...]
-                            [--model gemma3-270m] [--out bench/results-passkey]
+                            [--model gemma3-270m] [--out bench/runs/passkey]
 
 Each case is a ~``--tokens`` document with a pass key at a depth spread evenly over 0.05-0.95 (a
 different key and stretch of text per case), asked in two prompt styles: "completion" (ends with
@@ -37,11 +37,11 @@ import time
 import numpy as np
 
 from pykvcompose import Llama
-from pykvcompose.benchmark.runner import MODELS
+from kvbench.runner import MODELS
 from pykvcompose.demo import answer
-from pykvcompose.haystack import passkey_cases, passkey_chat_prompt
+from kvbench.haystack import passkey_cases, passkey_chat_prompt
 from pykvcompose.presses import parse_press_spec
-from pykvcompose.stats import count_with_interval, mcnemar_exact
+from kvbench.stats import count_with_interval, mcnemar_exact
 
 # KVCompose as published first (the reference of "p vs paper"), then KVComposePress's default (its lookahead)
 PRESSES = ["kvcompose,scoring=reconstruct", "kvcompose", "kvcompose,scoring=reconstruct,protect_tail=32",
@@ -80,7 +80,7 @@ def main() -> None:
     p.add_argument("--model", default="smollm2-135m", help=f"one of {sorted(MODELS)} or a GGUF path")
     p.add_argument("--max-tokens", type=int, default=16, help="enough for \"The pass key is NNNNN.\"")
     p.add_argument("--oracle", action="store_true", help="add each press with the pass key's sentence forced")
-    p.add_argument("--out", default="bench/results-passkey")
+    p.add_argument("--out", default="bench/runs/passkey")
     a = p.parse_args()
     if a.cases < 1:
         p.error("--cases must be >= 1")

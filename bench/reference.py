@@ -6,7 +6,7 @@ transformers, kvpress==0.5.5, gguf; it does not need llama-cpp-python):
     python bench/reference.py ours  --out /tmp/ours.npz      # pykvcompose environment
     python bench/reference.py kvpress --ours /tmp/ours.npz   # reference environment
 
-The first step makes seeded single-needle samples (``pykvcompose.benchmark.tasks.niah_single``),
+The first step makes seeded single-needle samples (``kvbench.tasks.niah_single``),
 compresses each question-aware prompt with our KVCompose and SnapKV at every ratio, and records the
 kept sets, the scores and the greedy answers. The second step runs kvpress's presses on the very same
 token ids, prints the per-(layer, kv head) Jaccard overlap of the kept sets and the score correlation,
@@ -39,7 +39,8 @@ def jaccard(a, b) -> float:
 
 def ours(out: str, n_tokens: int, samples: int) -> None:
     from pykvcompose import KVComposePress, Llama, default_model_path
-    from pykvcompose.benchmark.tasks import niah_single
+    from kvbench.tasks import niah_single
+    from kvbench import one_line
     from pykvcompose.demo import answer
     from pykvcompose.presses import SnapKVPress
 
@@ -53,13 +54,13 @@ def ours(out: str, n_tokens: int, samples: int) -> None:
         meta["answers"][seed] = s.answers[0]
         llm.kv_compress = None
         llm.reset()
-        meta["outputs"][f"{seed}_full"] = answer(llm, tokens, MAX_NEW_TOKENS, one_line=True)["text"]
+        meta["outputs"][f"{seed}_full"] = answer(llm, tokens, MAX_NEW_TOKENS, stop=one_line)["text"]
         for name in PRESSES:
             for r in RATIOS:
                 llm.kv_compress = KVComposePress(compression_ratio=r, scoring="reconstruct") if name == "kvcompose" else \
                     SnapKVPress(compression_ratio=r)
                 llm.reset()
-                meta["outputs"][f"{seed}_{name}_{r}"] = answer(llm, tokens, MAX_NEW_TOKENS, one_line=True)["text"]
+                meta["outputs"][f"{seed}_{name}_{r}"] = answer(llm, tokens, MAX_NEW_TOKENS, stop=one_line)["text"]
                 data[f"{seed}_{name}_{r}_scores"] = llm.kv_scores
                 data[f"{seed}_{name}_{r}_selection"] = llm.kv_selection
                 if llm.kv_stats["layer_budgets"] is not None:

@@ -1,10 +1,10 @@
 """``pykvcompose serve`` under load against llama-cpp-python's own server, on the same requests.
 
     python bench/server_load.py [--requests 32] [--workers 8] [--press snapkv:0.5] [--n-ctx 512]
-                                [--rounds 2] [--n-long 2] [--out bench/results-server]
+                                [--rounds 2] [--n-long 2] [--out bench/runs/server]
 
 Each server is started alone on 127.0.0.1 (the machine has 2 cores: never both at once), warmed
-with one request, then sent the same mixed load (pykvcompose.server_load: chat and completions,
+with one request, then sent the same mixed load (kvbench.server_load: chat and completions,
 streamed and whole, bad bodies, prompts ~2.5x n_ctx and prompts beyond any limit) from ``--workers``
 threads, ``--rounds`` times, alternating servers between rounds. Printed per server: requests/s,
 latency percentiles of the answered (200) requests, status counts per kind, resident memory before
@@ -28,7 +28,7 @@ import numpy as np
 import openai
 
 from pykvcompose.models import default_model_path
-from pykvcompose.server_load import load_requests, resident_bytes, run_load, run_request
+from kvbench.server_load import load_requests, resident_bytes, run_load, run_request
 
 
 def free_port() -> int:
@@ -85,7 +85,7 @@ def main() -> None:
     p.add_argument("--n-long", type=int, default=2,
                    help="requests ~2.5x n_ctx (plain llama-cpp-python refuses them; 0 for like-for-like timings)")
     p.add_argument("--model", default=None)
-    p.add_argument("--out", default="bench/results-server")
+    p.add_argument("--out", default="bench/runs/server")
     a = p.parse_args()
     a.model = a.model or default_model_path()
     requests = load_requests(a.requests, "m", max_tokens=a.max_tokens, n_long=a.n_long, n_ctx=a.n_ctx)

@@ -15,7 +15,7 @@ import time
 
 from pykvcompose import Llama
 from pykvcompose.demo import answer
-from pykvcompose.haystack import passkey_prompt
+from kvbench.haystack import passkey_prompt
 from pykvcompose.presses import parse_press_spec
 
 MIB = 1024 * 1024

@@ -1,6 +1,6 @@
 """What compression costs and what it buys, as ratios measured side by side in one process.
 
-    python bench/speed.py [--tokens 2048 4096 8192] [--ratio 0.5] [--decode 64] [--out bench/results-speed]
+    python bench/speed.py [--tokens 2048 4096 8192] [--ratio 0.5] [--decode 64] [--out bench/runs/speed]
 
 For each prompt length n on the embedded model:
 
@@ -31,7 +31,7 @@ import llama_cpp
 import numpy as np
 
 from pykvcompose import KVComposePress, Llama
-from pykvcompose.haystack import haystack_text
+from kvbench.haystack import haystack_text
 from pykvcompose.llama import _default_threads
 from pykvcompose.models import default_model_path
 
@@ -203,7 +203,7 @@ def main() -> None:
     p.add_argument("--ratio", type=float, default=0.5)
     p.add_argument("--decode", type=int, default=64)
     p.add_argument("--repeat", type=int, default=2)
-    p.add_argument("--out", default="bench/results-speed")
+    p.add_argument("--out", default="bench/runs/speed")
     a = p.parse_args()
     tok = llama_cpp.Llama(default_model_path(), n_ctx=64, vocab_only=True, verbose=False)
     text_tokens = tok.tokenize(haystack_text()[:200000].encode())

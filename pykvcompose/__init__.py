@@ -4,6 +4,15 @@
 >>> llm = Llama(n_ctx=8192, kv_compress=KVComposePress(compression_ratio=0.75))
 """
 
+from .errors import (
+    CorruptStateError,
+    InvalidArgumentError,
+    LlamaRefusedError,
+    NativeError,
+    NativeMemoryError,
+    SessionError,
+    UnsupportedCacheError,
+)
 from .llama import Llama
 from .models import default_model_path
 from .presses import (
@@ -22,7 +31,6 @@ from .presses import (
     parse_press_spec,
 )
 from .probe import Probe
-from .session import SessionError
 
 __version__ = "0.1.0"
 
@@ -43,6 +51,12 @@ __all__ = [
     "parse_press_spec",
     "Probe",
     "SessionError",
+    "NativeError",
+    "CorruptStateError",
+    "UnsupportedCacheError",
+    "InvalidArgumentError",
+    "NativeMemoryError",
+    "LlamaRefusedError",
     "default_model_path",
     "__version__",
 ]

@@ -22,6 +22,15 @@ import numpy as np
 
 import llama_cpp  # noqa: F401  (loads libllama/libggml into the process first)
 
+from .errors import (  # noqa: F401  (re-exported: the core's callers catch them here)
+    CorruptStateError,
+    InvalidArgumentError,
+    LlamaRefusedError,
+    NativeError,
+    NativeMemoryError,
+    UnsupportedCacheError,
+)
+
 #: The header version this Python code was written for (checked against the header and the library).
 API_VERSION = 5
 
@@ -119,32 +128,11 @@ AGG_BY_NAME = {"max": KVC_AGG_MAX, "mean": KVC_AGG_MEAN}
 EVAL_CALLBACK_ADDRESS = int(ffi.cast("uintptr_t", _lib.kvc_capture_eval_callback))
 
 
-class NativeError(RuntimeError):
-    """A failure reported by the native core; ``status`` holds the ``kvc_status`` code."""
-
-    def __init__(self, status: int, function: str, detail: str):
-        self.status = status
-        name = ffi.string(_lib.kvc_status_str(status)).decode()
-        super().__init__(f"{function}: {name}: {detail}" if detail else f"{function}: {name}")
-
-
-class CorruptStateError(NativeError, ValueError):
-    """A state buffer is truncated or inconsistent."""
-
-
-class UnsupportedCacheError(NativeError, NotImplementedError):
-    """A valid cache this library cannot compress (its type or layout)."""
-
-
-class LlamaRefusedError(NativeError):
-    """llama.cpp refused a call (``KVC_ERR_LLAMA``); the message says what became of the cache."""
-
-
 _ERROR_CLASS = {
-    KVC_ERR_INVALID_ARGUMENT: type("InvalidArgumentError", (NativeError, ValueError), {}),
+    KVC_ERR_INVALID_ARGUMENT: InvalidArgumentError,
     KVC_ERR_CORRUPT_STATE: CorruptStateError,
     KVC_ERR_UNSUPPORTED: UnsupportedCacheError,
-    KVC_ERR_OUT_OF_MEMORY: type("NativeMemoryError", (NativeError, MemoryError), {}),
+    KVC_ERR_OUT_OF_MEMORY: NativeMemoryError,
     KVC_ERR_LLAMA: LlamaRefusedError,
 }
 
@@ -152,7 +140,9 @@ _ERROR_CLASS = {
 def _check(status: int, function: str) -> None:
     if status != KVC_OK:
         detail = ffi.string(_lib.kvc_last_error()).decode(errors="replace")
-        raise _ERROR_CLASS.get(status, NativeError)(status, function, detail)
+        name = ffi.string(_lib.kvc_status_str(status)).decode()
+        message = f"{function}: {name}: {detail}" if detail else f"{function}: {name}"
+        raise _ERROR_CLASS.get(status, NativeError)(status, message)
 
 
 def _f32(a: np.ndarray, shape: Optional[Sequence[int]] = None) -> np.ndarray:

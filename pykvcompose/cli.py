@@ -10,7 +10,6 @@ COMMANDS = {
     "run": "answer --question about a --file, however long, on a compressed cache",
     "chat": "interactive chat on a compressed cache (sessions can be saved and continued)",
     "serve": "OpenAI-compatible server (llama-cpp-python's) with --kv-compress NAME:RATIO",
-    "bench": "every press x compression ratio x task: tables and plots in bench/results",
 }
 
 
@@ -30,9 +29,5 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from . import commands
 
         return {"run": commands.run_main, "chat": commands.chat_main, "serve": commands.serve_main}[cmd](rest)
-    if cmd == "bench":
-        from .benchmark.cli import main as bench_main
-
-        return bench_main(rest)
     print(f"pykvcompose: unknown command {cmd!r}; expected one of {', '.join(COMMANDS)}", file=sys.stderr)
     return 2

@@ -2,18 +2,69 @@
 
 from __future__ import annotations
 
-import re
+import functools
+import random
 import sys
 import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import llama_cpp
 
-from .haystack import passkey_prompt
 from .llama import Llama
 from .presses import KVComposePress
 
 MIB = 1024 * 1024
+
+
+# ---- the demo's document: offline haystack text with a planted pass key --------------------------
+PASSKEY_QUESTION = "What is the pass key? The pass key is"
+
+
+def haystack_text() -> str:
+    """About 465k characters of Python documentation shipped with CPython (``pydoc_data.topics``)."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k].strip() for k in sorted(topics))
+
+
+@functools.lru_cache(maxsize=1)
+def paragraphs() -> Tuple[str, ...]:
+    """The haystack's non-empty paragraphs, in order."""
+    return tuple(p for p in haystack_text().split("\n\n") if p.strip())
+
+
+def take_paragraphs(tokenize: Callable[[str], List[int]], n_tokens: int, start: int) -> List[str]:
+    """Consecutive paragraphs from index ``start`` (wrapping around) totalling at most ``n_tokens`` tokens,
+    counting one token for each paragraph break."""
+    every = paragraphs()
+    chosen: List[str] = []
+    used = 0
+    for p in every[start:] + every[:start]:
+        cost = len(tokenize(p)) + 1
+        if used + cost > n_tokens:
+            break
+        chosen.append(p)
+        used += cost
+    return chosen
+
+
+def passkey_prompt(tokenize: Callable[[str], List[int]], n_tokens: int, depth: float, passkey: int,
+                   seed: int = 0) -> str:
+    """A ``n_tokens``-ish haystack with a pass key planted at relative ``depth`` (0 = start, 1 = end).
+
+    ``tokenize`` maps text to tokens (e.g. ``lambda s: llm.tokenize(s.encode())``); the haystack
+    is cut at a paragraph boundary chosen by ``seed`` so that different seeds read different text.
+    """
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    start = random.Random(seed).randrange(len(paragraphs()) // 2)
+    needle = f"The pass key is {passkey}. Remember it. {passkey} is the pass key."
+    intro = "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it.\n\n"
+    budget = n_tokens - len(tokenize(intro + needle + "\n\n" + PASSKEY_QUESTION)) - 8
+    chosen = take_paragraphs(tokenize, budget, start)
+    at = round(depth * len(chosen))
+    body = chosen[:at] + [needle] + chosen[at:]
+    return intro + "\n\n".join(body) + "\n\n" + PASSKEY_QUESTION
 
 
 def _progress(msg: str, quiet: bool) -> None:
@@ -21,10 +72,11 @@ def _progress(msg: str, quiet: bool) -> None:
         print(f"[pykvcompose] {msg}", file=sys.stderr, flush=True)
 
 
-def answer(llm: Llama, prompt_tokens: List[int], max_tokens: int, one_line: bool = False) -> Dict[str, Any]:
+def answer(llm: Llama, prompt_tokens: List[int], max_tokens: int,
+           stop: Optional[Callable[[str], bool]] = None) -> Dict[str, Any]:
     """Greedy answer with timings: prompt processing (prefill + compression) and decode speed.
 
-    ``one_line``: stop at the first blank line that follows some text (short-answer tasks).
+    ``stop(text)``: end the answer once it returns True for the text so far.
     """
     t0 = time.perf_counter()
     out: List[int] = []
@@ -37,7 +89,7 @@ def answer(llm: Llama, prompt_tokens: List[int], max_tokens: int, one_line: bool
         out.append(tok)
         if len(out) >= max_tokens:
             break
-        if one_line and re.search(r"\w.*\n\s*\n", llm.detokenize(out).decode("utf-8", errors="replace"), re.S):
+        if stop is not None and stop(llm.detokenize(out).decode("utf-8", errors="replace")):
             break
     t_end = time.perf_counter()
     decoded = max(0, len(out) - 1)

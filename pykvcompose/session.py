@@ -27,6 +27,7 @@ import llama_cpp
 import numpy as np
 
 from . import _native
+from .errors import SessionError
 from .presses import PRESSES, DecodingPress, PrefillDecodingPress
 
 MAGIC = b"PYKVCSES"
@@ -34,10 +35,6 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 _DIGEST = 32
 _PRESS_CLASSES = {cls.__name__: cls for cls in (*PRESSES.values(), DecodingPress, PrefillDecodingPress)}
-
-
-class SessionError(ValueError):
-    """A session file that cannot be loaded here: corrupt, truncated, or saved for another model or cache."""
 
 
 def press_to_dict(press) -> Any:

@@ -6,7 +6,7 @@ import pytest
 
 from pykvcompose import (KnormPress, KVComposePress, Llama, PyramidKVPress, RandomPress, SnapKVPress,
                          StreamingLLMPress, TOVAPress, default_model_path)
-from pykvcompose.haystack import haystack_text
+from kvbench.haystack import haystack_text
 
 N_THREADS = max(1, len(os.sched_getaffinity(0)))
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pykvcompose import KVComposePress, Llama, _native
-from pykvcompose.haystack import haystack_text
+from kvbench.haystack import haystack_text
 
 from conftest import (N_THREADS, evict_with_llama_cpp, greedy, last_logits, logits_after, logits_after_compacting,
                       seq_state)

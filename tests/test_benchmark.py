@@ -8,9 +8,9 @@ import re
 import numpy as np
 import pytest
 
-from pykvcompose.benchmark import metrics, report, runner
-from pykvcompose.benchmark.cli import main as bench_main
-from pykvcompose.benchmark.tasks import NEEDLE_TASKS, TASKS, Sample, score_output
+from kvbench import metrics, report, runner
+from grid import main as bench_main
+from kvbench.tasks import NEEDLE_TASKS, TASKS, Sample, score_output
 
 
 @pytest.fixture(scope="module")
@@ -130,17 +130,17 @@ def test_summary_table_and_plots(tmp_path):
     assert "| kvcompose | 100.0 | 90.0 | 50.0 |" in text and "gemma**: not supported" in text
     assert "- ratio 0.5: best press kvcompose (90.0); kvcompose 90.0 - ahead or tied" in text
     assert "kvcompose at 0.5 vs full cache: 90.0 vs 100.0 (not within 5%: +10.0% loss)" in text
-    readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{report.README_START}\nold\n{report.README_END}\ntail\n")
-    report.write(recs, str(tmp_path / "out"), readme=str(readme))
-    out = readme.read_text()
+    page = tmp_path / "quality.md"
+    page.write_text(f"intro\n{report.RESULTS_START}\nold\n{report.RESULTS_END}\ntail\n")
+    report.write(recs, str(tmp_path / "out"), doc=str(page))
+    out = page.read_text()
     assert out.startswith("intro\n") and out.endswith("tail\n") and "old" not in out and "| kvcompose |" in out
     pngs = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
     assert pngs == ["kvcompose_layer_budgets_m.png", "score_vs_ratio_m_aware.png"]
     assert "![score_vs_ratio_m_aware](out/score_vs_ratio_m_aware.png)" in out
     assert all((tmp_path / "out" / p).stat().st_size > 5000 for p in pngs)
     with pytest.raises(ValueError, match="bench-results"):
-        report.update_readme(str(tmp_path / "out" / "results.md"), "x", [])
+        report.update_doc(str(tmp_path / "out" / "results.md"), "x", [])
 
 
 def test_torn_last_line_is_ignored(tmp_path):

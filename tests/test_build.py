@@ -8,8 +8,18 @@ import llama_cpp
 from pykvcompose import _native
 
 
+def pinned_version() -> str:
+    """The llama-cpp-python version pyproject.toml pins (its one home)."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parent.parent / "pyproject.toml").read_text()
+    return re.search(r'"llama-cpp-python==([0-9.]+)"', text).group(1)
+
+
 def test_library_reports_the_llama_cpp_python_it_was_built_against():
-    assert _native.ffi.string(_native._lib.kvc_llama_cpp_python_version()).decode() == llama_cpp.__version__ == "0.3.36"
+    built = _native.ffi.string(_native._lib.kvc_llama_cpp_python_version()).decode()
+    assert built == llama_cpp.__version__ == pinned_version()
     assert _native._lib.kvc_api_version() == _native.API_VERSION == _native._lib.KVC_API_VERSION
 
 
@@ -58,7 +68,7 @@ def test_version_mismatch_raises_import_error_saying_how_to_fix_it():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120).stdout
     assert out.startswith("ImportError:"), out
-    assert "0.3.36" in out and "0.3.99" in out and "reinstall" in out
+    assert pinned_version() in out and "0.3.99" in out and "reinstall" in out
 
 
 def test_native_library_links_the_installed_llama_cpp():

@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from pykvcompose import commands
-from pykvcompose.haystack import paragraphs
+from kvbench.haystack import paragraphs
 from pykvcompose.presses import DecodingPress, KVComposePress, PrefillDecodingPress, SnapKVPress
 
 

@@ -8,7 +8,7 @@ import pytest
 
 from pykvcompose import KVComposePress, Llama, SnapKVPress, compression, probing, rewrite, session
 from pykvcompose.engine import gather_heads
-from pykvcompose.haystack import haystack_text, passkey_cases, passkey_positions, share_kept
+from kvbench.haystack import haystack_text, passkey_cases, passkey_positions, share_kept
 
 from conftest import greedy, press_ids, press_list, seq_state
 

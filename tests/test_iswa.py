@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from pykvcompose import KVComposePress, Llama, _native, support
-from pykvcompose.benchmark.runner import gemma3_270m_path
+from kvbench.runner import gemma3_270m_path
 from pykvcompose.demo import answer
-from pykvcompose.haystack import haystack_text, passkey_cases
+from kvbench.haystack import haystack_text, passkey_cases
 from pykvcompose.presses import SnapKVPress, StreamingLLMPress
 
 from conftest import last_logits, press_ids, press_list, seq_state
@@ -171,7 +171,7 @@ def test_the_bench_chat_style_writes_gemma_turns_without_a_template(gemma):
     """Gemma 3 270M's GGUF has no tokenizer.chat_template: the bench's chat style writes Gemma's turns
     (llama-cpp-python's "gemma" format), whose markers are single special tokens of the vocabulary; a
     model with neither a template nor a known architecture is refused naming its architecture."""
-    from pykvcompose.benchmark import runner
+    from kvbench import runner
 
     assert not gemma.metadata.get("tokenizer.chat_template")
     head, tail = runner.chat_prompt(gemma, "The pass key is 123.", "What is the pass key? The pass key is")

@@ -12,7 +12,7 @@ import pytest
 
 from pykvcompose import KVComposePress, Llama
 from pykvcompose.demo import answer
-from pykvcompose.haystack import passkey_cases
+from kvbench.haystack import passkey_cases
 
 DEPTHS = [0.1, 0.5, 0.7, 0.9]
 
@@ -62,7 +62,7 @@ def test_kvcompose_as_published_still_retrieves_at_half(results):
 
 
 def test_chat_prompt_keeps_the_document_and_asks_in_the_template():
-    from pykvcompose.haystack import PASSKEY_QUESTION, passkey_chat_prompt, passkey_prompt
+    from kvbench.haystack import PASSKEY_QUESTION, passkey_chat_prompt, passkey_prompt
 
     prompt = passkey_prompt(lambda s: s.split(), 400, 0.5, 12345, seed=1)
     chat = passkey_chat_prompt(prompt)

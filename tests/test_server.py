@@ -144,7 +144,7 @@ def test_concurrent_mixed_requests_are_answered_as_one_at_a_time(served, client)
     prompts longer than the cache and beyond any limit, from 6 threads; every request is answered
     (200 or a 4xx), with the answers it gets when the requests come one at a time; resident memory
     stays flat over repeated rounds and /v1/kv/stats afterwards says what it said after the same request alone."""
-    from pykvcompose.server_load import load_requests, resident_bytes, run_load, run_request
+    from kvbench.server_load import load_requests, resident_bytes, run_load, run_request
 
     base, proc = served
     requests = load_requests(12, "smol", max_tokens=6, n_long=1, n_ctx=N_CTX)

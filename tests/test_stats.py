@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from pykvcompose.stats import count_with_interval, mcnemar_exact, wilson_interval
+from kvbench.stats import count_with_interval, mcnemar_exact, wilson_interval
 
 
 @pytest.mark.parametrize("k,n,lo,hi", [

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pykvcompose import Llama
-from pykvcompose.haystack import haystack_text
+from kvbench.haystack import haystack_text
 from pykvcompose.presses import (DecodingPress, KnormPress, KVComposePress, PrefillDecodingPress, SnapKVPress,
                                  StreamingLLMPress)
 

@@ -19,12 +19,11 @@ import llama_cpp
 import numpy as np
 from llama_cpp import llama_chat_format
 
-from ..demo import answer
-from ..llama import Llama
-from ..models import default_model_path
-from ..presses import KVComposePress, parse_press_spec
-from ..progress import Progress
-from . import metrics
+from pykvcompose import KVComposePress, Llama, default_model_path, parse_press_spec
+from pykvcompose.demo import answer
+from pykvcompose.progress import Progress
+
+from . import metrics, one_line
 from .tasks import NEEDLE_TASKS, TASKS, Sample, score_output
 
 SETTINGS = ("aware", "agnostic")
@@ -83,7 +82,7 @@ class BenchConfig:
     models: Sequence[str] = ("smollm2-135m", "gemma3-270m")
     styles: Sequence[str] = ("completion",)
     max_new_tokens: int = 24
-    out_dir: str = "bench/results"
+    out_dir: str = "bench/runs/grid"
 
     @classmethod
     def quick(cls, **overrides: Any) -> "BenchConfig":
@@ -240,7 +239,7 @@ def run_sample(llm: Llama, model: str, sample: Sample, setting: str, length: int
         if sample.metric == "perplexity":
             rec["perplexity"] = continuation_perplexity(llm, follow)
         else:
-            out = answer(llm, context + follow, max_tokens=config.max_new_tokens, one_line=True)
+            out = answer(llm, context + follow, max_tokens=config.max_new_tokens, stop=one_line)
             rec.update(output=out["text"], score=score_output(sample, out["text"]), decode_tok_s=out["decode_tok_s"])
         records.append(rec)
     return records

@@ -1,4 +1,8 @@
-"""``pykvcompose bench``: run (or resume) the benchmark grid and write tables, plots and the README section."""
+"""The benchmark grid (every press x compression ratio x task x model): run or resume it, write tables and
+plots to ``--out`` and optionally a docs page's results section.
+
+    python bench/grid.py --quick [--doc docs/quality.md]
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,8 @@ import pathlib
 import sys
 from typing import List, Optional, Sequence
 
-from . import report, runner
-from .tasks import TASKS
+from kvbench import report, runner
+from kvbench.tasks import TASKS
 
 
 def _list(kind: str):
@@ -35,7 +39,7 @@ def _ints(text: str) -> List[int]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="pykvcompose bench", description=__doc__)
+    p = argparse.ArgumentParser(prog="bench/grid.py", description=__doc__)
     p.add_argument("--quick", action="store_true",
                    help="the ~10-minute grid: contexts of 800 tokens, 2 samples per task and setting")
     p.add_argument("--power", action="store_true",
@@ -49,10 +53,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--samples", type=int, help="seeded samples per task, length and setting")
     p.add_argument("--settings", type=_list("setting"), help="aware,agnostic (question inside or after the compressed prompt)")
     p.add_argument("--models", type=_list("model"), help=f"comma-separated labels ({', '.join(runner.MODELS)}) or .gguf paths")
-    p.add_argument("--out", default="bench/results", help="output directory (default bench/results)")
+    p.add_argument("--out", default="bench/runs/grid", help="output directory (default bench/runs/grid)")
     p.add_argument("--fresh", action="store_true", help="discard earlier results instead of resuming")
     p.add_argument("--report-only", action="store_true", help="only rebuild tables and plots from earlier results")
-    p.add_argument("--readme", help="README to refresh between the bench-results markers")
+    p.add_argument("--doc", help="docs page to refresh between the bench-results markers")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
 
@@ -71,9 +75,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 raise ValueError(f"no results in {a.out}: run the benchmark first")
         else:
             records = runner.run(config, fresh=a.fresh, quiet=a.quiet)
-        report.write(records, a.out, readme=a.readme)
+        report.write(records, a.out, doc=a.doc)
     except (ValueError, FileNotFoundError) as e:
-        print(f"pykvcompose bench: error: {e}", file=sys.stderr)
+        print(f"bench/grid.py: error: {e}", file=sys.stderr)
         return 2
     print((pathlib.Path(a.out) / "results.md").read_text())
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

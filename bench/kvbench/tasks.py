@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Sequence
 
-from ..haystack import paragraphs, take_paragraphs
+from pykvcompose.demo import paragraphs, take_paragraphs
 
 Tokenize = Callable[[str], List[int]]
 

@@ -1,9 +1,10 @@
-"""Tables, plots and the README section from the benchmark's raw records."""
+"""Tables, plots and the results section of a docs page from the benchmark's raw records."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import pathlib
 import re
 from collections import defaultdict
@@ -11,12 +12,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .. import stats
-from . import metrics
+from . import metrics, stats
 from .tasks import NEEDLE_TASKS
 
-README_START = "<!-- bench-results:start -->"
-README_END = "<!-- bench-results:end -->"
+RESULTS_START = "<!-- bench-results:start -->"
+RESULTS_END = "<!-- bench-results:end -->"
 
 
 def _mean(xs: Sequence[float]) -> float:
@@ -285,8 +285,8 @@ def _slug(s: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", s)
 
 
-def write(records: List[Dict[str, Any]], out_dir: str, readme: Optional[str] = None) -> Dict[str, Any]:
-    """Write summary.json, results.csv, results.md and the plots; optionally refresh the README section."""
+def write(records: List[Dict[str, Any]], out_dir: str, doc: Optional[str] = None) -> Dict[str, Any]:
+    """Write summary.json, results.csv, results.md and the plots; optionally refresh a docs page's results section."""
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     records = by_style(records)
@@ -313,26 +313,24 @@ def write(records: List[Dict[str, Any]], out_dir: str, readme: Optional[str] = N
         images = plots(records, summary, out)
     except ImportError:
         images = []
-        text += "\n(plots need matplotlib: pip install 'pykvcompose[bench]')\n"
-    if readme:
-        update_readme(readme, text, images)
+        text += "\n(plots need matplotlib: pip install matplotlib)\n"
+    if doc:
+        update_doc(doc, text, images)
     return summary
 
 
-def update_readme(readme: str, table: str, images: Sequence[pathlib.Path]) -> None:
-    """Replace the README's results section (between the bench-results markers) with ``table`` and plots."""
-    path = pathlib.Path(readme)
+def update_doc(doc: str, table: str, images: Sequence[pathlib.Path]) -> None:
+    """Replace a docs page's results section (between the bench-results markers) with ``table`` and plots,
+    linked relative to the page."""
+    path = pathlib.Path(doc)
     text = path.read_text()
-    if README_START not in text or README_END not in text:
-        raise ValueError(f"{readme} has no {README_START} ... {README_END} section to update")
+    if RESULTS_START not in text or RESULTS_END not in text:
+        raise ValueError(f"{doc} has no {RESULTS_START} ... {RESULTS_END} section to update")
     root = path.resolve().parent
     links = []
     for img in images:
-        try:
-            rel = pathlib.Path(img).resolve().relative_to(root)
-        except ValueError:
-            rel = pathlib.Path(img)
+        rel = pathlib.Path(os.path.relpath(pathlib.Path(img).resolve(), root))
         links.append(f"![{rel.stem}]({rel.as_posix()})")
-    body = f"{README_START}\n{table}\n" + "\n".join(links) + f"\n{README_END}"
-    head, rest = text.split(README_START, 1)
-    path.write_text(head + body + rest.split(README_END, 1)[1])
+    body = f"{RESULTS_START}\n{table}\n" + "\n".join(links) + f"\n{RESULTS_END}"
+    head, rest = text.split(RESULTS_START, 1)
+    path.write_text(head + body + rest.split(RESULTS_END, 1)[1])

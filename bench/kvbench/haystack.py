@@ -1,0 +1,45 @@
+"""Needle haystacks for the benchmarks and tests: pass-key cases, chat prompts, where a needle sits and
+how much of it each head kept. The haystack text and the pass-key document are the demo's own
+(``pykvcompose.demo``)."""
+
+from __future__ import annotations
+
+from typing import Callable, List, Sequence, Tuple
+
+import numpy as np
+
+from pykvcompose.demo import PASSKEY_QUESTION, haystack_text, paragraphs, passkey_prompt, take_paragraphs
+
+__all__ = ["PASSKEY_QUESTION", "haystack_text", "paragraphs", "passkey_prompt", "take_paragraphs",
+           "passkey_chat_prompt", "passkey_cases", "passkey_positions", "share_kept"]
+
+
+def passkey_chat_prompt(prompt: str) -> str:
+    """A ``passkey_prompt`` inside SmolLM2's chat template: the document and question as the user's turn
+    (the completion lead-in replaced by "Answer with the number only."), the assistant's turn opened."""
+    body = prompt.rsplit("\n\n", 1)[0]
+    return (f"<|im_start|>user\n{body}\n\nWhat is the pass key? Answer with the number only.<|im_end|>\n"
+            "<|im_start|>assistant\n")
+
+
+def passkey_cases(tokenize: Callable[[str], List[int]], n_tokens: int,
+                  depths: Sequence[float]) -> List[Tuple[float, int, str]]:
+    """One ``(depth, passkey, prompt)`` per depth: the fixed cases of the tests and ``bench/passkey.py``."""
+    cases = []
+    for i, depth in enumerate(depths):
+        key = 10000 + (7919 * (i + 3)) % 89999
+        cases.append((depth, key, passkey_prompt(tokenize, n_tokens, depth, key, seed=i)))
+    return cases
+
+
+def passkey_positions(tokenize: Callable[[str], List[int]], tokens: Sequence[int], key: int) -> np.ndarray:
+    """Positions in ``tokens`` of "The pass key is {key}" (``tokenize`` without BOS, as the sentence follows a
+    paragraph break in a ``passkey_cases`` prompt)."""
+    needle = tokenize(f"The pass key is {key}")
+    at = next(i for i in range(len(tokens)) if list(tokens[i:i + len(needle)]) == needle)
+    return np.arange(at, at + len(needle))
+
+
+def share_kept(selection: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """Share of ``positions`` each (layer, kv head) of ``selection`` (layers, kv_heads, cells) keeps: (layers, kv_heads)."""
+    return np.isin(selection, positions).sum(-1) / len(positions)

@@ -1,1 +1,0 @@
-"""The benchmark behind ``pykvcompose bench``: tasks, grid runner, metrics and report."""
