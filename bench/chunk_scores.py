@@ -3,7 +3,7 @@
     python bench/chunk_scores.py [--tokens 3500] [--n-ctx 1024] [--chunk 128] [--docs 3]
 
 Streams haystack documents through a small cache with ``KVComposePress`` and ``kv_room="fill"``,
-recording every chunk's reconstruct-probe scores when they are first given (``probing.score_cells``):
+recording every chunk's reconstruct-probe scores when they are first given (``streaming.score_cells``):
 how many cache cells the probe saw, and the median / 90th percentile of the new cells' scores (max
 over probe queries, mean over layers and query heads). A chunk probed against a small cache (the
 first chunks) spreads its softmax over fewer keys; if its scores are systematically higher, early
@@ -18,7 +18,7 @@ import argparse
 
 import numpy as np
 
-from pykvcompose import KVComposePress, Llama, probing
+from pykvcompose import KVComposePress, Llama, streaming
 from kvbench.haystack import passkey_cases
 
 
@@ -33,7 +33,7 @@ def main() -> None:
                 kv_compress=KVComposePress(compression_ratio=0.75))
     tok = lambda s: llm.tokenize(s.encode(), add_bos=False)  # noqa: E731
     records = []  # (doc, visible cells, first position, new scores (cells,))
-    original = probing.score_cells
+    original = streaming.score_cells
 
     def recording(engine):
         conv = engine.conv
@@ -44,7 +44,7 @@ def main() -> None:
             records.append((doc, cells, start, new))
         return ok
 
-    probing.score_cells = recording
+    streaming.score_cells = recording
     survival = []
     for doc, (_, _, prompt) in enumerate(passkey_cases(tok, a.tokens, np.linspace(0.1, 0.9, a.docs))):
         llm.reset()
@@ -56,7 +56,7 @@ def main() -> None:
         counts = np.stack([((kept >= c * a.chunk) & (kept < (c + 1) * a.chunk)).sum(-1).mean()
                            + ((tail >= c * a.chunk) & (tail < (c + 1) * a.chunk)).sum() for c in range(n_chunks)])
         survival.append(counts / np.minimum(a.chunk, len(toks) - np.arange(n_chunks) * a.chunk))
-    probing.score_cells = original
+    streaming.score_cells = original
     print(f"{a.docs} documents of ~{a.tokens} tokens through n_ctx={a.n_ctx}, chunks of {a.chunk}\n")
     print("| chunk (positions) | cells the probe saw | median score | p90 score | median x cells seen | kept at the end |")
     print("|---|---:|---:|---:|---:|---:|")

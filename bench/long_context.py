@@ -22,14 +22,14 @@ import time
 
 import numpy as np
 
-from pykvcompose import KVComposePress, Llama, compression
+from pykvcompose import KVComposePress, Llama, StreamPolicy, compression
 from pykvcompose.compression import compress
 from pykvcompose.demo import answer
 from kvbench.haystack import passkey_cases, passkey_chat_prompt, passkey_positions, share_kept
 from pykvcompose.presses import parse_press_spec
 from kvbench.stats import count_with_interval, mcnemar_exact
 
-PRESSES = ["kvcompose:0.5", "kvcompose:0.75", "kvcompose:0.5,head_consensus=1", "snapkv:0.5", "streaming_llm:0.5"]
+PRESSES = ["kvcompose:0.5", "kvcompose:0.75", "snapkv:0.5", "streaming_llm:0.5"]
 
 
 def main() -> None:
@@ -42,6 +42,8 @@ def main() -> None:
                    help="press specs NAME:RATIO[,key=value...][@ROOM] (@ROOM: only with that kv_room)")
     p.add_argument("--rooms", nargs="+", default=["ratio"], choices=["ratio", "fill"])
     p.add_argument("--chunk", type=int, help="kv_chunk for kv_room=fill")
+    p.add_argument("--question-consensus", type=float, default=1.0,
+                   help="StreamPolicy.question_consensus (0: each head's own ranking of the question-ranked rounds)")
     p.add_argument("--style", nargs="+", default=["completion"], choices=["completion", "chat"],
                    help="chat: the document and question inside SmolLM2's chat template")
     p.add_argument("--single-shot", action="store_true", help="also KVCompose on the whole document at once")
@@ -69,7 +71,7 @@ def main() -> None:
     for style in a.style:
         for depth, key, prompt in passkey_cases(tok, a.tokens, depths):
             if style == "chat":
-                prompt = passkey_chat_prompt(prompt)
+                prompt = passkey_chat_prompt(full, prompt)
             # special=True: the chat template's markers are its special tokens, not their spelling as text
             toks = full.tokenize(prompt.encode(), special=style == "chat")
             cases.append((style, depth, key, toks, passkey_positions(tok, toks, key)))
@@ -84,7 +86,7 @@ def main() -> None:
             trace.append(share_kept(engine.conv.selection, tracing_needle).tolist())
         return stats
 
-    compression.compress = traced_compress
+    compression.compress = traced_compress  # (streaming calls it through the module too)
     tracing_needle = None
 
     def record(name, llm, case):
@@ -153,7 +155,8 @@ def main() -> None:
     write_results()
     full.close()
     for room in a.rooms:
-        llm = Llama(n_ctx=a.n_ctx, n_batch=512, verbose=False, kv_room=room, kv_chunk=a.chunk)
+        policy = StreamPolicy(room=room, chunk=a.chunk, question_consensus=a.question_consensus)
+        llm = Llama(n_ctx=a.n_ctx, n_batch=512, verbose=False, kv_stream=policy)
         for spec, press, only in presses:
             if only not in (None, room):
                 continue

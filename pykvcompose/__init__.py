@@ -30,7 +30,8 @@ from .presses import (
     TOVAPress,
     parse_press_spec,
 )
-from .probe import Probe
+from .probe import Probe, ProbeKind, ProbeSpec
+from .streaming import StreamPolicy
 
 __version__ = "0.1.0"
 
@@ -50,6 +51,9 @@ __all__ = [
     "PRESSES",
     "parse_press_spec",
     "Probe",
+    "ProbeKind",
+    "ProbeSpec",
+    "StreamPolicy",
     "SessionError",
     "NativeError",
     "CorruptStateError",

@@ -118,7 +118,7 @@ def run_demo(n_tokens: int = 3000, ratios: Sequence[float] = (0.5, 0.75), depth:
         name = "full cache" if ratio is None else f"KVCompose {ratio}" + (", as published" if scoring == "reconstruct" else "")
         llm.kv_compress = None if ratio is None else KVComposePress(compression_ratio=ratio, scoring=scoring)
         llm.reset()
-        _progress(f"{name}: prefill" + ("" if ratio is None else f", {llm.kv_compress.probe()[0]} probe, compose")
+        _progress(f"{name}: prefill" + ("" if ratio is None else f", {llm.kv_compress.probe().kind} probe, compose")
                   + ", answer", quiet)
         t0 = time.perf_counter()
         res = answer(llm, tokens, max_tokens=12)

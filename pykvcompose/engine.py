@@ -14,6 +14,7 @@ import numpy as np
 
 from . import _native
 from .presses.press import Press
+from .streaming import StreamPolicy, check_cache, frees_cells
 from .support import ModelShape, check_cache_layers, window_fits
 
 SEQ = 0  # llama-cpp-python keeps every token in sequence 0
@@ -117,13 +118,6 @@ class Conversation:
         self.requires_eval = True
 
 
-def gather_heads(head_values: np.ndarray, selection: np.ndarray) -> np.ndarray:
-    """Per-query-head values (layers, heads, cells) of the cells each kv head's ``selection``
-    (layers, kv_heads, C) keeps: query head h follows kv head h // (heads // kv_heads)."""
-    group = head_values.shape[1] // selection.shape[1]
-    return np.ascontiguousarray(np.take_along_axis(head_values, np.repeat(selection, group, axis=1), axis=-1))
-
-
 class Engine:
     """
     Owns what compression works on: a Llama's llama.cpp context and batch (owned, for freeing, by
@@ -144,8 +138,8 @@ class Engine:
         Tokens per micro-batch (iSWA models need a window and one of them in the sliding-window cache).
     max_tokens : int
         Logical length a conversation may reach when the press can make room (``kv_max_tokens``).
-    room : str
-        How a full cache makes room (``kv_room``): "fill" or "ratio".
+    policy : StreamPolicy
+        How a full cache makes room (``Llama(kv_stream=...)``).
     unsupported : str, optional
         Why the model's cache cannot be compressed (None: it can).
     logits_rows : np.ndarray, optional
@@ -153,7 +147,7 @@ class Engine:
     """
 
     def __init__(self, ctx, batch, capture: Optional[_native.Capture], shape: ModelShape,
-                 conversation: Conversation, n_batch: int, n_ubatch: int, max_tokens: int, room: str,
+                 conversation: Conversation, n_batch: int, n_ubatch: int, max_tokens: int, policy: StreamPolicy,
                  unsupported: Optional[str] = None, logits_rows: Optional[np.ndarray] = None) -> None:
         self.ctx = ctx
         self.batch = batch
@@ -166,11 +160,9 @@ class Engine:
         self.unsupported = unsupported
         self.logits_rows = logits_rows
         self.press: Optional[Press] = None  # Llama.kv_compress
-        # how a full cache makes room: "fill" keeps it full (frees one chunk, or a chunk and its probe),
-        # "ratio" compresses it to the press's ratio and re-scores every cell (the earlier behaviour)
-        self.room = room
+        self.policy = policy
         # tokens per streamed chunk: a full cache keeps n_ctx - 2 chunks, so 3/4 of it with n_ctx // 8
-        self.chunk = max(1, min(256, n_batch, shape.n_ctx // 8))
+        self.chunk = policy.chunk_for(shape.n_ctx, n_batch)
         self.room_override: Optional[Press] = None  # compress_context's press while it streams a context
         self.progress: Optional[Callable[[int, int, str], None]] = None
         self._layers_checked = False
@@ -187,7 +179,7 @@ class Engine:
             if not isinstance(press, Press):
                 raise TypeError(f"kv_compress must be a press such as KVComposePress(...) or None, got {press!r}")
             self.check_supported()
-            press.check_cache(self.shape.n_ctx)
+            check_cache(press, self.shape.n_ctx)
         self.press = press
         self.configure_window()
 
@@ -201,7 +193,7 @@ class Engine:
         """
         press = self.press if press is None else press
         limit = self.shape.n_ctx
-        if (press is not None and press.frees_cells() and self.logits_rows is None
+        if (frees_cells(press) and self.logits_rows is None
                 and window_fits(self.shape, self.n_ubatch)):
             limit = max(limit, self.max_tokens)
         limit = max(limit, self.conv.n_tokens)

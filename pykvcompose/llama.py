@@ -1,11 +1,12 @@
 """``Llama``: the ``llama_cpp.Llama`` facade. Its public API, the ``generate``/``eval`` overrides that
 put compression into llama-cpp-python's paths, and delegation to the rooms that do the work
-(``engine``, ``probing``, ``rewrite``, ``compression``, ``support``, ``session``)."""
+(``engine``, ``probing``, ``rewrite``, ``compression``, ``streaming``, ``support``, ``session``)."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import inspect
 import os
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Union
@@ -14,12 +15,13 @@ import llama_cpp
 import llama_cpp._internals as internals
 import numpy as np
 
-from . import _native, compression, probing, session, support
+from . import _native, compression, probing, session, streaming, support
 from .engine import Conversation, Engine
 from .models import default_model_path
 from .presses.base_press import BasePress
 from .presses.press import Press
 from .probe import QUESTION_TOKENS_KEPT, Probe
+from .streaming import StreamPolicy
 
 #: What ``kv_compress`` accepts: a BasePress, DecodingPress or PrefillDecodingPress.
 AnyPress = Press
@@ -64,21 +66,14 @@ class Llama(llama_cpp.Llama):
     kv_progress : callable, optional
         ``kv_progress(done, total, stage)`` after every batch of prompt tokens: ``stage`` is
         ``"prefill"``, or ``"probe"`` for KVCompose's reconstruct pass over the prompt.
-    kv_room : {"fill", "ratio"}, default="fill"
-        How a full cache makes room (documents longer than ``n_ctx``, long generations). "fill": only
-        what the next chunk needs is freed, so the cache stays full; presses with a reconstruct probe
-        (KVCompose) score each chunk of a prompt once, right after it is in (the chunk decoded again
-        against everything the cache holds; generated tokens only when the cache nears full), and every
-        cell keeps that score through later compressions; with KVCompose's default scoring, a prompt
-        streaming in is ranked by its last ``question_tail`` tokens and a short lookahead after them at
-        every compression, which then keeps the same cells in every head (``question_consensus``; README:
-        15/20 pass keys found in 3.5k-token documents through 1024 cells, single-shot compression of the whole
-        document 14/20, "ratio" 0/20). A prompt that fits is decoded as with "ratio". "ratio" (the
-        earlier default): the cache keeps the press's ratio of its cells, re-scored by the newest
-        tokens (fewer, larger compressions that forget facts outside the last chunk).
+    kv_stream : StreamPolicy, optional
+        How a full cache makes room (documents longer than ``n_ctx``, long generations); default
+        ``StreamPolicy()``: "fill" (see :class:`~pykvcompose.streaming.StreamPolicy`).
+    kv_room : {"fill", "ratio"}, optional
+        Shorthand for ``kv_stream``'s ``room``.
     kv_chunk : int, optional
-        Tokens per streamed chunk with ``kv_room="fill"``; default ``min(256, n_batch, n_ctx // 8)``,
-        as measured (a full cache keeps ``n_ctx - 2 * kv_chunk`` cells).
+        Shorthand for ``kv_stream``'s ``chunk``: tokens per streamed chunk with "fill"; default
+        ``min(256, n_batch, n_ctx // 8)`` (a full cache keeps ``n_ctx - 2 * kv_chunk`` cells).
     n_threads : int, optional
         Defaults to the cores this process may use.
     **kwargs
@@ -116,7 +111,8 @@ class Llama(llama_cpp.Llama):
 
     def __init__(self, model_path: Optional[Union[str, os.PathLike]] = None, *, kv_compress: Optional[AnyPress] = None,
                  kv_max_tokens: Optional[int] = None, kv_progress: Optional[Callable[[int, int, str], None]] = None,
-                 kv_room: str = "fill", kv_chunk: Optional[int] = None,
+                 kv_stream: Optional[StreamPolicy] = None, kv_room: Optional[str] = None,
+                 kv_chunk: Optional[int] = None,
                  n_threads: Optional[int] = None, **kwargs: Any) -> None:
         if model_path is None:
             model_path = default_model_path()
@@ -127,11 +123,14 @@ class Llama(llama_cpp.Llama):
         self._kv_capture: Optional[_native.Capture] = None
         self._engine: Optional[Engine] = None
         self._kv_bytes_per_cell: Optional[int] = None
-        for name, value in (("kv_max_tokens", kv_max_tokens), ("kv_chunk", kv_chunk)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if kv_room not in ("fill", "ratio"):
-            raise ValueError(f"kv_room must be 'fill' or 'ratio', got {kv_room!r}")
+        if kv_max_tokens is not None and (isinstance(kv_max_tokens, bool) or not isinstance(kv_max_tokens, int)
+                                          or kv_max_tokens < 1):
+            raise ValueError(f"kv_max_tokens must be a positive integer, got {kv_max_tokens!r}")
+        if kv_stream is not None and not isinstance(kv_stream, StreamPolicy):
+            raise TypeError(f"kv_stream must be a StreamPolicy, got {kv_stream!r}")
+        policy = kv_stream or StreamPolicy()
+        overrides = {k: v for k, v in (("room", kv_room), ("chunk", kv_chunk)) if v is not None}
+        policy = dataclasses.replace(policy, **overrides) if overrides else policy  # validated here
         self.kv_session_metadata: Dict[str, Any] = {}
         super().__init__(model_path=model_path, n_threads=n_threads, **kwargs)
 
@@ -141,17 +140,16 @@ class Llama(llama_cpp.Llama):
         if unsupported is None:
             self._install_capture()  # flash attention too: the capture recomputes its probabilities
         trained = int(llama_cpp.llama_model_n_ctx_train(model))
-        self._engine = Engine(self._ctx, self._batch, self._kv_capture, shape, self._kv, n_batch=self.n_batch,
-                              n_ubatch=int(self.context_params.n_ubatch),
-                              max_tokens=kv_max_tokens if kv_max_tokens is not None else trained, room=kv_room,
-                              unsupported=unsupported, logits_rows=self.scores if self._logits_all else None)
+        try:
+            self._engine = Engine(self._ctx, self._batch, self._kv_capture, shape, self._kv, n_batch=self.n_batch,
+                                  n_ubatch=int(self.context_params.n_ubatch),
+                                  max_tokens=kv_max_tokens if kv_max_tokens is not None else trained,
+                                  policy=policy, unsupported=unsupported,
+                                  logits_rows=self.scores if self._logits_all else None)
+        except ValueError:
+            self.close()  # a chunk too large for this n_ctx
+            raise
         self._engine.progress = kv_progress
-        if kv_chunk is not None:
-            if 2 * kv_chunk >= shape.n_ctx:
-                self.close()
-                raise ValueError(f"kv_chunk ({kv_chunk}) must be below n_ctx / 2 ({shape.n_ctx / 2:g}): a full cache "
-                                 "keeps n_ctx - 2 * kv_chunk cells")
-            self._engine.chunk = kv_chunk
         self.kv_compress = kv_compress
 
     def _install_capture(self) -> None:
@@ -195,9 +193,21 @@ class Llama(llama_cpp.Llama):
         self._engine.progress = callback
 
     @property
+    def kv_stream(self) -> StreamPolicy:
+        """How a full cache makes room (see :class:`~pykvcompose.streaming.StreamPolicy`)."""
+        return self._engine.policy
+
+    @kv_stream.setter
+    def kv_stream(self, policy: StreamPolicy) -> None:
+        if not isinstance(policy, StreamPolicy):
+            raise TypeError(f"kv_stream must be a StreamPolicy, got {policy!r}")
+        chunk = policy.chunk_for(self._engine.shape.n_ctx, self.n_batch)  # checked before anything changes
+        self._engine.policy, self._engine.chunk = policy, chunk
+
+    @property
     def kv_room(self) -> str:
-        """How a full cache makes room: "fill" or "ratio" (see the class docstring)."""
-        return self._engine.room
+        """How a full cache makes room: "fill" or "ratio" (``kv_stream.room``)."""
+        return self._engine.policy.room
 
     @property
     def kv_chunk(self) -> int:
@@ -296,9 +306,9 @@ class Llama(llama_cpp.Llama):
 
         Without a press that frees cells this is llama-cpp-python's own ``eval``.
         """
-        if self._logits_all or (compression.room_press(self._engine) is None and self.kv_progress is None):
+        if self._logits_all or (streaming.room_press(self._engine) is None and self.kv_progress is None):
             return super().eval(tokens)
-        compression.stream(self._engine, tokens)
+        streaming.stream(self._engine, tokens)
 
     def save_state(self) -> llama_cpp.LlamaState:
         state = super().save_state()
@@ -379,10 +389,10 @@ class Llama(llama_cpp.Llama):
                 return  # the prompt extends what the compressed cache holds: continue on it
             # composite cells cannot be cut at a token boundary: start again from the original tokens
             self._drop_cache()
-        press = None if self.kv_compress is None else self.kv_compress.prompt_press()
+        press = streaming.prompt_press(self.kv_compress)
         fits = len(tokens) < self._engine.shape.n_ctx  # longer prompts are compressed chunk by chunk in eval
         if press is not None and fits and len(tokens) >= max(2, press.min_tokens):
-            compression.compress_context(self._engine, press, tokens[:-1])
+            compression.compress_prompt(self._engine, press, tokens[:-1])
             self.kv_stats["tokens"] = len(tokens)  # the last prompt token is decoded on the compressed cache
 
     def _parent_reuse(self, tokens: List[int]) -> int:
@@ -412,28 +422,28 @@ class Llama(llama_cpp.Llama):
         tokens : sequence of int
             The context; its last token is kept in every head.
         press : BasePress, optional
-            Defaults to ``kv_compress``. Its ``question_agnostic()`` press is applied:
-            ``KVComposePress(scoring="auto")`` (the default) scores by the reconstruct probe here.
+            Defaults to ``kv_compress``. ``KVComposePress(scoring="auto")`` (the default) scores by the
+            reconstruct probe here (:func:`pykvcompose.streaming.question_agnostic`).
 
         Returns
         -------
         dict
             ``kv_stats`` of this compression.
         """
-        if press is None and self.kv_compress is not None:
-            press = self.kv_compress.prompt_press()
+        if press is None:
+            press = streaming.prompt_press(self.kv_compress)
         tokens = list(tokens)
         self._engine.check_supported()
         if not isinstance(press, BasePress):
             raise ValueError(f"no press: pass one such as KVComposePress(...) or set kv_compress (got {press!r})")
-        press = press.question_agnostic()
+        press = streaming.question_agnostic(press)
         self._kv.ask(None)  # no prompt: the context streams in without a question
         if len(tokens) < 2:
             raise ValueError(f"a context to compress needs at least 2 tokens, got {len(tokens)}")
         engine = self._engine
         if len(tokens) + 1 < engine.shape.n_ctx:
-            return compression.compress_context(engine, press, tokens)
-        if not press.frees_cells():
+            return compression.compress_prompt(engine, press, tokens)
+        if not streaming.frees_cells(press):
             raise ValueError(f"Requested tokens ({len(tokens)}) exceed context window of {engine.shape.n_ctx}: "
                              f"{type(press).__name__} with compression_ratio {press.compression_ratio} cannot free cells")
         # longer than the cache: prefill chunk by chunk, freeing cells with this press, then compress it all
@@ -444,7 +454,7 @@ class Llama(llama_cpp.Llama):
         engine.room_override = press
         try:
             self.eval(tokens)
-            compression.make_room(engine, press, "context")
+            streaming.make_room(engine, press, "context")
         finally:
             engine.room_override = None
         return self.kv_stats

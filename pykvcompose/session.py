@@ -35,6 +35,10 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 _DIGEST = 32
 _PRESS_CLASSES = {cls.__name__: cls for cls in (*PRESSES.values(), DecodingPress, PrefillDecodingPress)}
+#: Fields earlier versions saved: removed as no gain (a file that holds their old default loads as before), or
+#: moved to the Llama's StreamPolicy (None: dropped whatever their value).
+_RETIRED_FIELDS = {"KVComposePress": {"head_consensus": 0.0, "starved_layers": "own", "span": 1, "protect_tail": 0,
+                                      "question_tail": None, "question_consensus": None}}
 
 
 def press_to_dict(press) -> Any:
@@ -56,6 +60,10 @@ def press_from_dict(data: Any):
         raise SessionError(f"unknown press {data!r} in the session file")
     cls = _PRESS_CLASSES[data["type"]]
     kwargs = {k: press_from_dict(v) if isinstance(v, dict) else v for k, v in data.items() if k != "type"}
+    for name, default in _RETIRED_FIELDS.get(cls.__name__, {}).items():
+        if name in kwargs and kwargs.pop(name) != default and default is not None:
+            raise SessionError(f"the session file's {cls.__name__} sets {name}, which this version no longer has "
+                               f"(docs/ablations.md)")
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:

@@ -36,15 +36,6 @@ def np_consensus(scores, weight):
     return ((1 - weight) * z + weight * z.mean(axis=(0, 1), keepdims=True)).astype(np.float32)
 
 
-def np_span_max(scores, span):
-    """Each token's score raised to the highest within span // 2 tokens either side (a plain loop)."""
-    out = np.empty_like(scores)
-    n, half = scores.shape[-1], span // 2
-    for j in range(n):
-        out[..., j] = scores[..., max(0, j - half): min(n, j + half + 1)].max(axis=-1)
-    return out
-
-
 def np_select(scores, n_keep, forced):
     n = scores.shape[-1]
     rows = scores.reshape(-1, n)

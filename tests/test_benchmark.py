@@ -248,3 +248,15 @@ def test_chat_style_and_the_power_grid(tmp_path, capsys):
     assert "question-aware, chat prompts" in out and "cases found (Wilson 95%)" in out
     assert "| full cache | " in out and "p=" in out
     assert (tmp_path / "score_vs_ratio_smollm2-135m_aware_chat_prompts.png").exists()
+
+
+def test_a_passkey_chat_prompt_is_written_in_the_models_own_template(llm):
+    """bench/passkey.py and bench/long_context.py once wrote SmolLM2's turns by hand, so Gemma's prompts got the
+    wrong template: the turn now comes from the model's chat template."""
+    from kvbench.haystack import PASSKEY_QUESTION, passkey_chat_prompt, passkey_prompt
+
+    prompt = passkey_prompt(lambda s: s.split(), 400, 0.5, 12345, seed=1)
+    chat = passkey_chat_prompt(llm, prompt)
+    body = prompt[: -len(PASSKEY_QUESTION)].rstrip()
+    assert "<|im_start|>user\n" + body + "\n\nWhat is the pass key? Answer with the number only.<|im_end|>" in chat
+    assert chat.endswith("<|im_start|>assistant\n") and PASSKEY_QUESTION not in chat

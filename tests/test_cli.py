@@ -92,8 +92,8 @@ def test_chat_commands_and_errors(tmp_path):
 def test_press_options():
     p = __import__("argparse").ArgumentParser()
     commands.add_model_options(p)
-    a = p.parse_args(["--kv-compress", "kvcompose:0.75,head_consensus=1"])
-    assert commands.press_from_args(a) == KVComposePress(0.75, head_consensus=1.0)
+    a = p.parse_args(["--kv-compress", "kvcompose:0.75,scoring=reconstruct"])
+    assert commands.press_from_args(a) == KVComposePress(0.75, scoring="reconstruct")
     a = p.parse_args(["--kv-compress", "snapkv:0.5", "--decode-target", "300", "--decode-interval", "64"])
     assert commands.press_from_args(a) == PrefillDecodingPress(
         SnapKVPress(0.5), DecodingPress(SnapKVPress(0.0), compression_interval=64, target_size=300))

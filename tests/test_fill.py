@@ -6,8 +6,8 @@ import struct
 import numpy as np
 import pytest
 
-from pykvcompose import KVComposePress, Llama, SnapKVPress, compression, probing, rewrite, session
-from pykvcompose.engine import gather_heads
+from pykvcompose import KVComposePress, Llama, SnapKVPress, StreamPolicy, rewrite, session, streaming
+from pykvcompose.compression import gather_heads
 from kvbench.haystack import haystack_text, passkey_cases, passkey_positions, share_kept
 
 from conftest import greedy, press_ids, press_list, seq_state
@@ -63,7 +63,7 @@ def test_each_chunk_is_scored_by_a_reconstruct_probe_of_it(filler, long_tokens, 
     filler.kv_compress = KVComposePress(0.5, min_tokens=16)
     filler.reset()
     first = []
-    real = probing.score_cells
+    real = streaming.score_cells
 
     def recording(engine):
         done = real(engine)
@@ -71,9 +71,9 @@ def test_each_chunk_is_scored_by_a_reconstruct_probe_of_it(filler, long_tokens, 
             first.append({agg: a.copy() for agg, a in engine.conv.cell_scores.items()})
         return done
 
-    monkeypatch.setattr(probing, "score_cells", recording)
+    monkeypatch.setattr(streaming, "score_cells", recording)
     filler.eval(long_tokens)
-    monkeypatch.setattr(probing, "score_cells", real)
+    monkeypatch.setattr(streaming, "score_cells", real)
     scores = first[0]["max"]
     assert scores.shape == (filler.kv_n_layer, filler.kv_n_head, CHUNK)
     published = KVComposePress(0.5, min_tokens=16, scoring="reconstruct")  # the default's prompt probe is a lookahead
@@ -86,8 +86,8 @@ def test_a_prompt_that_fits_is_not_probed_chunk_by_chunk(filler, long_tokens, mo
     chunks on the way would cost a second prefill for nothing. The same tokens streamed as part of a
     longer prompt are."""
     probes = []
-    real = probing.score_cells
-    monkeypatch.setattr(probing, "score_cells", lambda engine: probes.append(engine.conv.cells) or real(engine))
+    real = streaming.score_cells
+    monkeypatch.setattr(streaming, "score_cells", lambda engine: probes.append(engine.conv.cells) or real(engine))
     filler.kv_compress = KVComposePress(0.5, min_tokens=10_000)  # never compressed whole: what streaming did stays
     filler.reset()
     filler.eval(long_tokens[: 2 * CHUNK + 8])
@@ -103,7 +103,7 @@ def test_scores_persist_through_every_rewrite(filler, long_tokens, monkeypatch):
     filler.kv_compress = KVComposePress(0.5, min_tokens=16)
     filler.reset()
     engine = filler._engine
-    real = compression.make_room
+    real = streaming.make_room
     checked = []
 
     def checking(engine_, press, trigger):
@@ -120,7 +120,7 @@ def test_scores_persist_through_every_rewrite(filler, long_tokens, monkeypatch):
             np.testing.assert_array_equal(conv.cell_scores[agg], gather_heads(before[agg], index))
         checked.append(conv.cells)
 
-    monkeypatch.setattr(compression, "make_room", checking)
+    monkeypatch.setattr(streaming, "make_room", checking)
     filler.eval(long_tokens)
     assert len(checked) >= 5 and set(checked) == {N_CTX - 2 * CHUNK}  # room for a chunk and its probe
     assert engine.conv.cells <= N_CTX - CHUNK
@@ -207,7 +207,8 @@ def test_a_streamed_prompt_is_ranked_by_its_question(filler):
     needle = passkey_positions(tok, tokens, key)
     kept = {}
     for tail in (48, 0):
-        filler.kv_compress = KVComposePress(0.5, question_tail=tail)
+        filler.kv_compress = KVComposePress(0.5)
+        filler.kv_stream = StreamPolicy(question_tail=tail)
         filler.reset()
         greedy(filler, tokens, 1)
         assert filler.kv_compressions >= 10 and filler.kv_history[:len(tokens)] == tokens
@@ -242,8 +243,8 @@ def test_generated_tokens_are_probed_only_when_the_cache_nears_full(filler, long
     """A chunk probe decodes the chunk again: for generated tokens that costs a prefill per chunk even when
     the answer ends long before the cache is full, so they are probed only when room must be made."""
     probes = []
-    real = probing.score_cells
-    monkeypatch.setattr(probing, "score_cells", lambda engine: probes.append(engine.conv.cells) or real(engine))
+    real = streaming.score_cells
+    monkeypatch.setattr(streaming, "score_cells", lambda engine: probes.append(engine.conv.cells) or real(engine))
     filler.kv_compress = KVComposePress(0.5, min_tokens=10_000)  # the prompt stays as prefilled
     filler.reset()
     greedy(filler, long_tokens[:60], 3 * CHUNK)  # 60 + 96 cells of 256: never full
@@ -261,8 +262,8 @@ def test_a_prompt_after_reset_streams_as_a_prompt(filler, long_tokens, monkeypat
     filler.reset()
     greedy(filler, long_tokens[:60], 4)
     probes = []
-    real = probing.score_cells
-    monkeypatch.setattr(probing, "score_cells", lambda engine: probes.append(engine.conv.cells) or real(engine))
+    real = streaming.score_cells
+    monkeypatch.setattr(streaming, "score_cells", lambda engine: probes.append(engine.conv.cells) or real(engine))
     filler.reset()
     filler.eval(long_tokens[:300])
     assert probes[0] == CHUNK
@@ -291,13 +292,13 @@ def test_a_cell_keeps_the_most_attention_its_question_gave_it(filler, monkeypatc
     filler.kv_compress = KVComposePress(0.5)
     filler.reset()
     conv = filler._engine.conv
-    real_probe, real_room = probing.question_probe, compression.make_room
+    real_probe, real_room = streaming.question_probe, streaming.make_room
     rounds = []
 
-    def asking(engine, probe, tail, spec):
+    def asking(engine, probe, tail, lookahead):
         held = None if conv.question_scores is None else {a: v.copy() for a, v in conv.question_scores.items()}
-        asked = real_probe(engine, probe, tail, spec)
-        rounds.append((held, probe.attention[tuple(spec)], rewrite.cell_positions(engine, conv.cells)))
+        asked = real_probe(engine, probe, tail, lookahead)
+        rounds.append((held, probe.attention[asked], rewrite.cell_positions(engine, conv.cells)))
         return asked
 
     def checking(engine, press, trigger):
@@ -309,8 +310,8 @@ def test_a_cell_keeps_the_most_attention_its_question_gave_it(filler, monkeypatc
         for agg in ("max", "mean"):
             np.testing.assert_array_equal(conv.question_scores[agg], gather_heads(attention[agg], index))
 
-    monkeypatch.setattr(probing, "question_probe", asking)
-    monkeypatch.setattr(compression, "make_room", checking)
+    monkeypatch.setattr(streaming, "question_probe", asking)
+    monkeypatch.setattr(streaming, "make_room", checking)
     greedy(filler, tokens, 1)
     assert len(rounds) >= 10 and rounds[0][0] is None
     raised = 0
@@ -331,16 +332,17 @@ def test_a_question_ranked_compression_keeps_the_same_cells_in_every_head(filler
     (_, key, prompt), = passkey_cases(tok, 700, [0.3])
     tokens = filler.tokenize(prompt.encode())
     needle = passkey_positions(tok, tokens, key)
-    real_room = compression.make_room
+    real_room = streaming.make_room
     selections = []
 
     def recording(engine, press, trigger):
         real_room(engine, press, trigger)
         selections.append(engine.conv.selection.copy())
 
-    monkeypatch.setattr(compression, "make_room", recording)
+    monkeypatch.setattr(streaming, "make_room", recording)
     for consensus in (1.0, 0.0):
-        filler.kv_compress = KVComposePress(0.5, question_consensus=consensus)
+        filler.kv_compress = KVComposePress(0.5)
+        filler.kv_stream = StreamPolicy(question_consensus=consensus)
         filler.reset()
         selections.clear()
         greedy(filler, tokens, 1)
@@ -352,5 +354,4 @@ def test_a_question_ranked_compression_keeps_the_same_cells_in_every_head(filler
         else:
             assert not any(same)
             assert share_kept(filler.kv_selection, needle).std() > 0  # the key's tokens in some heads, not others
-    with pytest.raises(ValueError, match="question_consensus"):
-        KVComposePress(0.5, question_consensus=1.5)
+    filler.kv_stream = StreamPolicy()

@@ -169,7 +169,7 @@ def test_a_long_streamed_conversation_round_trips(model_path, tmp_path):
 
 
 JSON_PRESSES = [None] + press_list(0.75) + press_list(0.5, per_head=False) + [
-    KVComposePress(0.75, starved_layers="consensus", head_consensus=0.5),
+    KVComposePress(0.75, agg_task="mean", add_v_norm=True, lookahead=8),
     DecodingPress(SnapKVPress(window_size=16), compression_interval=8, target_size=100),
     PrefillDecodingPress(parse_press_spec("tova:0.5"), DecodingPress(SnapKVPress(), target_size=64)),
 ]
@@ -179,3 +179,14 @@ JSON_PRESSES = [None] + press_list(0.75) + press_list(0.5, per_head=False) + [
 def test_presses_round_trip_through_json(press):
     data = json.loads(json.dumps(session.press_to_dict(press)))
     assert session.press_from_dict(data) == press
+
+
+def test_a_press_saved_with_retired_fields_loads_as_before():
+    """Sessions written before head_consensus, span, protect_tail and starved_layers were removed (no gain) and
+    question_tail/question_consensus moved to the StreamPolicy: their defaults load as the same press; a
+    removed option that was really set is refused by name, not silently dropped."""
+    old = dict(session.press_to_dict(KVComposePress(0.75)), head_consensus=0.0, starved_layers="own", span=1,
+               protect_tail=0, question_tail=0, question_consensus=0.0)
+    assert session.press_from_dict(old) == KVComposePress(0.75)
+    with pytest.raises(session.SessionError, match="span"):
+        session.press_from_dict(dict(old, span=3))

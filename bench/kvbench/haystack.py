@@ -14,12 +14,14 @@ __all__ = ["PASSKEY_QUESTION", "haystack_text", "paragraphs", "passkey_prompt", 
            "passkey_chat_prompt", "passkey_cases", "passkey_positions", "share_kept"]
 
 
-def passkey_chat_prompt(prompt: str) -> str:
-    """A ``passkey_prompt`` inside SmolLM2's chat template: the document and question as the user's turn
-    (the completion lead-in replaced by "Answer with the number only."), the assistant's turn opened."""
+def passkey_chat_prompt(llm, prompt: str) -> str:
+    """A ``passkey_prompt`` as the user's turn of ``llm``'s chat template (the completion lead-in replaced by
+    "Answer with the number only."), the assistant's turn opened. (Runs before this used SmolLM2's turns
+    written out, without the template's default system prompt.)"""
+    from .runner import user_turn
+
     body = prompt.rsplit("\n\n", 1)[0]
-    return (f"<|im_start|>user\n{body}\n\nWhat is the pass key? Answer with the number only.<|im_end|>\n"
-            "<|im_start|>assistant\n")
+    return user_turn(llm, f"{body}\n\nWhat is the pass key? Answer with the number only.")
 
 
 def passkey_cases(tokenize: Callable[[str], List[int]], n_tokens: int,

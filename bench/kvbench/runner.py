@@ -22,6 +22,7 @@ from llama_cpp import llama_chat_format
 from pykvcompose import KVComposePress, Llama, default_model_path, parse_press_spec
 from pykvcompose.demo import answer
 from pykvcompose.progress import Progress
+from pykvcompose.streaming import question_agnostic
 
 from . import metrics, one_line
 from .tasks import NEEDLE_TASKS, TASKS, Sample, score_output
@@ -43,7 +44,6 @@ RATIOS = (0.25, 0.5, 0.75, 0.875)  # 0 (the full cache) is always measured
 DEFAULT_PRESSES: Dict[str, str] = {
     "kvcompose": "kvcompose:{ratio},scoring=reconstruct",
     "kvcompose-default": "kvcompose:{ratio}",
-    "kvcompose-starved": "kvcompose:{ratio},scoring=reconstruct,starved_layers=consensus",
     "kvcompose-token": "kvcompose:{ratio},scoring=reconstruct,per_head=false",
     "kvcompose-lookahead": "kvcompose:{ratio},scoring=lookahead",
     "snapkv": "snapkv:{ratio}",
@@ -147,9 +147,17 @@ ARCHITECTURE_CHAT_FORMATS = {arch: llama_chat_format.format_gemma for arch in ("
 
 def chat_prompt(llm: Llama, context: str, question: str) -> Tuple[str, str]:
     """The sample as the user's turn of the model's chat template, the assistant's turn opened:
-    (the text up to the end of the context, the rest). A model without a template in its GGUF uses
-    llama-cpp-python's chat format for its architecture (``ARCHITECTURE_CHAT_FORMATS``)."""
-    messages = [{"role": "user", "content": context + "\n\n" + chat_question(question)}]
+    (the text up to the end of the context, the rest)."""
+    text = user_turn(llm, context + "\n\n" + chat_question(question))
+    at = text.index(context) + len(context)
+    return text[:at], text[at:]
+
+
+def user_turn(llm: Llama, content: str) -> str:
+    """``content`` as the user's turn of the model's chat template, the assistant's turn opened. A model
+    without a template in its GGUF uses llama-cpp-python's chat format for its architecture
+    (``ARCHITECTURE_CHAT_FORMATS``)."""
+    messages = [{"role": "user", "content": content}]
     template = llm.metadata.get("tokenizer.chat_template")
     architecture = llm.metadata.get("general.architecture", "")
     if template:
@@ -162,8 +170,7 @@ def chat_prompt(llm: Llama, context: str, question: str) -> Tuple[str, str]:
     else:
         raise ValueError(f"the chat style needs a model with a chat template (tokenizer.chat_template); this "
                          f"{architecture or 'unknown'} model has none")
-    at = text.index(context) + len(context)
-    return text[:at], text[at:]
+    return text
 
 
 def load_records(path: pathlib.Path) -> List[Dict[str, Any]]:
@@ -217,7 +224,7 @@ def run_sample(llm: Llama, model: str, sample: Sample, setting: str, length: int
         # a question asked after the context was compressed: ``Llama.compress_context``'s presses. (A
         # continuation scored for perplexity follows its prompt as the model's own answer would: the
         # prompt path, ``llm(prompt)``.)
-        presses = {key: press.question_agnostic() for key, press in presses.items()}
+        presses = {key: question_agnostic(press) for key, press in presses.items()}
     llm.kv_compress = None
     probe = llm.kv_probe(context, list(presses.values()))
     state = llm.save_state()

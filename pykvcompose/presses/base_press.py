@@ -8,7 +8,7 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..probe import Probe, ProbeSpec
+from ..probe import Probe, ProbeKind, ProbeSpec
 from .press import Press
 
 
@@ -60,30 +60,14 @@ class BasePress(Press):
 
     #: Prompts shorter than this are not compressed (a field of presses that let users set it).
     min_tokens = 2
-    #: Newest tokens decoded again to score a full cache when the press has no window probe of its own.
-    room_window = 64
 
     def __post_init__(self) -> None:
         check_number("compression_ratio", self.compression_ratio, 0.0, 1.0, high_inclusive=False)
         check_bool("per_head", self.per_head)
 
-    def question_tail_tokens(self) -> int:
-        """How many of a streamed prompt's last tokens rank the cells when a full cache makes room for
-        the rest of that prompt (0: none; KVCompose's lookahead scoring, ``question_tail``)."""
-        return 0
-
-    def question_ranked(self) -> "BasePress":
-        """The press that selects the cells once a streamed prompt's question has ranked them: this one
-        (KVCompose's ``question_consensus`` makes every head keep the same cells there)."""
-        return self
-
-    def question_agnostic(self) -> "BasePress":
-        """The press ``compress_context`` applies to a context that no question follows yet: this one
-        (KVCompose's ``scoring="auto"`` swaps its lookahead for the reconstruct probe)."""
-        return self
-
     def probe(self) -> Optional[ProbeSpec]:
-        """The probe this press reads attention from: None, ``("window", w)``, ``("lookahead", k)`` or ``("reconstruct", 0)``."""
+        """The probe this press reads attention from: None, or a window, lookahead or reconstruct
+        :class:`~pykvcompose.probe.ProbeSpec`."""
         return None
 
     def probe_queries(self, n_tokens: int) -> int:
@@ -91,7 +75,7 @@ class BasePress(Press):
         spec = self.probe()
         if spec is None:
             return 0
-        return n_tokens if spec[0] == "reconstruct" else min(int(spec[1]), n_tokens)
+        return n_tokens if spec.kind is ProbeKind.RECONSTRUCT else min(spec.size, n_tokens)
 
     def head_scores(self, probe: Probe) -> Optional[np.ndarray]:
         """The probe attention this press scores from, float32 (layers, heads, tokens), or None."""
@@ -129,7 +113,7 @@ class BasePress(Press):
         """
         return None
 
-    def compress(self, probe: Probe, n_keep: int, forced: Sequence[int] = ()
+    def compress(self, probe: Probe, n_keep: int, forced: Sequence[int] = (), consensus: float = 0.0
                  ) -> Tuple[np.ndarray, Optional[np.ndarray], np.ndarray]:
         """
         Score, allocate and select: everything a compression asks of the press.
@@ -141,6 +125,8 @@ class BasePress(Press):
             Cells per head (C).
         forced : sequence of int
             Tokens every head keeps.
+        consensus : float
+            See ``select``.
 
         Returns
         -------
@@ -150,13 +136,10 @@ class BasePress(Press):
         """
         scores = self.score(probe)
         budgets = self.layer_budgets(scores)
-        return scores, budgets, self.select(scores, n_keep, forced=forced, budgets=budgets)
+        return scores, budgets, self.select(scores, n_keep, forced=forced, consensus=consensus)
 
-    def selection_scores(self, scores: np.ndarray) -> np.ndarray:
-        """The scores each (layer, kv head) ranks its tokens by (by default: ``scores``)."""
-        return scores
-
-    def select(self, scores, n_keep: int, forced=(), budgets=None):
+    def select(self, scores: np.ndarray, n_keep: int, forced: Sequence[int] = (), consensus: float = 0.0
+               ) -> np.ndarray:
         """
         The tokens each (layer, kv head) keeps.
 
@@ -167,8 +150,10 @@ class BasePress(Press):
             Cells per head (C).
         forced : sequence of int
             Tokens every head keeps.
-        budgets : np.ndarray, int (layers,), optional
-            The press's layer budgets when the caller has them already (presses that use them).
+        consensus : float, in [0, 1]
+            0 (KVCompose as published) ranks by each head's own scores; 1 makes every head of every layer
+            keep the same tokens, ranked by the mean of the mean-normalised head scores; in between blends
+            the two. Token-level presses (``per_head=False``) always rank by the consensus.
 
         Returns
         -------
@@ -176,32 +161,11 @@ class BasePress(Press):
         """
         from .. import _native
 
-        ranked = self.selection_scores(scores)
-        if not self.per_head:
-            ranked = _native.scores_consensus(ranked, 1.0)  # one ranking for every layer and head
-        return _native.select_top(ranked, n_keep, forced)
+        weight = 1.0 if not self.per_head else float(consensus)
+        if weight > 0:
+            scores = _native.scores_consensus(scores, weight)
+        return _native.select_top(scores, n_keep, forced)
 
     def n_kept(self, n_tokens: int) -> int:
         """Cells kept for a context of ``n_tokens``: ``max(1, int(n_tokens * (1 - compression_ratio)))``."""
         return max(1, int(n_tokens * (1 - self.compression_ratio)))
-
-    # ---- Press ----------------------------------------------------------------------------------
-    def frees_cells(self) -> bool:
-        return self.compression_ratio > 0
-
-    def prompt_press(self) -> "BasePress":
-        return self
-
-    def fills_cache(self) -> bool:
-        return True
-
-    def scores_chunks(self) -> bool:
-        return self.probe() == ("reconstruct", 0)
-
-    def scorer(self) -> "BasePress":
-        return self
-
-    def room_plan(self, cells: int) -> Tuple["BasePress", int, int]:
-        spec = self.probe()
-        window = int(spec[1]) if spec is not None and spec[0] == "window" else int(self.room_window)
-        return self, self.n_kept(cells), window

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 from .base_press import BasePress, check_int
 from .press import Press
@@ -49,32 +48,3 @@ class DecodingPress(Press):
         check_int("compression_interval", self.compression_interval, 1)
         check_int("target_size", self.target_size, 1)
         check_int("hidden_states_buffer_size", self.hidden_states_buffer_size, 1)
-
-    # ---- Press ----------------------------------------------------------------------------------
-    def frees_cells(self) -> bool:
-        return True
-
-    def scorer(self) -> BasePress:
-        return self.base_press
-
-    def room_plan(self, cells: int) -> Tuple[BasePress, int, int]:
-        """Back to ``target_size`` cells (at most ``cells - 1``), scored by ``base_press`` with the
-        ratio that keeps that many, from the newest ``hidden_states_buffer_size`` tokens."""
-        keep = min(self.target_size, cells - 1)
-        scorer = self.base_press
-        if keep >= 1:
-            scorer = dataclasses.replace(scorer, compression_ratio=1.0 - keep / cells)
-        return scorer, keep, self.hidden_states_buffer_size
-
-    def decoding_due(self, phase: str, since_mark: int) -> Optional[int]:
-        if phase != "decode":
-            return None
-        return max(0, self.compression_interval - since_mark)
-
-    def room_to_free(self, cells: int) -> bool:
-        return cells > self.target_size
-
-    def check_cache(self, n_ctx: int) -> None:
-        if self.target_size >= n_ctx - 1:
-            raise ValueError(f"DecodingPress.target_size ({self.target_size}) must be below n_ctx - 1 "
-                             f"({n_ctx - 1}) so that a compression frees cells")

@@ -7,7 +7,7 @@ from typing import Optional
 
 from .base_press import BasePress
 from .decoding_press import DecodingPress
-from .press import PHASES, Press
+from .press import Press
 
 
 @dataclass
@@ -35,30 +35,3 @@ class PrefillDecodingPress(Press):
             raise ValueError(f"decoding_press must be a DecodingPress, got {self.decoding_press!r}")
         if self.prefilling_press is None and self.decoding_press is None:
             raise ValueError("PrefillDecodingPress needs a prefilling_press, a decoding_press or both")
-
-    # ---- Press ----------------------------------------------------------------------------------
-    def _parts(self):
-        return [p for p in (self.prefilling_press, self.decoding_press) if p is not None]
-
-    def frees_cells(self) -> bool:
-        return any(p.frees_cells() for p in self._parts())
-
-    def prompt_press(self) -> Optional[BasePress]:
-        return self.prefilling_press
-
-    def room_press(self, phase: str) -> Optional[Press]:
-        """The phase's own press if it frees cells, else the other one's: while decoding the
-        ``decoding_press``, while reading a prompt the ``prefilling_press``."""
-        if phase not in PHASES:
-            raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
-        first, second = self.prefilling_press, self.decoding_press
-        if phase == "decode":
-            first, second = second, first
-        for press in (first, second):
-            if press is not None and press.frees_cells():
-                return press
-        return None
-
-    def check_cache(self, n_ctx: int) -> None:
-        for press in self._parts():
-            press.check_cache(n_ctx)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..probe import Probe, ProbeSpec
+from ..probe import Probe, ProbeKind, ProbeSpec
 from .base_press import BasePress, check_int
 
 
@@ -56,7 +56,7 @@ class SnapKVPress(BasePress):
         check_int("kernel_size", self.kernel_size, 1)
 
     def probe(self) -> ProbeSpec:
-        return ("window", self.window_size)
+        return ProbeSpec(ProbeKind.WINDOW, self.window_size)
 
     def head_scores(self, probe: Probe) -> np.ndarray:
         """Mean attention of the window's queries, float32 (layers, heads, tokens)."""

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..probe import Probe, ProbeSpec
+from ..probe import Probe, ProbeKind, ProbeSpec
 from .base_press import BasePress
 from .snapkv_press import keep_window
 
@@ -26,7 +26,7 @@ class TOVAPress(BasePress):
     """
 
     def probe(self) -> ProbeSpec:
-        return ("window", 1)
+        return ProbeSpec(ProbeKind.WINDOW, 1)
 
     def head_scores(self, probe: Probe) -> np.ndarray:
         """Attention of the last token, float32 (layers, heads, tokens)."""
