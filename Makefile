@@ -14,13 +14,22 @@ SAFE_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON 
 
 SOURCES := pyproject.toml CMakeLists.txt $(shell find native pykvcompose -type f \( -name '*.py' -o -name '*.h' -o -name '*.cpp' \) 2>/dev/null)
 
-.PHONY: demo test install clean results test-native test-asan fuzz fuzz-merge
+.PHONY: demo test test-fast lint install clean results test-native test-asan fuzz fuzz-merge
 
 demo: install
 	$(PY) -m pykvcompose demo
 
-test: install test-native
+test: install test-native lint
 	$(VENV)/bin/pytest -q --durations=15 tests
+
+# the newcomer's loop: the model-free tests (unmarked: presses, policy, parsing, sessions' format, structure), the
+# source tree's Python against the installed native library; nothing is rebuilt (run `make install` once first)
+test-fast:
+	PYTHONPATH=$(CURDIR) $(VENV)/bin/pytest -q -m "not model and not slow" tests
+
+lint:
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 install: $(STAMPS)/pykvcompose
 

@@ -18,8 +18,8 @@ import argparse
 
 import numpy as np
 
-from pykvcompose import KVComposePress, Llama, streaming
 from kvbench.haystack import passkey_cases
+from pykvcompose import KVComposePress, Llama, streaming
 
 
 def main() -> None:
@@ -29,8 +29,14 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=128)
     p.add_argument("--docs", type=int, default=3)
     a = p.parse_args()
-    llm = Llama(n_ctx=a.n_ctx, n_batch=512, verbose=False, kv_room="fill", kv_chunk=a.chunk,
-                kv_compress=KVComposePress(compression_ratio=0.75))
+    llm = Llama(
+        n_ctx=a.n_ctx,
+        n_batch=512,
+        verbose=False,
+        kv_room="fill",
+        kv_chunk=a.chunk,
+        kv_compress=KVComposePress(compression_ratio=0.75),
+    )
     tok = lambda s: llm.tokenize(s.encode(), add_bos=False)  # noqa: E731
     records = []  # (doc, visible cells, first position, new scores (cells,))
     original = streaming.score_cells
@@ -46,29 +52,40 @@ def main() -> None:
 
     streaming.score_cells = recording
     survival = []
-    for doc, (_, _, prompt) in enumerate(passkey_cases(tok, a.tokens, np.linspace(0.1, 0.9, a.docs))):
+    for doc, (_, _, prompt) in enumerate(  # noqa: B007  (recording() reads doc)
+        passkey_cases(tok, a.tokens, np.linspace(0.1, 0.9, a.docs))
+    ):
         llm.reset()
         toks = llm.tokenize(prompt.encode())
         llm.eval(toks)
         kept = llm.kv_selection  # (layers, kv_heads, C) positions the composite cells hold
         tail = np.arange(llm.kv_stats["tokens"], len(toks))  # streamed in after the last compression: all kept
         n_chunks = -(-len(toks) // a.chunk)
-        counts = np.stack([((kept >= c * a.chunk) & (kept < (c + 1) * a.chunk)).sum(-1).mean()
-                           + ((tail >= c * a.chunk) & (tail < (c + 1) * a.chunk)).sum() for c in range(n_chunks)])
+        counts = np.stack(
+            [
+                ((kept >= c * a.chunk) & (kept < (c + 1) * a.chunk)).sum(-1).mean()
+                + ((tail >= c * a.chunk) & (tail < (c + 1) * a.chunk)).sum()
+                for c in range(n_chunks)
+            ]
+        )
         survival.append(counts / np.minimum(a.chunk, len(toks) - np.arange(n_chunks) * a.chunk))
     streaming.score_cells = original
     print(f"{a.docs} documents of ~{a.tokens} tokens through n_ctx={a.n_ctx}, chunks of {a.chunk}\n")
-    print("| chunk (positions) | cells the probe saw | median score | p90 score | median x cells seen | kept at the end |")
+    print(
+        "| chunk (positions) | cells the probe saw | median score | p90 score | median x cells seen | kept at the end |"
+    )
     print("|---|---:|---:|---:|---:|---:|")
     by_chunk = {}
-    for doc, cells, start, new in records:
+    for _doc, cells, start, new in records:
         by_chunk.setdefault(start // a.chunk, []).append((cells, new))
     for c in sorted(by_chunk):
         cells = np.mean([x for x, _ in by_chunk[c]])
         new = np.concatenate([s for _, s in by_chunk[c]])
         kept = np.mean([s[c] for s in survival if c < len(s)])
-        print(f"| {c} ({c * a.chunk}-{(c + 1) * a.chunk - 1}) | {cells:.0f} | {np.median(new):.4f} | "
-              f"{np.percentile(new, 90):.4f} | {np.median(new) * cells:.2f} | {kept:.2f} |")
+        print(
+            f"| {c} ({c * a.chunk}-{(c + 1) * a.chunk - 1}) | {cells:.0f} | {np.median(new):.4f} | "
+            f"{np.percentile(new, 90):.4f} | {np.median(new) * cells:.2f} | {kept:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ def _list(kind: str):
         if not items:
             raise argparse.ArgumentTypeError(f"empty {kind} list")
         return items
+
     return parse
 
 
@@ -40,19 +41,33 @@ def _ints(text: str) -> List[int]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="bench/grid.py", description=__doc__)
-    p.add_argument("--quick", action="store_true",
-                   help="the ~10-minute grid: contexts of 800 tokens, 2 samples per task and setting")
-    p.add_argument("--power", action="store_true",
-                   help="the grid that can tell presses apart: 20 cases per needle task, completion and chat "
-                        "prompts, 1.5k tokens, ratios 0.5/0.75/0.875, with Wilson intervals and paired McNemar tests")
-    p.add_argument("--styles", type=_list("style"), help="completion,chat (plain document or the model's chat template)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="the ~10-minute grid: contexts of 800 tokens, 2 samples per task and setting",
+    )
+    p.add_argument(
+        "--power",
+        action="store_true",
+        help="the grid that can tell presses apart: 20 cases per needle task, completion and chat "
+        "prompts, 1.5k tokens, ratios 0.5/0.75/0.875, with Wilson intervals and paired McNemar tests",
+    )
+    p.add_argument(
+        "--styles", type=_list("style"), help="completion,chat (plain document or the model's chat template)"
+    )
     p.add_argument("--presses", type=_list("press"), help=f"comma-separated, from {', '.join(runner.DEFAULT_PRESSES)}")
-    p.add_argument("--ratios", type=_ratios, help=f"comma-separated, in (0, 1) (default {runner.RATIOS}; 0 always runs)")
+    p.add_argument(
+        "--ratios", type=_ratios, help=f"comma-separated, in (0, 1) (default {runner.RATIOS}; 0 always runs)"
+    )
     p.add_argument("--tasks", type=_list("task"), help=f"comma-separated, from {', '.join(TASKS)}")
     p.add_argument("--lengths", type=_ints, help="context lengths in tokens, comma-separated")
     p.add_argument("--samples", type=int, help="seeded samples per task, length and setting")
-    p.add_argument("--settings", type=_list("setting"), help="aware,agnostic (question inside or after the compressed prompt)")
-    p.add_argument("--models", type=_list("model"), help=f"comma-separated labels ({', '.join(runner.MODELS)}) or .gguf paths")
+    p.add_argument(
+        "--settings", type=_list("setting"), help="aware,agnostic (question inside or after the compressed prompt)"
+    )
+    p.add_argument(
+        "--models", type=_list("model"), help=f"comma-separated labels ({', '.join(runner.MODELS)}) or .gguf paths"
+    )
     p.add_argument("--out", default="bench/runs/grid", help="output directory (default bench/runs/grid)")
     p.add_argument("--fresh", action="store_true", help="discard earlier results instead of resuming")
     p.add_argument("--report-only", action="store_true", help="only rebuild tables and plots from earlier results")
@@ -62,8 +77,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     if a.quick and a.power:
         p.error("--quick and --power are two different grids: choose one")
-    overrides = {k: getattr(a, k) for k in ("presses", "ratios", "tasks", "lengths", "samples", "settings", "models",
-                                            "styles") if getattr(a, k) is not None}
+    overrides = {
+        k: getattr(a, k)
+        for k in ("presses", "ratios", "tasks", "lengths", "samples", "settings", "models", "styles")
+        if getattr(a, k) is not None
+    }
     overrides["out_dir"] = a.out
     grid = runner.BenchConfig.quick if a.quick else runner.BenchConfig.power if a.power else runner.BenchConfig
     config = grid(**overrides)

@@ -40,8 +40,8 @@ def prepare(n: int, work: pathlib.Path) -> dict:
     import llama_cpp
     import numpy as np
 
-    from pykvcompose import KVComposePress, Llama, _native
     from kvbench.haystack import haystack_text
+    from pykvcompose import KVComposePress, Llama, _native
 
     llm = Llama(n_ctx=2 * n + 256, n_batch=512, verbose=False)
     tokens = llm.tokenize(haystack_text()[: 8 * n].encode())[:n]
@@ -58,8 +58,13 @@ def prepare(n: int, work: pathlib.Path) -> dict:
     np.save(work / "head_scores.npy", head_scores)
     np.save(work / "scores.npy", scores)
     np.save(work / "selection.npy", selection)
-    meta = {"tokens": n, "n_head_kv": llm.kv_n_head_kv, "state_bytes": size,
-            "kv_bytes": _native.state_parse(bytes(buf))["kv_bytes"], "n_keep": int(selection.shape[-1])}
+    meta = {
+        "tokens": n,
+        "n_head_kv": llm.kv_n_head_kv,
+        "state_bytes": size,
+        "kv_bytes": _native.state_parse(bytes(buf))["kv_bytes"],
+        "n_keep": int(selection.shape[-1]),
+    }
     (work / "meta.json").write_text(json.dumps(meta))
     llm.close()
     return meta
@@ -98,14 +103,29 @@ def run_kernel(kernel: str, work: pathlib.Path) -> None:
     elif kernel == "score":
         hs = np.ascontiguousarray(np.load(work / "head_scores.npy"), dtype=np.float32)
         out = np.zeros((hs.shape[0], g, hs.shape[2]), dtype=np.float32)
-        args = (_native._ptr(hs, f32), hs.shape[0], hs.shape[1], g, hs.shape[2], _native.KVC_AGG_MEAN, ffi.NULL, True,
-                _native._ptr(out, f32))
+        args = (
+            _native._ptr(hs, f32),
+            hs.shape[0],
+            hs.shape[1],
+            g,
+            hs.shape[2],
+            _native.KVC_AGG_MEAN,
+            ffi.NULL,
+            True,
+            _native._ptr(out, f32),
+        )
         fn = lib.kvc_kvcompose_score
     elif kernel == "layer_budgets":
         sc = np.ascontiguousarray(np.load(work / "scores.npy"), dtype=np.float32)
         out = np.zeros(sc.shape[0], dtype=np.int32)
-        args = (_native._ptr(sc, f32), *sc.shape, int(sc.shape[0] * sc.shape[2] * 0.5), _native.KVC_AGG_MEAN, 0,
-                _native._ptr(out, i32))
+        args = (
+            _native._ptr(sc, f32),
+            *sc.shape,
+            int(sc.shape[0] * sc.shape[2] * 0.5),
+            _native.KVC_AGG_MEAN,
+            0,
+            _native._ptr(out, i32),
+        )
         fn = lib.kvc_kvcompose_layer_budgets
     elif kernel == "select_top":
         sc = np.ascontiguousarray(np.load(work / "scores.npy"), dtype=np.float32)
@@ -128,9 +148,23 @@ def count(kernel: str, work: pathlib.Path) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             out = pathlib.Path(tmp) / "callgrind.out"
             env = dict(os.environ, KVC_NUM_THREADS="1", PYTHONHASHSEED="0", OPENBLAS_NUM_THREADS="1")
-            subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
-                            sys.executable, __file__, "--run", run, "--work", str(work)],
-                           check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            subprocess.run(
+                [
+                    "valgrind",
+                    "--tool=callgrind",
+                    f"--callgrind-out-file={out}",
+                    sys.executable,
+                    __file__,
+                    "--run",
+                    run,
+                    "--work",
+                    str(work),
+                ],
+                check=True,
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
             m = re.search(r"^(?:summary|totals):\s+(\d+)", out.read_text(errors="replace"), re.M)
             if m is None:
                 raise RuntimeError(f"no instruction total in callgrind's output for {run}")
@@ -156,17 +190,30 @@ def main() -> None:
         rows = []
         for kernel, symbol in KERNELS.items():
             ir = count(kernel, work)
-            rows.append({"kernel": kernel, "function": symbol, "instructions": ir,
-                         "per_kv_byte": ir / meta["kv_bytes"], "vs_memmove": ir / memmove})
+            rows.append(
+                {
+                    "kernel": kernel,
+                    "function": symbol,
+                    "instructions": ir,
+                    "per_kv_byte": ir / meta["kv_bytes"],
+                    "vs_memmove": ir / memmove,
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
-    lines = [f"Instructions (callgrind, one thread) on the state of a {meta['tokens']}-token prefill: "
-             f"{meta['kv_bytes'] / 2**20:.1f} MiB of K/V, {meta['n_keep']} cells kept. "
-             f"memmove of the state's {meta['state_bytes']} bytes: {memmove:,} instructions "
-             f"({memmove / meta['state_bytes']:.3f} per byte).", "",
-             "| kernel | function | instructions | per KV byte | / memmove |", "|---|---|---:|---:|---:|"]
+    lines = [
+        f"Instructions (callgrind, one thread) on the state of a {meta['tokens']}-token prefill: "
+        f"{meta['kv_bytes'] / 2**20:.1f} MiB of K/V, {meta['n_keep']} cells kept. "
+        f"memmove of the state's {meta['state_bytes']} bytes: {memmove:,} instructions "
+        f"({memmove / meta['state_bytes']:.3f} per byte).",
+        "",
+        "| kernel | function | instructions | per KV byte | / memmove |",
+        "|---|---|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['kernel']} | `{r['function']}` | {r['instructions']:,} | {r['per_kv_byte']:.3f} "
-                     f"| {r['vs_memmove']:.1f}x |")
+        lines.append(
+            f"| {r['kernel']} | `{r['function']}` | {r['instructions']:,} | {r['per_kv_byte']:.3f} "
+            f"| {r['vs_memmove']:.1f}x |"
+        )
     md = "\n".join(lines)
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

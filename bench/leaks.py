@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from pykvcompose import Llama
 from kvbench.haystack import haystack_text
+from pykvcompose import Llama
 from pykvcompose.presses import KVComposePress, SnapKVPress
 
 
@@ -32,17 +32,21 @@ def main() -> None:
     a = p.parse_args()
     llm = Llama(n_ctx=256, n_batch=128, verbose=False)
     text = haystack_text()
-    presses = [KVComposePress(0.5, min_tokens=16), KVComposePress(0.5, min_tokens=16, scoring="reconstruct"),
-               SnapKVPress(0.5), SnapKVPress(0.5, per_head=False)]
+    presses = [
+        KVComposePress(0.5, min_tokens=16),
+        KVComposePress(0.5, min_tokens=16, scoring="reconstruct"),
+        SnapKVPress(0.5),
+        SnapKVPress(0.5, per_head=False),
+    ]
     t0 = time.perf_counter()
     samples = []
     for i in range(a.compressions):
         start = (i * 997) % (len(text) - 4000)
-        tokens = llm.tokenize(text[start: start + 4000].encode())[: a.tokens]
+        tokens = llm.tokenize(text[start : start + 4000].encode())[: a.tokens]
         if i % 4 == 3:  # past n_ctx: a prompt of three caches, compressed to make room
             llm.kv_compress = SnapKVPress(0.5)
             llm.reset()
-            llm.eval(llm.tokenize(text[start: start + 8000].encode())[:600])
+            llm.eval(llm.tokenize(text[start : start + 8000].encode())[:600])
         else:
             llm.compress_context(tokens, presses[i % 4])
         if i == 19:
@@ -50,11 +54,15 @@ def main() -> None:
             print(f"after warm-up ({i + 1} compressions): RSS {samples[-1][1]:.1f} MiB", flush=True)
         if (i + 1) % max(1, a.compressions // 10) == 0:
             samples.append((i + 1, rss_mib()))
-            print(f"{i + 1:5d} compressions: RSS {samples[-1][1]:.1f} MiB ({time.perf_counter() - t0:.0f} s)", flush=True)
+            print(
+                f"{i + 1:5d} compressions: RSS {samples[-1][1]:.1f} MiB ({time.perf_counter() - t0:.0f} s)", flush=True
+            )
     half = [s for s in samples if s[0] >= a.compressions // 2]
     growth = (half[-1][1] - half[0][1]) / max(1, half[-1][0] - half[0][0]) * 100
-    print(f"\nRSS growth over the second half: {growth:+.2f} MiB per 100 compressions "
-          f"(warm-up {samples[0][1]:.1f} MiB, end {samples[-1][1]:.1f} MiB)")
+    print(
+        f"\nRSS growth over the second half: {growth:+.2f} MiB per 100 compressions "
+        f"(warm-up {samples[0][1]:.1f} MiB, end {samples[-1][1]:.1f} MiB)"
+    )
     llm.close()
 
 

@@ -22,12 +22,12 @@ import time
 
 import numpy as np
 
+from kvbench.haystack import passkey_cases, passkey_chat_prompt, passkey_positions, share_kept
+from kvbench.stats import count_with_interval, mcnemar_exact
 from pykvcompose import KVComposePress, Llama, StreamPolicy, compression
 from pykvcompose.compression import compress
 from pykvcompose.demo import answer
-from kvbench.haystack import passkey_cases, passkey_chat_prompt, passkey_positions, share_kept
 from pykvcompose.presses import parse_press_spec
-from kvbench.stats import count_with_interval, mcnemar_exact
 
 PRESSES = ["kvcompose:0.5", "kvcompose:0.75", "snapkv:0.5", "streaming_llm:0.5"]
 
@@ -38,17 +38,34 @@ def main() -> None:
     p.add_argument("--n-ctx", type=int, default=2048)
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
     p.add_argument("--cases", type=int, help="N cases at depths spread evenly over 0.05-0.95 (instead of --depths)")
-    p.add_argument("--presses", nargs="+", default=PRESSES,
-                   help="press specs NAME:RATIO[,key=value...][@ROOM] (@ROOM: only with that kv_room)")
+    p.add_argument(
+        "--presses",
+        nargs="+",
+        default=PRESSES,
+        help="press specs NAME:RATIO[,key=value...][@ROOM] (@ROOM: only with that kv_room)",
+    )
     p.add_argument("--rooms", nargs="+", default=["ratio"], choices=["ratio", "fill"])
     p.add_argument("--chunk", type=int, help="kv_chunk for kv_room=fill")
-    p.add_argument("--question-consensus", type=float, default=1.0,
-                   help="StreamPolicy.question_consensus (0: each head's own ranking of the question-ranked rounds)")
-    p.add_argument("--style", nargs="+", default=["completion"], choices=["completion", "chat"],
-                   help="chat: the document and question inside SmolLM2's chat template")
+    p.add_argument(
+        "--question-consensus",
+        type=float,
+        default=1.0,
+        help="StreamPolicy.question_consensus (0: each head's own ranking of the question-ranked rounds)",
+    )
+    p.add_argument(
+        "--style",
+        nargs="+",
+        default=["completion"],
+        choices=["completion", "chat"],
+        help="chat: the document and question inside SmolLM2's chat template",
+    )
     p.add_argument("--single-shot", action="store_true", help="also KVCompose on the whole document at once")
-    p.add_argument("--trace-depth", type=float, default=0.3,
-                   help="the case nearest this depth records the needle kept per (layer, head) after each compression")
+    p.add_argument(
+        "--trace-depth",
+        type=float,
+        default=0.3,
+        help="the case nearest this depth records the needle kept per (layer, head) after each compression",
+    )
     p.add_argument("--no-full", action="store_true", help="skip the full-cache reference (quick comparisons)")
     p.add_argument("--max-tokens", type=int, default=20)
     p.add_argument("--out", default="bench/runs/long")
@@ -102,39 +119,63 @@ def main() -> None:
         m = llm.kv_memory()
         heads = None if llm.kv_selection is None else share_kept(llm.kv_selection, needle)
         kept = 1.0 if heads is None else float(heads.mean())
-        rows.setdefault(f"{style}: {name}", []).append({
-            "depth": depth, "tokens": len(toks), "found": str(key) in res["text"], "answer": res["text"].strip()[:40],
-            "cells": m["cells"], "compressions": llm.kv_compressions, "prompt_seconds": res["prompt_seconds"],
-            "needle_kept": kept, "stream_seconds": dict(llm.kv_stream_seconds)})
+        rows.setdefault(f"{style}: {name}", []).append(
+            {
+                "depth": depth,
+                "tokens": len(toks),
+                "found": str(key) in res["text"],
+                "answer": res["text"].strip()[:40],
+                "cells": m["cells"],
+                "compressions": llm.kv_compressions,
+                "prompt_seconds": res["prompt_seconds"],
+                "needle_kept": kept,
+                "stream_seconds": dict(llm.kv_stream_seconds),
+            }
+        )
         r = rows[f"{style}: {name}"][-1]
-        print(f"{style:10s} {name:40s} depth {depth:.2f}: {'found' if r['found'] else 'missed':6s} {r['answer']!r:44s} "
-              f"cells {r['cells']:5d} compressions {r['compressions']:2d} needle kept {kept:.2f} "
-              f"prompt {r['prompt_seconds']:.0f}s (chunks {r['stream_seconds']['prefill']:.1f}s, their probes "
-              f"{r['stream_seconds']['probe']:.1f}s) | {time.perf_counter() - t0:.0f}s", flush=True)
+        print(
+            f"{style:10s} {name:40s} depth {depth:.2f}: {'found' if r['found'] else 'missed':6s} {r['answer']!r:44s} "
+            f"cells {r['cells']:5d} compressions {r['compressions']:2d} needle kept {kept:.2f} "
+            f"prompt {r['prompt_seconds']:.0f}s (chunks {r['stream_seconds']['prefill']:.1f}s, their probes "
+            f"{r['stream_seconds']['probe']:.1f}s) | {time.perf_counter() - t0:.0f}s",
+            flush=True,
+        )
 
     def write_results():
         """results.json and results.md from the rows so far: a long run killed midway keeps its finished rows."""
-        (out / "results.json").write_text(json.dumps({"rows": rows, "traces": traces, "traced_depth": traced_depth}, indent=1))
-        lines = [f"Pass key in ~{a.tokens}-token documents ({len(depths)} cases per prompt style, depths "
-                 f"{', '.join(f'{d:g}' for d in depths)}), SmolLM2-135M-Instruct Q4_1, {time.perf_counter() - t0:.0f} s "
-                 "in one run. Found: count with Wilson 95% interval; p: exact McNemar test against the "
-                 "single-shot row on the same cases (the full cache's row: against the full cache).", "",
-                 "| configuration | found | p vs single-shot | p vs full | needle tokens kept per head | cells | compressions "
-                 "| streamed chunks s | their probes s | prompt s |",
-                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        (out / "results.json").write_text(
+            json.dumps({"rows": rows, "traces": traces, "traced_depth": traced_depth}, indent=1)
+        )
+        lines = [
+            f"Pass key in ~{a.tokens}-token documents ({len(depths)} cases per prompt style, depths "
+            f"{', '.join(f'{d:g}' for d in depths)}), SmolLM2-135M-Instruct Q4_1, {time.perf_counter() - t0:.0f} s "
+            "in one run. Found: count with Wilson 95% interval; p: exact McNemar test against the "
+            "single-shot row on the same cases (the full cache's row: against the full cache).",
+            "",
+            "| configuration | found | p vs single-shot | p vs full | needle tokens kept per head | cells "
+            "| compressions "
+            "| streamed chunks s | their probes s | prompt s |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
         for name, rs in rows.items():
             style = name.split(":", 1)[0]
             found = [r["found"] for r in rs]
             ref = lambda label: [r["found"] for r in rows.get(f"{style}: {label}", [])]  # noqa: E731
             p_single = mcnemar_exact(found, ref(single_name)) if ref(single_name) else float("nan")
             p_full = mcnemar_exact(found, ref(full_name)) if ref(full_name) else float("nan")
-            lines.append(f"| {name} | {count_with_interval(sum(found), len(found))} | {p_single:.2f} | {p_full:.2f} | "
-                         f"{np.mean([r['needle_kept'] for r in rs]):.2f} | {max(r['cells'] for r in rs)} | "
-                         f"{max(r['compressions'] for r in rs)} | {sum(r['stream_seconds']['prefill'] for r in rs):.0f} | "
-                         f"{sum(r['stream_seconds']['probe'] for r in rs):.0f} | {sum(r['prompt_seconds'] for r in rs):.0f} |")
-        lines += ["", "Found per depth band (cases in each fifth of the document, all styles):", "",
-                  "| configuration | " + " | ".join(f"{b / 5:.1f}-{(b + 1) / 5:.1f}" for b in range(5)) + " |",
-                  "|---|" + "---:|" * 5]
+            lines.append(
+                f"| {name} | {count_with_interval(sum(found), len(found))} | {p_single:.2f} | {p_full:.2f} | "
+                f"{np.mean([r['needle_kept'] for r in rs]):.2f} | {max(r['cells'] for r in rs)} | "
+                f"{max(r['compressions'] for r in rs)} | {sum(r['stream_seconds']['prefill'] for r in rs):.0f} | "
+                f"{sum(r['stream_seconds']['probe'] for r in rs):.0f} | {sum(r['prompt_seconds'] for r in rs):.0f} |"
+            )
+        lines += [
+            "",
+            "Found per depth band (cases in each fifth of the document, all styles):",
+            "",
+            "| configuration | " + " | ".join(f"{b / 5:.1f}-{(b + 1) / 5:.1f}" for b in range(5)) + " |",
+            "|---|" + "---:|" * 5,
+        ]
         for name, rs in rows.items():
             bands = [[r["found"] for r in rs if min(int(r["depth"] * 5), 4) == b] for b in range(5)]
             lines.append(f"| {name} | " + " | ".join(f"{sum(b)}/{len(b)}" for b in bands) + " |")
@@ -186,10 +227,17 @@ def plot(rows, depths, path) -> None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     edges = np.linspace(0, 1, 6)
     for i, (name, rs) in enumerate(rows.items()):
-        rate = [np.mean([r["found"] for r in rs if lo <= r["depth"] < hi] or [np.nan]) for lo, hi in zip(edges, edges[1:])]
+        rate = [
+            np.mean([r["found"] for r in rs if lo <= r["depth"] < hi] or [np.nan]) for lo, hi in zip(edges, edges[1:])
+        ]
         offset = (i - len(rows) / 2) * 0.004  # keep overlapping curves visible
-        ax.plot((edges[:-1] + edges[1:]) / 2 + offset, np.array(rate) + offset, marker="o",
-                linestyle="--" if "full cache" in name else "-", label=name)
+        ax.plot(
+            (edges[:-1] + edges[1:]) / 2 + offset,
+            np.array(rate) + offset,
+            marker="o",
+            linestyle="--" if "full cache" in name else "-",
+            label=name,
+        )
     ax.set_xlabel("needle depth in the document (fifths)")
     ax.set_ylabel("share of cases where the pass key was found")
     ax.set_ylim(-0.05, 1.05)
@@ -215,7 +263,7 @@ def plot_traces(traces, depth, path) -> None:
     cols = min(4, len(traces))
     rows = -(-len(traces) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols + 1, 3.6 * rows), squeeze=False)
-    for ax in axes.flat[len(traces):]:
+    for ax in axes.flat[len(traces) :]:
         ax.axis("off")
     for ax, (name, t) in zip(axes.flat, traces.items()):
         grid = np.array(t).reshape(len(t), -1).T  # (layer * kv_heads + head, compression)

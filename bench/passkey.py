@@ -36,12 +36,12 @@ import time
 
 import numpy as np
 
-from pykvcompose import Llama
-from kvbench.runner import MODELS
-from pykvcompose.demo import answer
 from kvbench.haystack import passkey_cases, passkey_chat_prompt
-from pykvcompose.presses import parse_press_spec
+from kvbench.runner import MODELS
 from kvbench.stats import count_with_interval, mcnemar_exact
+from pykvcompose import Llama
+from pykvcompose.demo import answer
+from pykvcompose.presses import parse_press_spec
 
 # KVCompose as published first (the reference of "p vs paper"), then KVComposePress's default (its lookahead)
 # (the rows for head_consensus, span, protect_tail and starved_layers, removed as no gain, are in
@@ -55,7 +55,8 @@ def press_for(spec: str, ratio: float):
 
 
 def needle_forced(press, positions):
-    """``press`` with the cache positions ``positions`` kept by every (layer, kv head), counted in C (the oracle row)."""
+    """``press`` with the cache positions ``positions`` kept by every (layer, kv head), counted in C
+    (the oracle row)."""
     oracle = copy.copy(press)
     compress = press.compress
     oracle.compress = lambda probe, n_keep, forced=(): compress(probe, n_keep, sorted(set(forced) | set(positions)))
@@ -78,7 +79,7 @@ def main() -> None:
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75, 0.875])
     p.add_argument("--presses", nargs="+", default=PRESSES, help="press specs NAME[,key=value...]")
     p.add_argument("--model", default="smollm2-135m", help=f"one of {sorted(MODELS)} or a GGUF path")
-    p.add_argument("--max-tokens", type=int, default=16, help="enough for \"The pass key is NNNNN.\"")
+    p.add_argument("--max-tokens", type=int, default=16, help='enough for "The pass key is NNNNN."')
     p.add_argument("--oracle", action="store_true", help="add each press with the pass key's sentence forced")
     p.add_argument("--out", default="bench/runs/passkey")
     a = p.parse_args()
@@ -103,12 +104,16 @@ def main() -> None:
             toks = tokenize(text)
             context = toks[:-1]
             needle = needle_positions(tokenize, text, key)
-            assert llm.detokenize(toks[needle.start:needle.stop]).decode().strip().startswith("The pass key is"), needle
+            assert llm.detokenize(toks[needle.start : needle.stop]).decode().strip().startswith("The pass key is"), (
+                needle
+            )
             llm.kv_compress = None
             probe = llm.kv_probe(context, list(presses.values()))
             state = llm.save_state()
             row = []
-            oracles = [((f"{spec} +needle", r), needle_forced(p, needle)) for (spec, r), p in presses.items() if a.oracle]
+            oracles = [
+                ((f"{spec} +needle", r), needle_forced(p, needle)) for (spec, r), p in presses.items() if a.oracle
+            ]
             for (spec, ratio), press in [(("full cache", 0.0), None)] + list(presses.items()) + oracles:
                 llm.load_state(state)
                 if press is not None:
@@ -118,20 +123,28 @@ def main() -> None:
                 found.setdefault((style, spec, ratio), []).append(ok)
                 answers.setdefault((style, spec, ratio), []).append(text.strip()[:24])
                 row.append("Y" if ok else ".")
-            print(f"{style:10s} depth {depth:.2f} ({len(toks)} tokens): {''.join(row)} | {time.perf_counter() - t0:.0f}s",
-                  flush=True)
+            print(
+                f"{style:10s} depth {depth:.2f} ({len(toks)} tokens): {''.join(row)} | {time.perf_counter() - t0:.0f}s",
+                flush=True,
+            )
     llm.close()
 
     n = a.cases
-    lines = [f"Pass key in ~{a.tokens}-token prompts, {n} cases per prompt style (depths 0.05-0.95), {a.model}, "
-             f"{time.perf_counter() - t0:.0f} s in one run. Each cell: found / cases (Wilson 95% interval); "
-             f"p: exact McNemar test on the same cases against the full cache and against the published "
-             f"KVCompose (`{a.presses[0]}`) at the same ratio.", ""]
+    lines = [
+        f"Pass key in ~{a.tokens}-token prompts, {n} cases per prompt style (depths 0.05-0.95), {a.model}, "
+        f"{time.perf_counter() - t0:.0f} s in one run. Each cell: found / cases (Wilson 95% interval); "
+        f"p: exact McNemar test on the same cases against the full cache and against the published "
+        f"KVCompose (`{a.presses[0]}`) at the same ratio.",
+        "",
+    ]
     for style in a.style:
         full = found[(style, "full cache", 0.0)]
-        lines += [f"**{style}** prompts: full cache {count_with_interval(sum(full), n)}", "",
-                  "| press | " + " | ".join(f"{r} found | p vs full | p vs paper" for r in a.ratios) + " |",
-                  "|---|" + "---:|---:|---:|" * len(a.ratios)]
+        lines += [
+            f"**{style}** prompts: full cache {count_with_interval(sum(full), n)}",
+            "",
+            "| press | " + " | ".join(f"{r} found | p vs full | p vs paper" for r in a.ratios) + " |",
+            "|---|" + "---:|---:|---:|" * len(a.ratios),
+        ]
         for spec in rows:
             cells = []
             for r in a.ratios:
@@ -141,10 +154,20 @@ def main() -> None:
             lines.append(f"| {spec} | " + " | ".join(cells) + " |")
         lines.append("")
     (out / "results.md").write_text("\n".join(lines))
-    (out / "results.json").write_text(json.dumps({
-        "tokens": a.tokens, "depths": depths, "model": a.model,
-        **{what: {"|".join(map(str, k)): v for k, v in d.items()} for what, d in (("found", found), ("answers", answers))}},
-        indent=1))
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "tokens": a.tokens,
+                "depths": depths,
+                "model": a.model,
+                **{
+                    what: {"|".join(map(str, k)): v for k, v in d.items()}
+                    for what, d in (("found", found), ("answers", answers))
+                },
+            },
+            indent=1,
+        )
+    )
     print("\n".join(lines))
 
 

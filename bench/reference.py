@@ -38,9 +38,9 @@ def jaccard(a, b) -> float:
 
 
 def ours(out: str, n_tokens: int, samples: int) -> None:
-    from pykvcompose import KVComposePress, Llama, default_model_path
-    from kvbench.tasks import niah_single
     from kvbench import one_line
+    from kvbench.tasks import niah_single
+    from pykvcompose import KVComposePress, Llama, default_model_path
     from pykvcompose.demo import answer
     from pykvcompose.presses import SnapKVPress
 
@@ -57,8 +57,11 @@ def ours(out: str, n_tokens: int, samples: int) -> None:
         meta["outputs"][f"{seed}_full"] = answer(llm, tokens, MAX_NEW_TOKENS, stop=one_line)["text"]
         for name in PRESSES:
             for r in RATIOS:
-                llm.kv_compress = KVComposePress(compression_ratio=r, scoring="reconstruct") if name == "kvcompose" else \
-                    SnapKVPress(compression_ratio=r)
+                llm.kv_compress = (
+                    KVComposePress(compression_ratio=r, scoring="reconstruct")
+                    if name == "kvcompose"
+                    else SnapKVPress(compression_ratio=r)
+                )
                 llm.reset()
                 meta["outputs"][f"{seed}_{name}_{r}"] = answer(llm, tokens, MAX_NEW_TOKENS, stop=one_line)["text"]
                 data[f"{seed}_{name}_{r}_scores"] = llm.kv_scores
@@ -76,16 +79,17 @@ def reference(ours_path: str) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     import torch
     import transformers
+    from kvpress import KVComposePress, SnapKVPress
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.cache_utils import DynamicCache
-    from kvpress import KVComposePress, SnapKVPress
 
     transformers.utils.logging.disable_progress_bar()
     d = np.load(ours_path, allow_pickle=True)
     meta = json.loads(str(d["meta"]))
     model_path = pathlib.Path(meta["model"])
-    model = AutoModelForCausalLM.from_pretrained(str(model_path.parent), gguf_file=model_path.name,
-                                                 torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_path.parent), gguf_file=model_path.name, torch_dtype=torch.float32
+    )
     tokenizer = AutoTokenizer.from_pretrained(str(model_path.parent), gguf_file=model_path.name)
     model.eval()
 
@@ -123,8 +127,17 @@ def reference(ours_path: str) -> None:
         with torch.no_grad():
             cache = DynamicCache()
             model(input_ids=ctx, past_key_values=cache)
-            rows.append(("full", 0.0, seed, None, None, contains(key, meta["outputs"][f"{seed}_full"]),
-                         contains(key, greedy(cache, int(tokens[-1]), n))))
+            rows.append(
+                (
+                    "full",
+                    0.0,
+                    seed,
+                    None,
+                    None,
+                    contains(key, meta["outputs"][f"{seed}_full"]),
+                    contains(key, greedy(cache, int(tokens[-1]), n)),
+                )
+            )
         for name in PRESSES:
             for r in RATIOS:
                 press = KeepKVCompose(compression_ratio=r) if name == "kvcompose" else KeepSnapKV(compression_ratio=r)
@@ -142,30 +155,49 @@ def reference(ours_path: str) -> None:
                     ref_scores = torch.stack([press.kept_layers[i] for i in sorted(press.kept_layers)]).numpy()
                 c = max(1, int(n * (1 - r)))
                 sel = d[f"{seed}_{name}_{r}_selection"]
-                jac = np.array([[jaccard(sel[l, h], np.argsort(-ref_scores[l, h], kind="stable")[:c])
-                                 for h in range(sel.shape[1])] for l in range(sel.shape[0])])
+                jac = np.array(
+                    [
+                        [
+                            jaccard(sel[l, h], np.argsort(-ref_scores[l, h], kind="stable")[:c])
+                            for h in range(sel.shape[1])
+                        ]
+                        for l in range(sel.shape[0])
+                    ]
+                )
                 ours_scores = d[f"{seed}_{name}_{r}_scores"]
-                corr = np.nanmean([np.corrcoef(ours_scores[l, h], ref_scores[l, h])[0, 1]
-                                   for l in range(sel.shape[0]) for h in range(sel.shape[1])])
+                corr = np.nanmean(
+                    [
+                        np.corrcoef(ours_scores[l, h], ref_scores[l, h])[0, 1]
+                        for l in range(sel.shape[0])
+                        for h in range(sel.shape[1])
+                    ]
+                )
                 rows.append((name, r, seed, jac, corr, contains(key, meta["outputs"][f"{seed}_{name}_{r}"]), ref_ok))
         print(f"sample {seed} done ({n} context tokens)", flush=True)
 
-    print(f"\n{meta['samples']} single-needle samples, question-aware; ours = pykvcompose on llama.cpp, "
-          "ref = kvpress 0.5.5 on transformers, same token ids\n")
+    print(
+        f"\n{meta['samples']} single-needle samples, question-aware; ours = pykvcompose on llama.cpp, "
+        "ref = kvpress 0.5.5 on transformers, same token ids\n"
+    )
     print("| press | ratio | Jaccard mean | Jaccard min | score corr | ours solved | kvpress solved |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name in ("full",) + PRESSES:
-        for r in ((0.0,) if name == "full" else RATIOS):
+        for r in (0.0,) if name == "full" else RATIOS:
             sel = [x for x in rows if x[0] == name and x[1] == r]
             ref = [x[6] for x in sel]
-            ref_txt = f"{sum(v is True for v in ref)}/{len(ref)}" if all(isinstance(v, bool) for v in ref) else \
-                next(v for v in ref if not isinstance(v, bool))
+            ref_txt = (
+                f"{sum(v is True for v in ref)}/{len(ref)}"
+                if all(isinstance(v, bool) for v in ref)
+                else next(v for v in ref if not isinstance(v, bool))
+            )
             if name == "full":
                 print(f"| full cache | 0 | - | - | - | {sum(x[5] for x in sel)}/{len(sel)} | {ref_txt} |")
                 continue
             jac = np.concatenate([x[3].ravel() for x in sel])
-            print(f"| {name} | {r} | {jac.mean():.3f} | {jac.min():.3f} | {np.mean([x[4] for x in sel]):.3f} | "
-                  f"{sum(x[5] for x in sel)}/{len(sel)} | {ref_txt} |")
+            print(
+                f"| {name} | {r} | {jac.mean():.3f} | {jac.min():.3f} | {np.mean([x[4] for x in sel]):.3f} | "
+                f"{sum(x[5] for x in sel)}/{len(sel)} | {ref_txt} |"
+            )
 
 
 def main() -> None:

@@ -27,8 +27,8 @@ import urllib.request
 import numpy as np
 import openai
 
-from pykvcompose.models import default_model_path
 from kvbench.server_load import load_requests, resident_bytes, run_load, run_request
+from pykvcompose.models import default_model_path
 
 
 def free_port() -> int:
@@ -47,18 +47,52 @@ def start(argv, port):
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
-                raise RuntimeError(f"server did not start: {proc.stderr.read()[-2000:]}")
+                raise RuntimeError(f"server did not start: {proc.stderr.read()[-2000:]}") from None
             time.sleep(0.5)
 
 
 def server_argv(which: str, port: int, a) -> list:
     if which == "pykvcompose":
-        return [sys.executable, "-m", "pykvcompose", "serve", "--port", str(port), "--n-ctx", str(a.n_ctx),
-                "--kv-compress", a.press, "--model-alias", "m", "--threads", str(a.threads), "--quiet"]
-    return [sys.executable, "-m", "llama_cpp.server", "--model", a.model, "--port", str(port), "--host", "127.0.0.1",
-            "--n_ctx", str(a.n_ctx), "--model_alias", "m", "--n_threads", str(a.threads),
-            "--n_threads_batch", str(a.threads), "--verbose", "False",
-            "--interrupt_requests", "False"]  # as ours: whole answers for every concurrent request
+        return [
+            sys.executable,
+            "-m",
+            "pykvcompose",
+            "serve",
+            "--port",
+            str(port),
+            "--n-ctx",
+            str(a.n_ctx),
+            "--kv-compress",
+            a.press,
+            "--model-alias",
+            "m",
+            "--threads",
+            str(a.threads),
+            "--quiet",
+        ]
+    return [
+        sys.executable,
+        "-m",
+        "llama_cpp.server",
+        "--model",
+        a.model,
+        "--port",
+        str(port),
+        "--host",
+        "127.0.0.1",
+        "--n_ctx",
+        str(a.n_ctx),
+        "--model_alias",
+        "m",
+        "--n_threads",
+        str(a.threads),
+        "--n_threads_batch",
+        str(a.threads),
+        "--verbose",
+        "False",
+        "--interrupt_requests",
+        "False",
+    ]  # as ours: whole answers for every concurrent request
 
 
 def summarise(outcomes, seconds, rss):
@@ -67,10 +101,17 @@ def summarise(outcomes, seconds, rss):
     kinds = collections.defaultdict(collections.Counter)
     for o in outcomes:
         kinds[o.kind][o.status] += 1
-    return {"requests": len(outcomes), "seconds": seconds, "requests_per_s": len(outcomes) / seconds,
-            "answered_200": len(ok), "p50_s": percentile(50), "p90_s": percentile(90),
-            "p99_s": percentile(99), "status_by_kind": {k: dict(v) for k, v in sorted(kinds.items())},
-            "rss_mib": [round(r / 2**20, 1) if r else None for r in rss]}
+    return {
+        "requests": len(outcomes),
+        "seconds": seconds,
+        "requests_per_s": len(outcomes) / seconds,
+        "answered_200": len(ok),
+        "p50_s": percentile(50),
+        "p90_s": percentile(90),
+        "p99_s": percentile(99),
+        "status_by_kind": {k: dict(v) for k, v in sorted(kinds.items())},
+        "rss_mib": [round(r / 2**20, 1) if r else None for r in rss],
+    }
 
 
 def main() -> None:
@@ -82,8 +123,12 @@ def main() -> None:
     p.add_argument("--n-ctx", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--max-tokens", type=int, default=8)
-    p.add_argument("--n-long", type=int, default=2,
-                   help="requests ~2.5x n_ctx (plain llama-cpp-python refuses them; 0 for like-for-like timings)")
+    p.add_argument(
+        "--n-long",
+        type=int,
+        default=2,
+        help="requests ~2.5x n_ctx (plain llama-cpp-python refuses them; 0 for like-for-like timings)",
+    )
     p.add_argument("--model", default=None)
     p.add_argument("--out", default="bench/runs/server")
     a = p.parse_args()
@@ -96,8 +141,7 @@ def main() -> None:
             port = free_port()
             proc = start(server_argv(which, port, a), port)
             try:
-                client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0,
-                                       timeout=600)
+                client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=600)
                 run_request(client, requests[0])  # warm-up: model pages, first graph
                 rss0 = resident_bytes(proc.pid)
                 t0 = time.perf_counter()
@@ -108,17 +152,22 @@ def main() -> None:
                 proc.terminate()
                 proc.wait(timeout=60)
             r = results[which][-1]
-            print(f"round {rnd + 1} {which:17s} {r['requests_per_s']:.2f} req/s  p50 {r['p50_s']:.2f} s  "
-                  f"p90 {r['p90_s']:.2f} s  p99 {r['p99_s']:.2f} s  200s {r['answered_200']}/{r['requests']}  "
-                  f"RSS {r['rss_mib'][0]} -> {r['rss_mib'][1]} MiB", flush=True)
+            print(
+                f"round {rnd + 1} {which:17s} {r['requests_per_s']:.2f} req/s  p50 {r['p50_s']:.2f} s  "
+                f"p90 {r['p90_s']:.2f} s  p99 {r['p99_s']:.2f} s  200s {r['answered_200']}/{r['requests']}  "
+                f"RSS {r['rss_mib'][0]} -> {r['rss_mib'][1]} MiB",
+                flush=True,
+            )
     print("\nstatus per kind (last round):")
     for which, runs in results.items():
         print(f"  {which:17s} {runs[-1]['status_by_kind']}")
     ours, plain = results["pykvcompose"], results["llama-cpp-python"]
     print("\nratios ours / plain, per round (same requests; ours also answers the long prompts plain refuses):")
     for rnd, (o, q) in enumerate(zip(ours, plain)):
-        print(f"  round {rnd + 1}: requests/s {o['requests_per_s'] / q['requests_per_s']:.2f}x, "
-              f"p50 latency {o['p50_s'] / q['p50_s']:.2f}x, p90 {o['p90_s'] / q['p90_s']:.2f}x")
+        print(
+            f"  round {rnd + 1}: requests/s {o['requests_per_s'] / q['requests_per_s']:.2f}x, "
+            f"p50 latency {o['p50_s'] / q['p50_s']:.2f}x, p90 {o['p90_s'] / q['p90_s']:.2f}x"
+        )
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps({"args": vars(a), "results": results}, indent=1))

@@ -13,9 +13,9 @@ import pickle
 import tempfile
 import time
 
+from kvbench.haystack import passkey_prompt
 from pykvcompose import Llama
 from pykvcompose.demo import answer
-from kvbench.haystack import passkey_prompt
 from pykvcompose.presses import parse_press_spec
 
 MIB = 1024 * 1024
@@ -27,7 +27,9 @@ def main() -> None:
     p.add_argument("--presses", nargs="+", default=["kvcompose:0.5", "kvcompose:0.75", "snapkv:0.875"])
     a = p.parse_args()
     llm = Llama(n_ctx=2048, verbose=False)
-    toks = llm.tokenize(passkey_prompt(lambda s: llm.tokenize(s.encode(), add_bos=False), a.tokens, 0.5, 31337).encode())
+    toks = llm.tokenize(
+        passkey_prompt(lambda s: llm.tokenize(s.encode(), add_bos=False), a.tokens, 0.5, 31337).encode()
+    )
     print(f"conversation: {len(toks)} prompt tokens + an 8-token answer, SmolLM2-135M, f16 cache\n")
     rows, base = [], None
     with tempfile.TemporaryDirectory() as d:
@@ -45,13 +47,17 @@ def main() -> None:
             Llama.load_session(path, verbose=False).close()
             t2 = time.perf_counter()
             rows.append((spec or "full (no compression)", info["cells"], info["file_bytes"], t1 - t0, t2 - t1))
-    print(f"uncompressed save_state: llama_state {base[0] / MIB:.1f} MiB, pickled LlamaState {base[1] / MIB:.1f} MiB "
-          "(it also keeps n_batch rows of logits)\n")
+    print(
+        f"uncompressed save_state: llama_state {base[0] / MIB:.1f} MiB, pickled LlamaState {base[1] / MIB:.1f} MiB "
+        "(it also keeps n_batch rows of logits)\n"
+    )
     print("| cache | cells | save_session MiB | / llama_state of save_state | / pickled save_state | save s | load s |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for spec, cells, size, t_save, t_load in rows:
-        print(f"| {spec} | {cells} | {size / MIB:.1f} | {size / base[0]:.2f} | {size / base[1]:.3f} | "
-              f"{t_save:.2f} | {t_load:.2f} |")
+        print(
+            f"| {spec} | {cells} | {size / MIB:.1f} | {size / base[0]:.2f} | {size / base[1]:.3f} | "
+            f"{t_save:.2f} | {t_load:.2f} |"
+        )
     llm.close()
 
 

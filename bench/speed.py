@@ -30,11 +30,10 @@ import time
 import llama_cpp
 import numpy as np
 
-from pykvcompose import KVComposePress, Llama
 from kvbench.haystack import haystack_text
-from pykvcompose.llama import _default_threads
+from pykvcompose import KVComposePress, Llama
 from pykvcompose.models import default_model_path
-
+from pykvcompose.support import default_threads
 
 SHORT_RUNS = 5  # runs of the millisecond-scale steps (selection, rewrite, memcpy)
 
@@ -77,8 +76,8 @@ def memcpy_seconds(nbytes: int, repeat: int) -> float:
 
 
 def measure(n: int, ratio: float, n_decode: int, repeat: int, text_tokens) -> dict:
-    path, threads = default_model_path(), _default_threads()
-    prompt, follow = text_tokens[:n], text_tokens[n: n + n_decode]
+    path, threads = default_model_path(), default_threads()
+    prompt, follow = text_tokens[:n], text_tokens[n : n + n_decode]
     n_ctx = 2 * n + 256  # room for the reconstruct probe in one pass
     plain = llama_cpp.Llama(path, n_ctx=n_ctx, n_batch=512, n_threads=threads, verbose=False)
 
@@ -102,17 +101,21 @@ def measure(n: int, ratio: float, n_decode: int, repeat: int, text_tokens) -> di
     ours._drop_cache()
     ours.eval(prompt)
     segment = {False: [], True: []}
-    tail = prompt[n - window.window:]
+    tail = prompt[n - window.window :]
     for _ in range(SHORT_RUNS):
         for captured in (False, True):
             ours._ctx.kv_cache_seq_rm(0, n - window.window, -1)
             ours.n_tokens = n - window.window
-            run = ((lambda: ours._engine.captured(lambda: ours._engine.decode(tail), n)) if captured
-                   else (lambda: ours._engine.decode(tail)))
+            run = (
+                (lambda: ours._engine.captured(lambda: ours._engine.decode(tail), n))
+                if captured
+                else (lambda: ours._engine.decode(tail))
+            )
             segment[captured].append(best(run, 1))
     t_capture = min(segment[True]) - min(segment[False])
-    t_window_parts = (t_capture + min(r["select_seconds"] for r in window_runs)
-                      + min(r["rewrite_seconds"] for r in window_runs))
+    t_window_parts = (
+        t_capture + min(r["select_seconds"] for r in window_runs) + min(r["rewrite_seconds"] for r in window_runs)
+    )
     reconstruct = KVComposePress(ratio, scoring="reconstruct")
     lookahead = KVComposePress(ratio, scoring="lookahead")
     probes, select_s, rewrite_s = [], [], {"tensors": [], "state": []}
@@ -132,7 +135,8 @@ def measure(n: int, ratio: float, n_decode: int, repeat: int, text_tokens) -> di
                 ours.load_state(state)
                 st = dict(ours.kv_apply(press, pr))
                 (lookahead_select_rewrite_s if press is lookahead else reconstruct_select_rewrite_s).append(
-                    st["select_seconds"] + st["rewrite_seconds"])
+                    st["select_seconds"] + st["rewrite_seconds"]
+                )
         # selection and rewrite take milliseconds: several runs on this probe (the cache restored
         # in between), both rewrite paths interleaved
         for _ in range(SHORT_RUNS):
@@ -153,16 +157,25 @@ def measure(n: int, ratio: float, n_decode: int, repeat: int, text_tokens) -> di
     for llm in (plain, ours, fresh):
         llm.close()
     return {
-        "tokens": n, "ratio": ratio, "cells_after": cells,
-        "kv_bytes_before": st["kv_bytes_before"], "kv_bytes_after": st["kv_bytes_after"],
-        "prefill_s": t_prefill, "window_compress_s": t_window,
-        "probe_s": probe.probe_seconds, "probe_prefill_s": probe.prefill_seconds,
-        "select_s": min(select_s), "rewrite_s": min(rewrite_s["tensors"]),
-        "rewrite_state_s": min(rewrite_s["state"]), "memcpy_s": t_memcpy,
-        "decode_tok_s_full": n_decode / t_full_decode, "decode_tok_s_compressed": n_decode / t_ours_decode,
+        "tokens": n,
+        "ratio": ratio,
+        "cells_after": cells,
+        "kv_bytes_before": st["kv_bytes_before"],
+        "kv_bytes_after": st["kv_bytes_after"],
+        "prefill_s": t_prefill,
+        "window_compress_s": t_window,
+        "probe_s": probe.probe_seconds,
+        "probe_prefill_s": probe.prefill_seconds,
+        "select_s": min(select_s),
+        "rewrite_s": min(rewrite_s["tensors"]),
+        "rewrite_state_s": min(rewrite_s["state"]),
+        "memcpy_s": t_memcpy,
+        "decode_tok_s_full": n_decode / t_full_decode,
+        "decode_tok_s_compressed": n_decode / t_ours_decode,
         "decode_tok_s_fresh_c": n_decode / t_fresh_decode,
         "window_overhead": t_window / t_prefill - 1.0,
-        "window_capture_s": t_capture, "window_parts_s": t_window_parts,
+        "window_capture_s": t_capture,
+        "window_parts_s": t_window_parts,
         "window_parts_overhead": t_window_parts / t_prefill,
         "probe_vs_prefill": probe.probe_seconds / probe.prefill_seconds,
         "lookahead_probe_s": min(lookahead_probe_s),
@@ -186,14 +199,16 @@ def table(rows) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['tokens']} | {r['cells_after']} | {r['kv_bytes_before'] / 2**20:.1f} → {r['kv_bytes_after'] / 2**20:.1f} "
+            f"| {r['tokens']} | {r['cells_after']} | "
+            f"{r['kv_bytes_before'] / 2**20:.1f} → {r['kv_bytes_after'] / 2**20:.1f} "
             f"| {100 * r['window_parts_overhead']:+.2f}% ({100 * r['window_overhead']:+.1f}%) "
             f"| {r['probe_vs_prefill']:.2f}x | {r['select_rewrite_vs_memcpy']:.1f}x "
             f"| {r['rewrite_vs_memcpy']:.1f}x "
             f"| {1e3 * r['select_s']:.1f}, {1e3 * r['rewrite_s']:.1f} ({1e3 * r['rewrite_state_s']:.1f}), "
             f"{1e3 * r['memcpy_s']:.2f} "
             f"| {100 * r['decode_vs_fresh_c']:.0f}% | {r['decode_vs_full']:.2f}x "
-            f"| {r['lookahead_probe_vs_prefill']:.2f}x | {r['lookahead_vs_reconstruct_select_rewrite']:.2f}x |")
+            f"| {r['lookahead_probe_vs_prefill']:.2f}x | {r['lookahead_vs_reconstruct_select_rewrite']:.2f}x |"
+        )
     return "\n".join(lines)
 
 

@@ -31,8 +31,14 @@ import sys
 import numpy as np
 
 #: The native entry point each target exists to reach (tests check every corpus family reaches it).
-TARGET_FUNCTIONS = {0: "kvc_state_parse", 1: "kvc_state_compose", 2: "kvc_state_norms", 3: "kvc_select_top",
-                    4: "kvc_kvcompose_score", 5: "kvc_state_parse"}
+TARGET_FUNCTIONS = {
+    0: "kvc_state_parse",
+    1: "kvc_state_compose",
+    2: "kvc_state_norms",
+    3: "kvc_select_top",
+    4: "kvc_kvcompose_score",
+    5: "kvc_state_parse",
+}
 PARTS = ("k", "v")
 
 MAGIC = 0xAF143CD8
@@ -72,11 +78,16 @@ def session_body(st: bytes, n_tokens: int) -> bytes:
     """A session file without its trailing SHA-256 (pykvcompose.session's format, version 1)."""
     from pykvcompose import session
 
-    header = {"tokens": list(range(1, n_tokens + 1)), "n_tokens": n_tokens, "compressed_len": 0,
-              "compressed_cells": 0, "press": None, "model_fingerprint": "0" * 64}
+    header = {
+        "tokens": list(range(1, n_tokens + 1)),
+        "n_tokens": n_tokens,
+        "compressed_len": 0,
+        "compressed_cells": 0,
+        "press": None,
+        "model_fingerprint": "0" * 64,
+    }
     head = json.dumps(header).encode()
-    return (session.MAGIC + struct.pack("<IQ", 1, len(head)) + head
-            + struct.pack("<Q", len(st)) + st)
+    return session.MAGIC + struct.pack("<IQ", 1, len(head)) + head + struct.pack("<Q", len(st)) + st
 
 
 def seeds() -> dict:
@@ -212,20 +223,20 @@ def mutate(data: bytes, other: bytes, rng: np.random.Generator) -> bytes:
         kind = int(rng.integers(0, 6))
         at = int(rng.integers(0, len(b) + 1))
         if kind == 0 and b:  # truncate
-            del b[max(1, at):]
+            del b[max(1, at) :]
         elif kind == 1 and b:  # flip bits / set a byte
             b[min(at, len(b) - 1)] = int(rng.integers(0, 256))
         elif kind == 2:  # insert bytes
             b[at:at] = rng.integers(0, 256, int(rng.integers(1, 9)), dtype=np.uint8).tobytes()
         elif kind == 3 and b:  # an interesting integer over 4 bytes (sizes, counts, types)
             v = int(rng.choice([0, 1, 2, 31, 32, 255, 256, 2**16, 2**31 - 1, 2**31, 2**32 - 1]))
-            b[at:at + 4] = v.to_bytes(4, "little")
+            b[at : at + 4] = v.to_bytes(4, "little")
         elif kind == 4:  # splice in part of another input
             j = int(rng.integers(0, len(other) + 1))
             b[at:] = other[j:]
         elif kind == 5 and len(b) > 8:  # erase a range
             n = int(rng.integers(1, 9))
-            del b[at:at + n]
+            del b[at : at + n]
     return bytes(b)
 
 
@@ -236,7 +247,7 @@ def run_mutations(runs: int, dirs, seed: int = 0) -> None:
     for data in inputs:
         test_one_input(data)
     rng = np.random.default_rng(seed)
-    for i in range(runs):
+    for _ in range(runs):
         base = inputs[int(rng.integers(0, len(inputs)))]
         test_one_input(mutate(base, inputs[int(rng.integers(0, len(inputs)))], rng))
     print(f"{len(inputs)} corpus inputs and {runs} mutations: no finding")

@@ -18,9 +18,8 @@ import sys
 from typing import Optional, Sequence
 
 import cffi
-import numpy as np
-
 import llama_cpp  # noqa: F401  (loads libllama/libggml into the process first)
+import numpy as np
 
 from .errors import (  # noqa: F401  (re-exported: the core's callers catch them here)
     CorruptStateError,
@@ -212,12 +211,15 @@ class Capture:
         _check(_lib.kvc_capture_set_recompute(self.handle, bool(recompute)), "kvc_capture_set_recompute")
 
     def scores(self, agg: str = "max") -> np.ndarray:
-        """Probe attention reduced over the probe queries by ``agg`` ("max" or "mean"), float32 ``[n_layer, n_head, n_keys]``."""
+        """Probe attention reduced over the probe queries by ``agg`` ("max" or "mean"),
+        float32 ``[n_layer, n_head, n_keys]``."""
         if agg not in AGG_BY_NAME:
             raise ValueError(f"unknown aggregation {agg!r}; expected one of {sorted(AGG_BY_NAME)}")
         out = np.empty(self._shape, dtype=np.float32)
-        _check(_lib.kvc_capture_get_scores(self.handle, AGG_BY_NAME[agg], _ptr(out, "float"), out.size),
-               "kvc_capture_get_scores")
+        _check(
+            _lib.kvc_capture_get_scores(self.handle, AGG_BY_NAME[agg], _ptr(out, "float"), out.size),
+            "kvc_capture_get_scores",
+        )
         return out
 
     def n_queries(self, layer: int) -> int:
@@ -226,16 +228,19 @@ class Capture:
     def visibility(self) -> np.ndarray:
         """int32 ``[n_keys]``: how many probe query rows of layer 0 the attention mask let see cache cell j."""
         out = np.empty(self._shape[2], dtype=np.int32)
-        _check(_lib.kvc_capture_get_visibility(self.handle, _ptr(out, "int32_t"), out.size),
-               "kvc_capture_get_visibility")
+        _check(
+            _lib.kvc_capture_get_visibility(self.handle, _ptr(out, "int32_t"), out.size), "kvc_capture_get_visibility"
+        )
         return out
 
     def norms(self, part: str, n_head_kv: int, n_cells: int) -> np.ndarray:
         """:func:`state_norms` of cache cells ``[0, n_cells)``, read from the cache tensors the capture saw:
         float32 ``[n_layer, n_head_kv, n_cells]``."""
         out = np.empty((self._shape[0], n_head_kv, n_cells), dtype=np.float32)
-        _check(_lib.kvc_capture_get_norms(self.handle, _part(part), n_head_kv, n_cells, _ptr(out, "float"),
-                                          out.size), "kvc_capture_get_norms")
+        _check(
+            _lib.kvc_capture_get_norms(self.handle, _part(part), n_head_kv, n_cells, _ptr(out, "float"), out.size),
+            "kvc_capture_get_norms",
+        )
         return out
 
     def close(self) -> None:
@@ -243,7 +248,7 @@ class Capture:
             _lib.kvc_capture_free(self._handle)
         self._handle = None
 
-    def __enter__(self) -> "Capture":
+    def __enter__(self) -> Capture:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -254,8 +259,13 @@ class Capture:
 
 
 # ---- scoring and selection -----------------------------------------------------------------
-def kvcompose_score(head_scores: np.ndarray, n_head_kv: int, agg_group: str = "mean",
-                    value_norms: Optional[np.ndarray] = None, add_mean_across_heads: bool = True) -> np.ndarray:
+def kvcompose_score(
+    head_scores: np.ndarray,
+    n_head_kv: int,
+    agg_group: str = "mean",
+    value_norms: Optional[np.ndarray] = None,
+    add_mean_across_heads: bool = True,
+) -> np.ndarray:
     """``[n_layer, n_head, n]`` probe attention -> ``[n_layer, n_head_kv, n]`` KVCompose token scores."""
     hs = _f32(head_scores)
     if hs.ndim != 3:
@@ -266,16 +276,25 @@ def kvcompose_score(head_scores: np.ndarray, n_head_kv: int, agg_group: str = "m
     vn = None if value_norms is None else _f32(value_norms, (n_layer, n_head_kv, n))
     out = np.empty((n_layer, n_head_kv, n), dtype=np.float32)
     _check(
-        _lib.kvc_kvcompose_score(_ptr(hs, "float"), n_layer, n_head, n_head_kv, n, AGG_BY_NAME[agg_group],
-                                 ffi.NULL if vn is None else _ptr(vn, "float"), add_mean_across_heads,
-                                 _ptr(out, "float")),
+        _lib.kvc_kvcompose_score(
+            _ptr(hs, "float"),
+            n_layer,
+            n_head,
+            n_head_kv,
+            n,
+            AGG_BY_NAME[agg_group],
+            ffi.NULL if vn is None else _ptr(vn, "float"),
+            add_mean_across_heads,
+            _ptr(out, "float"),
+        ),
         "kvc_kvcompose_score",
     )
     return out
 
 
-def kvcompose_layer_budgets(scores: np.ndarray, n_total_keep: int, agg_head: str = "mean",
-                            keep_token_lower_bound: int = 0) -> np.ndarray:
+def kvcompose_layer_budgets(
+    scores: np.ndarray, n_total_keep: int, agg_head: str = "mean", keep_token_lower_bound: int = 0
+) -> np.ndarray:
     """The paper's per-layer budgets ``[n_layer]`` for ``n_total_keep`` kept (layer, rank) slots."""
     s = _f32(scores)
     if s.ndim != 3:
@@ -284,8 +303,14 @@ def kvcompose_layer_budgets(scores: np.ndarray, n_total_keep: int, agg_head: str
         raise ValueError(f"unknown agg_head {agg_head!r}; expected one of {sorted(AGG_BY_NAME)}")
     out = np.empty(s.shape[0], dtype=np.int32)
     _check(
-        _lib.kvc_kvcompose_layer_budgets(_ptr(s, "float"), *s.shape, int(n_total_keep), AGG_BY_NAME[agg_head],
-                                         int(keep_token_lower_bound), _ptr(out, "int32_t")),
+        _lib.kvc_kvcompose_layer_budgets(
+            _ptr(s, "float"),
+            *s.shape,
+            int(n_total_keep),
+            AGG_BY_NAME[agg_head],
+            int(keep_token_lower_bound),
+            _ptr(out, "int32_t"),
+        ),
         "kvc_kvcompose_layer_budgets",
     )
     return out
@@ -297,8 +322,9 @@ def scores_consensus(scores: np.ndarray, weight: float) -> np.ndarray:
     if s.ndim != 3:
         raise ValueError(f"scores must be [n_layer, n_head_kv, n_tokens], got shape {s.shape}")
     out = np.empty_like(s)
-    _check(_lib.kvc_scores_consensus(_ptr(s, "float"), *s.shape, float(weight), _ptr(out, "float")),
-           "kvc_scores_consensus")
+    _check(
+        _lib.kvc_scores_consensus(_ptr(s, "float"), *s.shape, float(weight), _ptr(out, "float")), "kvc_scores_consensus"
+    )
     return out
 
 
@@ -310,8 +336,15 @@ def select_top(scores: np.ndarray, n_keep: int, forced: Sequence[int] = ()) -> n
     f = np.ascontiguousarray(np.asarray(forced, dtype=np.int32).reshape(-1))
     out = np.empty((rows.shape[0], n_keep), dtype=np.int32)
     _check(
-        _lib.kvc_select_top(_ptr(rows, "float"), rows.shape[0], n_tokens, int(n_keep),
-                            _ptr(f, "int32_t") if f.size else ffi.NULL, f.size, _ptr(out, "int32_t")),
+        _lib.kvc_select_top(
+            _ptr(rows, "float"),
+            rows.shape[0],
+            n_tokens,
+            int(n_keep),
+            _ptr(f, "int32_t") if f.size else ffi.NULL,
+            f.size,
+            _ptr(out, "int32_t"),
+        ),
         "kvc_select_top",
     )
     return out.reshape(s.shape[:-1] + (n_keep,))
@@ -336,8 +369,7 @@ def state_parse(data: bytes) -> dict:
     info = ffi.new("kvc_state_info *")
     _check(_lib.kvc_state_parse(p, arr.size, info, ffi.NULL, 0), "kvc_state_parse")
     positions = np.empty(max(1, info.n_cells), dtype=np.int32)
-    _check(_lib.kvc_state_parse(p, arr.size, info, _ptr(positions, "int32_t"), positions.size),
-           "kvc_state_parse")
+    _check(_lib.kvc_state_parse(p, arr.size, info, _ptr(positions, "int32_t"), positions.size), "kvc_state_parse")
     return _info_dict(info, positions)
 
 
@@ -353,11 +385,14 @@ def state_compose(data: bytes, selection: np.ndarray) -> bytes:
     arr, p = _buf(data)
     sel = _selection(selection)
     size = ffi.new("size_t *")
-    _check(_lib.kvc_state_compose(p, arr.size, _ptr(sel, "int32_t"), *sel.shape, ffi.NULL, 0, size),
-           "kvc_state_compose")
+    _check(
+        _lib.kvc_state_compose(p, arr.size, _ptr(sel, "int32_t"), *sel.shape, ffi.NULL, 0, size), "kvc_state_compose"
+    )
     out = np.empty(size[0], dtype=np.uint8)
-    _check(_lib.kvc_state_compose(p, arr.size, _ptr(sel, "int32_t"), *sel.shape, _ptr(out, "uint8_t"),
-                                  out.size, size), "kvc_state_compose")
+    _check(
+        _lib.kvc_state_compose(p, arr.size, _ptr(sel, "int32_t"), *sel.shape, _ptr(out, "uint8_t"), out.size, size),
+        "kvc_state_compose",
+    )
     return out.tobytes()
 
 
@@ -366,8 +401,7 @@ def state_norms(data: bytes, part: str, n_head_kv: int) -> np.ndarray:
     info = state_parse(data)
     arr, p = _buf(data)
     out = np.empty((info["n_layer"], n_head_kv, info["n_cells"]), dtype=np.float32)
-    _check(_lib.kvc_state_norms(p, arr.size, _part(part), n_head_kv, _ptr(out, "float"), out.size),
-           "kvc_state_norms")
+    _check(_lib.kvc_state_norms(p, arr.size, _part(part), n_head_kv, _ptr(out, "float"), out.size), "kvc_state_norms")
     return out
 
 
@@ -377,32 +411,37 @@ def context_state_info(ctx, seq_id: int = 0) -> dict:
     c = _ctx_ptr(ctx)
     _check(_lib.kvc_context_state_info(c, seq_id, info, ffi.NULL, 0), "kvc_context_state_info")
     positions = np.empty(max(1, info.n_cells), dtype=np.int32)
-    _check(_lib.kvc_context_state_info(c, seq_id, info, _ptr(positions, "int32_t"),
-                                       positions.size), "kvc_context_state_info")
+    _check(
+        _lib.kvc_context_state_info(c, seq_id, info, _ptr(positions, "int32_t"), positions.size),
+        "kvc_context_state_info",
+    )
     return _info_dict(info, positions)
 
 
 def context_norms(ctx, part: str, n_layer: int, n_head_kv: int, n_cells: int, seq_id: int = 0) -> np.ndarray:
     """:func:`state_norms` of sequence ``seq_id`` of a live context."""
     out = np.empty((n_layer, n_head_kv, n_cells), dtype=np.float32)
-    _check(_lib.kvc_context_norms(_ctx_ptr(ctx), seq_id, _part(part), n_head_kv, _ptr(out, "float"), out.size),
-           "kvc_context_norms")
+    _check(
+        _lib.kvc_context_norms(_ctx_ptr(ctx), seq_id, _part(part), n_head_kv, _ptr(out, "float"), out.size),
+        "kvc_context_norms",
+    )
     return out
-
-
 
 
 def context_compose(ctx, selection: np.ndarray, expected_cells: int = 0, seq_id: int = 0) -> dict:
     """Rewrite sequence ``seq_id`` of a live context; on failure it is restored and this raises."""
     sel = _selection(selection)
     res = ffi.new("kvc_compose_result *")
-    _check(_lib.kvc_context_compose(_ctx_ptr(ctx), seq_id, _ptr(sel, "int32_t"), *sel.shape, int(expected_cells),
-                                    res), "kvc_context_compose")
+    _check(
+        _lib.kvc_context_compose(_ctx_ptr(ctx), seq_id, _ptr(sel, "int32_t"), *sel.shape, int(expected_cells), res),
+        "kvc_context_compose",
+    )
     return _fields(res)
 
 
-def context_compose_tensors(ctx, capture: Capture, positions: np.ndarray, selection: np.ndarray,
-                            seq_id: int = 0) -> dict:
+def context_compose_tensors(
+    ctx, capture: Capture, positions: np.ndarray, selection: np.ndarray, seq_id: int = 0
+) -> dict:
     """Rewrite sequence ``seq_id``, held in cache cells ``[0, len(positions))`` at ``positions``, from the
     cache tensors ``capture`` found (no copy of the whole sequence). :class:`UnsupportedCacheError`: the
     cache is untouched (use :func:`context_compose`); :class:`LlamaRefusedError`: the sequence was removed."""
@@ -411,7 +450,10 @@ def context_compose_tensors(ctx, capture: Capture, positions: np.ndarray, select
     if pos.ndim != 1:
         raise ValueError(f"positions must be one-dimensional, got shape {pos.shape}")
     res = ffi.new("kvc_compose_result *")
-    _check(_lib.kvc_context_compose_tensors(_ctx_ptr(ctx), capture.handle, seq_id, _ptr(pos, "int32_t"),
-                                            pos.size, _ptr(sel, "int32_t"), *sel.shape, res),
-           "kvc_context_compose_tensors")
+    _check(
+        _lib.kvc_context_compose_tensors(
+            _ctx_ptr(ctx), capture.handle, seq_id, _ptr(pos, "int32_t"), pos.size, _ptr(sel, "int32_t"), *sel.shape, res
+        ),
+        "kvc_context_compose_tensors",
+    )
     return _fields(res)

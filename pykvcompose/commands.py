@@ -23,25 +23,46 @@ class CommandError(Exception):
 def add_model_options(p: argparse.ArgumentParser, default_press: str = "kvcompose:0.5") -> None:
     p.add_argument("--model", help="GGUF file (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--n-ctx", type=int, default=2048, help="cells of the KV cache (default 2048)")
-    p.add_argument("--kv-compress", default=default_press, metavar="NAME:RATIO[,key=value...]",
-                   help=f"the press, e.g. kvcompose:0.75 or snapkv:0.5,window_size=32; 'none' for no compression "
-                        f"(default {default_press})")
-    p.add_argument("--kv-room", choices=("fill", "ratio"), default="fill",
-                   help="how a full cache makes room: 'fill' frees one chunk and keeps the best cells of all that "
-                        "streamed past (default); 'ratio' compresses it to the press's ratio, re-scored by the "
-                        "newest tokens")
-    p.add_argument("--decode-target", type=int, metavar="CELLS",
-                   help="also compress while generating, back to CELLS cells (a DecodingPress)")
-    p.add_argument("--decode-interval", type=int, default=512, metavar="TOKENS",
-                   help="generated tokens between two such compressions (default 512)")
+    p.add_argument(
+        "--kv-compress",
+        default=default_press,
+        metavar="NAME:RATIO[,key=value...]",
+        help=f"the press, e.g. kvcompose:0.75 or snapkv:0.5,window_size=32; 'none' for no compression "
+        f"(default {default_press})",
+    )
+    p.add_argument(
+        "--kv-room",
+        choices=("fill", "ratio"),
+        default="fill",
+        help="how a full cache makes room: 'fill' frees one chunk and keeps the best cells of all that "
+        "streamed past (default); 'ratio' compresses it to the press's ratio, re-scored by the "
+        "newest tokens",
+    )
+    p.add_argument(
+        "--decode-target",
+        type=int,
+        metavar="CELLS",
+        help="also compress while generating, back to CELLS cells (a DecodingPress)",
+    )
+    p.add_argument(
+        "--decode-interval",
+        type=int,
+        default=512,
+        metavar="TOKENS",
+        help="generated tokens between two such compressions (default 512)",
+    )
     p.add_argument("--threads", type=int, help="CPU threads (default: the cores this process may use)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or statistics: only the answer")
 
 
 def add_answer_options(p: argparse.ArgumentParser, max_tokens: int, temperature: float) -> None:
     p.add_argument("--max-tokens", type=int, default=max_tokens, help=f"answer length limit (default {max_tokens})")
-    p.add_argument("--temperature", type=float, default=temperature,
-                   help=f"sampling temperature (default {temperature:g}{': greedy' if temperature == 0 else ''})")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=temperature,
+        help=f"sampling temperature (default {temperature:g}{': greedy' if temperature == 0 else ''})",
+    )
 
 
 def press_from_args(a: argparse.Namespace):
@@ -76,8 +97,16 @@ def make_llm(a: argparse.Namespace, **kwargs: Any):
         raise CommandError(f"--model: no such file {a.model!r}")
     press = press_from_args(a)
     try:
-        return Llama(a.model, n_ctx=a.n_ctx, n_threads=a.threads, kv_compress=press, verbose=False,
-                     kv_room=a.kv_room, kv_progress=None if a.quiet else prefill_progress(), **kwargs)
+        return Llama(
+            a.model,
+            n_ctx=a.n_ctx,
+            n_threads=a.threads,
+            kv_compress=press,
+            verbose=False,
+            kv_room=a.kv_room,
+            kv_progress=None if a.quiet else prefill_progress(),
+            **kwargs,
+        )
     except (ValueError, NotImplementedError) as e:
         raise CommandError(str(e)) from None
 
@@ -100,16 +129,17 @@ def prefill_progress():
 def memory_line(llm) -> str:
     m = llm.kv_memory()
     saved = 1 - m["kv_bytes"] / m["kv_bytes_uncompressed"] if m["kv_bytes_uncompressed"] else 0.0
-    return (f"[cache: {m['cells']}/{m['n_ctx']} cells for {m['tokens']} tokens, KV {m['kv_bytes'] / MIB:.1f} MiB "
-            f"instead of {m['kv_bytes_uncompressed'] / MIB:.1f} MiB (saved {saved:.0%}), "
-            f"{llm.kv_compressions} compressions to make room]")
+    return (
+        f"[cache: {m['cells']}/{m['n_ctx']} cells for {m['tokens']} tokens, KV {m['kv_bytes'] / MIB:.1f} MiB "
+        f"instead of {m['kv_bytes_uncompressed'] / MIB:.1f} MiB (saved {saved:.0%}), "
+        f"{llm.kv_compressions} compressions to make room]"
+    )
 
 
 def _stream(llm, messages: List[Dict[str, str]], a: argparse.Namespace, out=sys.stdout) -> str:
     """Stream a chat answer to ``out``; returns its text."""
     parts = []
-    for chunk in llm.create_chat_completion(messages, max_tokens=a.max_tokens, temperature=a.temperature,
-                                            stream=True):
+    for chunk in llm.create_chat_completion(messages, max_tokens=a.max_tokens, temperature=a.temperature, stream=True):
         text = chunk["choices"][0]["delta"].get("content") or ""
         parts.append(text)
         out.write(text)
@@ -120,8 +150,9 @@ def _stream(llm, messages: List[Dict[str, str]], a: argparse.Namespace, out=sys.
 
 # ---- pykvcompose run ----------------------------------------------------------------------------
 def run_main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="pykvcompose run",
-                                description="Answer a question about a document, however long, with a compressed cache.")
+    p = argparse.ArgumentParser(
+        prog="pykvcompose run", description="Answer a question about a document, however long, with a compressed cache."
+    )
     p.add_argument("--file", required=True, help="the document (UTF-8 text)")
     p.add_argument("--question", required=True, help="the question asked after it")
     add_answer_options(p, max_tokens=256, temperature=0.0)
@@ -239,17 +270,24 @@ def _note(a: argparse.Namespace, text: str, force: bool = False) -> None:
 
 # ---- pykvcompose serve --------------------------------------------------------------------------
 def serve_main(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="pykvcompose serve",
-                                description="An OpenAI-compatible server (llama-cpp-python's) on a compressed cache.")
+    p = argparse.ArgumentParser(
+        prog="pykvcompose serve", description="An OpenAI-compatible server (llama-cpp-python's) on a compressed cache."
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--model-alias", help="the model name clients use (default: the file name)")
-    p.add_argument("--logits-all", action="store_true",
-                   help="keep every token's logits so that requests may ask for logprobs; this keeps one row of "
-                        "logits per cache cell, so prompts and answers then stop at --n-ctx tokens")
-    p.add_argument("--interrupt-requests", action="store_true",
-                   help="cut a streamed answer short when another request arrives (llama-cpp-python's default); "
-                        "without it, concurrent requests wait their turn and every answer is whole")
+    p.add_argument(
+        "--logits-all",
+        action="store_true",
+        help="keep every token's logits so that requests may ask for logprobs; this keeps one row of "
+        "logits per cache cell, so prompts and answers then stop at --n-ctx tokens",
+    )
+    p.add_argument(
+        "--interrupt-requests",
+        action="store_true",
+        help="cut a streamed answer short when another request arrives (llama-cpp-python's default); "
+        "without it, concurrent requests wait their turn and every answer is whole",
+    )
     add_model_options(p)
     a = p.parse_args(argv)
     return _guard("serve", lambda: _serve(a))
@@ -264,9 +302,10 @@ def create_app(a: argparse.Namespace):
         from llama_cpp.server.settings import ModelSettings, ServerSettings
     except ImportError as e:
         raise CommandError(f"the server needs the [server] extra: pip install 'pykvcompose[server]' ({e})") from None
-    from .llama import Llama, _default_threads
+    from .llama import Llama
     from .models import default_model_path
     from .session import press_to_dict
+    from .support import default_threads
 
     check_options(a)
     press = press_from_args(a)
@@ -287,9 +326,15 @@ def create_app(a: argparse.Namespace):
             finally:
                 server_model.llama_cpp.Llama = original
 
-    settings = ModelSettings(model=model, model_alias=a.model_alias or os.path.basename(model), n_ctx=a.n_ctx,
-                             n_threads=a.threads or _default_threads(), n_threads_batch=a.threads or _default_threads(),
-                             logits_all=a.logits_all, verbose=False)
+    settings = ModelSettings(
+        model=model,
+        model_alias=a.model_alias or os.path.basename(model),
+        n_ctx=a.n_ctx,
+        n_threads=a.threads or default_threads(),
+        n_threads_batch=a.threads or default_threads(),
+        logits_all=a.logits_all,
+        verbose=False,
+    )
     server_app.LlamaProxy = CompressedLlamaProxy  # create_app builds its proxy from this name
     try:
         server_settings = ServerSettings(host=a.host, port=a.port, interrupt_requests=a.interrupt_requests)
@@ -305,8 +350,12 @@ def create_app(a: argparse.Namespace):
     def kv_stats(llama_proxy=Depends(server_app.get_llama_proxy)):
         llm = llama_proxy()
         last = {k: v for k, v in llm.kv_stats.items() if isinstance(v, (int, float, str, bool, list, type(None)))}
-        return {"press": press_to_dict(llm.kv_compress), "memory": llm.kv_memory(),
-                "compressions": llm.kv_compressions, "last_compression": last}
+        return {
+            "press": press_to_dict(llm.kv_compress),
+            "memory": llm.kv_memory(),
+            "compressions": llm.kv_compressions,
+            "last_compression": last,
+        }
 
     return app
 
@@ -324,12 +373,14 @@ def _client_errors_as_4xx() -> None:
                 problems = error.errors()
                 fields = [".".join(str(x) for x in e.get("loc", ()) if x != "body") for e in problems]
                 message = "; ".join(f"{f or 'body'}: {e.get('msg', 'invalid')}" for f, e in zip(fields, problems))
-                return 422, ErrorResponse(message=message, type="invalid_request_error",
-                                          param=fields[0] if fields else None, code=None)
+                return 422, ErrorResponse(
+                    message=message, type="invalid_request_error", param=fields[0] if fields else None, code=None
+                )
             status, response = original(self, error, body)
             if status == 500 and isinstance(error, (ValueError, TypeError)):
                 return 400, ErrorResponse(message=str(error), type="invalid_request_error", param=None, code=None)
             return status, response
+
         return error_message_wrapper
 
     # FastAPI copies included routes lazily, so the class is patched (once; this process serves)

@@ -20,9 +20,21 @@ if TYPE_CHECKING:
 Writer = Callable[[np.ndarray], Tuple[Dict[str, Any], np.ndarray, bool]]
 
 
-def compress(engine: "Engine", press: BasePress, probe: Probe, n_keep: int, write: Writer, *, name: str,
-             ratio: float, trigger: str, probe_queries: int, prefill_seconds: float,
-             probe_seconds: float, consensus: float = 0.0) -> Dict[str, Any]:
+def compress(
+    engine: Engine,
+    press: BasePress,
+    probe: Probe,
+    n_keep: int,
+    write: Writer,
+    *,
+    name: str,
+    ratio: float,
+    trigger: str,
+    probe_queries: int,
+    prefill_seconds: float,
+    probe_seconds: float,
+    consensus: float = 0.0,
+) -> Dict[str, Any]:
     """Score ``probe`` with ``press``, keep ``n_keep`` cells per head (the newest cell in every head:
     positions must end at it; ``consensus`` as in ``BasePress.select``), rewrite the cache with ``write``
     and record the compression in the conversation (its ``stats`` become ``Llama.kv_stats``)."""
@@ -42,7 +54,8 @@ def compress(engine: "Engine", press: BasePress, probe: Probe, n_keep: int, writ
     asked = probe.measured(ProbeKind.QUESTION)
     conv.cell_scores, conv.question_scores = (
         None if found is None or holes else {agg: gather_heads(found[1][agg], selection) for agg in ("max", "mean")}
-        for found in (reconstruct, asked))
+        for found in (reconstruct, asked)
+    )
     conv.requires_eval = True
     conv.scores = scores
     conv.head_scores = press.head_scores(probe)
@@ -83,7 +96,7 @@ def gather_heads(head_values: np.ndarray, selection: np.ndarray) -> np.ndarray:
 
 
 # ---- a context held in the cache as plain prefill ------------------------------------------------
-def apply(engine: "Engine", press: BasePress, probe: Probe) -> Dict[str, Any]:
+def apply(engine: Engine, press: BasePress, probe: Probe) -> Dict[str, Any]:
     """Compress the context that ``probe`` measured, which the cache holds as plain prefill (``Llama.kv_apply``).
 
     Composite cells (``press.per_head``) are written by the native core; token-level presses are
@@ -94,17 +107,30 @@ def apply(engine: "Engine", press: BasePress, probe: Probe) -> Dict[str, Any]:
     composite = press.per_head or engine.shape.iswa
 
     def write(selection: np.ndarray):
-        result = (rewrite.rewrite_context(engine, selection, probe) if composite
-                  else rewrite.evict(engine, selection[0, 0], n))
+        result = (
+            rewrite.rewrite_context(engine, selection, probe)
+            if composite
+            else rewrite.evict(engine, selection[0, 0], n)
+        )
         return result, selection, not composite
 
     engine.conv.n_tokens = n  # the logical length: the next token goes to position n
-    return compress(engine, press, probe, press.n_kept(n), write, name=type(press).__name__,
-                    ratio=press.compression_ratio, trigger="prompt", probe_queries=press.probe_queries(n),
-                    prefill_seconds=probe.prefill_seconds, probe_seconds=probe.probe_seconds)
+    return compress(
+        engine,
+        press,
+        probe,
+        press.n_kept(n),
+        write,
+        name=type(press).__name__,
+        ratio=press.compression_ratio,
+        trigger="prompt",
+        probe_queries=press.probe_queries(n),
+        prefill_seconds=probe.prefill_seconds,
+        probe_seconds=probe.probe_seconds,
+    )
 
 
-def compress_prompt(engine: "Engine", press: BasePress, context: List[int]) -> Dict[str, Any]:
+def compress_prompt(engine: Engine, press: BasePress, context: List[int]) -> Dict[str, Any]:
     """Prefill ``context`` (a prompt that fits, or ``Llama.compress_context``'s context) from an empty
     cache, score it with the press's probe, rewrite it. On failure the cache holds the plain prefill of
     the context (as if compression had been off)."""
@@ -115,7 +141,7 @@ def compress_prompt(engine: "Engine", press: BasePress, context: List[int]) -> D
         raise
 
 
-def keep_uncompressed(engine: "Engine") -> None:
+def keep_uncompressed(engine: Engine) -> None:
     """After a failed compression: end the capture, drop probe cells, keep the prefilled context.
 
     The cache then holds exactly what a plain prefill of the first ``n_tokens`` tokens holds, so

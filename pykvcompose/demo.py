@@ -48,8 +48,9 @@ def take_paragraphs(tokenize: Callable[[str], List[int]], n_tokens: int, start: 
     return chosen
 
 
-def passkey_prompt(tokenize: Callable[[str], List[int]], n_tokens: int, depth: float, passkey: int,
-                   seed: int = 0) -> str:
+def passkey_prompt(
+    tokenize: Callable[[str], List[int]], n_tokens: int, depth: float, passkey: int, seed: int = 0
+) -> str:
     """A ``n_tokens``-ish haystack with a pass key planted at relative ``depth`` (0 = start, 1 = end).
 
     ``tokenize`` maps text to tokens (e.g. ``lambda s: llm.tokenize(s.encode())``); the haystack
@@ -72,8 +73,9 @@ def _progress(msg: str, quiet: bool) -> None:
         print(f"[pykvcompose] {msg}", file=sys.stderr, flush=True)
 
 
-def answer(llm: Llama, prompt_tokens: List[int], max_tokens: int,
-           stop: Optional[Callable[[str], bool]] = None) -> Dict[str, Any]:
+def answer(
+    llm: Llama, prompt_tokens: List[int], max_tokens: int, stop: Optional[Callable[[str], bool]] = None
+) -> Dict[str, Any]:
     """Greedy answer with timings: prompt processing (prefill + compression) and decode speed.
 
     ``stop(text)``: end the answer once it returns True for the text so far.
@@ -100,9 +102,16 @@ def answer(llm: Llama, prompt_tokens: List[int], max_tokens: int,
     }
 
 
-def run_demo(n_tokens: int = 3000, ratios: Sequence[float] = (0.5, 0.75), depth: float = 0.4,
-             passkey: int = 73918, model_path: Optional[str] = None, quiet: bool = False,
-             stream_ctx: Optional[int] = None, published_ratios: Sequence[float] = (0.75,)) -> List[Dict[str, Any]]:
+def run_demo(
+    n_tokens: int = 3000,
+    ratios: Sequence[float] = (0.5, 0.75),
+    depth: float = 0.4,
+    passkey: int = 73918,
+    model_path: Optional[str] = None,
+    quiet: bool = False,
+    stream_ctx: Optional[int] = None,
+    published_ratios: Sequence[float] = (0.75,),
+) -> List[Dict[str, Any]]:
     """The demo's rows: the document answered with the full cache, compressed whole at each ratio by
     ``KVComposePress(ratio)`` (the default: its lookahead probe) and at each of ``published_ratios`` by
     KVCompose as published (``scoring="reconstruct"``), and (``stream_ctx`` cells, default a third of the
@@ -115,11 +124,19 @@ def run_demo(n_tokens: int = 3000, ratios: Sequence[float] = (0.5, 0.75), depth:
     rows = []
     runs = [(None, "auto")] + [(r, "auto") for r in ratios] + [(r, "reconstruct") for r in published_ratios]
     for ratio, scoring in runs:
-        name = "full cache" if ratio is None else f"KVCompose {ratio}" + (", as published" if scoring == "reconstruct" else "")
+        name = (
+            "full cache"
+            if ratio is None
+            else f"KVCompose {ratio}" + (", as published" if scoring == "reconstruct" else "")
+        )
         llm.kv_compress = None if ratio is None else KVComposePress(compression_ratio=ratio, scoring=scoring)
         llm.reset()
-        _progress(f"{name}: prefill" + ("" if ratio is None else f", {llm.kv_compress.probe().kind} probe, compose")
-                  + ", answer", quiet)
+        _progress(
+            f"{name}: prefill"
+            + ("" if ratio is None else f", {llm.kv_compress.probe().kind} probe, compose")
+            + ", answer",
+            quiet,
+        )
         t0 = time.perf_counter()
         res = answer(llm, tokens, max_tokens=12)
         if ratio is None:
@@ -137,26 +154,33 @@ def run_demo(n_tokens: int = 3000, ratios: Sequence[float] = (0.5, 0.75), depth:
     return rows
 
 
-def _streamed_row(model_path: Optional[str], tokens: List[int], n_ctx: int, passkey: int, quiet: bool) -> Dict[str, Any]:
+def _streamed_row(
+    model_path: Optional[str], tokens: List[int], n_ctx: int, passkey: int, quiet: bool
+) -> Dict[str, Any]:
     """The document read through a cache of ``n_ctx`` cells (``kv_room="fill"``): llama.cpp allocates
     those cells once, and KVCompose keeps the best of what streamed past them."""
     press = KVComposePress(compression_ratio=0.75)
-    _progress(f"KVCompose streamed: the document through n_ctx={n_ctx} ({len(tokens) / n_ctx:.1f}x smaller "
-              "than the document), each chunk probed once, answer", quiet)
+    _progress(
+        f"KVCompose streamed: the document through n_ctx={n_ctx} ({len(tokens) / n_ctx:.1f}x smaller "
+        "than the document), each chunk probed once, answer",
+        quiet,
+    )
     llm = Llama(model_path, n_ctx=n_ctx, n_batch=512, verbose=False, kv_compress=press, kv_room="fill")
     try:
         t0 = time.perf_counter()
         res = answer(llm, tokens, max_tokens=12)
         prefill = llm.kv_stream_seconds["prefill"]
         # cells: n_ctx, allocated up front: the memory this run takes, whatever it holds
-        return _row(f"KVCompose streamed, n_ctx={n_ctx}", llm, res, n_ctx, prefill, res["prompt_seconds"] - prefill,
-                    passkey, t0)
+        return _row(
+            f"KVCompose streamed, n_ctx={n_ctx}", llm, res, n_ctx, prefill, res["prompt_seconds"] - prefill, passkey, t0
+        )
     finally:
         llm.close()
 
 
-def _row(method: str, llm: Llama, res: Dict[str, Any], cells: int, prefill: float, compress: float, passkey: int,
-         t0: float) -> Dict[str, Any]:
+def _row(
+    method: str, llm: Llama, res: Dict[str, Any], cells: int, prefill: float, compress: float, passkey: int, t0: float
+) -> Dict[str, Any]:
     """One demo table row from an ``answer`` result (``t0``: when the method started)."""
     return {
         "method": method,
@@ -196,20 +220,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="pykvcompose demo", description=__doc__)
     p.add_argument("--tokens", type=int, default=3000, help="document length in tokens (default 3000)")
     p.add_argument("--ratios", type=float, nargs="+", default=[0.5, 0.75], help="compression ratios")
-    p.add_argument("--published-ratios", type=float, nargs="*", default=[0.75],
-                   help="ratios of the rows compressed by KVCompose as published (scoring=\"reconstruct\"; "
-                        "none: no such row)")
+    p.add_argument(
+        "--published-ratios",
+        type=float,
+        nargs="*",
+        default=[0.75],
+        help='ratios of the rows compressed by KVCompose as published (scoring="reconstruct"; none: no such row)',
+    )
     p.add_argument("--depth", type=float, default=0.4, help="relative depth of the planted fact")
-    p.add_argument("--stream-ctx", type=int, default=None,
-                   help="cache size of the streamed row (default: a third of the document; 0: no streamed row)")
+    p.add_argument(
+        "--stream-ctx",
+        type=int,
+        default=None,
+        help="cache size of the streamed row (default: a third of the document; 0: no streamed row)",
+    )
     p.add_argument("--model", default=None, help="GGUF file (default: the embedded SmolLM2)")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     a = p.parse_args(argv)
-    rows = run_demo(a.tokens, a.ratios, a.depth, model_path=a.model, quiet=a.quiet, stream_ctx=a.stream_ctx,
-                    published_ratios=a.published_ratios)
+    rows = run_demo(
+        a.tokens,
+        a.ratios,
+        a.depth,
+        model_path=a.model,
+        quiet=a.quiet,
+        stream_ctx=a.stream_ctx,
+        published_ratios=a.published_ratios,
+    )
     print(format_table(rows))
     streamed = [r for r in rows if "streamed" in r["method"]]
     if streamed:
-        print(f"\nThe streamed row's cells and KV MiB are what llama.cpp allocated for the whole run ({streamed[0]['cells']} "
-              f"cells); the full cache needed {rows[0]['cells']} cells ({rows[0]['kv_mib']:.1f} MiB) for the same document.")
+        print(
+            "\nThe streamed row's cells and KV MiB are what llama.cpp allocated for the whole run "
+            f"({streamed[0]['cells']} cells); the full cache needed {rows[0]['cells']} cells "
+            f"({rows[0]['kv_mib']:.1f} MiB) for the same document."
+        )
     return 0

@@ -103,8 +103,14 @@ class Conversation:
         self.question = question
         self.question_scores = None
 
-    def restored(self, tokens: Sequence[int], compressed_len: int, compressed_cells: int,
-                 origin: Optional[np.ndarray], cell_scores: Optional[Dict[str, np.ndarray]] = None) -> None:
+    def restored(
+        self,
+        tokens: Sequence[int],
+        compressed_len: int,
+        compressed_cells: int,
+        origin: Optional[np.ndarray],
+        cell_scores: Optional[Dict[str, np.ndarray]] = None,
+    ) -> None:
         """Bookkeeping for cells just restored: the token history and what of it is composite."""
         self.ask(None)
         if len(tokens) > len(self.input_ids):
@@ -146,9 +152,20 @@ class Engine:
         llama-cpp-python's ``scores`` array when every token's logits are kept (``logits_all``).
     """
 
-    def __init__(self, ctx, batch, capture: Optional[_native.Capture], shape: ModelShape,
-                 conversation: Conversation, n_batch: int, n_ubatch: int, max_tokens: int, policy: StreamPolicy,
-                 unsupported: Optional[str] = None, logits_rows: Optional[np.ndarray] = None) -> None:
+    def __init__(
+        self,
+        ctx,
+        batch,
+        capture: Optional[_native.Capture],
+        shape: ModelShape,
+        conversation: Conversation,
+        n_batch: int,
+        n_ubatch: int,
+        max_tokens: int,
+        policy: StreamPolicy,
+        unsupported: Optional[str] = None,
+        logits_rows: Optional[np.ndarray] = None,
+    ) -> None:
         self.ctx = ctx
         self.batch = batch
         self.capture = capture
@@ -193,8 +210,7 @@ class Engine:
         """
         press = self.press if press is None else press
         limit = self.shape.n_ctx
-        if (frees_cells(press) and self.logits_rows is None
-                and window_fits(self.shape, self.n_ubatch)):
+        if frees_cells(press) and self.logits_rows is None and window_fits(self.shape, self.n_ubatch):
             limit = max(limit, self.max_tokens)
         limit = max(limit, self.conv.n_tokens)
         self.conv.resize(limit)
@@ -274,8 +290,8 @@ class Engine:
         if self.logits_rows is not None:
             n_vocab = self.logits_rows.shape[1]
             logits = np.ctypeslib.as_array(self.ctx.get_logits(), shape=(len(batch) * n_vocab,))
-            self.logits_rows[n_past: n_past + len(batch), :].reshape(-1)[::] = logits
-        conv.input_ids[n_past: n_past + len(batch)] = batch
+            self.logits_rows[n_past : n_past + len(batch), :].reshape(-1)[::] = logits
+        conv.input_ids[n_past : n_past + len(batch)] = batch
         conv.n_tokens = n_past + len(batch)
         conv.requires_eval = False
 
@@ -284,7 +300,7 @@ class Engine:
         tokens = list(tokens)
         self.ctx.kv_cache_seq_rm(-1, self.conv.n_tokens, -1)
         for start in range(0, len(tokens), self.n_batch):
-            self.decode(tokens[start: start + self.n_batch])
+            self.decode(tokens[start : start + self.n_batch])
             if self.progress is not None:
                 self.progress(min(start + self.n_batch, len(tokens)), len(tokens), "prefill")
 

@@ -23,23 +23,12 @@ from .presses.press import Press
 from .probe import QUESTION_TOKENS_KEPT, Probe
 from .streaming import StreamPolicy
 
-#: What ``kv_compress`` accepts: a BasePress, DecodingPress or PrefillDecodingPress.
-AnyPress = Press
-
 _GENERATE_SIGNATURE = inspect.signature(llama_cpp.Llama.generate)
-
-
-def _default_threads() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def _conversation_field(name: str, doc: str) -> property:
     """An attribute of llama-cpp-python's ``Llama`` kept in the :class:`Conversation` (one history for both)."""
-    return property(lambda self: getattr(self._kv, name), lambda self, value: setattr(self._kv, name, value),
-                    doc=doc)
+    return property(lambda self: getattr(self._kv, name), lambda self, value: setattr(self._kv, name, value), doc=doc)
 
 
 class Llama(llama_cpp.Llama):
@@ -109,22 +98,31 @@ class Llama(llama_cpp.Llama):
     kv_head_scores = _conversation_field("head_scores", "Probe attention of the last compression.")
     kv_compressions = _conversation_field("compressions", "Compressions made to free cells.")
 
-    def __init__(self, model_path: Optional[Union[str, os.PathLike]] = None, *, kv_compress: Optional[AnyPress] = None,
-                 kv_max_tokens: Optional[int] = None, kv_progress: Optional[Callable[[int, int, str], None]] = None,
-                 kv_stream: Optional[StreamPolicy] = None, kv_room: Optional[str] = None,
-                 kv_chunk: Optional[int] = None,
-                 n_threads: Optional[int] = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        model_path: Optional[Union[str, os.PathLike]] = None,
+        *,
+        kv_compress: Optional[Press] = None,
+        kv_max_tokens: Optional[int] = None,
+        kv_progress: Optional[Callable[[int, int, str], None]] = None,
+        kv_stream: Optional[StreamPolicy] = None,
+        kv_room: Optional[str] = None,
+        kv_chunk: Optional[int] = None,
+        n_threads: Optional[int] = None,
+        **kwargs: Any,
+    ) -> None:
         if model_path is None:
             model_path = default_model_path()
         model_path = os.fspath(model_path)  # a pathlib.Path too (llama-cpp-python takes str only)
         if n_threads is None:
-            n_threads = _default_threads()
+            n_threads = support.default_threads()
         self._kv = Conversation()  # before llama_cpp.Llama.__init__, which sets n_tokens and input_ids
         self._kv_capture: Optional[_native.Capture] = None
         self._engine: Optional[Engine] = None
         self._kv_bytes_per_cell: Optional[int] = None
-        if kv_max_tokens is not None and (isinstance(kv_max_tokens, bool) or not isinstance(kv_max_tokens, int)
-                                          or kv_max_tokens < 1):
+        if kv_max_tokens is not None and (
+            isinstance(kv_max_tokens, bool) or not isinstance(kv_max_tokens, int) or kv_max_tokens < 1
+        ):
             raise ValueError(f"kv_max_tokens must be a positive integer, got {kv_max_tokens!r}")
         if kv_stream is not None and not isinstance(kv_stream, StreamPolicy):
             raise TypeError(f"kv_stream must be a StreamPolicy, got {kv_stream!r}")
@@ -141,11 +139,19 @@ class Llama(llama_cpp.Llama):
             self._install_capture()  # flash attention too: the capture recomputes its probabilities
         trained = int(llama_cpp.llama_model_n_ctx_train(model))
         try:
-            self._engine = Engine(self._ctx, self._batch, self._kv_capture, shape, self._kv, n_batch=self.n_batch,
-                                  n_ubatch=int(self.context_params.n_ubatch),
-                                  max_tokens=kv_max_tokens if kv_max_tokens is not None else trained,
-                                  policy=policy, unsupported=unsupported,
-                                  logits_rows=self.scores if self._logits_all else None)
+            self._engine = Engine(
+                self._ctx,
+                self._batch,
+                self._kv_capture,
+                shape,
+                self._kv,
+                n_batch=self.n_batch,
+                n_ubatch=int(self.context_params.n_ubatch),
+                max_tokens=kv_max_tokens if kv_max_tokens is not None else trained,
+                policy=policy,
+                unsupported=unsupported,
+                logits_rows=self.scores if self._logits_all else None,
+            )
         except ValueError:
             self.close()  # a chunk too large for this n_ctx
             raise
@@ -164,8 +170,9 @@ class Llama(llama_cpp.Llama):
         self.context_params.cb_eval_user_data = ctypes.c_void_p(self._kv_capture.address)
         self._ctx.close()  # free the first context's cache before allocating the new one
         self._ctx = self._stack.enter_context(
-            contextlib.closing(internals.LlamaContext(model=self._model, params=self.context_params,
-                                                      verbose=self.verbose))
+            contextlib.closing(
+                internals.LlamaContext(model=self._model, params=self.context_params, verbose=self.verbose)
+            )
         )
         if getattr(self, "_lora_adapter", None) is not None:
             adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(self._lora_adapter)
@@ -175,12 +182,12 @@ class Llama(llama_cpp.Llama):
 
     # ---- configuration ------------------------------------------------------------------------
     @property
-    def kv_compress(self) -> Optional[AnyPress]:
+    def kv_compress(self) -> Optional[Press]:
         """The press applied to prompts (None: no compression). Assignable."""
         return self._engine.press
 
     @kv_compress.setter
-    def kv_compress(self, press: Optional[AnyPress]) -> None:
+    def kv_compress(self, press: Optional[Press]) -> None:
         self._engine.set_press(press)
 
     @property
@@ -232,18 +239,9 @@ class Llama(llama_cpp.Llama):
         """Model layers whose cache is compressed (iSWA models: the global layers)."""
         return self._engine.shape.layers
 
-    @property
-    def kv_n_layer(self) -> int:
-        """Layers of the compressed cache."""
-        return self._engine.shape.n_layer
-
-    @property
-    def kv_n_head(self) -> int:
-        return self._engine.shape.n_head
-
-    @property
-    def kv_n_head_kv(self) -> int:
-        return self._engine.shape.n_head_kv
+    kv_n_layer = property(lambda self: self._engine.shape.n_layer, doc="Layers of the compressed cache.")
+    kv_n_head = property(lambda self: self._engine.shape.n_head, doc="Query heads per layer.")
+    kv_n_head_kv = property(lambda self: self._engine.shape.n_head_kv, doc="Key/value heads per layer.")
 
     @property
     def kv_cells(self) -> int:
@@ -264,8 +262,13 @@ class Llama(llama_cpp.Llama):
             info = self._engine.state_info()
             self._kv_bytes_per_cell = info["kv_bytes"] // max(1, info["n_cells"])
         per_cell = self._kv_bytes_per_cell or 0
-        return {"cells": self.kv_cells, "n_ctx": self._engine.shape.n_ctx, "tokens": self.n_tokens,
-                "kv_bytes": per_cell * self.kv_cells, "kv_bytes_uncompressed": per_cell * self.n_tokens}
+        return {
+            "cells": self.kv_cells,
+            "n_ctx": self._engine.shape.n_ctx,
+            "tokens": self.n_tokens,
+            "kv_bytes": per_cell * self.kv_cells,
+            "kv_bytes_uncompressed": per_cell * self.n_tokens,
+        }
 
     @property
     def kv_history(self) -> List[int]:
@@ -363,8 +366,9 @@ class Llama(llama_cpp.Llama):
         return session.save(self, path, metadata)
 
     @session.instance_or_class
-    def load_session(self_or_cls, path: Union[str, os.PathLike], model_path: Optional[str] = None,
-                     **kwargs: Any) -> "Llama":
+    def load_session(
+        self_or_cls, path: Union[str, os.PathLike], model_path: Optional[str] = None, **kwargs: Any
+    ) -> Llama:
         """
         Continue a saved conversation.
 
@@ -444,8 +448,10 @@ class Llama(llama_cpp.Llama):
         if len(tokens) + 1 < engine.shape.n_ctx:
             return compression.compress_prompt(engine, press, tokens)
         if not streaming.frees_cells(press):
-            raise ValueError(f"Requested tokens ({len(tokens)}) exceed context window of {engine.shape.n_ctx}: "
-                             f"{type(press).__name__} with compression_ratio {press.compression_ratio} cannot free cells")
+            raise ValueError(
+                f"Requested tokens ({len(tokens)}) exceed context window of {engine.shape.n_ctx}: "
+                f"{type(press).__name__} with compression_ratio {press.compression_ratio} cannot free cells"
+            )
         # longer than the cache: prefill chunk by chunk, freeing cells with this press, then compress it all
         self._drop_cache()
         engine.configure_window(press)

@@ -45,14 +45,15 @@ class ProbeSpec(NamedTuple):
     size: int = 0
 
     @classmethod
-    def of(cls, spec: Union["ProbeSpec", Tuple[str, int]]) -> "ProbeSpec":
+    def of(cls, spec: Union[ProbeSpec, Tuple[str, int]]) -> ProbeSpec:
         """``spec`` as a ProbeSpec; ValueError naming the kinds for an unknown one."""
         kind, size = spec
         try:
             return cls(ProbeKind(kind), int(size))
         except ValueError:
-            raise ValueError(f"unknown probe {tuple(spec)!r}: expected one of "
-                             f"{', '.join(k.value for k in ProbeKind)} with a size") from None
+            raise ValueError(
+                f"unknown probe {tuple(spec)!r}: expected one of {', '.join(k.value for k in ProbeKind)} with a size"
+            ) from None
 
 
 #: The most of a prompt's last tokens a question probe may decode (``StreamPolicy.question_tail``).
@@ -107,8 +108,10 @@ class Probe:
 
     def measured(self, kind: ProbeKind) -> Optional[Tuple[ProbeSpec, Dict[str, np.ndarray]]]:
         """The probe of ``kind`` this context measured (not one standing in) and its attention, or None."""
-        return next(((spec, att) for spec, att in self.attention.items()
-                     if spec.kind is kind and spec not in self.stand_ins), None)
+        return next(
+            ((spec, att) for spec, att in self.attention.items() if spec.kind is kind and spec not in self.stand_ins),
+            None,
+        )
 
     def stand_in(self, asked: Optional[ProbeSpec], measured: ProbeSpec) -> None:
         """Answer a press that asks for probe ``asked`` with the attention of ``measured`` (the caller

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 
-def probe_context(engine: "Engine", context: Sequence[int], presses: Sequence[BasePress]) -> Probe:
+def probe_context(engine: Engine, context: Sequence[int], presses: Sequence[BasePress]) -> Probe:
     """Prefill ``context`` into an empty cache and run every probe the presses need, once (``Llama.kv_probe``)."""
     engine.check_supported()  # before the cache is touched
     engine.clear()
@@ -33,8 +33,10 @@ def probe_context(engine: "Engine", context: Sequence[int], presses: Sequence[Ba
     windows = sorted({min(w, n) for kind, w in specs if kind is ProbeKind.WINDOW}, reverse=True)
     probe = Probe(shape.n_layer, shape.n_head, shape.n_head_kv, n)
     probe.norms = lambda part: (
-        engine.capture.norms(part, shape.n_head_kv, n) if probe.in_place
-        else _native.context_norms(engine.ctx_ptr, part, shape.n_layer, shape.n_head_kv, n))
+        engine.capture.norms(part, shape.n_head_kv, n)
+        if probe.in_place
+        else _native.context_norms(engine.ctx_ptr, part, shape.n_layer, shape.n_head_kv, n)
+    )
     queries = None  # positions [first, stop) of the last capture's queries
     t0 = time.perf_counter()
     # Window probes: the last w tokens are prefilled in segments cut at every window's start;
@@ -81,7 +83,7 @@ def probe_context(engine: "Engine", context: Sequence[int], presses: Sequence[Ba
     return probe
 
 
-def _reconstruct(engine: "Engine", context: List[int]) -> Dict[str, Any]:
+def _reconstruct(engine: Engine, context: List[int]) -> Dict[str, Any]:
     """Decode the context again at positions n..2n-1 (the capture records its attention)."""
     n = len(context)
     free = engine.shape.n_ctx - n  # >= 2: only prompts that fit are compressed whole
@@ -89,7 +91,7 @@ def _reconstruct(engine: "Engine", context: List[int]) -> Dict[str, Any]:
     return {"probe": "reconstruct" if free >= n else f"reconstruct, chunks of {chunk}", "probe_queries": n}
 
 
-def lookahead(engine: "Engine", context: List[int], k: int, drafts: Optional[List[int]] = None) -> List[int]:
+def lookahead(engine: Engine, context: List[int], k: int, drafts: Optional[List[int]] = None) -> List[int]:
     """Greedily decode up to ``k`` tokens after the context, at positions n.., right after its prefill (the
     capture records their attention), and remove them; returns the tokens decoded. ``drafts``: decode
     these instead (an earlier lookahead's, whose logits the cache no longer holds).
@@ -107,7 +109,7 @@ def lookahead(engine: "Engine", context: List[int], k: int, drafts: Optional[Lis
         engine.remove(n)  # the drafts' cells never stay
 
 
-def greedy_drafts(engine: "Engine", base: int, k: int, drafts: Optional[List[int]] = None) -> List[int]:
+def greedy_drafts(engine: Engine, base: int, k: int, drafts: Optional[List[int]] = None) -> List[int]:
     """Decode up to ``k`` tokens greedily at positions ``base``.., each from the newest decode's last row
     of logits (``drafts``: these tokens instead); stops after an end-of-generation token. The cells stay."""
     model = engine.ctx.model
@@ -128,7 +130,7 @@ def greedy_drafts(engine: "Engine", base: int, k: int, drafts: Optional[List[int
     return decoded
 
 
-def redecode(engine: "Engine", tokens: List[int], base: int, free: int, stage: str = "") -> int:
+def redecode(engine: Engine, tokens: List[int], base: int, free: int, stage: str = "") -> int:
     """Decode ``tokens`` again at positions ``base``.. as probe queries, within ``free`` free cells, and
     remove them afterwards; returns the piece size used.
 
@@ -147,7 +149,7 @@ def redecode(engine: "Engine", tokens: List[int], base: int, free: int, stage: s
     held = 0
     try:
         for start in range(0, n, chunk):
-            part = tokens[start: start + chunk]
+            part = tokens[start : start + chunk]
             if held + len(part) > free:
                 engine.remove(base, base + start - 1)
                 held = 1
@@ -161,7 +163,7 @@ def redecode(engine: "Engine", tokens: List[int], base: int, free: int, stage: s
     return chunk
 
 
-def context_in_place(engine: "Engine", n: int, first: int, stop: int) -> bool:
+def context_in_place(engine: Engine, n: int, first: int, stop: int) -> bool:
     """Whether the last capture saw the context's ``n`` tokens in cache cells ``0..n-1``, token j in
     cell j: its queries, at positions ``[first, stop)``, must have seen cell j exactly as often as
     a causal mask shows position j to them (llama.cpp's mask hides empty cells, other sequences

@@ -14,15 +14,16 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 
-def rewrite_context(engine: "Engine", selection: np.ndarray, probe: Probe) -> Dict[str, Any]:
+def rewrite_context(engine: Engine, selection: np.ndarray, probe: Probe) -> Dict[str, Any]:
     """Rewrite the cache's ``probe.n_tokens`` context cells into the selection's composite cells:
     from the cache tensors when the probe saw where the cells are, else through a host copy of
     the sequence state (which is also the fallback for layouts the tensor path does not read)."""
     n = probe.n_tokens
     if probe.in_place:
         try:
-            result = _native.context_compose_tensors(engine.ctx_ptr, engine.capture,
-                                                     np.arange(n, dtype=np.int32), selection)
+            result = _native.context_compose_tensors(
+                engine.ctx_ptr, engine.capture, np.arange(n, dtype=np.int32), selection
+            )
             return dict(result, rewrite="tensors")
         except _native.UnsupportedCacheError:
             pass  # checked before anything was written: the cache is as it was
@@ -30,7 +31,7 @@ def rewrite_context(engine: "Engine", selection: np.ndarray, probe: Probe) -> Di
     return dict(_native.context_compose(engine.ctx_ptr, selection, expected_cells=n), rewrite="state")
 
 
-def evict(engine: "Engine", keep: np.ndarray, n: int) -> Dict[str, Any]:
+def evict(engine: Engine, keep: np.ndarray, n: int) -> Dict[str, Any]:
     """Token-level eviction with llama.cpp's ``llama_memory_seq_rm``: drop every position not in ``keep``."""
     info = engine.state_info()
     if info["n_cells"] != n:
@@ -45,11 +46,16 @@ def evict(engine: "Engine", keep: np.ndarray, n: int) -> Dict[str, Any]:
             engine.remove(0)
             engine.conv.n_tokens = 0
             raise RuntimeError(f"llama_memory_seq_rm refused to remove positions [{start}, {stop})")
-    return {"cells_before": n, "cells_after": int(kept.sum()), "kv_bytes_before": per_cell * n,
-            "kv_bytes_after": per_cell * int(kept.sum()), "rewrite": "eviction"}
+    return {
+        "cells_before": n,
+        "cells_after": int(kept.sum()),
+        "kv_bytes_before": per_cell * n,
+        "kv_bytes_after": per_cell * int(kept.sum()),
+        "rewrite": "eviction",
+    }
 
 
-def rewrite_cells(engine: "Engine", selection: np.ndarray, cells: int) -> Tuple[Dict[str, Any], np.ndarray]:
+def rewrite_cells(engine: Engine, selection: np.ndarray, cells: int) -> Tuple[Dict[str, Any], np.ndarray]:
     """Rewrite a full cache of ``cells`` cells (composite cells and newer tokens) into the selection's
     composite cells; returns the result and the logical positions the new cells hold.
 
@@ -62,7 +68,7 @@ def rewrite_cells(engine: "Engine", selection: np.ndarray, cells: int) -> Tuple[
     return dict(result, rewrite="state"), origin
 
 
-def cell_positions(engine: "Engine", cells: int) -> np.ndarray:
+def cell_positions(engine: Engine, cells: int) -> np.ndarray:
     """int32 (layers, kv_heads, cells): the logical position each cell holds, per head."""
     conv = engine.conv
     shape = (engine.shape.n_layer, engine.shape.n_head_kv)

@@ -37,8 +37,16 @@ _DIGEST = 32
 _PRESS_CLASSES = {cls.__name__: cls for cls in (*PRESSES.values(), DecodingPress, PrefillDecodingPress)}
 #: Fields earlier versions saved: removed as no gain (a file that holds their old default loads as before), or
 #: moved to the Llama's StreamPolicy (None: dropped whatever their value).
-_RETIRED_FIELDS = {"KVComposePress": {"head_consensus": 0.0, "starved_layers": "own", "span": 1, "protect_tail": 0,
-                                      "question_tail": None, "question_consensus": None}}
+_RETIRED_FIELDS = {
+    "KVComposePress": {
+        "head_consensus": 0.0,
+        "starved_layers": "own",
+        "span": 1,
+        "protect_tail": 0,
+        "question_tail": None,
+        "question_consensus": None,
+    }
+}
 
 
 def press_to_dict(press) -> Any:
@@ -62,8 +70,9 @@ def press_from_dict(data: Any):
     kwargs = {k: press_from_dict(v) if isinstance(v, dict) else v for k, v in data.items() if k != "type"}
     for name, default in _RETIRED_FIELDS.get(cls.__name__, {}).items():
         if name in kwargs and kwargs.pop(name) != default and default is not None:
-            raise SessionError(f"the session file's {cls.__name__} sets {name}, which this version no longer has "
-                               f"(docs/ablations.md)")
+            raise SessionError(
+                f"the session file's {cls.__name__} sets {name}, which this version no longer has (docs/ablations.md)"
+            )
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as e:
@@ -75,8 +84,9 @@ def model_fingerprint(llm) -> str:
     model = llm._model.model
     h = hashlib.sha256()
     h.update(json.dumps(sorted(llm.metadata.items())).encode())
-    h.update(struct.pack("<QQi", llama_cpp.llama_model_n_params(model), llama_cpp.llama_model_size(model),
-                         llm.n_vocab()))
+    h.update(
+        struct.pack("<QQi", llama_cpp.llama_model_n_params(model), llama_cpp.llama_model_size(model), llm.n_vocab())
+    )
     return h.hexdigest()
 
 
@@ -95,8 +105,15 @@ def _versions() -> Dict[str, str]:
 def write(path: Union[str, os.PathLike], header: Dict[str, Any], state: bytes, scores: bytes = b"") -> int:
     """Write a session file atomically (a temporary file renamed over ``path``); returns its size."""
     head = json.dumps({**header, **_versions()}).encode()
-    body = (MAGIC + struct.pack("<IQ", FORMAT_VERSION, len(head)) + head + struct.pack("<Q", len(state)) + state
-            + struct.pack("<Q", len(scores)) + scores)
+    body = (
+        MAGIC
+        + struct.pack("<IQ", FORMAT_VERSION, len(head))
+        + head
+        + struct.pack("<Q", len(state))
+        + state
+        + struct.pack("<Q", len(scores))
+        + scores
+    )
     path = pathlib.Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
@@ -137,8 +154,9 @@ def parse_all(data: bytes, path: Union[str, os.PathLike] = "<bytes>") -> Tuple[D
         raise corrupt("it does not start with the pykvcompose session signature")
     version, n_head = struct.unpack_from("<IQ", data, len(MAGIC))
     if version not in READABLE_VERSIONS:
-        raise corrupt(f"format version {version}, this pykvcompose reads versions "
-                      f"{', '.join(map(str, READABLE_VERSIONS))}")
+        raise corrupt(
+            f"format version {version}, this pykvcompose reads versions {', '.join(map(str, READABLE_VERSIONS))}"
+        )
     if n_head > len(data) - fixed - 8 - _DIGEST:
         raise corrupt("truncated (header)")
     (n_state,) = struct.unpack_from("<Q", data, fixed + n_head)
@@ -153,34 +171,42 @@ def parse_all(data: bytes, path: Union[str, os.PathLike] = "<bytes>") -> Tuple[D
     if hashlib.sha256(data[:end]).digest() != data[end:]:
         raise corrupt("checksum mismatch (the file was modified or damaged)")
     try:
-        header = json.loads(data[fixed: fixed + n_head].decode())
+        header = json.loads(data[fixed : fixed + n_head].decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise corrupt(f"unreadable header ({e})") from None
     if not isinstance(header, dict):
         raise corrupt("the header is not an object")
-    return header, data[fixed + n_head + 8: state_end], data[state_end + 8: end] if version >= 2 else b""
+    return header, data[fixed + n_head + 8 : state_end], data[state_end + 8 : end] if version >= 2 else b""
 
 
 def check_compatible(llm, header: Dict[str, Any], state: bytes, path) -> Dict[str, Any]:
     """Refuse a session this Llama cannot hold; returns the parsed state info."""
     fingerprint = header.get("model_fingerprint")
     if fingerprint != model_fingerprint(llm):
-        raise SessionError(f"{path} was saved with another model ({header.get('model_description', '?')}, "
-                           f"fingerprint {str(fingerprint)[:12]}); this Llama runs {model_description(llm)} "
-                           f"(fingerprint {model_fingerprint(llm)[:12]})")
+        raise SessionError(
+            f"{path} was saved with another model ({header.get('model_description', '?')}, "
+            f"fingerprint {str(fingerprint)[:12]}); this Llama runs {model_description(llm)} "
+            f"(fingerprint {model_fingerprint(llm)[:12]})"
+        )
     return check_contents(header, state, path, llm.n_vocab(), llm._engine.shape.n_ctx, llm._engine.shape.n_layer)
 
 
-def check_contents(header: Dict[str, Any], state: bytes, path, n_vocab: int, n_ctx: int,
-                   n_layer: int) -> Dict[str, Any]:
+def check_contents(
+    header: Dict[str, Any], state: bytes, path, n_vocab: int, n_ctx: int, n_layer: int
+) -> Dict[str, Any]:
     """Refuse a token history and cache state that do not agree with each other or do not fit a cache
     of ``n_ctx`` cells and ``n_layer`` layers; returns the parsed state info."""
     tokens = header.get("tokens")
     n_tokens, done_len, done_cells = (header.get(k) for k in ("n_tokens", "compressed_len", "compressed_cells"))
     ints = (n_tokens, done_len, done_cells)
-    if (not isinstance(tokens, list) or not all(isinstance(v, int) and v >= 0 for v in ints)
-            or len(tokens) != n_tokens or not all(isinstance(t, int) and 0 <= t < n_vocab for t in tokens)
-            or done_len > n_tokens or done_cells > done_len):
+    if (
+        not isinstance(tokens, list)
+        or not all(isinstance(v, int) and v >= 0 for v in ints)
+        or len(tokens) != n_tokens
+        or not all(isinstance(t, int) and 0 <= t < n_vocab for t in tokens)
+        or done_len > n_tokens
+        or done_cells > done_len
+    ):
         raise SessionError(f"{path} has an inconsistent token history")
     if n_tokens == 0:
         if state:
@@ -192,8 +218,10 @@ def check_contents(header: Dict[str, Any], state: bytes, path, n_vocab: int, n_c
         raise SessionError(f"{path} holds a damaged cache state: {e}") from None
     cells = done_cells + n_tokens - done_len
     if info["n_cells"] != cells or info["pos_max"] != n_tokens - 1:
-        raise SessionError(f"{path} holds {info['n_cells']} cells up to position {info['pos_max']}, its history "
-                           f"needs {cells} cells up to position {n_tokens - 1}")
+        raise SessionError(
+            f"{path} holds {info['n_cells']} cells up to position {info['pos_max']}, its history "
+            f"needs {cells} cells up to position {n_tokens - 1}"
+        )
     if info["n_cells"] > n_ctx:
         raise SessionError(f"{path} holds {info['n_cells']} cells; this Llama's cache has n_ctx={n_ctx}")
     if info["n_layer"] != n_layer:
@@ -260,21 +288,31 @@ def load(llm_or_cls, path: Union[str, os.PathLike], model_path: Optional[str] = 
     return llm_or_cls
 
 
-def load_into(llm, path: Union[str, os.PathLike], header: Dict[str, Any], state: bytes, scores: bytes,
-              keep_press: bool) -> None:
+def load_into(
+    llm, path: Union[str, os.PathLike], header: Dict[str, Any], state: bytes, scores: bytes, keep_press: bool
+) -> None:
     """Load a session ``read`` from ``path`` into ``llm``; on any failure ``llm`` is left as it was."""
     check_compatible(llm, header, state, path)
     engine = llm._engine
     conv = engine.conv
     press = engine.press if keep_press else press_from_dict(header.get("press"))
     # what to put back if llama.cpp refuses the cache: the sequence's cells and the bookkeeping
-    previous = (engine.seq_bytes(), conv.history(), engine.press, conv.compressed_len, conv.compressed_cells,
-                conv.origin, conv.cell_scores)
+    previous = (
+        engine.seq_bytes(),
+        conv.history(),
+        engine.press,
+        conv.compressed_len,
+        conv.compressed_cells,
+        conv.origin,
+        conv.cell_scores,
+    )
     try:
         engine.set_press(press)
         if not engine.set_seq_bytes(state):
-            raise SessionError(f"llama.cpp refused the cache in {path} (saved with another "
-                               "cache type, flash attention setting or context size?)")
+            raise SessionError(
+                f"llama.cpp refused the cache in {path} (saved with another "
+                "cache type, flash attention setting or context size?)"
+            )
         conv.restored(header["tokens"], header["compressed_len"], header["compressed_cells"], None)
         conv.cell_scores = cell_scores(header, scores, engine.shape.n_layer, engine.shape.n_head, conv.cells, path)
         engine.configure_window()
@@ -287,17 +325,26 @@ def load_into(llm, path: Union[str, os.PathLike], header: Dict[str, Any], state:
         raise
 
 
-def cell_scores(header: Dict[str, Any], data: bytes, n_layer: int, n_head: int, n_cells: int,
-                path) -> Optional[Dict[str, np.ndarray]]:
+def cell_scores(
+    header: Dict[str, Any], data: bytes, n_layer: int, n_head: int, n_cells: int, path
+) -> Optional[Dict[str, np.ndarray]]:
     """The persisted cell scores of a session file (None for a version 1 file or a session without any);
     SessionError if they do not fit the cache they come with."""
     shape = header.get("cell_scores_shape")
     if not data and shape is None:
         return None
-    ok = (isinstance(shape, list) and len(shape) == 4 and all(isinstance(v, int) for v in shape)
-          and shape[:3] == [2, n_layer, n_head] and 0 < shape[3] <= n_cells and len(data) == 4 * int(np.prod(shape)))
+    ok = (
+        isinstance(shape, list)
+        and len(shape) == 4
+        and all(isinstance(v, int) for v in shape)
+        and shape[:3] == [2, n_layer, n_head]
+        and 0 < shape[3] <= n_cells
+        and len(data) == 4 * int(np.prod(shape))
+    )
     if not ok:
-        raise SessionError(f"{path} holds cell scores of shape {shape} ({len(data)} bytes), which do not fit its "
-                           f"cache of {n_cells} cells, {n_layer} layers and {n_head} heads")
+        raise SessionError(
+            f"{path} holds cell scores of shape {shape} ({len(data)} bytes), which do not fit its "
+            f"cache of {n_cells} cells, {n_layer} layers and {n_head} heads"
+        )
     scores = np.frombuffer(data, dtype="<f4").reshape(shape).astype(np.float32)
     return {"max": np.ascontiguousarray(scores[0]), "mean": np.ascontiguousarray(scores[1])}

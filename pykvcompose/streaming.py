@@ -1,12 +1,8 @@
 """Streaming past ``n_ctx``: the one make-room loop, its schedule and its probes.
 
 A prompt longer than the cache, a long generation or a DecodingPress's interval compresses a cache that
-already holds composite cells. :class:`StreamPolicy` (``Llama(kv_stream=...)``) says how: "fill" frees
-only what the next chunk needs and ranks the cells by scores each chunk's reconstruct probe left with
-them (and by a streamed prompt's question, when the press looks ahead); "ratio" compresses to the
-press's ratio, re-scored by the newest tokens. The functions below the policy decide, per kind of
-press, what it frees and when; presses themselves only score and select.
-"""
+already holds composite cells; :class:`StreamPolicy` (``Llama(kv_stream=...)``) says how. The functions
+below it decide, per kind of press, what it frees and when: presses themselves only score and select."""
 
 from __future__ import annotations
 
@@ -17,8 +13,7 @@ from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import _native, rewrite
-from . import compression
+from . import _native, compression, rewrite
 from .presses.base_press import BasePress, check_int, check_number
 from .presses.decoding_press import DecodingPress
 from .presses.prefill_decoding_press import PrefillDecodingPress
@@ -83,14 +78,17 @@ class StreamPolicy:
         if self.chunk is None:
             return max(1, min(256, n_batch, n_ctx // 8))
         if 2 * self.chunk >= n_ctx:
-            raise ValueError(f"kv_chunk ({self.chunk}) must be below n_ctx / 2 ({n_ctx / 2:g}): a full cache "
-                             "keeps n_ctx - 2 * kv_chunk cells")
+            raise ValueError(
+                f"kv_chunk ({self.chunk}) must be below n_ctx / 2 ({n_ctx / 2:g}): a full cache "
+                "keeps n_ctx - 2 * kv_chunk cells"
+            )
         return self.chunk
 
 
 # ---- what each kind of press frees, and when ---------------------------------------------------
 def frees_cells(press: Optional[Press]) -> bool:
-    """Whether compressing a full cache with ``press`` frees cells (so prompts and generations may run past ``n_ctx``)."""
+    """Whether compressing a full cache with ``press`` frees cells (so prompts and generations may run past
+    ``n_ctx``)."""
     if isinstance(press, BasePress):
         return press.compression_ratio > 0
     if isinstance(press, PrefillDecodingPress):
@@ -112,12 +110,15 @@ def phase_press(press: Optional[Press], phase: str) -> Optional[Press]:
         raise ValueError(f"phase must be 'prefill' or 'decode', got {phase!r}")
     if not isinstance(press, PrefillDecodingPress):
         return press if frees_cells(press) else None
-    order = (press.decoding_press, press.prefilling_press) if phase == "decode" else (
-        press.prefilling_press, press.decoding_press)
+    order = (
+        (press.decoding_press, press.prefilling_press)
+        if phase == "decode"
+        else (press.prefilling_press, press.decoding_press)
+    )
     return next((p for p in order if frees_cells(p)), None)
 
 
-def room_press(engine: "Engine") -> Optional[Press]:
+def room_press(engine: Engine) -> Optional[Press]:
     """The press that frees cells now (None: the cache is never compressed to make room)."""
     return phase_press(engine.room_override or engine.press, engine.conv.phase)
 
@@ -152,8 +153,10 @@ def check_cache(press: Optional[Press], n_ctx: int) -> None:
         for part in (press.prefilling_press, press.decoding_press):
             check_cache(part, n_ctx)
     elif isinstance(press, DecodingPress) and press.target_size >= n_ctx - 1:
-        raise ValueError(f"DecodingPress.target_size ({press.target_size}) must be below n_ctx - 1 "
-                         f"({n_ctx - 1}) so that a compression frees cells")
+        raise ValueError(
+            f"DecodingPress.target_size ({press.target_size}) must be below n_ctx - 1 "
+            f"({n_ctx - 1}) so that a compression frees cells"
+        )
 
 
 def scores_chunks(press: Press) -> bool:
@@ -172,7 +175,7 @@ def question_agnostic(press: BasePress) -> BasePress:
 
 
 # ---- the make-room loop ------------------------------------------------------------------------
-def stream(engine: "Engine", tokens: Sequence[int]) -> None:
+def stream(engine: Engine, tokens: Sequence[int]) -> None:
     """Decode ``tokens`` after the history, compressing the cache whenever it is full (or a DecodingPress
     is due).
 
@@ -221,11 +224,11 @@ def stream(engine: "Engine", tokens: Sequence[int]) -> None:
                 begin_chunk(engine, press)
             if due is not None:
                 n = min(n, due)  # compress exactly every compression_interval tokens
-            piece = tokens[done: done + n]
+            piece = tokens[done : done + n]
 
             def decode() -> None:
                 for start in range(0, len(piece), engine.n_batch):
-                    engine.decode(piece[start: start + engine.n_batch])
+                    engine.decode(piece[start : start + engine.n_batch])
 
             if scored:
                 _timed(conv, "prefill", decode)
@@ -247,7 +250,7 @@ def _timed(conv, stage: str, run):
         conv.stream_seconds[stage] += time.perf_counter() - t0
 
 
-def make_room(engine: "Engine", press: Press, trigger: str) -> None:
+def make_room(engine: Engine, press: Press, trigger: str) -> None:
     """Compress the cache, whatever it holds (composite cells and newer tokens), to free cells.
 
     With "fill" a full cache frees only what the next chunk needs (and, for presses that score chunks, its
@@ -264,8 +267,10 @@ def make_room(engine: "Engine", press: Press, trigger: str) -> None:
     if policy.room == "fill" and not isinstance(press, DecodingPress) and trigger == "cache full":
         keep = engine.shape.n_ctx - engine.chunk * (2 if persisted else 1)
     if keep >= cells or keep < 1 or (trigger == "cache full" and keep >= engine.shape.n_ctx):
-        raise ValueError(f"Requested tokens ({conv.n_tokens + 1}) exceed context window of {engine.shape.n_ctx}: "
-                         f"{type(press).__name__} keeps {keep} of {cells} cells")
+        raise ValueError(
+            f"Requested tokens ({conv.n_tokens + 1}) exceed context window of {engine.shape.n_ctx}: "
+            f"{type(press).__name__} keeps {keep} of {cells} cells"
+        )
     t0 = time.perf_counter()
     consensus = 0.0
     if persisted and score_cells(engine):
@@ -292,21 +297,37 @@ def make_room(engine: "Engine", press: Press, trigger: str) -> None:
         result, origin = rewrite.rewrite_cells(engine, selection, cells)
         return result, origin, False
 
-    compression.compress(engine, scorer, probe, keep, write, name=type(press).__name__, ratio=1.0 - keep / cells,
-             trigger=trigger, probe_queries=measured.size if measured is not None else 0,
-             prefill_seconds=0.0, probe_seconds=time.perf_counter() - t0, consensus=consensus)
+    compression.compress(
+        engine,
+        scorer,
+        probe,
+        keep,
+        write,
+        name=type(press).__name__,
+        ratio=1.0 - keep / cells,
+        trigger=trigger,
+        probe_queries=measured.size if measured is not None else 0,
+        prefill_seconds=0.0,
+        probe_seconds=time.perf_counter() - t0,
+        consensus=consensus,
+    )
 
 
 # ---- probes of a full cache ----------------------------------------------------------------------
-def cells_probe(engine: "Engine", cells: int) -> Probe:
+def cells_probe(engine: Engine, cells: int) -> Probe:
     """A probe of the cache's first ``cells`` cells with no attention yet; norms read on demand."""
     shape = engine.shape
-    return Probe(shape.n_layer, shape.n_head, shape.n_head_kv, cells,
-                 norms=lambda part: _native.context_norms(engine.ctx_ptr, part, shape.n_layer, shape.n_head_kv, cells),
-                 description="none")
+    return Probe(
+        shape.n_layer,
+        shape.n_head,
+        shape.n_head_kv,
+        cells,
+        norms=lambda part: _native.context_norms(engine.ctx_ptr, part, shape.n_layer, shape.n_head_kv, cells),
+        description="none",
+    )
 
 
-def recent_probe(engine: "Engine", press: BasePress, window: int, cells: int) -> Tuple[Probe, Optional[ProbeSpec]]:
+def recent_probe(engine: Engine, press: BasePress, window: int, cells: int) -> Tuple[Probe, Optional[ProbeSpec]]:
     """A probe of the cache's ``cells`` cells from the attention of its newest ``window`` tokens, and its spec
     (None for presses without a probe, which score from the cache alone).
 
@@ -320,7 +341,7 @@ def recent_probe(engine: "Engine", press: BasePress, window: int, cells: int) ->
     conv = engine.conv
     w = max(1, min(window, conv.n_tokens - conv.compressed_len, engine.n_batch))
     start = conv.n_tokens - w
-    recent = conv.input_ids[start: conv.n_tokens].tolist()
+    recent = conv.input_ids[start : conv.n_tokens].tolist()
     engine.remove(start)
     conv.n_tokens = start
     try:
@@ -336,7 +357,7 @@ def recent_probe(engine: "Engine", press: BasePress, window: int, cells: int) ->
     return probe, spec
 
 
-def begin_chunk(engine: "Engine", press: Press) -> None:
+def begin_chunk(engine: Engine, press: Press) -> None:
     """Capture the attention of every token prefilled until the next compression ("ratio"), for presses
     that score streamed chunks: the chunk's tokens are the queries that stand in for the press's probe.
     Other presses keep their window."""
@@ -350,7 +371,7 @@ def begin_chunk(engine: "Engine", press: Press) -> None:
     engine.conv.chunk_start = engine.conv.n_tokens
 
 
-def end_chunk(engine: "Engine"):
+def end_chunk(engine: Engine):
     """End a chunk capture; its (max, mean) scores over the cache's columns, or None if none ran."""
     if engine.conv.chunk_start is None:
         return None
@@ -359,18 +380,21 @@ def end_chunk(engine: "Engine"):
     return engine.capture_scores()
 
 
-def chunk_probe(engine: "Engine", cells: int) -> Tuple[Probe, ProbeSpec]:
+def chunk_probe(engine: Engine, cells: int) -> Tuple[Probe, ProbeSpec]:
     """A probe of the cache's ``cells`` cells from the chunk capture (see ``begin_chunk``), and its spec."""
     queries = engine.conv.n_tokens - engine.conv.chunk_start
     mx, mean = end_chunk(engine)
     probe = cells_probe(engine, cells)
     spec = ProbeSpec(ProbeKind.CHUNK, queries)
-    probe.attention[spec] = {"max": np.ascontiguousarray(mx[..., :cells]), "mean": np.ascontiguousarray(mean[..., :cells])}
+    probe.attention[spec] = {
+        "max": np.ascontiguousarray(mx[..., :cells]),
+        "mean": np.ascontiguousarray(mean[..., :cells]),
+    }
     probe.description = f"the {queries} tokens since the last compression"
     return probe, spec
 
 
-def score_cells(engine: "Engine") -> bool:
+def score_cells(engine: Engine) -> bool:
     """Give every cell without a persisted score one: the cells' own tokens (the unscored tail) are
     decoded once more after everything the cache holds with the capture on, one chunk at a time, the
     oldest first (KVzip's chunked reconstruction: each token is scored once, by a probe that sees the
@@ -383,7 +407,7 @@ def score_cells(engine: "Engine") -> bool:
     return True
 
 
-def _score_chunk(engine: "Engine") -> bool:
+def _score_chunk(engine: Engine) -> bool:
     """``score_cells`` for the oldest unscored chunk (False, changing nothing: no room for its probe)."""
     conv, shape = engine.conv, engine.shape
     cells = conv.cells
@@ -391,10 +415,10 @@ def _score_chunk(engine: "Engine") -> bool:
     single = max(first, conv.compressed_cells)  # the first unscored cell that holds one token
     if single < cells:
         start = conv.n_tokens - (cells - single)
-        queries = conv.input_ids[start: start + min(cells - single, engine.chunk)].tolist()
+        queries = conv.input_ids[start : start + min(cells - single, engine.chunk)].tolist()
         scored = single + len(queries)  # (composite cells without scores before them are scored too)
     else:  # composite cells without scores (a restored session or state) are scored by the newest tokens
-        queries = conv.input_ids[max(0, conv.n_tokens - engine.chunk): conv.n_tokens].tolist()
+        queries = conv.input_ids[max(0, conv.n_tokens - engine.chunk) : conv.n_tokens].tolist()
         scored = cells
     free = shape.n_ctx - cells
     if engine.capture is None or not queries or free < min(len(queries), 2):
@@ -414,17 +438,20 @@ def _score_chunk(engine: "Engine") -> bool:
     return True
 
 
-def persisted_probe(engine: "Engine") -> Probe:
+def persisted_probe(engine: Engine) -> Probe:
     """A probe of every cell from its persisted score (see ``score_cells``)."""
     cells = engine.conv.cells
     probe = cells_probe(engine, cells)
     scores = engine.conv.cell_scores
-    probe.attention[ProbeSpec(ProbeKind.PERSISTED)] = {"max": scores["max"][..., :cells], "mean": scores["mean"][..., :cells]}
+    probe.attention[ProbeSpec(ProbeKind.PERSISTED)] = {
+        "max": scores["max"][..., :cells],
+        "mean": scores["mean"][..., :cells],
+    }
     probe.description = "each chunk's reconstruct probe, persisted"
     return probe
 
 
-def question_probe(engine: "Engine", probe: Probe, tail: int, lookahead: int) -> Optional[ProbeSpec]:
+def question_probe(engine: Engine, probe: Probe, tail: int, lookahead: int) -> Optional[ProbeSpec]:
     """Score the cache's cells by the prompt's question, for a compression that makes room while the
     prompt streams in: the prompt's last ``tail`` tokens (``conv.question``; where the question usually
     is) are decoded after everything the cache holds, then up to ``lookahead`` tokens the model writes
@@ -438,7 +465,7 @@ def question_probe(engine: "Engine", probe: Probe, tail: int, lookahead: int) ->
     free = shape.n_ctx - cells
     if not question or engine.capture is None or free < 2:
         return None
-    question = question[-(free - 1):]  # at least one draft
+    question = question[-(free - 1) :]  # at least one draft
     k = min(int(lookahead), free - len(question))
     if conv.holes:
         engine.compact()  # capture columns must be cells 0..cells-1
@@ -446,7 +473,9 @@ def question_probe(engine: "Engine", probe: Probe, tail: int, lookahead: int) ->
 
     def decode() -> None:
         for start in range(0, len(question), engine.n_batch):
-            engine.batch.set_batch(batch=question[start: start + engine.n_batch], n_past=base + start, logits_all=False)
+            engine.batch.set_batch(
+                batch=question[start : start + engine.n_batch], n_past=base + start, logits_all=False
+            )
             engine.ctx.decode(engine.batch)
         greedy_drafts(engine, base + len(question), k)
 

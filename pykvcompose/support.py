@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -59,9 +60,15 @@ def model_shape(model, metadata: Dict[str, Any], n_ctx: int) -> ModelShape:
     if n_layers == 0:  # vocab_only=True: no hyperparameters were loaded (llama_model_n_head would abort)
         return ModelShape(arch=arch, n_model_layers=0, n_head=0, n_head_kv=0, n_swa=0, layers=[], n_ctx=n_ctx)
     n_swa = int(llama_cpp.llama_model_n_swa(model))
-    return ModelShape(arch=arch, n_model_layers=n_layers, n_head=int(llama_cpp.llama_model_n_head(model)),
-                      n_head_kv=int(llama_cpp.llama_model_n_head_kv(model)), n_swa=n_swa,
-                      layers=full_attention_layers(arch, metadata, n_layers, n_swa) or [], n_ctx=n_ctx)
+    return ModelShape(
+        arch=arch,
+        n_model_layers=n_layers,
+        n_head=int(llama_cpp.llama_model_n_head(model)),
+        n_head_kv=int(llama_cpp.llama_model_n_head_kv(model)),
+        n_swa=n_swa,
+        layers=full_attention_layers(arch, metadata, n_layers, n_swa) or [],
+        n_ctx=n_ctx,
+    )
 
 
 def full_attention_layers(arch: str, metadata: Dict[str, Any], n_layers: int, n_swa: int) -> Optional[List[int]]:
@@ -92,8 +99,10 @@ def why_unsupported(model, metadata: Dict[str, Any], shape: ModelShape) -> Optio
     if llama_cpp.llama_model_has_encoder(model):
         return f"KV compression is not implemented for the encoder-decoder architecture {arch!r}"
     if not shape.layers:
-        return (f"KV compression is not implemented for the sliding-window attention architecture {arch!r}: "
-                "which of its layers attend to the whole context is not known here")
+        return (
+            f"KV compression is not implemented for the sliding-window attention architecture {arch!r}: "
+            "which of its layers attend to the whole context is not known here"
+        )
     if shape.n_head_kv <= 0 or shape.n_head % shape.n_head_kv != 0:
         return f"architecture {arch!r} has {shape.n_head} query heads and {shape.n_head_kv} kv heads"
     if any(k.endswith(".attention.kv_lora_rank") for k in metadata):
@@ -108,7 +117,8 @@ def check_cache_layers(shape: ModelShape, state_info: Dict[str, Any]) -> None:
         raise NotImplementedError(
             f"KV compression of {shape.arch!r}: its cache holds {state_info['n_layer']} layers "
             f"({state_info['swa_n_layer']} more in a sliding-window cache), expected {shape.n_layer} "
-            f"(layers {shape.layers}); this layer layout is not supported")
+            f"(layers {shape.layers}); this layer layout is not supported"
+        )
 
 
 def window_fits(shape: ModelShape, n_ubatch: int) -> bool:
@@ -116,3 +126,11 @@ def window_fits(shape: ModelShape, n_ubatch: int) -> bool:
     so an iSWA model's sliding-window cache (as large as ``n_ctx`` in llama-cpp-python) must hold
     the window and a batch by itself."""
     return shape.n_swa == 0 or shape.n_ctx >= shape.n_swa + n_ubatch
+
+
+def default_threads() -> int:
+    """The cores this process may use (llama-cpp-python's default thread count is lower)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)

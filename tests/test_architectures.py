@@ -9,12 +9,20 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from pykvcompose import KVComposePress, Llama, _native
+from helpers import (
+    N_THREADS,
+    evict_with_llama_cpp,
+    greedy,
+    last_logits,
+    logits_after,
+    logits_after_compacting,
+    seq_state,
+)
 from kvbench.haystack import haystack_text
-
-from conftest import (N_THREADS, evict_with_llama_cpp, greedy, last_logits, logits_after, logits_after_compacting,
-                      seq_state)
+from pykvcompose import KVComposePress, Llama, _native
 from tiny_models import MODELS, model_file
+
+pytestmark = pytest.mark.model
 
 SUPPORTED = [m for m in MODELS if m.supported]
 REFUSED = [m for m in MODELS if not m.supported]
@@ -37,8 +45,9 @@ def _ours(spec, flash_attn, **kw):
 
 
 def _stock(spec, flash_attn):
-    return llama_cpp.Llama(str(model_file(spec)), n_ctx=N_CTX, n_batch=N_CTX, flash_attn=flash_attn,
-                           n_threads=N_THREADS, verbose=False)
+    return llama_cpp.Llama(
+        str(model_file(spec)), n_ctx=N_CTX, n_batch=N_CTX, flash_attn=flash_attn, n_threads=N_THREADS, verbose=False
+    )
 
 
 def _swa_bytes(llm) -> int:
@@ -52,8 +61,10 @@ def _swa_bytes(llm) -> int:
 def matrix():
     """(spec, flash attention) parameters with readable ids."""
     return pytest.mark.parametrize(
-        "spec,flash_attn", [(m, fa) for m in SUPPORTED for fa in FLASH],
-        ids=[f"{m.name}-{'fa' if fa else 'nofa'}" for m in SUPPORTED for fa in FLASH])
+        "spec,flash_attn",
+        [(m, fa) for m in SUPPORTED for fa in FLASH],
+        ids=[f"{m.name}-{'fa' if fa else 'nofa'}" for m in SUPPORTED for fa in FLASH],
+    )
 
 
 @matrix()
@@ -118,8 +129,8 @@ def test_a_token_level_selection_is_llama_cpp_eviction(spec, flash_attn, tokens)
             # llama.cpp evicts from both caches; ours rewrites the global one and keeps the window
             swa = _swa_bytes(m)
             assert swa > 0
-            assert ours[:len(ours) - swa] == ref_state[:len(ref_state) - ref_swa]
-            assert ours[len(ours) - swa:] == before[len(before) - swa:]
+            assert ours[: len(ours) - swa] == ref_state[: len(ref_state) - ref_swa]
+            assert ours[len(ours) - swa :] == before[len(before) - swa :]
         else:
             assert ours == ref_state
             m.eval(last)
@@ -157,8 +168,9 @@ def test_a_composite_rewrite_is_the_same_through_the_state_and_the_tensors(spec,
 
         if probe.in_place:
             m.load_state(before)
-            tensors = _native.context_compose_tensors(m._ctx.ctx, m._kv_capture, np.arange(n, dtype=np.int32),
-                                                      selection)
+            tensors = _native.context_compose_tensors(
+                m._ctx.ctx, m._kv_capture, np.arange(n, dtype=np.int32), selection
+            )
             assert tensors == state
             assert seq_state(m) == expected
             m.n_tokens = n
@@ -179,7 +191,7 @@ def test_the_captured_probe_attention_is_a_distribution(spec, flash_attn, tokens
     m = _ours(spec, flash_attn)
     try:
         runs = {}
-        for recompute in ([False, True] if not flash_attn else [None]):
+        for recompute in [False, True] if not flash_attn else [None]:
             if recompute is not None:
                 m._kv_capture.set_recompute(recompute)
             m.reset()
@@ -222,6 +234,7 @@ def test_a_compressed_session_saves_and_loads(spec, flash_attn, tokens, tmp_path
 
 # ---- refused architectures ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("spec", REFUSED, ids=[m.name for m in REFUSED])
 def test_an_unsupported_architecture_is_refused_by_name(spec):
     path = str(model_file(spec))
@@ -237,7 +250,9 @@ def test_an_unsupported_architecture_is_refused_by_name(spec):
         m.close()
 
 
-@pytest.mark.parametrize("spec", [m for m in REFUSED if m.arch != "t5"], ids=[m.name for m in REFUSED if m.arch != "t5"])
+@pytest.mark.parametrize(
+    "spec", [m for m in REFUSED if m.arch != "t5"], ids=[m.name for m in REFUSED if m.arch != "t5"]
+)
 def test_a_refused_model_keeps_its_cache_untouched(spec, tokens):
     """compress_context and kv_probe with an explicit press refuse before touching the cache (t5's
     decoder needs an encoder pass first, which llama-cpp-python's eval does not make)."""
@@ -245,8 +260,10 @@ def test_a_refused_model_keeps_its_cache_untouched(spec, tokens):
     try:
         m.eval(tokens[:50])
         before = seq_state(m)
-        for call in (lambda: m.compress_context(tokens[:60], KVComposePress(0.5)),
-                     lambda: m.kv_probe(tokens[:60], [KVComposePress(0.5)])):
+        for call in (
+            lambda: m.compress_context(tokens[:60], KVComposePress(0.5)),
+            lambda: m.kv_probe(tokens[:60], [KVComposePress(0.5)]),
+        ):
             with pytest.raises(NotImplementedError, match=repr(spec.arch)):
                 call()
             assert seq_state(m) == before and m.n_tokens == 50

@@ -8,8 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from kvbench import metrics, report, runner
 from grid import main as bench_main
+from kvbench import metrics, report, runner
 from kvbench.tasks import NEEDLE_TASKS, TASKS, Sample, score_output
 
 
@@ -36,7 +36,8 @@ def test_task_answers_are_in_the_haystack_and_seeds_reproduce(tokenize, task, se
         counts = collections.Counter(re.findall(r"^\d+\. (\w+)$", s.context, re.M))
         top = {w for w, _ in counts.most_common(len(s.answers))}
         assert top == set(s.answers) and min(counts[a] for a in s.answers) > max(
-            c for w, c in counts.items() if w not in s.answers)
+            c for w, c in counts.items() if w not in s.answers
+        )
     if task == "variable_tracking":  # the value flows through the whole chain
         value = re.search(r"value (\d+)", s.question).group(1)
         assert f"VAR {s.answers[0]} = {value}" in s.context
@@ -93,9 +94,23 @@ def test_perplexity_of_known_distributions():
 
 
 def _rec(press, ratio, task, seed, score, setting="aware", **kw):
-    return dict(model="m", task=task, setting=setting, length=100, seed=seed, press=press, ratio=ratio,
-                score=score, key=f"m|{task}|{setting}|100|{seed}", context_tokens=100, prefill_seconds=1.0,
-                select_seconds=0.01, rewrite_seconds=0.01, decode_tok_s=50.0, **kw)
+    return dict(
+        model="m",
+        task=task,
+        setting=setting,
+        length=100,
+        seed=seed,
+        press=press,
+        ratio=ratio,
+        score=score,
+        key=f"m|{task}|{setting}|100|{seed}",
+        context_tokens=100,
+        prefill_seconds=1.0,
+        select_seconds=0.01,
+        rewrite_seconds=0.01,
+        decode_tok_s=50.0,
+        **kw,
+    )
 
 
 def hand_made_records():
@@ -107,10 +122,32 @@ def hand_made_records():
             recs.append(_rec("kvcompose", 0.75, task, seed, 50.0, layer_budgets=[40, 10]))
             recs.append(_rec("bad", 0.5, task, seed, 0.0))
             recs.append(_rec("bad", 0.75, task, seed, 0.0))
-        recs.append(dict(model="m", task="perplexity", setting="agnostic", length=100, seed=seed, press="full",
-                         ratio=0.0, perplexity=10.0, key=f"m|perplexity|agnostic|100|{seed}"))
-        recs.append(dict(model="m", task="perplexity", setting="agnostic", length=100, seed=seed, press="kvcompose",
-                         ratio=0.5, perplexity=10.5 + seed, key=f"m|perplexity|agnostic|100|{seed}"))
+        recs.append(
+            dict(
+                model="m",
+                task="perplexity",
+                setting="agnostic",
+                length=100,
+                seed=seed,
+                press="full",
+                ratio=0.0,
+                perplexity=10.0,
+                key=f"m|perplexity|agnostic|100|{seed}",
+            )
+        )
+        recs.append(
+            dict(
+                model="m",
+                task="perplexity",
+                setting="agnostic",
+                length=100,
+                seed=seed,
+                press="kvcompose",
+                ratio=0.5,
+                perplexity=10.5 + seed,
+                key=f"m|perplexity|agnostic|100|{seed}",
+            )
+        )
     recs.append({"model": "gemma", "skipped": "not supported: sliding window"})
     return recs
 
@@ -149,25 +186,45 @@ def test_torn_last_line_is_ignored(tmp_path):
     assert runner.load_records(path) == [{"a": 1}]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--presses", "kvcompose,nope"], "unknown press 'nope'"),
-    (["--tasks", "haystack"], "unknown task 'haystack'"),
-    (["--ratios", "0,0.5"], "ratios must lie in"),
-    (["--lengths", "50"], "lengths must be >= 200"),
-    (["--settings", "sideways"], "unknown setting"),
-    (["--styles", "poem"], "unknown style 'poem'"),
-    (["--report-only"], "no results"),
-    (["--models", "nonexistent-model"], "unknown model"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--presses", "kvcompose,nope"], "unknown press 'nope'"),
+        (["--tasks", "haystack"], "unknown task 'haystack'"),
+        (["--ratios", "0,0.5"], "ratios must lie in"),
+        (["--lengths", "50"], "lengths must be >= 200"),
+        (["--settings", "sideways"], "unknown setting"),
+        (["--styles", "poem"], "unknown style 'poem'"),
+        (["--report-only"], "no results"),
+        (["--models", "nonexistent-model"], "unknown model"),
+    ],
+)
 def test_bench_cli_errors(tmp_path, capsys, args, message):
     code = bench_main(args + ["--out", str(tmp_path / "o"), "--quiet"])
     assert code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.model
 def test_tiny_grid_runs_and_resumes(tmp_path, capsys):
-    args = ["--tasks", "niah_single,perplexity", "--presses", "kvcompose,snapkv", "--ratios", "0.5",
-            "--lengths", "300", "--samples", "1", "--settings", "aware", "--models", "smollm2-135m",
-            "--out", str(tmp_path), "--quiet"]
+    args = [
+        "--tasks",
+        "niah_single,perplexity",
+        "--presses",
+        "kvcompose,snapkv",
+        "--ratios",
+        "0.5",
+        "--lengths",
+        "300",
+        "--samples",
+        "1",
+        "--settings",
+        "aware",
+        "--models",
+        "smollm2-135m",
+        "--out",
+        str(tmp_path),
+        "--quiet",
+    ]
     assert bench_main(args) == 0
     first = runner.load_records(tmp_path / "results.jsonl")
     # full + 2 presses for each of the two samples
@@ -186,13 +243,30 @@ def test_tiny_grid_runs_and_resumes(tmp_path, capsys):
     assert (tmp_path / "results.md").exists() and (tmp_path / "results.csv").exists()
 
 
+@pytest.mark.model
 def test_the_default_press_row_probes_as_users_get_it(tmp_path):
     """kvcompose-default is KVComposePress(ratio): its lookahead probe when the question is in the prompt
     and for perplexity (the prompt path), the reconstruct probe when the question follows the compressed
     context (compress_context); "kvcompose" is the published reconstruct probe in every setting."""
-    args = ["--tasks", "niah_single,perplexity", "--presses", "kvcompose,kvcompose-default", "--ratios", "0.5",
-            "--lengths", "300", "--samples", "1", "--settings", "aware,agnostic", "--models", "smollm2-135m",
-            "--out", str(tmp_path), "--quiet"]
+    args = [
+        "--tasks",
+        "niah_single,perplexity",
+        "--presses",
+        "kvcompose,kvcompose-default",
+        "--ratios",
+        "0.5",
+        "--lengths",
+        "300",
+        "--samples",
+        "1",
+        "--settings",
+        "aware,agnostic",
+        "--models",
+        "smollm2-135m",
+        "--out",
+        str(tmp_path),
+        "--quiet",
+    ]
     assert bench_main(args) == 0
     records = [r for r in runner.load_records(tmp_path / "results.jsonl") if r.get("press", "full") != "full"]
     assert len(records) == 6
@@ -214,31 +288,58 @@ def test_power_table_counts_intervals_and_paired_tests():
         recs.append(dict(base, press="variable_tracking-only", ratio=0.5, score=0.0, task="variable_tracking"))
     text = "\n".join(report.power(recs, {"niah_single"}))
     assert "| full cache | 20/20 (84-100%) |" in text
-    assert f"| kvcompose | 15/20 (53-89%), p={2 / 2 ** 5:.2g} vs full |" in text  # 5 discordant, one way
-    assert f"| snapkv | 5/20 (11-47%), p={2 / 2 ** 10:.2g} |" in text
+    assert f"| kvcompose | 15/20 (53-89%), p={2 / 2**5:.2g} vs full |" in text  # 5 discordant, one way
+    assert f"| snapkv | 5/20 (11-47%), p={2 / 2**10:.2g} |" in text
     assert "variable_tracking-only" not in text  # not a needle task
     # with the default press's row in the grid, every other row is compared with it
-    recs += [dict(r, press="kvcompose-default", score=100.0 if r["seed"] < 18 else 0.0) for r in recs
-             if r["press"] == "kvcompose"]
+    recs += [
+        dict(r, press="kvcompose-default", score=100.0 if r["seed"] < 18 else 0.0)
+        for r in recs
+        if r["press"] == "kvcompose"
+    ]
     text = "\n".join(report.power(recs, {"niah_single"}))
-    assert f"| kvcompose-default | 18/20 (70-97%), p={2 / 2 ** 2:.2g} vs full |" in text
-    assert f"| kvcompose | 15/20 (53-89%), p={2 / 2 ** 3:.2g} |" in text  # 3 discordant, one way
+    assert f"| kvcompose-default | 18/20 (70-97%), p={2 / 2**2:.2g} vs full |" in text
+    assert f"| kvcompose | 15/20 (53-89%), p={2 / 2**3:.2g} |" in text  # 3 discordant, one way
     assert "against `kvcompose-default` at the same ratio" in text
 
 
+@pytest.mark.model
 def test_chat_style_and_the_power_grid(tmp_path, capsys):
-    assert runner.chat_question("What is the special magic number for x mentioned in the text above? "
-                                "The special magic number for x is") == \
-        "What is the special magic number for x mentioned in the text above?"
-    assert runner.chat_question("Find all variables that are assigned the value 5 in the text above. Answer: the "
-                                "variables assigned that value are") == \
-        "Find all variables that are assigned the value 5 in the text above."
+    assert (
+        runner.chat_question(
+            "What is the special magic number for x mentioned in the text above? The special magic number for x is"
+        )
+        == "What is the special magic number for x mentioned in the text above?"
+    )
+    assert (
+        runner.chat_question(
+            "Find all variables that are assigned the value 5 in the text above. Answer: the "
+            "variables assigned that value are"
+        )
+        == "Find all variables that are assigned the value 5 in the text above."
+    )
     power = runner.BenchConfig.power()
     assert power.samples >= 20 and set(power.styles) == {"completion", "chat"} and power.lengths == (1500,)
     assert set(power.tasks) == set(NEEDLE_TASKS) and power.ratios == (0.5, 0.75, 0.875)
 
-    args = ["--power", "--tasks", "niah_single", "--presses", "kvcompose,snapkv", "--ratios", "0.5",
-            "--lengths", "300", "--samples", "1", "--models", "smollm2-135m", "--out", str(tmp_path), "--quiet"]
+    args = [
+        "--power",
+        "--tasks",
+        "niah_single",
+        "--presses",
+        "kvcompose,snapkv",
+        "--ratios",
+        "0.5",
+        "--lengths",
+        "300",
+        "--samples",
+        "1",
+        "--models",
+        "smollm2-135m",
+        "--out",
+        str(tmp_path),
+        "--quiet",
+    ]
     assert bench_main(args) == 0
     recs = runner.load_records(tmp_path / "results.jsonl")
     assert len(recs) == 2 * 3 and {r["style"] for r in recs} == {"completion", "chat"}
@@ -250,6 +351,7 @@ def test_chat_style_and_the_power_grid(tmp_path, capsys):
     assert (tmp_path / "score_vs_ratio_smollm2-135m_aware_chat_prompts.png").exists()
 
 
+@pytest.mark.model
 def test_a_passkey_chat_prompt_is_written_in_the_models_own_template(llm):
     """bench/passkey.py and bench/long_context.py once wrote SmolLM2's turns by hand, so Gemma's prompts got the
     wrong template: the turn now comes from the model's chat template."""

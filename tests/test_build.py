@@ -43,9 +43,10 @@ def test_the_binding_is_read_from_the_header_it_ships_with():
 
 def test_header_declarations_become_cdef_text():
     header = (
-        "/* doc */\n#ifndef X\n#define X\n#include <stdint.h>\n#ifdef __cplusplus\nextern \"C\" {\n#endif\n"
-        "#define KVC_API __attribute__((visibility(\"default\")))\n#define KVC_API_VERSION 9\n"
-        "enum kvc_e { KVC_A = 0, /* one */ KVC_B = 2 };\nKVC_API int32_t kvc_f(const float * x, // trailing\n int32_t n);\n"
+        '/* doc */\n#ifndef X\n#define X\n#include <stdint.h>\n#ifdef __cplusplus\nextern "C" {\n#endif\n'
+        '#define KVC_API __attribute__((visibility("default")))\n#define KVC_API_VERSION 9\n'
+        "enum kvc_e { KVC_A = 0, /* one */ KVC_B = 2 };\n"
+        "KVC_API int32_t kvc_f(const float * x, // trailing\n int32_t n);\n"
         "#ifdef __cplusplus\n}\n#endif\n#endif\n"
     )
     cdef = _native.declarations(header)

@@ -4,11 +4,17 @@ import pytest
 
 from pykvcompose.demo import format_table, run_demo
 
+pytestmark = pytest.mark.model
+
 
 def test_demo_rows_and_table():
     rows = run_demo(n_tokens=400, ratios=(0.5,), depth=0.3, quiet=True, stream_ctx=256, published_ratios=(0.75,))
-    assert [r["method"] for r in rows] == ["full cache", "KVCompose 0.5", "KVCompose 0.75, as published",
-                                           "KVCompose streamed, n_ctx=256"]
+    assert [r["method"] for r in rows] == [
+        "full cache",
+        "KVCompose 0.5",
+        "KVCompose 0.75, as published",
+        "KVCompose streamed, n_ctx=256",
+    ]
     full, comp, published, streamed = rows
     # the default's lookahead decodes a few tokens where the published probe prefills the document again
     assert published["cells"] < comp["cells"] and 0 < comp["compress_s"] < published["compress_s"]
@@ -22,5 +28,6 @@ def test_demo_rows_and_table():
     table = format_table(rows)
     assert table.splitlines()[0].startswith("| method | cells | KV MiB |")
     assert len(table.splitlines()) == 6
-    assert [r["method"] for r in run_demo(n_tokens=300, ratios=(), quiet=True, stream_ctx=0, published_ratios=())] \
-        == ["full cache"]
+    assert [r["method"] for r in run_demo(n_tokens=300, ratios=(), quiet=True, stream_ctx=0, published_ratios=())] == [
+        "full cache"
+    ]

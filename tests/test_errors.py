@@ -4,9 +4,10 @@ import llama_cpp
 import numpy as np
 import pytest
 
+from helpers import seq_state
 from pykvcompose import KVComposePress, Llama, _native
 
-from conftest import seq_state
+pytestmark = pytest.mark.model
 
 
 def test_non_press_is_refused(llm):
@@ -21,7 +22,8 @@ def test_a_vocab_only_model_tokenizes_and_refuses_presses(model_path):
     m = Llama(pathlib.Path(model_path), vocab_only=True, verbose=False)  # a Path, as users write it
     try:
         assert m.tokenize(b"hello world") == llama_cpp.Llama(model_path, vocab_only=True, verbose=False).tokenize(
-            b"hello world")
+            b"hello world"
+        )
         with pytest.raises(NotImplementedError, match="vocab_only"):
             m.kv_compress = KVComposePress(0.5)
     finally:
@@ -45,8 +47,13 @@ def test_prompt_longer_than_context(model_path, prompt_tokens):
 
 def test_reconstruct_probe_runs_in_chunks_when_the_cache_is_small(model_path, prompt_tokens):
     n = len(prompt_tokens)
-    m = Llama(model_path, n_ctx=n + 64, n_batch=64, verbose=False,
-              kv_compress=KVComposePress(0.5, min_tokens=16, scoring="reconstruct"))
+    m = Llama(
+        model_path,
+        n_ctx=n + 64,
+        n_batch=64,
+        verbose=False,
+        kv_compress=KVComposePress(0.5, min_tokens=16, scoring="reconstruct"),
+    )
     gen = m.generate(prompt_tokens, temp=0.0)
     next(gen)
     gen.close()
@@ -115,8 +122,9 @@ def test_live_compose_failure_leaves_the_cache_untouched(llm, prompt_tokens):
     llm.eval(prompt_tokens[:40])
     before = seq_state(llm)
     with pytest.raises(ValueError, match="expected 39"):
-        _native.context_compose(llm._ctx.ctx, np.zeros((llm.kv_n_layer, llm.kv_n_head_kv, 1), np.int32),
-                                expected_cells=39)
+        _native.context_compose(
+            llm._ctx.ctx, np.zeros((llm.kv_n_layer, llm.kv_n_head_kv, 1), np.int32), expected_cells=39
+        )
     with pytest.raises(ValueError):
         _native.context_compose(llm._ctx.ctx, np.zeros((llm.kv_n_layer, llm.kv_n_head_kv, 2), np.int32))
     assert seq_state(llm) == before

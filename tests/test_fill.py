@@ -1,16 +1,18 @@
 """kv_room="fill": documents longer than the cache keep it full, and reconstruct-probe presses score each
 chunk once and carry those scores through every rewrite (and into session files)."""
 
+import dataclasses
 import struct
 
 import numpy as np
 import pytest
 
-from pykvcompose import KVComposePress, Llama, SnapKVPress, StreamPolicy, rewrite, session, streaming
-from pykvcompose.compression import gather_heads
+from helpers import greedy, press_ids, press_list, seq_state
 from kvbench.haystack import haystack_text, passkey_cases, passkey_positions, share_kept
+from pykvcompose import KVComposePress, Llama, SnapKVPress, rewrite, session, streaming
+from pykvcompose.compression import gather_heads
 
-from conftest import greedy, press_ids, press_list, seq_state
+pytestmark = pytest.mark.model
 
 N_CTX, CHUNK = 256, 32
 
@@ -113,8 +115,12 @@ def test_scores_persist_through_every_rewrite(filler, long_tokens, monkeypatch):
         before = {agg: a.copy() for agg, a in conv.cell_scores.items()}
         real(engine_, press, trigger)
         origin = conv.origin  # (layers, kv_heads, kept): the positions the new cells hold
-        index = np.stack([[np.searchsorted(positions[l, g], origin[l, g]) for g in range(origin.shape[1])]
-                          for l in range(origin.shape[0])]).astype(np.int32)
+        index = np.stack(
+            [
+                [np.searchsorted(positions[l, g], origin[l, g]) for g in range(origin.shape[1])]
+                for l in range(origin.shape[0])
+            ]
+        ).astype(np.int32)
         assert (np.take_along_axis(positions, index, -1) == origin).all()
         for agg in ("max", "mean"):
             np.testing.assert_array_equal(conv.cell_scores[agg], gather_heads(before[agg], index))
@@ -127,8 +133,11 @@ def test_scores_persist_through_every_rewrite(filler, long_tokens, monkeypatch):
     assert filler.kv_stats["probe"] == "each chunk's reconstruct probe, persisted"
 
 
-@pytest.mark.parametrize("press", press_list(0.5) + press_list(0.5, per_head=False),
-                         ids=press_ids(press_list(0.5) + press_list(0.5, per_head=False)))
+@pytest.mark.parametrize(
+    "press",
+    press_list(0.5) + press_list(0.5, per_head=False),
+    ids=press_ids(press_list(0.5) + press_list(0.5, per_head=False)),
+)
 def test_every_press_streams_and_answers_in_fill_mode(filler, long_tokens, press):
     filler.kv_compress = press
     filler.reset()
@@ -143,8 +152,9 @@ def test_a_session_keeps_the_scores_and_an_old_file_is_rescored(filler, model_pa
     filler.eval(long_tokens[:500])
     scores = filler.kv_cell_scores.copy()
     filler.save_session(tmp_path / "s.kvc")
-    loaded = Llama.load_session(tmp_path / "s.kvc", model_path=model_path, n_batch=128, verbose=False,
-                                kv_room="fill", kv_chunk=CHUNK)
+    loaded = Llama.load_session(
+        tmp_path / "s.kvc", model_path=model_path, n_batch=128, verbose=False, kv_room="fill", kv_chunk=CHUNK
+    )
     try:
         np.testing.assert_array_equal(loaded.kv_cell_scores, scores)
         # a version 1 file (no score section) loads; its cells are scored again when the cache next fills
@@ -153,7 +163,7 @@ def test_a_session_keeps_the_scores_and_an_old_file_is_rescored(filler, model_pa
         header["cell_scores_shape"] = None
         old = tmp_path / "v1.kvc"
         session.write(old, header, state)
-        data = bytearray(old.read_bytes()[:-32 - 8])  # drop the (empty) score section and the checksum
+        data = bytearray(old.read_bytes()[: -32 - 8])  # drop the (empty) score section and the checksum
         data[8:12] = struct.pack("<I", 1)
         old.write_bytes(bytes(data) + session.hashlib.sha256(bytes(data)).digest())
         loaded.load_session(old)
@@ -202,21 +212,26 @@ def test_a_streamed_prompt_is_ranked_by_its_question(filler):
     the cells. The pass key's tokens stay in more heads than when the persisted scores rank
     (``question_tail=0``): the text after a fact does not attend to it, the question does."""
     tok = lambda s: filler.tokenize(s.encode(), add_bos=False)  # noqa: E731
-    (_, key, prompt), = passkey_cases(tok, 700, [0.5])
+    ((_, key, prompt),) = passkey_cases(tok, 700, [0.5])
     tokens = filler.tokenize(prompt.encode())
     needle = passkey_positions(tok, tokens, key)
     kept = {}
+    policy = filler.kv_stream
     for tail in (48, 0):
         filler.kv_compress = KVComposePress(0.5)
-        filler.kv_stream = StreamPolicy(question_tail=tail)
+        filler.kv_stream = dataclasses.replace(policy, question_tail=tail)
         filler.reset()
         greedy(filler, tokens, 1)
-        assert filler.kv_compressions >= 10 and filler.kv_history[:len(tokens)] == tokens
+        assert filler.kv_compressions >= 10 and filler.kv_history[: len(tokens)] == tokens
         # (a cache of 256 cells leaves a chunk's room, 32 cells, for the question and its drafts)
-        assert filler.kv_stats["probe"] == ("the prompt's last 31 tokens and a lookahead of up to 1" if tail else
-                                            "each chunk's reconstruct probe, persisted")
+        assert filler.kv_stats["probe"] == (
+            "the prompt's last 31 tokens and a lookahead of up to 1"
+            if tail
+            else "each chunk's reconstruct probe, persisted"
+        )
         assert 0 < filler.kv_cell_scores.shape[-1] <= filler.kv_cells  # persisted scores, as without a question
         kept[tail] = share_kept(filler.kv_selection, needle)
+    filler.kv_stream = policy
     # measured here: 0.70 of the key's tokens per head with the question (0.52 with each head's own ranking,
     # question_consensus=0), 0.30 by the persisted scores
     assert kept[48].mean() > kept[0].mean() + 0.1, (kept[48].mean(), kept[0].mean())
@@ -287,7 +302,7 @@ def test_a_cell_keeps_the_most_attention_its_question_gave_it(filler, monkeypatc
     one round's attention alone, a pass key's digits were dropped in more heads each round: "73." for
     73352). The prompt's answer forgets those scores with the question."""
     tok = lambda s: filler.tokenize(s.encode(), add_bos=False)  # noqa: E731
-    (_, _, prompt), = passkey_cases(tok, 700, [0.3])
+    ((_, _, prompt),) = passkey_cases(tok, 700, [0.3])
     tokens = filler.tokenize(prompt.encode())
     filler.kv_compress = KVComposePress(0.5)
     filler.reset()
@@ -305,8 +320,12 @@ def test_a_cell_keeps_the_most_attention_its_question_gave_it(filler, monkeypatc
         real_room(engine, press, trigger)
         _, attention, positions = rounds[-1]
         origin = conv.origin
-        index = np.stack([[np.searchsorted(positions[l, g], origin[l, g]) for g in range(origin.shape[1])]
-                          for l in range(origin.shape[0])]).astype(np.int32)
+        index = np.stack(
+            [
+                [np.searchsorted(positions[l, g], origin[l, g]) for g in range(origin.shape[1])]
+                for l in range(origin.shape[0])
+            ]
+        ).astype(np.int32)
         for agg in ("max", "mean"):
             np.testing.assert_array_equal(conv.question_scores[agg], gather_heads(attention[agg], index))
 
@@ -329,7 +348,7 @@ def test_a_question_ranked_compression_keeps_the_same_cells_in_every_head(filler
     every head of every layer keep the same cells, so the pass key's tokens are kept or dropped together
     (each head's own ranking, ``question_consensus=0``, splits them across heads round after round)."""
     tok = lambda s: filler.tokenize(s.encode(), add_bos=False)  # noqa: E731
-    (_, key, prompt), = passkey_cases(tok, 700, [0.3])
+    ((_, key, prompt),) = passkey_cases(tok, 700, [0.3])
     tokens = filler.tokenize(prompt.encode())
     needle = passkey_positions(tok, tokens, key)
     real_room = streaming.make_room
@@ -340,9 +359,10 @@ def test_a_question_ranked_compression_keeps_the_same_cells_in_every_head(filler
         selections.append(engine.conv.selection.copy())
 
     monkeypatch.setattr(streaming, "make_room", recording)
+    policy = filler.kv_stream
     for consensus in (1.0, 0.0):
         filler.kv_compress = KVComposePress(0.5)
-        filler.kv_stream = StreamPolicy(question_consensus=consensus)
+        filler.kv_stream = dataclasses.replace(policy, question_consensus=consensus)
         filler.reset()
         selections.clear()
         greedy(filler, tokens, 1)
@@ -354,4 +374,4 @@ def test_a_question_ranked_compression_keeps_the_same_cells_in_every_head(filler
         else:
             assert not any(same)
             assert share_kept(filler.kv_selection, needle).std() > 0  # the key's tokens in some heads, not others
-    filler.kv_stream = StreamPolicy()
+    filler.kv_stream = policy

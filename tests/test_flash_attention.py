@@ -5,10 +5,11 @@ import llama_cpp
 import numpy as np
 import pytest
 
+from helpers import greedy
 from pykvcompose import KVComposePress, Llama
 from pykvcompose.presses import SnapKVPress
 
-from conftest import greedy
+pytestmark = pytest.mark.model
 
 F16, Q8_0, Q4_0 = llama_cpp.GGML_TYPE_F16, llama_cpp.GGML_TYPE_Q8_0, llama_cpp.GGML_TYPE_Q4_0
 
@@ -33,8 +34,15 @@ def test_recomputed_attention_selects_the_tokens_kq_soft_max_selects(model_path,
 
 @pytest.mark.parametrize("type_k,type_v", [(F16, F16), (Q8_0, Q8_0), (Q4_0, Q4_0)], ids=["f16", "q8_0", "q4_0"])
 def test_flash_attention_caches_are_compressed(model_path, prompt_tokens, type_k, type_v):
-    m = Llama(model_path, n_ctx=1024, flash_attn=True, type_k=type_k, type_v=type_v, verbose=False,
-              kv_compress=KVComposePress(0.5, min_tokens=16))
+    m = Llama(
+        model_path,
+        n_ctx=1024,
+        flash_attn=True,
+        type_k=type_k,
+        type_v=type_v,
+        verbose=False,
+        kv_compress=KVComposePress(0.5, min_tokens=16),
+    )
     ctx = prompt_tokens[:-1]
     m.eval(ctx[:-8])
     # every probe query's attention is a distribution over the cells it sees
@@ -44,14 +52,17 @@ def test_flash_attention_caches_are_compressed(model_path, prompt_tokens, type_k
     m.reset()
     out = greedy(m, prompt_tokens, 8)
     assert len(out) == 8
-    assert m.kv_stats["cells_after"] == KVComposePress(0.5).n_kept(len(ctx)) and m.kv_stats["probe"].startswith("lookahead of")
+    assert m.kv_stats["cells_after"] == KVComposePress(0.5).n_kept(len(ctx)) and m.kv_stats["probe"].startswith(
+        "lookahead of"
+    )
     assert m.kv_selection.shape[-1] == m.kv_stats["cells_after"]
     m.close()
 
 
 def test_flash_attention_with_a_window_press_past_n_ctx(model_path, prompt_tokens):
-    m = Llama(model_path, n_ctx=256, flash_attn=True, type_k=Q8_0, type_v=Q8_0, verbose=False,
-              kv_compress=SnapKVPress(0.5))
+    m = Llama(
+        model_path, n_ctx=256, flash_attn=True, type_k=Q8_0, type_v=Q8_0, verbose=False, kv_compress=SnapKVPress(0.5)
+    )
     toks = (prompt_tokens * 2)[:600]
     m.eval(toks)
     assert m.kv_compressions >= 2 and m.kv_cells <= 256 and m.n_tokens == 600

@@ -60,7 +60,18 @@ def test_a_wrong_composition_is_a_finding(monkeypatch):
 
 
 def test_atheris_short_run(tmp_path):
-    run = subprocess.run([sys.executable, str(ROOT / "fuzz" / "fuzz_native.py"), "-runs=2000", "-max_len=4096",
-                          str(tmp_path), str(CORPUS)], capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "fuzz" / "fuzz_native.py"),
+            "-runs=2000",
+            "-max_len=4096",
+            str(tmp_path),
+            str(CORPUS),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "Done 2000 runs" in run.stderr

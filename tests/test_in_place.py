@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 import pykvcompose.llama as llama_module
+from helpers import last_logits, seq_state
 from pykvcompose import KVComposePress, Llama, _native
 
-from conftest import last_logits, seq_state
+pytestmark = pytest.mark.model
 
 F16, Q8_0 = llama_cpp.GGML_TYPE_F16, llama_cpp.GGML_TYPE_Q8_0
 
@@ -105,8 +106,12 @@ def test_a_cache_that_is_not_the_probed_cells_is_refused_untouched(model_path, p
     assert llama_cpp.llama_memory_seq_rm(mem, 0, n - 1, -1)  # one cell fewer than the probe saw
     before = seq_state(m)
     with pytest.raises(_native.UnsupportedCacheError, match="bytes"):
-        _native.context_compose_tensors(m._ctx.ctx, m._kv_capture, np.arange(n, dtype=np.int32),
-                                        press.select(press.score(probe), press.n_kept(n), forced=[n - 1]))
+        _native.context_compose_tensors(
+            m._ctx.ctx,
+            m._kv_capture,
+            np.arange(n, dtype=np.int32),
+            press.select(press.score(probe), press.n_kept(n), forced=[n - 1]),
+        )
     with pytest.raises(_native.UnsupportedCacheError, match="positions"):
         _native.context_compose_tensors(m._ctx.ctx, m._kv_capture, np.arange(1, n, dtype=np.int32), selection)
     assert seq_state(m) == before
@@ -131,11 +136,11 @@ def test_visibility_counts_the_queries_that_see_each_cell(llm, prompt_tokens):
     n, w = len(prompt_tokens), 16
     llm._drop_cache()
     llm.eval(prompt_tokens[: n - w])
-    llm._engine.captured(lambda: llm.eval(prompt_tokens[n - w:]), n + 8)
+    llm._engine.captured(lambda: llm.eval(prompt_tokens[n - w :]), n + 8)
     seen = llm._kv_capture.visibility()
     # cells before the window: seen by every query; window cell j: by the queries at positions >= j;
     # cells beyond the sequence: by none
     np.testing.assert_array_equal(seen[: n - w], w)
-    np.testing.assert_array_equal(seen[n - w: n], np.arange(w, 0, -1))
+    np.testing.assert_array_equal(seen[n - w : n], np.arange(w, 0, -1))
     np.testing.assert_array_equal(seen[n:], 0)
     llm.reset()

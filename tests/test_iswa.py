@@ -8,13 +8,14 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from pykvcompose import KVComposePress, Llama, _native, support
-from kvbench.runner import gemma3_270m_path
-from pykvcompose.demo import answer
+from helpers import last_logits, press_ids, press_list, seq_state
 from kvbench.haystack import haystack_text, passkey_cases
+from kvbench.runner import gemma3_270m_path
+from pykvcompose import KVComposePress, Llama, _native, support
+from pykvcompose.demo import answer
 from pykvcompose.presses import SnapKVPress, StreamingLLMPress
 
-from conftest import last_logits, press_ids, press_list, seq_state
+pytestmark = pytest.mark.model
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +132,7 @@ def test_a_session_round_trips(gemma, gemma_path, doc, tmp_path):
 def test_pass_key_retrieval_with_the_global_layers_compressed(gemma):
     """One of the measured cases (bench/passkey.py --model gemma3-270m has them all)."""
     tok = lambda s: gemma.tokenize(s.encode(), add_bos=False)  # noqa: E731
-    (_, key, prompt), = passkey_cases(tok, 300, [0.2])
+    ((_, key, prompt),) = passkey_cases(tok, 300, [0.2])
     toks = gemma.tokenize(prompt.encode())
     gemma.kv_compress = None
     gemma.reset()
@@ -145,9 +146,13 @@ def test_pass_key_retrieval_with_the_global_layers_compressed(gemma):
 def test_an_unknown_sliding_window_layout_is_refused_naming_the_architecture(gemma, monkeypatch):
     monkeypatch.setitem(gemma.metadata, "general.architecture", "mystery")
     engine = gemma._engine
-    shape = dataclasses.replace(engine.shape, arch="mystery",
-                                layers=support.full_attention_layers("mystery", gemma.metadata,
-                                                                     engine.shape.n_model_layers, engine.shape.n_swa))
+    shape = dataclasses.replace(
+        engine.shape,
+        arch="mystery",
+        layers=support.full_attention_layers(
+            "mystery", gemma.metadata, engine.shape.n_model_layers, engine.shape.n_swa
+        ),
+    )
     assert shape.layers is None
     shape.layers = []
     monkeypatch.setattr(engine, "shape", shape)
@@ -184,5 +189,6 @@ def test_the_bench_chat_style_writes_gemma_turns_without_a_template(gemma):
 
     class NoTemplate:  # a model whose GGUF names no template and an architecture without a known format
         metadata = {"general.architecture": "mamba"}
+
     with pytest.raises(ValueError, match="mamba model has none"):
         runner.chat_prompt(NoTemplate(), "x", "y")

@@ -4,9 +4,10 @@ import llama_cpp
 import numpy as np
 import pytest
 
+from helpers import evict_with_llama_cpp, last_logits, logits_after, logits_after_compacting, seq_state
 from pykvcompose import KVComposePress, Llama, _native
 
-from conftest import evict_with_llama_cpp, last_logits, logits_after, logits_after_compacting, seq_state
+pytestmark = pytest.mark.model
 
 F32, F16, BF16 = llama_cpp.GGML_TYPE_F32, llama_cpp.GGML_TYPE_F16, 30  # GGML_TYPE_BF16 (not exported by llama_cpp)
 Q8_0, Q4_0 = llama_cpp.GGML_TYPE_Q8_0, llama_cpp.GGML_TYPE_Q4_0
@@ -30,8 +31,16 @@ def test_ratio_zero_gives_logits_identical_to_llama_cpp(llm, plain_llm, prompt_t
 
 @pytest.mark.parametrize(
     "type_k,type_v,flash_attn",
-    [(F16, F16, False), (F32, F32, False), (BF16, BF16, False), (Q8_0, F16, False), (Q4_0, F16, False),
-     (F16, F16, True), (Q8_0, Q8_0, True), (Q4_0, Q4_0, True)],
+    [
+        (F16, F16, False),
+        (F32, F32, False),
+        (BF16, BF16, False),
+        (Q8_0, F16, False),
+        (Q4_0, F16, False),
+        (F16, F16, True),
+        (Q8_0, Q8_0, True),
+        (Q4_0, Q4_0, True),
+    ],
     ids=["f16", "f32", "bf16", "q8_0-k", "q4_0-k", "f16-plain-v", "q8_0-plain-v", "q4_0-plain-v"],
 )
 def test_same_tokens_in_every_head_equals_llama_eviction(model_path, prompt_tokens, type_k, type_v, flash_attn):
@@ -101,8 +110,16 @@ def test_kv_stats_fields(llm, prompt_tokens):
     llm.reset()
     logits_after(llm, prompt_tokens)
     st = llm.kv_stats
-    for key in ("tokens", "cells_before", "cells_after", "kv_bytes_before", "kv_bytes_after", "prefill_seconds",
-                "compress_seconds", "layer_budgets"):
+    for key in (
+        "tokens",
+        "cells_before",
+        "cells_after",
+        "kv_bytes_before",
+        "kv_bytes_after",
+        "prefill_seconds",
+        "compress_seconds",
+        "layer_budgets",
+    ):
         assert key in st
     assert st["tokens"] == len(prompt_tokens)
     assert len(st["layer_budgets"]) == llm.kv_n_layer
@@ -129,9 +146,13 @@ def test_every_completion_path_compresses(llm, prompt_tokens):
         "create_completion": lambda: llm.create_completion(text, max_tokens=4, temperature=0.0),
         "stream": lambda: list(llm.create_completion(text, max_tokens=4, temperature=0.0, stream=True)),
         "chat": lambda: llm.create_chat_completion(
-            messages=[{"role": "user", "content": text}], max_tokens=4, temperature=0.0),
-        "chat-stream": lambda: list(llm.create_chat_completion(
-            messages=[{"role": "user", "content": text}], max_tokens=4, temperature=0.0, stream=True)),
+            messages=[{"role": "user", "content": text}], max_tokens=4, temperature=0.0
+        ),
+        "chat-stream": lambda: list(
+            llm.create_chat_completion(
+                messages=[{"role": "user", "content": text}], max_tokens=4, temperature=0.0, stream=True
+            )
+        ),
     }
     for name, call in calls.items():
         llm.reset()
@@ -166,7 +187,9 @@ def test_follow_up_prompt_reuses_compressed_cache_and_divergence_reprefills(llm,
     llm.kv_stats = {}
     extended = logits_after(llm, longer)
     assert llm.kv_stats == {}
-    assert _native.context_state_info(llm._ctx.ctx)["n_cells"] == stats["cells_after"] + 1 + (len(longer) - len(prompt_tokens))
+    assert _native.context_state_info(llm._ctx.ctx)["n_cells"] == stats["cells_after"] + 1 + (
+        len(longer) - len(prompt_tokens)
+    )
 
     # a prompt that diverges inside the compressed part is prefilled again from its own tokens
     other = list(prompt_tokens[:100]) + list(reversed(prompt_tokens[100:]))

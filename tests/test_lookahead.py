@@ -4,9 +4,10 @@ tokens, drafted greedily on the full cache and removed before the rewrite (not i
 import numpy as np
 import pytest
 
+from helpers import greedy, seq_state
 from pykvcompose import KVComposePress, Llama
 
-from conftest import greedy, seq_state
+pytestmark = pytest.mark.model
 
 
 def test_the_probe_leaves_the_plain_prefill_and_reports_its_drafts(llm, prompt_tokens):
@@ -37,12 +38,15 @@ def test_the_drafts_are_the_greedy_continuation_and_their_attention_is_captured(
 
 def test_a_shorter_lookahead_replays_the_longer_ones_drafts(llm, prompt_tokens):
     context = prompt_tokens[:-1]
-    both = llm.kv_probe(context, [KVComposePress(0.5, scoring="lookahead", lookahead=6),
-                                  KVComposePress(0.5, scoring="lookahead", lookahead=3)])
+    both = llm.kv_probe(
+        context,
+        [KVComposePress(0.5, scoring="lookahead", lookahead=6), KVComposePress(0.5, scoring="lookahead", lookahead=3)],
+    )
     alone = llm.kv_probe(context, [KVComposePress(0.5, scoring="lookahead", lookahead=3)])
     for agg in ("max", "mean"):
-        np.testing.assert_allclose(both.attention[("lookahead", 3)][agg], alone.attention[("lookahead", 3)][agg],
-                                   atol=1e-6)
+        np.testing.assert_allclose(
+            both.attention[("lookahead", 3)][agg], alone.attention[("lookahead", 3)][agg], atol=1e-6
+        )
     assert not np.array_equal(both.attention[("lookahead", 6)]["mean"], both.attention[("lookahead", 3)]["mean"])
 
 

@@ -8,12 +8,20 @@ import pytest
 
 from pykvcompose import DecodingPress, KnormPress, KVComposePress, PrefillDecodingPress, SnapKVPress, StreamPolicy
 from pykvcompose.probe import Probe, ProbeKind, ProbeSpec
-from pykvcompose.streaming import (check_cache, decoding_due, frees_cells, phase_press, prompt_press,
-                                   question_agnostic, room_plan, scores_chunks)
+from pykvcompose.streaming import (
+    check_cache,
+    decoding_due,
+    frees_cells,
+    phase_press,
+    prompt_press,
+    question_agnostic,
+    room_plan,
+    scores_chunks,
+)
 
 
 def test_which_presses_free_cells():
-    from pykvcompose import DecodingPress, PrefillDecodingPress
+    from pykvcompose import DecodingPress
 
     assert not frees_cells(SnapKVPress(0.0)) and frees_cells(SnapKVPress(0.5)) and not frees_cells(None)
     assert frees_cells(DecodingPress(SnapKVPress()))
@@ -22,7 +30,7 @@ def test_which_presses_free_cells():
 
 
 def test_prompt_and_room_presses_by_phase():
-    from pykvcompose import DecodingPress, PrefillDecodingPress
+    from pykvcompose import DecodingPress
 
     snap, decoding = KVComposePress(0.5), DecodingPress(SnapKVPress(), target_size=64)
     assert prompt_press(snap) is snap and prompt_press(decoding) is None and prompt_press(None) is None
@@ -49,7 +57,7 @@ def test_room_plans():
 
 
 def test_decoding_schedule_and_cache_check():
-    from pykvcompose import DecodingPress, PrefillDecodingPress
+    from pykvcompose import DecodingPress
 
     press = DecodingPress(SnapKVPress(), compression_interval=32, target_size=100)
     assert decoding_due(press, "prefill", 40) is None
@@ -71,10 +79,16 @@ def test_question_agnostic_and_chunk_scoring_by_press():
     assert not scores_chunks(KnormPress(0.5)) and not scores_chunks(DecodingPress(KVComposePress(0.5)))
 
 
-@pytest.mark.parametrize("fields,message", [
-    ({"room": "evict"}, "kv_room"), ({"chunk": 0}, "kv_chunk"), ({"question_tail": -1}, "question_tail"),
-    ({"question_tail": 513}, "question_tail"), ({"question_consensus": 1.5}, "question_consensus"),
-])
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ({"room": "evict"}, "kv_room"),
+        ({"chunk": 0}, "kv_chunk"),
+        ({"question_tail": -1}, "question_tail"),
+        ({"question_tail": 513}, "question_tail"),
+        ({"question_consensus": 1.5}, "question_consensus"),
+    ],
+)
 def test_bad_stream_policies_are_refused(fields, message):
     with pytest.raises(ValueError, match=message):
         StreamPolicy(**fields)

@@ -5,12 +5,13 @@ import llama_cpp
 import numpy as np
 import pytest
 
+from helpers import last_logits, logits_after, press_list
+from helpers import press_ids as ids
+from oracles import np_consensus, np_pyramid_budgets, np_select
 from pykvcompose import _native
 from pykvcompose.presses import KVComposePress, PyramidKVPress, SnapKVPress
 
-from conftest import last_logits, logits_after, press_ids as ids, press_list
-from oracles import np_consensus, np_pyramid_budgets, np_select
-
+pytestmark = pytest.mark.model
 
 GRID = press_list(0.6) + press_list(0.6, per_head=False)
 
@@ -33,8 +34,10 @@ def test_press_keeps_top_c_of_its_scores(llm, prompt_tokens, press):
     ranked = scores if press.per_head else np_consensus(scores, 1.0)
     np.testing.assert_array_equal(sel, np_select(ranked, c, [n - 1]))
     if isinstance(press, PyramidKVPress):  # what PyramidKV adds to SnapKV: its pyramid, reported
-        assert stats["layer_budgets"] == np_pyramid_budgets(llm.kv_n_layer, n, press.compression_ratio,
-                                                            press.window_size, press.beta).tolist()
+        assert (
+            stats["layer_budgets"]
+            == np_pyramid_budgets(llm.kv_n_layer, n, press.compression_ratio, press.window_size, press.beta).tolist()
+        )
     elif not isinstance(press, KVComposePress):
         assert stats["layer_budgets"] is None
     info = _native.context_state_info(llm._ctx.ctx)
@@ -48,8 +51,11 @@ def test_press_keeps_top_c_of_its_scores(llm, prompt_tokens, press):
         np.testing.assert_array_equal(np.sort(info["positions"])[:-1], sel[0, 0])
 
 
-@pytest.mark.parametrize("press", press_list(0.0) + press_list(0.0, per_head=False),
-                         ids=ids(press_list(0.0) + press_list(0.0, per_head=False)))
+@pytest.mark.parametrize(
+    "press",
+    press_list(0.0) + press_list(0.0, per_head=False),
+    ids=ids(press_list(0.0) + press_list(0.0, per_head=False)),
+)
 def test_ratio_zero_is_lossless(llm, plain_llm, prompt_tokens, press):
     """Stock llama-cpp-python fed the prompt in the same calls as the press's prefill (the context up to
     its probe window, the window, the last token): llama.cpp's logits depend on the batch split."""
@@ -97,8 +103,12 @@ def test_one_probe_serves_many_presses(llm, prompt_tokens):
         compress(llm, press, prompt_tokens)
         alone = llm.kv_selection
         # the shared prefill cuts the window into more ubatches: allow the rounding that moves
-        overlap = np.mean([len(np.intersect1d(a, b)) / len(a) for a, b in zip(alone.reshape(-1, alone.shape[-1]),
-                                                                           sel.reshape(-1, sel.shape[-1]))])
+        overlap = np.mean(
+            [
+                len(np.intersect1d(a, b)) / len(a)
+                for a, b in zip(alone.reshape(-1, alone.shape[-1]), sel.reshape(-1, sel.shape[-1]))
+            ]
+        )
         # a lookahead's drafts follow the logits of the prefill's last ubatch, which the shared prefill cuts
         # differently: its greedy drafts, and so its queries, may part ways (0.90 measured)
         assert overlap > (0.85 if (press.probe() or ("",))[0] == "lookahead" else 0.98), (type(press).__name__, overlap)

@@ -5,12 +5,19 @@ import re
 import numpy as np
 import pytest
 
-from pykvcompose import KVComposePress
-from pykvcompose.presses import (PRESSES as PRESSES_BY_NAME, BasePress, KnormPress, PyramidKVPress, RandomPress,
-                                 SnapKVPress, StreamingLLMPress, TOVAPress)
-from pykvcompose.probe import Probe
-
 from oracles import np_pyramid_budgets
+from pykvcompose import KVComposePress
+from pykvcompose.presses import PRESSES as PRESSES_BY_NAME
+from pykvcompose.presses import (
+    BasePress,
+    KnormPress,
+    PyramidKVPress,
+    RandomPress,
+    SnapKVPress,
+    StreamingLLMPress,
+    TOVAPress,
+)
+from pykvcompose.probe import Probe
 
 PRESSES = list(PRESSES_BY_NAME.values())
 
@@ -66,9 +73,20 @@ def test_kvcompose_holds_the_method_in_at_most_12_fields():
 
     names = [f.name for f in dataclasses.fields(KVComposePress)]
     assert len(names) <= 12
-    assert set(names) == {"compression_ratio", "agg_task", "agg_group", "agg_head", "add_v_norm",
-                          "add_mean_across_heads", "keep_token_lower_bound", "scoring", "window", "lookahead",
-                          "min_tokens", "per_head"}
+    assert set(names) == {
+        "compression_ratio",
+        "agg_task",
+        "agg_group",
+        "agg_head",
+        "add_v_norm",
+        "add_mean_across_heads",
+        "keep_token_lower_bound",
+        "scoring",
+        "window",
+        "lookahead",
+        "min_tokens",
+        "per_head",
+    }
 
 
 @pytest.mark.parametrize("press_cls", PRESSES)
@@ -82,9 +100,17 @@ def test_every_press_is_a_dataclass_with_keyword_per_head(press_cls):
 
 @pytest.mark.parametrize(
     "press_cls,field,value",
-    [(SnapKVPress, "window_size", 0), (SnapKVPress, "kernel_size", 0), (SnapKVPress, "kernel_size", 1.5),
-     (PyramidKVPress, "beta", 0), (PyramidKVPress, "window_size", -3), (StreamingLLMPress, "n_sink", -1),
-     (StreamingLLMPress, "n_sink", "4"), (RandomPress, "seed", -1), (RandomPress, "seed", "x")],
+    [
+        (SnapKVPress, "window_size", 0),
+        (SnapKVPress, "kernel_size", 0),
+        (SnapKVPress, "kernel_size", 1.5),
+        (PyramidKVPress, "beta", 0),
+        (PyramidKVPress, "window_size", -3),
+        (StreamingLLMPress, "n_sink", -1),
+        (StreamingLLMPress, "n_sink", "4"),
+        (RandomPress, "seed", -1),
+        (RandomPress, "seed", "x"),
+    ],
 )
 def test_bad_baseline_fields_are_rejected(press_cls, field, value):
     with pytest.raises(ValueError, match=field):
@@ -120,7 +146,7 @@ def test_snapkv_scores_equal_a_loop_implementation():
                 window = [att[layer, h, i] if 0 <= i < m else 0.0 for i in range(j - 2, j + 3)]
                 pooled[h, j] = sum(window) / 5
         for g in range(2):
-            expected[layer, g, :m] = pooled[g * 3:(g + 1) * 3].mean(axis=0)
+            expected[layer, g, :m] = pooled[g * 3 : (g + 1) * 3].mean(axis=0)
         expected[layer, :, m:] = expected[layer, :, :m].max() + 1
     np.testing.assert_allclose(got, expected, rtol=1e-5)
     assert got.shape == (L, 2, n) and got.dtype == np.float32
@@ -182,8 +208,13 @@ def test_pyramid_reports_its_budgets_where_other_presses_report_none():
     _, budgets, selection = PyramidKVPress(0.5, window_size=8).compress(probe, 20, [39])
     assert budgets.tolist() == [32, 20, 8] == np_pyramid_budgets(3, 40, 0.5, 8, 20).tolist()
     assert selection.shape == (3, 2, 20)
-    for press in (SnapKVPress(0.5, window_size=8), TOVAPress(0.5), KnormPress(0.5), StreamingLLMPress(0.5),
-                  RandomPress(0.5, seed=1)):
+    for press in (
+        SnapKVPress(0.5, window_size=8),
+        TOVAPress(0.5),
+        KnormPress(0.5),
+        StreamingLLMPress(0.5),
+        RandomPress(0.5, seed=1),
+    ):
         assert press.compress(probe, 20, [39])[1] is None
         assert press.layer_budgets(press.score(probe)) is None
 
@@ -193,44 +224,53 @@ def test_token_level_mode_keeps_the_same_tokens_everywhere(press_cls):
     probe = fake_probe()
     press = press_cls(compression_ratio=0.5, per_head=False)
     if press.probe() is not None:  # read attention of the fake probe's window sizes
-        press = press_cls(compression_ratio=0.5, per_head=False, **(
-            {"window_size": 8} if hasattr(press, "window_size") else {}))
+        press = press_cls(
+            compression_ratio=0.5, per_head=False, **({"window_size": 8} if hasattr(press, "window_size") else {})
+        )
     sel = press.select(press.score(probe), 20, [39])
     assert sel.shape == (3, 2, 20) and (sel == sel[0, 0]).all() and 39 in sel[0, 0]
 
 
-@pytest.mark.parametrize("spec,expected", [
-    ("kvcompose:0.75", KVComposePress(compression_ratio=0.75)),
-    (" KVCompose : 0.5 , scoring = reconstruct, per_head=false",
-     KVComposePress(compression_ratio=0.5, scoring="reconstruct", per_head=False)),
-    ("snapkv:0.5,window_size=32,kernel_size=7", SnapKVPress(compression_ratio=0.5, window_size=32, kernel_size=7)),
-    ("random:0.25,seed=none", RandomPress(compression_ratio=0.25, seed=None)),
-    ("random:0.25,seed=3", RandomPress(compression_ratio=0.25, seed=3)),
-    ("streaming_llm:0.875,n_sink=8", StreamingLLMPress(compression_ratio=0.875, n_sink=8)),
-    ("kvcompose:0,add_v_norm=yes,window=5", KVComposePress(0.0, add_v_norm=True, window=5)),
-    ("kvcompose:0.75,scoring=lookahead,lookahead=4", KVComposePress(0.75, scoring="lookahead", lookahead=4)),
-])
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ("kvcompose:0.75", KVComposePress(compression_ratio=0.75)),
+        (
+            " KVCompose : 0.5 , scoring = reconstruct, per_head=false",
+            KVComposePress(compression_ratio=0.5, scoring="reconstruct", per_head=False),
+        ),
+        ("snapkv:0.5,window_size=32,kernel_size=7", SnapKVPress(compression_ratio=0.5, window_size=32, kernel_size=7)),
+        ("random:0.25,seed=none", RandomPress(compression_ratio=0.25, seed=None)),
+        ("random:0.25,seed=3", RandomPress(compression_ratio=0.25, seed=3)),
+        ("streaming_llm:0.875,n_sink=8", StreamingLLMPress(compression_ratio=0.875, n_sink=8)),
+        ("kvcompose:0,add_v_norm=yes,window=5", KVComposePress(0.0, add_v_norm=True, window=5)),
+        ("kvcompose:0.75,scoring=lookahead,lookahead=4", KVComposePress(0.75, scoring="lookahead", lookahead=4)),
+    ],
+)
 def test_press_specs_parse(spec, expected):
     from pykvcompose.presses import parse_press_spec
 
     assert parse_press_spec(spec) == expected
 
 
-@pytest.mark.parametrize("spec,message", [
-    ("nope:0.5", "unknown press 'nope'"),
-    ("kvcompose", "needs a compression ratio"),
-    ("kvcompose:", "needs a compression ratio"),
-    ("kvcompose:window=3", "needs a compression ratio"),
-    ("kvcompose:half", "compression_ratio must be a number, got 'half'"),
-    ("kvcompose:1.5", "compression_ratio must be a number in"),
-    ("snapkv:0.5,window=3", "snapkv has no field 'window'; fields: per_head, window_size, kernel_size"),
-    ("snapkv:0.5,window_size", "expected key=value"),
-    ("snapkv:0.5,window_size=big", "window_size must be an integer, got 'big'"),
-    ("snapkv:0.5,window_size=0", "window_size must be an integer >= 1"),
-    ("kvcompose:0.5,per_head=maybe", "per_head must be true or false"),
-    ("kvcompose:0.5,scoring=magic", "scoring must be one of"),
-    ("tova:0.5,per_head=true,per_head=false", "given twice"),
-])
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("nope:0.5", "unknown press 'nope'"),
+        ("kvcompose", "needs a compression ratio"),
+        ("kvcompose:", "needs a compression ratio"),
+        ("kvcompose:window=3", "needs a compression ratio"),
+        ("kvcompose:half", "compression_ratio must be a number, got 'half'"),
+        ("kvcompose:1.5", "compression_ratio must be a number in"),
+        ("snapkv:0.5,window=3", "snapkv has no field 'window'; fields: per_head, window_size, kernel_size"),
+        ("snapkv:0.5,window_size", "expected key=value"),
+        ("snapkv:0.5,window_size=big", "window_size must be an integer, got 'big'"),
+        ("snapkv:0.5,window_size=0", "window_size must be an integer >= 1"),
+        ("kvcompose:0.5,per_head=maybe", "per_head must be true or false"),
+        ("kvcompose:0.5,scoring=magic", "scoring must be one of"),
+        ("tova:0.5,per_head=true,per_head=false", "given twice"),
+    ],
+)
 def test_bad_press_specs_name_the_problem(spec, message):
     from pykvcompose.presses import parse_press_spec
 

@@ -4,10 +4,11 @@
 import numpy as np
 import pytest
 
+from helpers import seq_state
+from oracles import np_consensus, np_layer_budgets, np_scores, np_select
 from pykvcompose import KVComposePress, _native
 
-from conftest import seq_state
-from oracles import np_consensus, np_layer_budgets, np_scores, np_select
+pytestmark = pytest.mark.model
 
 
 @pytest.mark.parametrize(
@@ -15,8 +16,15 @@ from oracles import np_consensus, np_layer_budgets, np_scores, np_select
     [
         KVComposePress(compression_ratio=0.5, min_tokens=16),
         KVComposePress(compression_ratio=0.75, scoring="window", window=48, min_tokens=16),
-        KVComposePress(compression_ratio=0.6, agg_task="mean", agg_group="max", agg_head="max", add_v_norm=True,
-                       keep_token_lower_bound=4, min_tokens=16),
+        KVComposePress(
+            compression_ratio=0.6,
+            agg_task="mean",
+            agg_group="max",
+            agg_head="max",
+            add_v_norm=True,
+            keep_token_lower_bound=4,
+            min_tokens=16,
+        ),
         KVComposePress(compression_ratio=0.3, scoring="window", add_mean_across_heads=False, min_tokens=16),
     ],
     ids=["reconstruct", "window", "options", "window-no-stabiliser"],
@@ -50,8 +58,9 @@ def test_native_scoring_matches_numpy(llm, prompt_tokens, press):
     for consensus in (0.4, 1.0):  # what a StreamPolicy's question_consensus asks of the selection
         ranked = _native.scores_consensus(kv_scores, consensus)
         np.testing.assert_allclose(ranked, np_consensus(kv_scores, consensus), rtol=2e-6)
-        np.testing.assert_array_equal(press.select(kv_scores, c, [n - 1], consensus=consensus),
-                                      np_select(ranked, c, [n - 1]))
+        np.testing.assert_array_equal(
+            press.select(kv_scores, c, [n - 1], consensus=consensus), np_select(ranked, c, [n - 1])
+        )
     blended = press.select(kv_scores, c, [n - 1], consensus=1.0)
     assert (blended == blended[0, 0]).all()  # every head keeps the same tokens
     assert stats["cells_after"] == c
@@ -59,8 +68,7 @@ def test_native_scoring_matches_numpy(llm, prompt_tokens, press):
 
 def test_window_probe_attention_rows_sum_to_one(llm, prompt_tokens):
     """Window-probe queries see only context keys, so the mean attention per head sums to 1."""
-    llm.kv_compress = KVComposePress(compression_ratio=0.5, scoring="window", window=32, agg_task="mean",
-                                     min_tokens=16)
+    llm.kv_compress = KVComposePress(compression_ratio=0.5, scoring="window", window=32, agg_task="mean", min_tokens=16)
     llm.reset()
     gen = llm.generate(prompt_tokens, temp=0.0)
     next(gen)

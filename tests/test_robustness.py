@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 
 import pykvcompose.llama as llama_module
+from helpers import last_logits, logits_after, seq_state
 from pykvcompose import KVComposePress, Llama, _native
 
-from conftest import last_logits, logits_after, seq_state
+pytestmark = pytest.mark.model
 
 
 def _boom(*args, **kwargs):

@@ -10,6 +10,8 @@ import urllib.request
 import openai  # the [test] extra installs it
 import pytest
 
+pytestmark = pytest.mark.model
+
 N_CTX = 512
 
 
@@ -24,9 +26,27 @@ def served():
     """The server's base URL and process."""
     port = _free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pykvcompose", "serve", "--port", str(port), "--n-ctx", str(N_CTX),
-         "--kv-compress", "snapkv:0.5,window_size=16", "--model-alias", "smol", "--threads", "2", "--quiet"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        [
+            sys.executable,
+            "-m",
+            "pykvcompose",
+            "serve",
+            "--port",
+            str(port),
+            "--n-ctx",
+            str(N_CTX),
+            "--kv-compress",
+            "snapkv:0.5,window_size=16",
+            "--model-alias",
+            "smol",
+            "--threads",
+            "2",
+            "--quiet",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
@@ -36,10 +56,10 @@ def served():
                     break
         except OSError:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {proc.stderr.read()}")
+                raise RuntimeError(f"server exited: {proc.stderr.read()}") from None
             if time.time() > deadline:
                 proc.kill()
-                raise RuntimeError("server did not come up in 120 s")
+                raise RuntimeError("server did not come up in 120 s") from None
             time.sleep(0.5)
     yield base, proc
     proc.terminate()
@@ -61,9 +81,14 @@ def stats(server):
         return json.load(r)
 
 
-QUESTION = [{"role": "user", "content": "Here is a short story. " + " ".join(
-    ["Anna walked her dog Rex along the river every morning, and Rex always chased the ducks."] * 6)
-    + " What is the name of the dog?"}]
+QUESTION = [
+    {
+        "role": "user",
+        "content": "Here is a short story. "
+        + " ".join(["Anna walked her dog Rex along the river every morning, and Rex always chased the ducks."] * 6)
+        + " What is the name of the dog?",
+    }
+]
 
 
 def test_chat_completion_is_compressed_like_the_library(server, client, model_path):
@@ -76,8 +101,7 @@ def test_chat_completion_is_compressed_like_the_library(server, client, model_pa
     assert s["press"]["type"] == "SnapKVPress" and s["press"]["compression_ratio"] == 0.5
     last = s["last_compression"]
     assert last["cells_before"] > 100 and last["cells_after"] == int(last["cells_before"] * 0.5)
-    local = Llama(model_path, n_ctx=N_CTX, n_threads=2, verbose=False,
-                  kv_compress=SnapKVPress(0.5, window_size=16))
+    local = Llama(model_path, n_ctx=N_CTX, n_threads=2, verbose=False, kv_compress=SnapKVPress(0.5, window_size=16))
     try:
         ref = local.create_chat_completion(QUESTION, temperature=0, max_tokens=12)
     finally:
@@ -88,35 +112,40 @@ def test_chat_completion_is_compressed_like_the_library(server, client, model_pa
 
 def test_streaming_chat_equals_the_whole_answer(client):
     whole = client.chat.completions.create(model="smol", temperature=0, max_tokens=12, messages=QUESTION)
-    chunks = client.chat.completions.create(model="smol", temperature=0, max_tokens=12, stream=True,
-                                            messages=QUESTION)
+    chunks = client.chat.completions.create(model="smol", temperature=0, max_tokens=12, stream=True, messages=QUESTION)
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == whole.choices[0].message.content
 
 
 def test_completion_and_streaming_completion_agree(client):
     prompt = "The capital of France is"
     whole = client.completions.create(model="smol", prompt=prompt, temperature=0, max_tokens=6).choices[0].text
-    streamed = "".join(c.choices[0].text for c in client.completions.create(
-        model="smol", prompt=prompt, temperature=0, max_tokens=6, stream=True))
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(model="smol", prompt=prompt, temperature=0, max_tokens=6, stream=True)
+    )
     assert whole and whole == streamed
 
 
 def test_a_prompt_longer_than_the_cache_is_served(server, client):
     long_text = " ".join(["The quick brown fox jumps over the lazy dog near the river bank."] * 90)  # ~1.3k tokens
-    r = client.completions.create(model="smol", prompt=long_text + "\nQ: Which animal jumps?\nA:", temperature=0,
-                                  max_tokens=4)
+    r = client.completions.create(
+        model="smol", prompt=long_text + "\nQ: Which animal jumps?\nA:", temperature=0, max_tokens=4
+    )
     assert r.usage.prompt_tokens > 2 * N_CTX
     s = stats(server)
     assert s["compressions"] >= 2 and s["memory"]["cells"] <= N_CTX < s["memory"]["tokens"]
 
 
-@pytest.mark.parametrize("call,field", [
-    (lambda c: c.completions.create(model="smol", prompt="Hi", max_tokens=-5), "max_tokens"),
-    (lambda c: c.completions.create(model="smol", prompt="Hi", temperature="hot"), "temperature"),
-    (lambda c: c.completions.create(model="smol", prompt="Hi", extra_body={"top_k": [1]}), "top_k"),
-    (lambda c: c.chat.completions.create(model="smol", messages=[{"role": "wizard", "content": "Hi"}]), "messages"),
-    (lambda c: c.chat.completions.create(model="smol", messages="Hi"), "messages"),
-])
+@pytest.mark.parametrize(
+    "call,field",
+    [
+        (lambda c: c.completions.create(model="smol", prompt="Hi", max_tokens=-5), "max_tokens"),
+        (lambda c: c.completions.create(model="smol", prompt="Hi", temperature="hot"), "temperature"),
+        (lambda c: c.completions.create(model="smol", prompt="Hi", extra_body={"top_k": [1]}), "top_k"),
+        (lambda c: c.chat.completions.create(model="smol", messages=[{"role": "wizard", "content": "Hi"}]), "messages"),
+        (lambda c: c.chat.completions.create(model="smol", messages="Hi"), "messages"),
+    ],
+)
 def test_bad_request_fields_get_422_naming_the_field_and_the_server_goes_on(server, client, call, field):
     # llama-cpp-python's own routes answer 500 "internal_server_error" for these; ours 422
     with pytest.raises(openai.UnprocessableEntityError) as err:
@@ -133,8 +162,12 @@ def test_a_prompt_beyond_kv_max_tokens_is_a_400(server, client):
 
 
 def test_bad_press_spec_exits_with_a_message():
-    r = subprocess.run([sys.executable, "-m", "pykvcompose", "serve", "--kv-compress", "fastkv:0.5"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "pykvcompose", "serve", "--kv-compress", "fastkv:0.5"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 2
     assert "unknown press 'fastkv'" in r.stderr
 
@@ -148,8 +181,15 @@ def test_concurrent_mixed_requests_are_answered_as_one_at_a_time(served, client)
 
     base, proc = served
     requests = load_requests(12, "smol", max_tokens=6, n_long=1, n_ctx=N_CTX)
-    assert {r.kind for r in requests} == {"chat", "chat-stream", "completion", "completion-stream", "bad-body",
-                                          "long", "too-long"}
+    assert {r.kind for r in requests} == {
+        "chat",
+        "chat-stream",
+        "completion",
+        "completion-stream",
+        "bad-body",
+        "long",
+        "too-long",
+    }
     alone = [run_request(client, requests[0])]
     first_alone = stats(base)  # what the stats say after the first request
     alone += [run_request(client, r) for r in requests[1:]]
@@ -174,5 +214,6 @@ def test_concurrent_mixed_requests_are_answered_as_one_at_a_time(served, client)
     after = stats(base)
     assert after["press"] == first_alone["press"] and after["memory"] == first_alone["memory"]
     assert 0 < after["memory"]["cells"] <= N_CTX
-    assert {k: v for k, v in after["last_compression"].items() if not k.endswith("seconds")} == \
-        {k: v for k, v in first_alone["last_compression"].items() if not k.endswith("seconds")}
+    assert {k: v for k, v in after["last_compression"].items() if not k.endswith("seconds")} == {
+        k: v for k, v in first_alone["last_compression"].items() if not k.endswith("seconds")
+    }

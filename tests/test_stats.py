@@ -7,12 +7,15 @@ import pytest
 from kvbench.stats import count_with_interval, mcnemar_exact, wilson_interval
 
 
-@pytest.mark.parametrize("k,n,lo,hi", [
-    (3, 10, 0.1078, 0.6032),  # textbook values (Wilson 1927 / Newcombe 1998, table I style)
-    (0, 10, 0.0, 0.2775),
-    (10, 10, 0.7225, 1.0),
-    (81, 263, 0.2553, 0.3662),
-])
+@pytest.mark.parametrize(
+    "k,n,lo,hi",
+    [
+        (3, 10, 0.1078, 0.6032),  # textbook values (Wilson 1927 / Newcombe 1998, table I style)
+        (0, 10, 0.0, 0.2775),
+        (10, 10, 0.7225, 1.0),
+        (81, 263, 0.2553, 0.3662),
+    ],
+)
 def test_wilson_interval_matches_published_values(k, n, lo, hi):
     got = wilson_interval(k, n)
     assert got == pytest.approx((lo, hi), abs=1e-4)
@@ -29,7 +32,7 @@ def test_wilson_interval_contains_the_estimate_and_shrinks_with_n():
 def test_mcnemar_exact_is_a_binomial_test_of_discordant_pairs():
     a = [True] * 7 + [False] * 3 + [True] * 5
     b = [False] * 7 + [True] * 1 + [False] * 2 + [True] * 5  # 7 only-a, 1 only-b, 5 both, 2 neither
-    expected = 2 * sum(math.comb(8, i) for i in range(2)) / 2 ** 8
+    expected = 2 * sum(math.comb(8, i) for i in range(2)) / 2**8
     assert mcnemar_exact(a, b) == pytest.approx(expected)
     assert mcnemar_exact(b, a) == pytest.approx(expected)
     assert mcnemar_exact(a, a) == 1.0

@@ -5,12 +5,19 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from pykvcompose import Llama
+from helpers import N_THREADS, greedy, last_logits, press_ids, press_list, seq_state
 from kvbench.haystack import haystack_text
-from pykvcompose.presses import (DecodingPress, KnormPress, KVComposePress, PrefillDecodingPress, SnapKVPress,
-                                 StreamingLLMPress)
+from pykvcompose import Llama
+from pykvcompose.presses import (
+    DecodingPress,
+    KnormPress,
+    KVComposePress,
+    PrefillDecodingPress,
+    SnapKVPress,
+    StreamingLLMPress,
+)
 
-from conftest import N_THREADS, greedy, last_logits, press_ids, press_list, seq_state
+pytestmark = pytest.mark.model
 
 N_CTX = 256
 
@@ -86,7 +93,7 @@ def test_one_compression_equals_llama_cpp_eviction(model_path, small, long_token
         llama_cpp.llama_memory_seq_rm(mem, 0, -1, -1)
         buf = (llama_cpp.ctypes.c_uint8 * len(state)).from_buffer_copy(state)
         assert llama_cpp.llama_state_seq_set_data(ref._ctx.ctx, buf, len(state), 0) == len(state)
-        ref._batch.set_batch(batch=long_tokens[N_CTX: N_CTX + 1], n_past=N_CTX, logits_all=False)
+        ref._batch.set_batch(batch=long_tokens[N_CTX : N_CTX + 1], n_past=N_CTX, logits_all=False)
         ref._ctx.decode(ref._batch)
         assert seq_state(ref) == ours_state
         np.testing.assert_array_equal(last_logits(ref), ours_logits)
@@ -192,13 +199,16 @@ def test_compress_context_of_a_document_longer_than_the_cache(small, long_tokens
         small.compress_context(long_tokens, SnapKVPress(0.0))
 
 
-@pytest.mark.parametrize("make,match", [
-    (lambda: DecodingPress(None), "base_press"),
-    (lambda: DecodingPress(SnapKVPress(), compression_interval=0), "compression_interval"),
-    (lambda: DecodingPress(SnapKVPress(), target_size=-1), "target_size"),
-    (lambda: PrefillDecodingPress(), "needs a prefilling_press"),
-    (lambda: PrefillDecodingPress(SnapKVPress(), SnapKVPress()), "decoding_press must be a DecodingPress"),
-])
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: DecodingPress(None), "base_press"),
+        (lambda: DecodingPress(SnapKVPress(), compression_interval=0), "compression_interval"),
+        (lambda: DecodingPress(SnapKVPress(), target_size=-1), "target_size"),
+        (lambda: PrefillDecodingPress(), "needs a prefilling_press"),
+        (lambda: PrefillDecodingPress(SnapKVPress(), SnapKVPress()), "decoding_press must be a DecodingPress"),
+    ],
+)
 def test_generation_press_validation(make, match):
     with pytest.raises(ValueError, match=match):
         make()
@@ -217,9 +227,15 @@ def test_kv_max_tokens_validation(model_path, bad):
 
 def test_progress_is_reported_per_batch(model_path, long_tokens):
     seen = []
-    llm = Llama(model_path, n_ctx=N_CTX, n_batch=128, verbose=False, kv_room="ratio",
-                kv_compress=KVComposePress(0.5, min_tokens=16, scoring="reconstruct"),
-                kv_progress=lambda done, total, stage: seen.append((stage, done, total)))
+    llm = Llama(
+        model_path,
+        n_ctx=N_CTX,
+        n_batch=128,
+        verbose=False,
+        kv_room="ratio",
+        kv_compress=KVComposePress(0.5, min_tokens=16, scoring="reconstruct"),
+        kv_progress=lambda done, total, stage: seen.append((stage, done, total)),
+    )
     try:
         greedy(llm, long_tokens[:200], 1)  # fits: prefill of 199 tokens, reconstruct probe, last token
         assert [s for s in seen if s[0] == "prefill"][:2] == [("prefill", 128, 199), ("prefill", 199, 199)]
@@ -289,8 +305,13 @@ def test_a_failed_probe_of_the_newest_tokens_puts_them_back(model_path, small, l
     small.kv_compress = SnapKVPress(0.5)
     small.reset()
     real = _native.Capture.scores
-    monkeypatch.setattr(_native.Capture, "scores", lambda self, agg="max": (_ for _ in ()).throw(
-        _native.NativeError(_native.KVC_ERR_CAPTURE, "kvc_capture_get_scores", "injected")))
+    monkeypatch.setattr(
+        _native.Capture,
+        "scores",
+        lambda self, agg="max": (_ for _ in ()).throw(
+            _native.NativeError(_native.KVC_ERR_CAPTURE, "kvc_capture_get_scores", "injected")
+        ),
+    )
     with pytest.raises(_native.NativeError, match="injected"):
         small.eval(long_tokens[: N_CTX + 1])
     assert small.n_tokens == N_CTX and small.kv_cells == N_CTX

@@ -71,9 +71,20 @@ def test_the_import_graph_is_acyclic():
 
     for node in sorted(graph):
         visit(node, [])
-    assert "pykvcompose.llama" not in set().union(*(graph[m] for m in ("pykvcompose.engine", "pykvcompose.probing",
-                                                                        "pykvcompose.rewrite", "pykvcompose.compression",
-                                                                        "pykvcompose.support", "pykvcompose.session")))
+    assert "pykvcompose.llama" not in set().union(
+        *(
+            graph[m]
+            for m in (
+                "pykvcompose.engine",
+                "pykvcompose.probing",
+                "pykvcompose.rewrite",
+                "pykvcompose.compression",
+                "pykvcompose.streaming",
+                "pykvcompose.support",
+                "pykvcompose.session",
+            )
+        )
+    )
 
 
 def test_every_make_command_the_readme_names_is_a_makefile_target():
@@ -83,5 +94,57 @@ def test_every_make_command_the_readme_names_is_a_makefile_target():
     root = PACKAGE.parent
     targets = set(re.findall(r"^([A-Za-z][\w-]*):", (root / "Makefile").read_text(), re.M))
     named = set(re.findall(r"`make ([a-z][\w-]*)", (root / "README.md").read_text()))
-    assert {"demo", "test", "results"} <= named
+    assert {"demo", "test", "test-fast"} <= named
     assert named <= targets, f"README names make targets the Makefile lacks: {sorted(named - targets)}"
+
+
+#: What the project measures itself with: it lives in bench/ (kvbench), never in the installed package.
+MEASUREMENT = ("benchmark", "haystack", "stats", "server_load", "runner", "metrics", "report", "tasks")
+
+
+def test_the_package_holds_no_measurement_code():
+    names = {p.relative_to(PACKAGE).with_suffix("").as_posix() for p in MODULES}
+    assert not {n for n in names if any(part in MEASUREMENT for part in n.split("/"))}, names
+    for p in MODULES:  # no library code writes the README (benchmarks refresh docs pages)
+        assert "README" not in p.read_text(), p
+
+
+def test_the_installed_distribution_holds_no_measurement_code():
+    """What `pip install` put on disk (the wheel's file list), not only the source tree."""
+    import importlib.metadata
+
+    files = [str(f) for f in importlib.metadata.files("pykvcompose") or []]
+    assert any(f.endswith("pykvcompose/llama.py") for f in files), files[:10]
+    assert any(f.endswith("pykvcompose/py.typed") for f in files)
+    assert not [f for f in files if f.startswith("pykvcompose/") and any(m in f for m in MEASUREMENT)]
+    assert not [f for f in files if f.startswith(("bench/", "kvbench/", "tests/"))]
+
+
+def test_the_readme_is_a_front_door():
+    """At most 300 lines, and the two set-up commands first: the measurements live in docs/."""
+    readme = (PACKAGE.parent / "README.md").read_text()
+    assert len(readme.splitlines()) <= 300
+    block = readme.split("```sh\n", 1)[1].split("```", 1)[0]
+    assert [line.split()[:2] for line in block.strip().splitlines()] == [["make", "demo"], ["make", "test"]]
+    for link in __import__("re").findall(r"\]\(((?:docs|bench)/[^)#]+)", readme):
+        assert (PACKAGE.parent / link).exists(), link
+
+
+def test_the_errors_users_catch_import_from_the_top_level():
+    import pykvcompose
+
+    for name in ("NativeError", "CorruptStateError", "UnsupportedCacheError", "SessionError", "LlamaRefusedError"):
+        assert issubclass(getattr(pykvcompose, name), Exception) and name in pykvcompose.__all__
+    assert pykvcompose.SessionError is pykvcompose.session.SessionError
+    assert pykvcompose.CorruptStateError is pykvcompose._native.CorruptStateError
+
+
+def test_the_llama_cpp_python_version_is_written_once():
+    """pyproject.toml pins it; the Makefile and CMake read it from there."""
+    import re
+
+    root = PACKAGE.parent
+    pins = re.findall(r"llama-cpp-python[^\n]*==\s*([0-9.]+)", (root / "pyproject.toml").read_text())
+    assert len(pins) == 1, pins
+    for f in ("Makefile", "CMakeLists.txt"):
+        assert pins[0] not in (root / f).read_text(), f

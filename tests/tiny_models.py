@@ -56,29 +56,91 @@ class TinyModel:
 
 
 MODELS: List[TinyModel] = [
-    TinyModel("llama-mha-h64", "llama", "MHA (kv heads = heads), head size 64", True,
-              n_embd=64, n_head=2, n_head_kv=2, head_dim=64),
-    TinyModel("llama-gqa-h128", "llama", "GQA 4:1, head size 128 (attention.key_length)", True,
-              n_embd=64, n_head=4, n_head_kv=1, head_dim=128),
+    TinyModel(
+        "llama-mha-h64",
+        "llama",
+        "MHA (kv heads = heads), head size 64",
+        True,
+        n_embd=64,
+        n_head=2,
+        n_head_kv=2,
+        head_dim=64,
+    ),
+    TinyModel(
+        "llama-gqa-h128",
+        "llama",
+        "GQA 4:1, head size 128 (attention.key_length)",
+        True,
+        n_embd=64,
+        n_head=4,
+        n_head_kv=1,
+        head_dim=128,
+    ),
     TinyModel("qwen2", "qwen2", "Q/K/V biases, GQA 2:1", True, n_embd=64, n_head=2, n_head_kv=1, head_dim=32),
-    TinyModel("qwen3", "qwen3", "Q/K RMS norms per head, head size 128", True,
-              n_embd=64, n_head=2, n_head_kv=1, head_dim=128),
-    TinyModel("phi3", "phi3", "fused QKV (attn_qkv), fused gate/up FFN", True,
-              n_embd=64, n_head=2, n_head_kv=2, head_dim=32),
-    TinyModel("gemma2", "gemma2", "attention logit softcapping, sliding window on every other layer, GQA 2:1", True,
-              n_embd=64, n_head=4, n_head_kv=2, head_dim=64, extra=(("sliding_window", 64),)),
-    TinyModel("gemma3", "gemma3", "Q/K norms, 5 sliding-window layers to 1 global, MHA", True,
-              n_embd=64, n_layer=6, n_head=2, n_head_kv=2, head_dim=64, extra=(("sliding_window", 64),)),
-    TinyModel("olmo2", "olmo2", "Q/K norms over all heads, post-norms, untied output", True,
-              n_embd=64, n_head=2, n_head_kv=2, head_dim=32),
-    TinyModel("granite", "granite", "attention/residual/embedding/logit scales", True,
-              n_embd=64, n_head=2, n_head_kv=1, head_dim=32),
+    TinyModel(
+        "qwen3", "qwen3", "Q/K RMS norms per head, head size 128", True, n_embd=64, n_head=2, n_head_kv=1, head_dim=128
+    ),
+    TinyModel(
+        "phi3", "phi3", "fused QKV (attn_qkv), fused gate/up FFN", True, n_embd=64, n_head=2, n_head_kv=2, head_dim=32
+    ),
+    TinyModel(
+        "gemma2",
+        "gemma2",
+        "attention logit softcapping, sliding window on every other layer, GQA 2:1",
+        True,
+        n_embd=64,
+        n_head=4,
+        n_head_kv=2,
+        head_dim=64,
+        extra=(("sliding_window", 64),),
+    ),
+    TinyModel(
+        "gemma3",
+        "gemma3",
+        "Q/K norms, 5 sliding-window layers to 1 global, MHA",
+        True,
+        n_embd=64,
+        n_layer=6,
+        n_head=2,
+        n_head_kv=2,
+        head_dim=64,
+        extra=(("sliding_window", 64),),
+    ),
+    TinyModel(
+        "olmo2",
+        "olmo2",
+        "Q/K norms over all heads, post-norms, untied output",
+        True,
+        n_embd=64,
+        n_head=2,
+        n_head_kv=2,
+        head_dim=32,
+    ),
+    TinyModel(
+        "granite",
+        "granite",
+        "attention/residual/embedding/logit scales",
+        True,
+        n_embd=64,
+        n_head=2,
+        n_head_kv=1,
+        head_dim=32,
+    ),
     # refused: no per-token (layer, kv head) K/V rows to compose
-    TinyModel("deepseek2", "deepseek2", "multi-head latent attention (MLA)", False,
-              n_embd=64, n_head=2, n_head_kv=1, head_dim=96),  # one latent kv head, as converted MLA files have
+    TinyModel(
+        "deepseek2",
+        "deepseek2",
+        "multi-head latent attention (MLA)",
+        False,
+        n_embd=64,
+        n_head=2,
+        n_head_kv=1,
+        head_dim=96,
+    ),  # one latent kv head, as converted MLA files have
     TinyModel("mamba", "mamba", "recurrent (state-space), no KV cache", False, n_embd=64, n_head=0, n_head_kv=0),
-    TinyModel("jamba", "jamba", "hybrid: attention and Mamba layers", False, n_embd=64, n_head=2, n_head_kv=2,
-              head_dim=32),
+    TinyModel(
+        "jamba", "jamba", "hybrid: attention and Mamba layers", False, n_embd=64, n_head=2, n_head_kv=2, head_dim=32
+    ),
     TinyModel("t5", "t5", "encoder-decoder", False, n_embd=64, n_head=2, n_head_kv=2, head_dim=32),
 ]
 
@@ -107,7 +169,8 @@ def model_file(spec: TinyModel, directory: Optional[pathlib.Path] = None) -> pat
 
 # ---- writing ---------------------------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+
+@functools.cache
 def _tokenizer_fields(path: str):
     """The ``tokenizer.*`` key-value fields of a GGUF file, as (key, value, type, sub_type)."""
     import gguf
@@ -370,7 +433,16 @@ def _t5(spec, w, t, E, L, F, d, H, Hkv, n_vocab):
 
 
 BUILDERS: Dict[str, Callable] = {
-    "llama": _llama, "qwen2": _llama, "qwen3": _llama, "granite": _llama, "phi3": _phi3,
-    "gemma2": _gemma, "gemma3": _gemma, "olmo2": _olmo2, "deepseek2": _deepseek2,
-    "mamba": _mamba, "jamba": _jamba, "t5": _t5,
+    "llama": _llama,
+    "qwen2": _llama,
+    "qwen3": _llama,
+    "granite": _llama,
+    "phi3": _phi3,
+    "gemma2": _gemma,
+    "gemma3": _gemma,
+    "olmo2": _olmo2,
+    "deepseek2": _deepseek2,
+    "mamba": _mamba,
+    "jamba": _jamba,
+    "t5": _t5,
 }

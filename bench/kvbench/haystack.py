@@ -10,8 +10,17 @@ import numpy as np
 
 from pykvcompose.demo import PASSKEY_QUESTION, haystack_text, paragraphs, passkey_prompt, take_paragraphs
 
-__all__ = ["PASSKEY_QUESTION", "haystack_text", "paragraphs", "passkey_prompt", "take_paragraphs",
-           "passkey_chat_prompt", "passkey_cases", "passkey_positions", "share_kept"]
+__all__ = [
+    "PASSKEY_QUESTION",
+    "haystack_text",
+    "paragraphs",
+    "passkey_prompt",
+    "take_paragraphs",
+    "passkey_chat_prompt",
+    "passkey_cases",
+    "passkey_positions",
+    "share_kept",
+]
 
 
 def passkey_chat_prompt(llm, prompt: str) -> str:
@@ -24,8 +33,9 @@ def passkey_chat_prompt(llm, prompt: str) -> str:
     return user_turn(llm, f"{body}\n\nWhat is the pass key? Answer with the number only.")
 
 
-def passkey_cases(tokenize: Callable[[str], List[int]], n_tokens: int,
-                  depths: Sequence[float]) -> List[Tuple[float, int, str]]:
+def passkey_cases(
+    tokenize: Callable[[str], List[int]], n_tokens: int, depths: Sequence[float]
+) -> List[Tuple[float, int, str]]:
     """One ``(depth, passkey, prompt)`` per depth: the fixed cases of the tests and ``bench/passkey.py``."""
     cases = []
     for i, depth in enumerate(depths):
@@ -38,10 +48,11 @@ def passkey_positions(tokenize: Callable[[str], List[int]], tokens: Sequence[int
     """Positions in ``tokens`` of "The pass key is {key}" (``tokenize`` without BOS, as the sentence follows a
     paragraph break in a ``passkey_cases`` prompt)."""
     needle = tokenize(f"The pass key is {key}")
-    at = next(i for i in range(len(tokens)) if list(tokens[i:i + len(needle)]) == needle)
+    at = next(i for i in range(len(tokens)) if list(tokens[i : i + len(needle)]) == needle)
     return np.arange(at, at + len(needle))
 
 
 def share_kept(selection: np.ndarray, positions: np.ndarray) -> np.ndarray:
-    """Share of ``positions`` each (layer, kv head) of ``selection`` (layers, kv_heads, cells) keeps: (layers, kv_heads)."""
+    """Share of ``positions`` each (layer, kv head) of ``selection`` (layers, kv_heads, cells) keeps:
+    (layers, kv_heads)."""
     return np.isin(selection, positions).sum(-1) / len(positions)

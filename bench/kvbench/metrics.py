@@ -29,8 +29,13 @@ def auc(ratios: Sequence[float], scores: Sequence[float]) -> float:
     return area / float(r[-1] - r[0])
 
 
-def max_ratio_within(ratios: Sequence[float], scores: Sequence[float], full: float, tolerance: float = 0.10,
-                     higher_is_better: bool = True) -> Optional[float]:
+def max_ratio_within(
+    ratios: Sequence[float],
+    scores: Sequence[float],
+    full: float,
+    tolerance: float = 0.10,
+    higher_is_better: bool = True,
+) -> Optional[float]:
     """
     The largest ratio whose score stays within ``tolerance`` (relative) of the full cache's, such
     that every smaller ratio does too; None if even the smallest ratio does not.
@@ -53,6 +58,6 @@ def perplexity(logits: np.ndarray, targets: Sequence[int]) -> float:
     if x.ndim != 2 or x.shape[0] != t.size or t.size == 0:
         raise ValueError("logits must be (tokens, vocab) with one target per row")
     m = x.max(axis=1, keepdims=True)
-    logz = (m[:, 0] + np.log(np.exp(x - m).sum(axis=1)))
+    logz = m[:, 0] + np.log(np.exp(x - m).sum(axis=1))
     nll = logz - x[np.arange(t.size), t]
     return float(np.exp(nll.mean()))

@@ -51,7 +51,9 @@ def summarize(records: List[Dict[str, Any]]) -> Dict[str, Any]:
             if not by:
                 continue
             ratios = sorted({ratio for t in by.values() for ratio in t})
-            per_task = {task: {ratio: _mean(v[ratio]) for ratio in ratios if v[ratio]} for task, v in sorted(by.items())}
+            per_task = {
+                task: {ratio: _mean(v[ratio]) for ratio in ratios if v[ratio]} for task, v in sorted(by.items())
+            }
             scores = {ratio: _mean([per_task[t][ratio] for t in per_task if ratio in per_task[t]]) for ratio in ratios}
             row = {"model": model, "setting": setting, "press": press, "scores": scores, "per_task": per_task}
             if press != "full" and len(ratios) > 1:
@@ -62,8 +64,13 @@ def summarize(records: List[Dict[str, Any]]) -> Dict[str, Any]:
                 for r in recs:
                     if r["model"] == model and r["setting"] == setting and r["press"] == press and "score" in r:
                         full = full_by_sample.get(r["key"])
-                        if full and full.get("decode_tok_s") and r.get("decode_tok_s") and \
-                                np.isfinite(full["decode_tok_s"]) and np.isfinite(r["decode_tok_s"]):
+                        if (
+                            full
+                            and full.get("decode_tok_s")
+                            and r.get("decode_tok_s")
+                            and np.isfinite(full["decode_tok_s"])
+                            and np.isfinite(r["decode_tok_s"])
+                        ):
                             speed[float(r["ratio"])].append(r["decode_tok_s"] / full["decode_tok_s"])
                         cost.append((r["select_seconds"] + r["rewrite_seconds"]) / r["prefill_seconds"])
                 row["decode_speedup"] = {x: float(np.median(v)) for x, v in sorted(speed.items())}
@@ -81,9 +88,16 @@ def summarize(records: List[Dict[str, Any]]) -> Dict[str, Any]:
         full = ppl.get((model, "full"), {}).get(0.0, [])
         values = {0.0: _mean(full), **{x: _mean(v) for x, v in sorted(by_ratio.items())}}
         ratios = sorted(values)
-        perplexity.append({"model": model, "press": press, "perplexity": values,
-                           "max_ratio_10pct": metrics.max_ratio_within(ratios, [values[x] for x in ratios],
-                                                                       values[0.0], higher_is_better=False)})
+        perplexity.append(
+            {
+                "model": model,
+                "press": press,
+                "perplexity": values,
+                "max_ratio_10pct": metrics.max_ratio_within(
+                    ratios, [values[x] for x in ratios], values[0.0], higher_is_better=False
+                ),
+            }
+        )
     return {"rows": rows, "perplexity": perplexity, "skipped": skipped}
 
 
@@ -93,7 +107,9 @@ def by_style(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     out = []
     for r in records:
         style = r.get("style", "completion")
-        out.append(r if style == "completion" or "setting" not in r else dict(r, setting=f"{r['setting']}, {style} prompts"))
+        out.append(
+            r if style == "completion" or "setting" not in r else dict(r, setting=f"{r['setting']}, {style} prompts")
+        )
     return out
 
 
@@ -114,8 +130,10 @@ def power(records: List[Dict[str, Any]], needle_tasks: Sequence[str] = NEEDLE_TA
         ratios = sorted({x for (_, x) in cells if x > 0})
         presses = list(dict.fromkeys(p for (p, x) in cells if p != "full"))
         main = reference_press(presses)
-        out.append(f"### {model}, question-{setting}, {length} tokens: cases found (Wilson 95%), "
-                   f"{', '.join(sorted(tasks[(model, setting, length)]))}\n")
+        out.append(
+            f"### {model}, question-{setting}, {length} tokens: cases found (Wilson 95%), "
+            f"{', '.join(sorted(tasks[(model, setting, length)]))}\n"
+        )
         out.append("| press | " + " | ".join(f"{x:g}" for x in ratios) + " |")
         out.append("|---|" + "---:|" * len(ratios))
         hits = sum(full[k] for k in cases)
@@ -134,8 +152,10 @@ def power(records: List[Dict[str, Any]], needle_tasks: Sequence[str] = NEEDLE_TA
                     cell += f", p={p:.2g}" + (" vs full" if press == main else "")
                 row.append(cell)
             out.append(f"| {press} | " + " | ".join(row) + " |")
-        out.append(f"\np: exact McNemar test on the same cases, against `{main}` at the same ratio (for "
-                   f"`{main}`: against the full cache); a difference counts only where p < 0.05.\n")
+        out.append(
+            f"\np: exact McNemar test on the same cases, against `{main}` at the same ratio (for "
+            f"`{main}`: against the full cache); a difference counts only where p < 0.05.\n"
+        )
     return out
 
 
@@ -156,14 +176,18 @@ def markdown(summary: Dict[str, Any], config: Optional[Dict[str, Any]] = None, p
     per-task scores at ratios 0.5 and 0.75."""
     out: List[str] = []
     if config:
-        out.append(f"Grid: tasks {', '.join(config['tasks'])}; contexts of {', '.join(map(str, config['lengths']))} "
-                   f"tokens; {config['samples']} seeded samples per task, length and setting.\n")
-    for (model, setting) in dict.fromkeys((r["model"], r["setting"]) for r in summary["rows"]):
+        out.append(
+            f"Grid: tasks {', '.join(config['tasks'])}; contexts of {', '.join(map(str, config['lengths']))} "
+            f"tokens; {config['samples']} seeded samples per task, length and setting.\n"
+        )
+    for model, setting in dict.fromkeys((r["model"], r["setting"]) for r in summary["rows"]):
         rows = [r for r in summary["rows"] if r["model"] == model and r["setting"] == setting]
         ratios = sorted({x for r in rows for x in r["scores"]})
         out.append(f"### {model}, question-{setting} (mean task score, %)\n")
-        out.append("| press | " + " | ".join(f"{x:g}" for x in ratios) + " | AUC | max ratio within 10% "
-                   "| decode speed vs full @max ratio | select+rewrite / prefill |")
+        out.append(
+            "| press | " + " | ".join(f"{x:g}" for x in ratios) + " | AUC | max ratio within 10% "
+            "| decode speed vs full @max ratio | select+rewrite / prefill |"
+        )
         out.append("|---|" + "---:|" * (len(ratios) + 4))
         for r in sorted(rows, key=lambda r: (r["press"] != "full", -r.get("auc", 0.0))):
             cells = [_fmt(r["scores"].get(x)) for x in ratios]
@@ -172,10 +196,12 @@ def markdown(summary: Dict[str, Any], config: Optional[Dict[str, Any]] = None, p
                 continue
             speed = r.get("decode_speedup", {})
             top = max(speed) if speed else None
-            out.append(f"| {r['press']} | " + " | ".join(cells) + f" | {_fmt(r.get('auc'))} | "
-                       f"{_fmt(r.get('max_ratio_10pct'), 3) if r.get('max_ratio_10pct') is not None else 'none'} | "
-                       f"{_fmt(speed.get(top), 2) + 'x' if top is not None else '-'} | "
-                       f"{_fmt(r.get('select_rewrite_vs_prefill'), 4)} |")
+            out.append(
+                f"| {r['press']} | " + " | ".join(cells) + f" | {_fmt(r.get('auc'))} | "
+                f"{_fmt(r.get('max_ratio_10pct'), 3) if r.get('max_ratio_10pct') is not None else 'none'} | "
+                f"{_fmt(speed.get(top), 2) + 'x' if top is not None else '-'} | "
+                f"{_fmt(r.get('select_rewrite_vs_prefill'), 4)} |"
+            )
         out.append("")
         out.extend(verdict(rows))
         out.append("")
@@ -186,21 +212,30 @@ def markdown(summary: Dict[str, Any], config: Optional[Dict[str, Any]] = None, p
             out.append("|---|" + "---:|" * len(tasks))
             full = next((r for r in rows if r["press"] == "full"), None)
             if full:
-                out.append("| full cache | " + " | ".join(_fmt(full["per_task"].get(t, {}).get(0.0)) for t in tasks) + " |")
+                out.append(
+                    "| full cache | " + " | ".join(_fmt(full["per_task"].get(t, {}).get(0.0)) for t in tasks) + " |"
+                )
             for r in rows:
                 if r["press"] != "full":
-                    out.append(f"| {r['press']} | " + " | ".join(_fmt(r["per_task"].get(t, {}).get(x)) for t in tasks) + " |")
+                    out.append(
+                        f"| {r['press']} | " + " | ".join(_fmt(r["per_task"].get(t, {}).get(x)) for t in tasks) + " |"
+                    )
             out.append("")
     for model in dict.fromkeys(p["model"] for p in summary["perplexity"]):
         rows = [p for p in summary["perplexity"] if p["model"] == model]
         ratios = sorted({x for p in rows for x in p["perplexity"]})
-        out.append(f"### {model}, perplexity of a held-out continuation after compressing its context (lower is better)\n")
+        out.append(
+            f"### {model}, perplexity of a held-out continuation after compressing its context (lower is better)\n"
+        )
         out.append("| press | " + " | ".join(f"{x:g}" for x in ratios) + " | max ratio within 10% |")
         out.append("|---|" + "---:|" * (len(ratios) + 1))
         for p in sorted(rows, key=lambda p: p["perplexity"].get(0.5, np.inf)):
             m = p["max_ratio_10pct"]
-            out.append(f"| {p['press']} | " + " | ".join(_fmt(p["perplexity"].get(x), 2) for x in ratios) +
-                       f" | {'none' if m is None else f'{m:g}'} |")
+            out.append(
+                f"| {p['press']} | "
+                + " | ".join(_fmt(p["perplexity"].get(x), 2) for x in ratios)
+                + f" | {'none' if m is None else f'{m:g}'} |"
+            )
         out.append("")
     for model, why in summary["skipped"].items():
         out.append(f"- **{model}**: {why}")
@@ -218,13 +253,17 @@ def verdict(rows: List[Dict[str, Any]]) -> List[str]:
     for x in sorted(k for k in kv["scores"] if k >= 0.5):
         best = max((r for r in rows if r["press"] != "full" and x in r["scores"]), key=lambda r: r["scores"][x])
         ahead = kv["scores"][x] >= best["scores"][x]
-        lines.append(f"- ratio {x:g}: best press {best['press']} ({_fmt(best['scores'][x])}); {main} "
-                     f"{_fmt(kv['scores'][x])} - {'ahead or tied' if ahead else 'not ahead'}")
+        lines.append(
+            f"- ratio {x:g}: best press {best['press']} ({_fmt(best['scores'][x])}); {main} "
+            f"{_fmt(kv['scores'][x])} - {'ahead or tied' if ahead else 'not ahead'}"
+        )
     f0 = full["scores"].get(0.0)
     if 0.5 in kv["scores"] and f0:
         gap = (f0 - kv["scores"][0.5]) / f0 * 100
-        lines.append(f"- {main} at 0.5 vs full cache: {_fmt(kv['scores'][0.5])} vs {_fmt(f0)} "
-                     f"({'within' if gap <= 5 else 'not within'} 5%: {gap:+.1f}% loss)")
+        lines.append(
+            f"- {main} at 0.5 vs full cache: {_fmt(kv['scores'][0.5])} vs {_fmt(f0)} "
+            f"({'within' if gap <= 5 else 'not within'} 5%: {gap:+.1f}% loss)"
+        )
     return lines
 
 
@@ -236,7 +275,7 @@ def plots(records: List[Dict[str, Any]], summary: Dict[str, Any], out_dir: pathl
     import matplotlib.pyplot as plt
 
     written = []
-    for (model, setting) in dict.fromkeys((r["model"], r["setting"]) for r in summary["rows"]):
+    for model, setting in dict.fromkeys((r["model"], r["setting"]) for r in summary["rows"]):
         rows = [r for r in summary["rows"] if r["model"] == model and r["setting"] == setting]
         fig, ax = plt.subplots(figsize=(7, 4.5))
         full = next((r for r in rows if r["press"] == "full"), None)
@@ -247,8 +286,16 @@ def plots(records: List[Dict[str, Any]], summary: Dict[str, Any], out_dir: pathl
                 xs = sorted(r["scores"])
                 style = "-" if r["press"].startswith("kvcompose") else ":"
                 ax.plot(xs, [r["scores"][x] for x in xs], style, marker="o", label=r["press"])
-        written.append(_save(fig, ax, "compression ratio (fraction of KV cells removed)", "mean task score (%)",
-                              f"{model}, question-{setting}", out_dir / f"score_vs_ratio_{_slug(model)}_{_slug(setting)}.png"))
+        written.append(
+            _save(
+                fig,
+                ax,
+                "compression ratio (fraction of KV cells removed)",
+                "mean task score (%)",
+                f"{model}, question-{setting}",
+                out_dir / f"score_vs_ratio_{_slug(model)}_{_slug(setting)}.png",
+            )
+        )
     for model in dict.fromkeys(r["model"] for r in records if r.get("layer_budgets")):
         by_ratio = defaultdict(list)
         for r in records:
@@ -257,13 +304,20 @@ def plots(records: List[Dict[str, Any]], summary: Dict[str, Any], out_dir: pathl
         if not by_ratio:
             continue
         fig, ax = plt.subplots(figsize=(7, 4))
-        for i, (x, profiles) in enumerate(sorted(by_ratio.items())):
+        for x, profiles in sorted(by_ratio.items()):
             mean = np.mean(profiles, axis=0)
-            line, = ax.plot(np.arange(mean.size), mean, marker=".", label=f"ratio {x:g}")
+            (line,) = ax.plot(np.arange(mean.size), mean, marker=".", label=f"ratio {x:g}")
             ax.axhline(1 - x, color=line.get_color(), linestyle=":", linewidth=1)
-        written.append(_save(fig, ax, "layer", "budget / context tokens",
-                              f"{model}: KVCompose layer budgets (dotted: llama.cpp's uniform C)",
-                              out_dir / f"kvcompose_layer_budgets_{_slug(model)}.png"))
+        written.append(
+            _save(
+                fig,
+                ax,
+                "layer",
+                "budget / context tokens",
+                f"{model}: KVCompose layer budgets (dotted: llama.cpp's uniform C)",
+                out_dir / f"kvcompose_layer_budgets_{_slug(model)}.png",
+            )
+        )
     return written
 
 
@@ -300,15 +354,28 @@ def write(records: List[Dict[str, Any]], out_dir: str, doc: Optional[str] = None
         w.writerow(["model", "setting", "press", "ratio", "score", "auc", "max_ratio_10pct"])
         for r in summary["rows"]:
             for x, s in sorted(r["scores"].items()):
-                w.writerow([r["model"], r["setting"], r["press"], x, f"{s:.2f}", r.get("auc", ""),
-                            r.get("max_ratio_10pct", "")])
+                w.writerow(
+                    [
+                        r["model"],
+                        r["setting"],
+                        r["press"],
+                        x,
+                        f"{s:.2f}",
+                        r.get("auc", ""),
+                        r.get("max_ratio_10pct", ""),
+                    ]
+                )
         for p in summary["perplexity"]:
             for x, v in sorted(p["perplexity"].items()):
                 w.writerow([p["model"], "perplexity", p["press"], x, f"{v:.4f}", "", p["max_ratio_10pct"]])
     text = markdown(summary, config) + "\n" + power_text
     (out / "results.md").write_text(text)
-    text = (markdown(summary, config, per_task=False) + "\n" + power_text +
-            f"\nPer-task tables: `{out.as_posix()}/results.md`.\n")
+    text = (
+        markdown(summary, config, per_task=False)
+        + "\n"
+        + power_text
+        + f"\nPer-task tables: `{out.as_posix()}/results.md`.\n"
+    )
     try:
         images = plots(records, summary, out)
     except ImportError:

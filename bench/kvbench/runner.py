@@ -85,15 +85,25 @@ class BenchConfig:
     out_dir: str = "bench/runs/grid"
 
     @classmethod
-    def quick(cls, **overrides: Any) -> "BenchConfig":
+    def quick(cls, **overrides: Any) -> BenchConfig:
         return cls(**{"lengths": (800,), "samples": 2, **overrides})
 
     @classmethod
-    def power(cls, **overrides: Any) -> "BenchConfig":
+    def power(cls, **overrides: Any) -> BenchConfig:
         """The grid that can tell presses apart: 20 cases per needle task, both prompt styles, 1.5k tokens,
         question-aware, ratios 0.5 / 0.75 / 0.875 (the report adds Wilson intervals and paired tests)."""
-        return cls(**{"tasks": NEEDLE_TASKS, "lengths": (1500,), "samples": 20, "settings": ("aware",),
-                      "styles": STYLES, "ratios": (0.5, 0.75, 0.875), "models": ("smollm2-135m",), **overrides})
+        return cls(
+            **{
+                "tasks": NEEDLE_TASKS,
+                "lengths": (1500,),
+                "samples": 20,
+                "settings": ("aware",),
+                "styles": STYLES,
+                "ratios": (0.5, 0.75, 0.875),
+                "models": ("smollm2-135m",),
+                **overrides,
+            }
+        )
 
     def validate(self) -> None:
         unknown = [p for p in self.presses if p not in DEFAULT_PRESSES]
@@ -109,7 +119,9 @@ class BenchConfig:
         if unknown or not self.styles:
             raise ValueError(f"unknown style {unknown[0] if unknown else None!r}; expected one of {list(STYLES)}")
         if not self.ratios or any(not 0 < r < 1 for r in self.ratios):
-            raise ValueError(f"ratios must lie in (0, 1) (0, the full cache, is always measured), got {list(self.ratios)}")
+            raise ValueError(
+                f"ratios must lie in (0, 1) (0, the full cache, is always measured), got {list(self.ratios)}"
+            )
         for m in self.models:
             if m not in MODELS and not pathlib.Path(m).is_file():
                 raise ValueError(f"unknown model {m!r}: expected one of {sorted(MODELS)} or a .gguf path")
@@ -162,14 +174,17 @@ def user_turn(llm: Llama, content: str) -> str:
     architecture = llm.metadata.get("general.architecture", "")
     if template:
         token = lambda t: llm._model.token_get_text(t) if t >= 0 else ""  # noqa: E731
-        formatter = llama_chat_format.Jinja2ChatFormatter(template, eos_token=token(llm.token_eos()),
-                                                          bos_token=token(llm.token_bos()))
+        formatter = llama_chat_format.Jinja2ChatFormatter(
+            template, eos_token=token(llm.token_eos()), bos_token=token(llm.token_bos())
+        )
         text = formatter(messages=messages).prompt
     elif architecture in ARCHITECTURE_CHAT_FORMATS:
         text = ARCHITECTURE_CHAT_FORMATS[architecture](messages=messages).prompt
     else:
-        raise ValueError(f"the chat style needs a model with a chat template (tokenizer.chat_template); this "
-                         f"{architecture or 'unknown'} model has none")
+        raise ValueError(
+            f"the chat style needs a model with a chat template (tokenizer.chat_template); this "
+            f"{architecture or 'unknown'} model has none"
+        )
     return text
 
 
@@ -196,8 +211,9 @@ def continuation_perplexity(llm: Llama, continuation: List[int]) -> float:
     return metrics.perplexity(logits[:-1], continuation[1:])
 
 
-def run_sample(llm: Llama, model: str, sample: Sample, setting: str, length: int, config: BenchConfig,
-               style: str = "completion") -> List[Dict[str, Any]]:
+def run_sample(
+    llm: Llama, model: str, sample: Sample, setting: str, length: int, config: BenchConfig, style: str = "completion"
+) -> List[Dict[str, Any]]:
     """Prefill and probe one sample once, then answer it with the full cache and every (press, ratio)."""
     tok = lambda text, bos=True: llm.tokenize(text.encode(), add_bos=bos, special=style == "chat")  # noqa: E731
     if sample.metric == "perplexity":
@@ -216,10 +232,14 @@ def run_sample(llm: Llama, model: str, sample: Sample, setting: str, length: int
         context, follow = tok(sample.context), tok("\n\n" + sample.question, False)
 
     if 2 * len(context) + len(follow) + config.max_new_tokens > llm.n_ctx():
-        raise ValueError(f"{sample.task} sample of {len(context)} tokens does not fit n_ctx={llm.n_ctx()} "
-                         "with its reconstruct probe")
-    presses = {(label, r): parse_press_spec(DEFAULT_PRESSES[label].format(ratio=r))
-               for label in config.presses for r in config.ratios}
+        raise ValueError(
+            f"{sample.task} sample of {len(context)} tokens does not fit n_ctx={llm.n_ctx()} with its reconstruct probe"
+        )
+    presses = {
+        (label, r): parse_press_spec(DEFAULT_PRESSES[label].format(ratio=r))
+        for label in config.presses
+        for r in config.ratios
+    }
     if setting == "agnostic" and sample.metric != "perplexity":
         # a question asked after the context was compressed: ``Llama.compress_context``'s presses. (A
         # continuation scored for perplexity follows its prompt as the model's own answer would: the
@@ -228,21 +248,41 @@ def run_sample(llm: Llama, model: str, sample: Sample, setting: str, length: int
     llm.kv_compress = None
     probe = llm.kv_probe(context, list(presses.values()))
     state = llm.save_state()
-    base = {"model": model, "task": sample.task, "setting": setting, "style": style, "length": length,
-            "seed": sample.seed,
-            "context_tokens": len(context), "prefill_seconds": probe.prefill_seconds,
-            "probe_seconds": probe.probe_seconds}
+    base = {
+        "model": model,
+        "task": sample.task,
+        "setting": setting,
+        "style": style,
+        "length": length,
+        "seed": sample.seed,
+        "context_tokens": len(context),
+        "prefill_seconds": probe.prefill_seconds,
+        "probe_seconds": probe.probe_seconds,
+    }
     records = []
     for (label, ratio), press in [(("full", 0.0), None)] + list(presses.items()):
         llm.load_state(state)
-        rec = dict(base, press=label, ratio=ratio, cells=len(context), kv_bytes=None, layer_budgets=None,
-                   select_seconds=0.0, rewrite_seconds=0.0)
+        rec = dict(
+            base,
+            press=label,
+            ratio=ratio,
+            cells=len(context),
+            kv_bytes=None,
+            layer_budgets=None,
+            select_seconds=0.0,
+            rewrite_seconds=0.0,
+        )
         if press is not None:
             stats = llm.kv_apply(press, probe)
-            rec.update(cells=stats["cells_after"], kv_bytes=stats["kv_bytes_after"],
-                       select_seconds=stats["select_seconds"], rewrite_seconds=stats["rewrite_seconds"],
-                       layer_budgets=stats["layer_budgets"] if isinstance(press, KVComposePress) else None,
-                       probe_kind=stats["probe"], probe_queries=stats["probe_queries"])
+            rec.update(
+                cells=stats["cells_after"],
+                kv_bytes=stats["kv_bytes_after"],
+                select_seconds=stats["select_seconds"],
+                rewrite_seconds=stats["rewrite_seconds"],
+                layer_budgets=stats["layer_budgets"] if isinstance(press, KVComposePress) else None,
+                probe_kind=stats["probe"],
+                probe_queries=stats["probe_queries"],
+            )
         if sample.metric == "perplexity":
             rec["perplexity"] = continuation_perplexity(llm, follow)
         else:
@@ -262,13 +302,19 @@ def run(config: BenchConfig, fresh: bool = False, quiet: bool = False) -> List[D
         path.unlink()
     records = load_records(path)
     done = {r["key"] for r in records if "key" in r}
-    (out / "config.json").write_text(json.dumps({k: list(v) if isinstance(v, tuple) else v
-                                                 for k, v in config.__dict__.items()}, indent=2))
+    (out / "config.json").write_text(
+        json.dumps({k: list(v) if isinstance(v, tuple) else v for k, v in config.__dict__.items()}, indent=2)
+    )
 
-    jobs = [(m, task, setting, style, length, seed) for m in config.models for task in config.tasks
-            for setting in (("agnostic",) if task == "perplexity" else config.settings)
-            for style in (("completion",) if task == "perplexity" else config.styles)
-            for length in config.lengths for seed in range(config.samples)]
+    jobs = [
+        (m, task, setting, style, length, seed)
+        for m in config.models
+        for task in config.tasks
+        for setting in (("agnostic",) if task == "perplexity" else config.settings)
+        for style in (("completion",) if task == "perplexity" else config.styles)
+        for length in config.lengths
+        for seed in range(config.samples)
+    ]
     progress = Progress(len(jobs), quiet)
     for model in config.models:
         model_jobs = [j for j in jobs if j[0] == model]

@@ -51,19 +51,23 @@ def load_requests(n: int, model: str, max_tokens: int = 8, n_long: int = 2, n_ct
             kind = "long"
             n_long_made += 1
         start = 1000 + 1500 * i  # its own text: no request shares a prefix with another
-        passage = text[start:start + 600]
+        passage = text[start : start + 600]
         question = "In one short sentence, what is this passage about?"
         base: Dict[str, Any] = {"model": model, "temperature": 0, "max_tokens": max_tokens}
         if kind in ("chat", "chat-stream"):
-            body = dict(base, messages=[{"role": "user", "content": f"{passage}\n\n{question}"}],
-                        stream=kind == "chat-stream")
+            body = dict(
+                base, messages=[{"role": "user", "content": f"{passage}\n\n{question}"}], stream=kind == "chat-stream"
+            )
         elif kind in ("completion", "completion-stream"):
             body = dict(base, prompt=f"{passage}\n\nQ: {question}\nA:", stream=kind == "completion-stream")
         elif kind == "long":  # ~2.5x n_ctx tokens: streamed through the cache
-            body = dict(base, prompt=text[start:start + 5 * n_ctx * 4 // 2] + f"\n\nQ: {question}\nA:")
+            body = dict(base, prompt=text[start : start + 5 * n_ctx * 4 // 2] + f"\n\nQ: {question}\nA:")
         elif kind == "bad-body":
-            body = dict(base, prompt=passage, max_tokens=-5) if i % 2 else \
-                dict(base, messages=[{"role": "wizard", "content": passage}])
+            body = (
+                dict(base, prompt=passage, max_tokens=-5)
+                if i % 2
+                else dict(base, messages=[{"role": "wizard", "content": passage}])
+            )
         else:  # too-long: beyond any limit (9000 words)
             body = dict(base, prompt="Hi " * 9000)
         out.append(LoadRequest(i, kind, body))

@@ -17,8 +17,28 @@ from pykvcompose.demo import paragraphs, take_paragraphs
 Tokenize = Callable[[str], List[int]]
 
 #: Words used as needle keys and variable names: short, distinct, one or two tokens each.
-KEY_WORDS = ("apple", "river", "candle", "falcon", "meadow", "harbor", "violet", "copper", "lantern", "glacier",
-             "orchid", "saddle", "thunder", "walnut", "pepper", "marble", "willow", "cobalt", "ember", "quartz")
+KEY_WORDS = (
+    "apple",
+    "river",
+    "candle",
+    "falcon",
+    "meadow",
+    "harbor",
+    "violet",
+    "copper",
+    "lantern",
+    "glacier",
+    "orchid",
+    "saddle",
+    "thunder",
+    "walnut",
+    "pepper",
+    "marble",
+    "willow",
+    "cobalt",
+    "ember",
+    "quartz",
+)
 FIRST_NAMES = ("Alice", "Bruno", "Chiara", "Dmitri", "Elena", "Farid", "Greta", "Hiro", "Ines", "Jonas")
 CITIES = ("Lisbon", "Krakow", "Nairobi", "Osaka", "Quito", "Bergen", "Tbilisi", "Hanoi", "Porto", "Dakar")
 PROFESSIONS = ("a baker", "a pilot", "a violinist", "a chemist", "a sculptor", "a sailor", "a librarian")
@@ -58,8 +78,9 @@ def score_output(sample: Sample, output: str) -> float:
     """Percentage of the sample's answers found in ``output`` (whole words, case-insensitive)."""
     if sample.metric != "contains_all":
         raise ValueError(f"{sample.task} is scored by {sample.metric}, not by an output string")
-    found = sum(bool(re.search(r"(?<![\w])" + re.escape(a) + r"(?![\w])", output, re.IGNORECASE))
-                for a in sample.answers)
+    found = sum(
+        bool(re.search(r"(?<![\w])" + re.escape(a) + r"(?![\w])", output, re.IGNORECASE)) for a in sample.answers
+    )
     return 100.0 * found / len(sample.answers)
 
 
@@ -68,8 +89,9 @@ def _filler(tokenize: Tokenize, rng: random.Random, n_tokens: int) -> List[str]:
     return take_paragraphs(tokenize, n_tokens, rng.randrange(len(paragraphs())))
 
 
-def _plant(tokenize: Tokenize, rng: random.Random, n_tokens: int, needles: Sequence[str],
-           depths: Sequence[float]) -> str:
+def _plant(
+    tokenize: Tokenize, rng: random.Random, n_tokens: int, needles: Sequence[str], depths: Sequence[float]
+) -> str:
     """A haystack of at most ``n_tokens`` tokens with each needle inserted at its relative depth."""
     budget = n_tokens - sum(len(tokenize(s)) + 1 for s in needles)
     state = rng.getstate()
@@ -98,8 +120,15 @@ def niah_single(tokenize: Tokenize, n_tokens: int, seed: int) -> Sample:
     key, value, depth = rng.choice(KEY_WORDS), _number(rng), rng.uniform(0.05, 0.95)
     needle = f"One of the special magic numbers for {key} is: {value}."
     context = _plant(tokenize, rng, n_tokens, [needle], [depth])
-    return Sample("niah_single", seed, context, f"What is the special magic number for {key} mentioned in the "
-                  f"text above? The special magic number for {key} is", [value], meta={"depth": depth})
+    return Sample(
+        "niah_single",
+        seed,
+        context,
+        f"What is the special magic number for {key} mentioned in the "
+        f"text above? The special magic number for {key} is",
+        [value],
+        meta={"depth": depth},
+    )
 
 
 def niah_multikey(tokenize: Tokenize, n_tokens: int, seed: int, n_keys: int = 4) -> Sample:
@@ -110,8 +139,14 @@ def niah_multikey(tokenize: Tokenize, n_tokens: int, seed: int, n_keys: int = 4)
     needles = [f"One of the special magic numbers for {k} is: {v}." for k, v in zip(keys, values)]
     context = _plant(tokenize, rng, n_tokens, needles, [rng.uniform(0.05, 0.95) for _ in keys])
     i = rng.randrange(n_keys)
-    return Sample("niah_multikey", seed, context, f"What is the special magic number for {keys[i]} mentioned in "
-                  f"the text above? The special magic number for {keys[i]} is", [values[i]])
+    return Sample(
+        "niah_multikey",
+        seed,
+        context,
+        f"What is the special magic number for {keys[i]} mentioned in "
+        f"the text above? The special magic number for {keys[i]} is",
+        [values[i]],
+    )
 
 
 def niah_multivalue(tokenize: Tokenize, n_tokens: int, seed: int, n_values: int = 3) -> Sample:
@@ -121,8 +156,14 @@ def niah_multivalue(tokenize: Tokenize, n_tokens: int, seed: int, n_values: int 
     values = [_number(rng) for _ in range(n_values)]
     needles = [f"One of the special magic numbers for {key} is: {v}." for v in values]
     context = _plant(tokenize, rng, n_tokens, needles, [rng.uniform(0.05, 0.95) for _ in values])
-    return Sample("niah_multivalue", seed, context, f"What are all the special magic numbers for {key} mentioned "
-                  f"in the text above? The special magic numbers for {key} are", values)
+    return Sample(
+        "niah_multivalue",
+        seed,
+        context,
+        f"What are all the special magic numbers for {key} mentioned "
+        f"in the text above? The special magic numbers for {key} are",
+        values,
+    )
 
 
 def variable_tracking(tokenize: Tokenize, n_tokens: int, seed: int, n_hops: int = 3) -> Sample:
@@ -133,8 +174,14 @@ def variable_tracking(tokenize: Tokenize, n_tokens: int, seed: int, n_hops: int 
     needles = [f"VAR {names[0]} = {value}"] + [f"VAR {names[i + 1]} = VAR {names[i]}" for i in range(n_hops)]
     depths = sorted(rng.uniform(0.05, 0.95) for _ in needles)
     context = _plant(tokenize, rng, n_tokens, needles, depths)
-    return Sample("variable_tracking", seed, context, f"Find all variables that are assigned the value {value} in "
-                  "the text above. Answer: the variables assigned that value are", names)
+    return Sample(
+        "variable_tracking",
+        seed,
+        context,
+        f"Find all variables that are assigned the value {value} in "
+        "the text above. Answer: the variables assigned that value are",
+        names,
+    )
 
 
 def common_words(tokenize: Tokenize, n_tokens: int, seed: int, n_common: int = 3, repeats: int = 12) -> Sample:
@@ -155,8 +202,14 @@ def common_words(tokenize: Tokenize, n_tokens: int, seed: int, n_common: int = 3
             step //= 2
     rng.shuffle(words)
     context = fmt(words)
-    return Sample("common_words", seed, context, f"What are the {n_common} most common words in the above list? "
-                  f"Answer: the {n_common} most common words in the list are", common)
+    return Sample(
+        "common_words",
+        seed,
+        context,
+        f"What are the {n_common} most common words in the above list? "
+        f"Answer: the {n_common} most common words in the list are",
+        common,
+    )
 
 
 def passage_qa(tokenize: Tokenize, n_tokens: int, seed: int) -> Sample:
@@ -164,11 +217,18 @@ def passage_qa(tokenize: Tokenize, n_tokens: int, seed: int) -> Sample:
     rng = random.Random(seed)
     name = f"{rng.choice(FIRST_NAMES)} {rng.choice(('Varga', 'Okafor', 'Lindqvist', 'Moreau', 'Tanaka'))}"
     city, job, year = rng.choice(CITIES), rng.choice(PROFESSIONS), rng.randrange(1900, 2000)
-    passage = (f"{name} was born in {city} in {year}. As a young adult {name.split()[0]} worked as {job}, "
-               f"and later wrote a well-known memoir about growing up in {city}.")
+    passage = (
+        f"{name} was born in {city} in {year}. As a young adult {name.split()[0]} worked as {job}, "
+        f"and later wrote a well-known memoir about growing up in {city}."
+    )
     context = _plant(tokenize, rng, n_tokens, [passage], [rng.uniform(0.05, 0.95)])
-    return Sample("passage_qa", seed, context, f"Question: in which city was {name} born? "
-                  f"Answer: {name} was born in the city of", [city])
+    return Sample(
+        "passage_qa",
+        seed,
+        context,
+        f"Question: in which city was {name} born? Answer: {name} was born in the city of",
+        [city],
+    )
 
 
 def perplexity(tokenize: Tokenize, n_tokens: int, seed: int, n_continuation: int = 64) -> Sample:

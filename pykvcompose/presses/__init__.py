@@ -25,5 +25,18 @@ PRESSES = {
 
 from .spec import parse_press_spec  # noqa: E402  (uses PRESSES)
 
-__all__ = ["parse_press_spec", "Press", "BasePress", "KVComposePress", "SnapKVPress", "PyramidKVPress", "TOVAPress", "KnormPress",
-           "StreamingLLMPress", "RandomPress", "DecodingPress", "PrefillDecodingPress", "PRESSES"]
+__all__ = [
+    "parse_press_spec",
+    "Press",
+    "BasePress",
+    "KVComposePress",
+    "SnapKVPress",
+    "PyramidKVPress",
+    "TOVAPress",
+    "KnormPress",
+    "StreamingLLMPress",
+    "RandomPress",
+    "DecodingPress",
+    "PrefillDecodingPress",
+    "PRESSES",
+]

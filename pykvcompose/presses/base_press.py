@@ -27,7 +27,9 @@ def check_number(name: str, value, low: float, high: float, high_inclusive: bool
     ok = not isinstance(value, bool) and isinstance(value, numbers.Real)
     ok = ok and low <= float(value) and (float(value) <= high if high_inclusive else float(value) < high)
     if not ok:
-        raise ValueError(f"{name} must be a number in [{low:g}, {high:g}{']' if high_inclusive else ')'}, got {value!r}")
+        raise ValueError(
+            f"{name} must be a number in [{low:g}, {high:g}{']' if high_inclusive else ')'}, got {value!r}"
+        )
 
 
 def check_bool(name: str, value) -> None:
@@ -113,8 +115,9 @@ class BasePress(Press):
         """
         return None
 
-    def compress(self, probe: Probe, n_keep: int, forced: Sequence[int] = (), consensus: float = 0.0
-                 ) -> Tuple[np.ndarray, Optional[np.ndarray], np.ndarray]:
+    def compress(
+        self, probe: Probe, n_keep: int, forced: Sequence[int] = (), consensus: float = 0.0
+    ) -> Tuple[np.ndarray, Optional[np.ndarray], np.ndarray]:
         """
         Score, allocate and select: everything a compression asks of the press.
 
@@ -138,8 +141,7 @@ class BasePress(Press):
         budgets = self.layer_budgets(scores)
         return scores, budgets, self.select(scores, n_keep, forced=forced, consensus=consensus)
 
-    def select(self, scores: np.ndarray, n_keep: int, forced: Sequence[int] = (), consensus: float = 0.0
-               ) -> np.ndarray:
+    def select(self, scores: np.ndarray, n_keep: int, forced: Sequence[int] = (), consensus: float = 0.0) -> np.ndarray:
         """
         The tokens each (layer, kv head) keeps.
 

@@ -92,7 +92,8 @@ class KVComposePress(BasePress):
         return ProbeSpec(ProbeKind.RECONSTRUCT, 0)
 
     def head_scores(self, probe: Probe) -> np.ndarray:
-        """Probe attention per query head, float32 (layers, heads, tokens), reduced over probe queries by ``agg_task``."""
+        """Probe attention per query head, float32 (layers, heads, tokens), reduced over the probe queries
+        by ``agg_task``."""
         return probe.head_scores(self.probe(), self.agg_task)
 
     def score(self, probe: Probe) -> np.ndarray:
@@ -111,7 +112,11 @@ class KVComposePress(BasePress):
         """
         value_norms = probe.value_norms() if self.add_v_norm else None
         return _native.kvcompose_score(
-            self.head_scores(probe), probe.n_head_kv, self.agg_group, value_norms, self.add_mean_across_heads,
+            self.head_scores(probe),
+            probe.n_head_kv,
+            self.agg_group,
+            value_norms,
+            self.add_mean_across_heads,
         )
 
     def layer_budgets(self, scores: np.ndarray) -> np.ndarray:

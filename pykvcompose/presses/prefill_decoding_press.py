@@ -30,7 +30,9 @@ class PrefillDecodingPress(Press):
 
     def __post_init__(self) -> None:
         if self.prefilling_press is not None and not isinstance(self.prefilling_press, BasePress):
-            raise ValueError(f"prefilling_press must be a press such as KVComposePress(...), got {self.prefilling_press!r}")
+            raise ValueError(
+                f"prefilling_press must be a press such as KVComposePress(...), got {self.prefilling_press!r}"
+            )
         if self.decoding_press is not None and not isinstance(self.decoding_press, DecodingPress):
             raise ValueError(f"decoding_press must be a DecodingPress, got {self.decoding_press!r}")
         if self.prefilling_press is None and self.decoding_press is None:

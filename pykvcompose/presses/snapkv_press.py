@@ -16,9 +16,9 @@ def pool_1d(scores: np.ndarray, kernel_size: int) -> np.ndarray:
     pad = kernel_size // 2
     n = scores.shape[-1]
     padded = np.zeros(scores.shape[:-1] + (n + 2 * pad + 1,), dtype=np.float64)
-    padded[..., pad + 1: pad + 1 + n] = scores
+    padded[..., pad + 1 : pad + 1 + n] = scores
     csum = np.cumsum(padded, axis=-1)
-    return ((csum[..., kernel_size:kernel_size + n] - csum[..., :n]) / kernel_size).astype(np.float32)
+    return ((csum[..., kernel_size : kernel_size + n] - csum[..., :n]) / kernel_size).astype(np.float32)
 
 
 def keep_window(scores: np.ndarray, window: int) -> np.ndarray:

@@ -17,7 +17,7 @@ def _convert(press_name: str, field: dataclasses.Field, text: str) -> Any:
     kind = str(field.type).replace(" ", "")
     if kind.startswith("Optional[") and text.lower() == "none":
         return None
-    kind = kind[len("Optional["):-1] if kind.startswith("Optional[") else kind
+    kind = kind[len("Optional[") : -1] if kind.startswith("Optional[") else kind
     try:
         if kind == "bool":
             if text.lower() in _TRUE | _FALSE:
@@ -65,7 +65,9 @@ def parse_press_spec(spec: str) -> BasePress:
         if not eq or not key:
             raise ValueError(f"{name}: expected key=value, got {part!r} in {spec!r}")
         if key not in fields or key == "compression_ratio":
-            raise ValueError(f"{name} has no field {key!r}; fields: {', '.join(f for f in fields if f != 'compression_ratio')}")
+            raise ValueError(
+                f"{name} has no field {key!r}; fields: {', '.join(f for f in fields if f != 'compression_ratio')}"
+            )
         if key in kwargs:
             raise ValueError(f"{name}: {key} given twice in {spec!r}")
         kwargs[key] = _convert(name, fields[key], value)

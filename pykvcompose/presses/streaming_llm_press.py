@@ -42,5 +42,5 @@ class StreamingLLMPress(BasePress):
         n = probe.n_tokens
         n_pruned = n - self.n_kept(n)
         scores = np.ones((probe.n_layer, probe.n_head_kv, n), dtype=np.float32)
-        scores[..., self.n_sink: self.n_sink + n_pruned] = 0
+        scores[..., self.n_sink : self.n_sink + n_pruned] = 0
         return scores
