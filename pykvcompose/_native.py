@@ -140,8 +140,7 @@ def _check(status: int, function: str) -> None:
     if status != KVC_OK:
         detail = ffi.string(_lib.kvc_last_error()).decode(errors="replace")
         name = ffi.string(_lib.kvc_status_str(status)).decode()
-        message = f"{function}: {name}: {detail}" if detail else f"{function}: {name}"
-        raise _ERROR_CLASS.get(status, NativeError)(status, message)
+        raise _ERROR_CLASS.get(status, NativeError)(status, f"{function}: {name}", detail)
 
 
 def _f32(a: np.ndarray, shape: Optional[Sequence[int]] = None) -> np.ndarray:

@@ -7,9 +7,9 @@ from __future__ import annotations
 class NativeError(RuntimeError):
     """A failure reported by the native core; ``status`` holds the ``kvc_status`` code."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, function: str, detail: str = "") -> None:
         self.status = status
-        super().__init__(message)
+        super().__init__(f"{function}: {detail}" if detail else function)
 
 
 class InvalidArgumentError(NativeError, ValueError):

@@ -172,6 +172,7 @@ def test_bad_press_spec_exits_with_a_message():
     assert "unknown press 'fastkv'" in r.stderr
 
 
+@pytest.mark.slow  # (a load test: 44 s alone)
 def test_concurrent_mixed_requests_are_answered_as_one_at_a_time(served, client):
     """The server under load: concurrent chat/completion requests (streamed and whole), bad bodies,
     prompts longer than the cache and beyond any limit, from 6 threads; every request is answered
