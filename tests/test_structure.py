@@ -144,7 +144,7 @@ def test_the_llama_cpp_python_version_is_written_once():
     import re
 
     root = PACKAGE.parent
-    pins = re.findall(r"llama-cpp-python[^\n]*==\s*([0-9.]+)", (root / "pyproject.toml").read_text())
+    pins = re.findall(r'"llama-cpp-python(?:\[[a-z,]+\])?\s*==\s*([0-9.]+)"', (root / "pyproject.toml").read_text())
     assert len(pins) == 1, pins
     for f in ("Makefile", "CMakeLists.txt"):
         assert pins[0] not in (root / f).read_text(), f
