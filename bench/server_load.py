@@ -18,37 +18,14 @@ import argparse
 import collections
 import json
 import pathlib
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
 
 import numpy as np
 import openai
 
-from kvbench.server_load import load_requests, resident_bytes, run_load, run_request
+from kvbench.server_load import free_port, load_requests, resident_bytes, run_load, run_request, start_server
 from pykvcompose.models import default_model_path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start(argv, port):
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2):
-                return proc
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError(f"server did not start: {proc.stderr.read()[-2000:]}") from None
-            time.sleep(0.5)
 
 
 def server_argv(which: str, port: int, a) -> list:
@@ -139,7 +116,7 @@ def main() -> None:
         order = list(results) if rnd % 2 == 0 else list(reversed(results))
         for which in order:
             port = free_port()
-            proc = start(server_argv(which, port, a), port)
+            proc = start_server(server_argv(which, port, a), port, timeout=180)
             try:
                 client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=600)
                 run_request(client, requests[0])  # warm-up: model pages, first graph

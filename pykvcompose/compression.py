@@ -48,14 +48,16 @@ def compress(
     conv.compressed_cells = int(result["cells_after"])
     conv.holes = holes
     conv.origin = conv.selection = origin
+
+    def kept(found):  # the measured attention of the cells kept, per query head (None: nothing to carry)
+        return (
+            None if found is None or holes else {agg: gather_heads(found[1][agg], selection) for agg in ("max", "mean")}
+        )
+
     # a reconstruct probe saw every token once: its attention stays with the cells (persisted chunk scores),
     # as does the most attention a streamed prompt's question gave them
-    reconstruct = probe.measured(ProbeKind.RECONSTRUCT) or probe.measured(ProbeKind.PERSISTED)
-    asked = probe.measured(ProbeKind.QUESTION)
-    conv.cell_scores, conv.question_scores = (
-        None if found is None or holes else {agg: gather_heads(found[1][agg], selection) for agg in ("max", "mean")}
-        for found in (reconstruct, asked)
-    )
+    conv.cell_scores = kept(probe.measured(ProbeKind.RECONSTRUCT) or probe.measured(ProbeKind.PERSISTED))
+    conv.question_scores = kept(probe.measured(ProbeKind.QUESTION))
     conv.requires_eval = True
     conv.scores = scores
     conv.head_scores = press.head_scores(probe)

@@ -177,9 +177,7 @@ class Engine:
         self.unsupported = unsupported
         self.logits_rows = logits_rows
         self.press: Optional[Press] = None  # Llama.kv_compress
-        self.policy = policy
-        # tokens per streamed chunk: a full cache keeps n_ctx - 2 chunks, so 3/4 of it with n_ctx // 8
-        self.chunk = policy.chunk_for(shape.n_ctx, n_batch)
+        self.set_policy(policy)
         self.room_override: Optional[Press] = None  # compress_context's press while it streams a context
         self.progress: Optional[Callable[[int, int, str], None]] = None
         self._layers_checked = False
@@ -199,6 +197,12 @@ class Engine:
             check_cache(press, self.shape.n_ctx)
         self.press = press
         self.configure_window()
+
+    def set_policy(self, policy: StreamPolicy) -> None:
+        """Stream with ``policy`` from now on; ValueError (nothing changed) when its chunk cannot fit twice."""
+        # tokens per streamed chunk: a full cache keeps n_ctx - 2 chunks, so 3/4 of it with n_ctx // 8
+        self.chunk = policy.chunk_for(self.shape.n_ctx, self.n_batch)
+        self.policy = policy
 
     def configure_window(self, press: Optional[Press] = None) -> None:
         """Size the token history and the logical limit for ``press`` (default: ``self.press``).

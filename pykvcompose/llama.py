@@ -208,8 +208,7 @@ class Llama(llama_cpp.Llama):
     def kv_stream(self, policy: StreamPolicy) -> None:
         if not isinstance(policy, StreamPolicy):
             raise TypeError(f"kv_stream must be a StreamPolicy, got {policy!r}")
-        chunk = policy.chunk_for(self._engine.shape.n_ctx, self.n_batch)  # checked before anything changes
-        self._engine.policy, self._engine.chunk = policy, chunk
+        self._engine.set_policy(policy)
 
     @property
     def kv_room(self) -> str:

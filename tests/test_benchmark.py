@@ -122,32 +122,12 @@ def hand_made_records():
             recs.append(_rec("kvcompose", 0.75, task, seed, 50.0, layer_budgets=[40, 10]))
             recs.append(_rec("bad", 0.5, task, seed, 0.0))
             recs.append(_rec("bad", 0.75, task, seed, 0.0))
-        recs.append(
-            dict(
-                model="m",
-                task="perplexity",
-                setting="agnostic",
-                length=100,
-                seed=seed,
-                press="full",
-                ratio=0.0,
-                perplexity=10.0,
-                key=f"m|perplexity|agnostic|100|{seed}",
+        for press, ratio, perplexity in (("full", 0.0, 10.0), ("kvcompose", 0.5, 10.5 + seed)):
+            key = f"m|perplexity|agnostic|100|{seed}"
+            recs.append(
+                dict(model="m", task="perplexity", setting="agnostic", length=100, seed=seed, press=press, ratio=ratio)
+                | dict(perplexity=perplexity, key=key)
             )
-        )
-        recs.append(
-            dict(
-                model="m",
-                task="perplexity",
-                setting="agnostic",
-                length=100,
-                seed=seed,
-                press="kvcompose",
-                ratio=0.5,
-                perplexity=10.5 + seed,
-                key=f"m|perplexity|agnostic|100|{seed}",
-            )
-        )
     recs.append({"model": "gemma", "skipped": "not supported: sliding window"})
     return recs
 

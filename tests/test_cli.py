@@ -49,33 +49,10 @@ def test_run_answers_about_a_document_longer_than_the_cache(document):
 
 @pytest.mark.model  # (a subprocess loads the model)
 def test_run_quiet_prints_only_the_answer(document):
-    loud = pkv(
-        "run",
-        "--file",
-        str(document),
-        "--question",
-        "Which code?",
-        "--n-ctx",
-        "512",
-        "--kv-compress",
-        "snapkv:0.5",
-        "--max-tokens",
-        "6",
-    )
-    quiet = pkv(
-        "run",
-        "--file",
-        str(document),
-        "--question",
-        "Which code?",
-        "--n-ctx",
-        "512",
-        "--kv-compress",
-        "snapkv:0.5",
-        "--max-tokens",
-        "6",
-        "--quiet",
-    )
+    args = ["run", "--file", str(document), "--question", "Which code?", "--n-ctx", "512"]
+    args += ["--kv-compress", "snapkv:0.5", "--max-tokens", "6"]
+    loud = pkv(*args)
+    quiet = pkv(*args, "--quiet")
     assert quiet.returncode == 0 and quiet.stderr == ""
     assert quiet.stdout == loud.stdout  # greedy: the same answer
 

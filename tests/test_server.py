@@ -1,66 +1,28 @@
 """``pykvcompose serve``: llama-cpp-python's OpenAI-compatible server on a compressed cache, through a real client."""
 
 import json
-import socket
 import subprocess
 import sys
-import time
 import urllib.request
 
 import openai  # the [test] extra installs it
 import pytest
+
+from kvbench.server_load import free_port, start_server
 
 pytestmark = pytest.mark.model
 
 N_CTX = 512
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served():
     """The server's base URL and process."""
-    port = _free_port()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pykvcompose",
-            "serve",
-            "--port",
-            str(port),
-            "--n-ctx",
-            str(N_CTX),
-            "--kv-compress",
-            "snapkv:0.5,window_size=16",
-            "--model-alias",
-            "smol",
-            "--threads",
-            "2",
-            "--quiet",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    port = free_port()
+    argv = [sys.executable, "-m", "pykvcompose", "serve", "--port", str(port), "--n-ctx", str(N_CTX)]
+    argv += ["--kv-compress", "snapkv:0.5,window_size=16", "--model-alias", "smol", "--threads", "2", "--quiet"]
+    proc = start_server(argv, port, timeout=120)
     base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(base + "/v1/models", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {proc.stderr.read()}") from None
-            if time.time() > deadline:
-                proc.kill()
-                raise RuntimeError("server did not come up in 120 s") from None
-            time.sleep(0.5)
     yield base, proc
     proc.terminate()
     proc.wait(timeout=30)

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import socket
+import subprocess
 import time
+import urllib.request
 from typing import Any, Dict, List, Optional, Sequence
 
 from .haystack import haystack_text
@@ -118,3 +121,26 @@ def resident_bytes(pid: int) -> Optional[int]:
     except OSError:
         return None
     return None
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(argv: Sequence[str], port: int, timeout: float) -> subprocess.Popen:
+    """Start ``argv``, an OpenAI-compatible server on 127.0.0.1:``port``, and wait until ``/v1/models`` answers;
+    RuntimeError with the end of its stderr if it exits or does not answer within ``timeout`` seconds."""
+    proc = subprocess.Popen(list(argv), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=2):
+                return proc
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"server did not start in {timeout:g} s: {proc.stderr.read()[-2000:]}") from None
+            time.sleep(0.5)
