@@ -15,6 +15,7 @@ import os
 import pathlib
 import re
 import sys
+import warnings
 from typing import Optional, Sequence
 
 import cffi
@@ -31,7 +32,7 @@ from .errors import (  # noqa: F401  (re-exported: the core's callers catch them
 )
 
 #: The header version this Python code was written for (checked against the header and the library).
-API_VERSION = 5
+API_VERSION = 6
 
 
 def _library_path() -> pathlib.Path:
@@ -108,7 +109,8 @@ def _check_versions() -> None:
 
 _check_versions()
 
-# status codes (enum kvc_status), aggregations (enum kvc_agg), cache halves (enum kvc_part): from the header
+# status codes (enum kvc_status), aggregations (enum kvc_agg), cache halves (enum kvc_part), reduction
+# places (enum kvc_reduce): from the header
 KVC_OK = _lib.KVC_OK
 KVC_ERR_INVALID_ARGUMENT = _lib.KVC_ERR_INVALID_ARGUMENT
 KVC_ERR_CORRUPT_STATE = _lib.KVC_ERR_CORRUPT_STATE
@@ -122,6 +124,7 @@ KVC_AGG_MEAN = _lib.KVC_AGG_MEAN
 KVC_PART_K = _lib.KVC_PART_K
 KVC_PART_V = _lib.KVC_PART_V
 AGG_BY_NAME = {"max": KVC_AGG_MAX, "mean": KVC_AGG_MEAN}
+REDUCE_BY_NAME = {"backend": _lib.KVC_REDUCE_BACKEND, "host": _lib.KVC_REDUCE_HOST}
 
 #: address of kvc_capture_eval_callback, for llama_context_params.cb_eval (a C function: no Python per tensor)
 EVAL_CALLBACK_ADDRESS = int(ffi.cast("uintptr_t", _lib.kvc_capture_eval_callback))
@@ -180,6 +183,7 @@ class Capture:
         _check(_lib.kvc_capture_init(handle), "kvc_capture_init")
         self._handle = handle[0]
         self._shape = (0, 0, 0)
+        self._warned = False
 
     @property
     def handle(self):
@@ -199,6 +203,34 @@ class Capture:
 
     def end(self) -> None:
         _check(_lib.kvc_capture_end(self.handle), "kvc_capture_end")
+        why = self.fallback
+        if why and not self._warned:  # once per capture (per Llama): the run goes on, slower
+            self._warned = True
+            warnings.warn(
+                f"pykvcompose: attention scores reduced on the host, not on the backend: {why}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    def set_reduce(self, where: str) -> None:
+        """Reduce on the ``"backend"`` holding the tensors (default) or on the ``"host"`` (the reference)."""
+        if where not in REDUCE_BY_NAME:
+            raise ValueError(f"unknown reduction place {where!r}; expected one of {sorted(REDUCE_BY_NAME)}")
+        _check(_lib.kvc_capture_set_reduce(self.handle, REDUCE_BY_NAME[where]), "kvc_capture_set_reduce")
+
+    def set_n_threads(self, n_threads: int) -> None:
+        """Threads of a CPU backend's reduction (the context's ``n_threads``)."""
+        _check(_lib.kvc_capture_set_n_threads(self.handle, int(n_threads)), "kvc_capture_set_n_threads")
+
+    @property
+    def fallback(self) -> str:
+        """Why the backend did not reduce some layer during the last capture ("" if it reduced all)."""
+        return ffi.string(_lib.kvc_capture_get_fallback(self.handle)).decode()
+
+    @property
+    def host_bytes(self) -> int:
+        """Tensor bytes the last capture read on the host."""
+        return int(_lib.kvc_capture_host_bytes(self.handle))
 
     @property
     def active(self) -> bool:

@@ -165,6 +165,7 @@ class Llama(llama_cpp.Llama):
         nothing for it unless a capture is active.
         """
         self._kv_capture = _native.Capture()
+        self._kv_capture.set_n_threads(self.context_params.n_threads)
         self._kv_cb_eval = llama_cpp.ggml_backend_sched_eval_callback(_native.EVAL_CALLBACK_ADDRESS)
         self.context_params.cb_eval = self._kv_cb_eval
         self.context_params.cb_eval_user_data = ctypes.c_void_p(self._kv_capture.address)

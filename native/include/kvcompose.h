@@ -30,7 +30,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a signature or a struct in this header changes. */
-#define KVC_API_VERSION 5
+#define KVC_API_VERSION 6
 
 struct ggml_tensor;
 struct llama_context;
@@ -93,6 +93,25 @@ KVC_API bool    kvc_capture_is_active(const kvc_capture * cap);
  * scale) with the flash-attention path's own code instead of reading them: both ways on the same
  * activations, for tests. Off by default. */
 KVC_API int32_t kvc_capture_set_recompute(kvc_capture * cap, bool recompute);
+/* Where the probabilities are reduced. BACKEND (the default): a small ggml graph on the backend
+ * whose buffers hold the layer's tensors (llama.cpp's kq_soft_max pooled in place; with flash
+ * attention, mul_mat(k, q) -> soft_max_ext -> pooling, in blocks of queries), so 2 x [n_head, n_kv]
+ * floats per layer and ubatch reach the host. HOST: every tensor is read on the host and reduced
+ * by this library's loops (the reference the backend path is tested against). Where the backend
+ * lacks an op or a layout, that layer is reduced on the host and kvc_capture_get_fallback says why. */
+enum kvc_reduce {
+    KVC_REDUCE_BACKEND = 0,
+    KVC_REDUCE_HOST    = 1
+};
+KVC_API int32_t kvc_capture_set_reduce(kvc_capture * cap, int32_t where);
+/* Threads of a CPU backend's reduction (llama_context's n_threads); 0: the machine's cores. */
+KVC_API int32_t kvc_capture_set_n_threads(kvc_capture * cap, int32_t n_threads);
+/* Why the backend did not reduce some layer since kvc_capture_begin (the first reason, e.g.
+ * "the CPU backend lacks POOL_2D"), or "" if it reduced every one. Valid until the next begin. */
+KVC_API const char * kvc_capture_get_fallback(const kvc_capture * cap);
+/* Bytes of tensor data the capture read on the host since kvc_capture_begin: the reduced scores
+ * of a backend reduction, or every input of a host one (copied from a device or read in place). */
+KVC_API uint64_t kvc_capture_host_bytes(const kvc_capture * cap);
 /* Copy the reduced scores, [n_layer, n_head, n_keys] floats (n_values must equal that product).
  * agg MAX: max over probe queries; agg MEAN: sum over probe queries / their count. */
 KVC_API int32_t kvc_capture_get_scores(const kvc_capture * cap, int32_t agg, float * dst, size_t n_values);

@@ -51,7 +51,9 @@ const ggml_tensor * flash_attn_node(const ggml_tensor * t) {
 }
 
 // Host bytes of t (a view included): its own data on a host buffer, else a copy into `staging`.
-const char * host_data(const ggml_tensor * t, std::vector<float> & staging) {
+// Counted in cap.host_bytes either way: what a device build would copy.
+const char * host_data(kvc_capture & cap, const ggml_tensor * t, std::vector<float> & staging) {
+    cap.host_bytes += ggml_nbytes(t);
     if (t->buffer == nullptr || ggml_backend_buffer_is_host(t->buffer)) {
         return static_cast<const char *>(t->data);
     }
@@ -116,7 +118,7 @@ void count_visible(kvc_capture & cap, const ggml_tensor * mask, int64_t n_tok, i
         return;
     }
     std::vector<float> stage;
-    const char * md = host_data(mask, stage);
+    const char * md = host_data(cap, mask, stage);
     if (md == nullptr) return;
     const int64_t m = std::min<int64_t>(mask->ne[0], cap.n_keys);
     for (int64_t t = 0; t < n_tok; ++t) {
@@ -161,10 +163,10 @@ void recompute(kvc_capture & cap, const ggml_tensor * q, const ggml_tensor * k, 
         return;
     }
     std::vector<float> q_stage, k_stage, m_stage, s_stage;
-    const char * qd = host_data(q, q_stage);
-    const char * kd = host_data(k, k_stage);
-    const char * md = mask != nullptr ? host_data(mask, m_stage) : nullptr;
-    const char * sd = sinks != nullptr ? host_data(sinks, s_stage) : nullptr;
+    const char * qd = host_data(cap, q, q_stage);
+    const char * kd = host_data(cap, k, k_stage);
+    const char * md = mask != nullptr ? host_data(cap, mask, m_stage) : nullptr;
+    const char * sd = sinks != nullptr ? host_data(cap, sinks, s_stage) : nullptr;
     if (qd == nullptr || kd == nullptr || (mask != nullptr && md == nullptr)) {
         cap.error = "flash attention inputs have no data";
         return;
@@ -257,8 +259,32 @@ float op_param(const ggml_tensor * t, int i) {
 }
 
 // ggml_flash_attn_ext(q, k, v, mask, scale, max_bias, softcap) [+ sinks]
+kvc::AttentionInputs flash_inputs(const ggml_tensor * fa) {
+    kvc::AttentionInputs in;
+    in.q = fa->src[0];
+    in.k = fa->src[1];
+    in.mask = fa->src[3];
+    in.sinks = fa->src[4];
+    in.scale = op_param(fa, 0);
+    in.max_bias = op_param(fa, 1);
+    in.softcap = op_param(fa, 2);
+    return in;
+}
+
 void reduce_flash(kvc_capture & cap, const ggml_tensor * fa, int32_t il) {
-    recompute(cap, fa->src[0], fa->src[1], fa->src[3], fa->src[4], op_param(fa, 0), op_param(fa, 1), op_param(fa, 2), il);
+    const kvc::AttentionInputs in = flash_inputs(fa);
+    recompute(cap, in.q, in.k, in.mask, in.sinks, in.scale, in.max_bias, in.softcap, il);
+}
+
+// The reduction on the tensors' backend (KVC_REDUCE_BACKEND); false: the caller reduces on the host,
+// and the first reason the backend could not is kept for kvc_capture_get_fallback.
+bool on_backend(kvc_capture & cap, const kvc::AttentionInputs & in, int32_t il) {
+    if (cap.reduce_where != KVC_REDUCE_BACKEND) return false;
+    if (!cap.reducer) cap.reducer = std::make_unique<kvc::BackendReducer>();
+    std::string why;
+    if (cap.reducer->reduce(cap, in, il, why)) return true;
+    if (cap.fallback.empty() && !why.empty()) cap.fallback = why;
+    return false;
 }
 
 // kq_soft_max = ggml_soft_max_ext(mul_mat(k, q), mask, scale, max_bias) [+ sinks], recomputed from
@@ -289,7 +315,7 @@ void reduce(kvc_capture & cap, const ggml_tensor * t, int32_t il) {
         return;
     }
 
-    const char * base = host_data(t, cap.staging);  // device tensor: one host copy per layer and ubatch
+    const char * base = host_data(cap, t, cap.staging);  // device tensor: one host copy per layer and ubatch
     if (base == nullptr) {
         cap.error = "attention tensor has no data";
         return;
@@ -442,6 +468,8 @@ int32_t kvc_capture_begin(kvc_capture * cap, int32_t n_layer, int32_t n_head, in
         cap->n_head  = n_head;
         cap->n_keys  = n_keys;
         cap->error.clear();
+        cap->fallback.clear();
+        cap->host_bytes = 0;
         cap->active = true;
         return static_cast<int32_t>(KVC_OK);
     });
@@ -469,6 +497,30 @@ int32_t kvc_capture_set_recompute(kvc_capture * cap, bool recompute) {
     cap->recompute = recompute;
     return KVC_OK;
 }
+
+int32_t kvc_capture_set_reduce(kvc_capture * cap, int32_t where) {
+    if (cap == nullptr) {
+        return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "capture is NULL");
+    }
+    if (where != KVC_REDUCE_BACKEND && where != KVC_REDUCE_HOST) {
+        return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "where must be KVC_REDUCE_BACKEND or KVC_REDUCE_HOST");
+    }
+    cap->reduce_where = where;
+    return KVC_OK;
+}
+
+int32_t kvc_capture_set_n_threads(kvc_capture * cap, int32_t n_threads) {
+    if (cap == nullptr || n_threads < 0) {
+        return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "capture is NULL or n_threads is negative");
+    }
+    cap->n_threads = n_threads;
+    cap->reducer.reset();  // its backends were started with the old count
+    return KVC_OK;
+}
+
+const char * kvc_capture_get_fallback(const kvc_capture * cap) { return cap == nullptr ? "" : cap->fallback.c_str(); }
+
+uint64_t kvc_capture_host_bytes(const kvc_capture * cap) { return cap == nullptr ? 0 : cap->host_bytes; }
 
 int32_t kvc_capture_get_scores(const kvc_capture * cap, int32_t agg, float * dst, size_t n_values) {
     return kvc::guard([&] {
@@ -544,9 +596,12 @@ bool kvc_capture_eval_callback(struct ggml_tensor * t, bool ask, void * user_dat
             if (il >= 0 && cap->recompute) {
                 recompute_softmax(*cap, t, il);
             } else if (il >= 0) {
-                reduce(*cap, t, il);
+                kvc::AttentionInputs in;
+                in.probs = t;
+                in.mask = t->src[1];
+                if (!on_backend(*cap, in, il)) reduce(*cap, t, il);
             } else if (const ggml_tensor * fa = flash_attn_node(t)) {
-                reduce_flash(*cap, fa, il_out);
+                if (!on_backend(*cap, flash_inputs(fa), il_out)) reduce_flash(*cap, fa, il_out);
             }
         } catch (...) {
             cap->error = "allocation failed while capturing attention";

@@ -2,7 +2,10 @@
 // cache tensors it found) and context.cpp (which rewrites the cache through those tensors).
 #pragma once
 
+#include "backend_reduce.h"
+
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -20,6 +23,11 @@ struct kvc_capture {
     std::vector<float>   staging;    // host copy of tensors that live on a device buffer
     std::vector<float>   keys;       // recomputed attention: the layer's keys as f32 [n_head_kv, n_kv, D]
     bool    recompute = false;       // recompute kq_soft_max from q and k instead of reading it
+    int32_t reduce_where = 0;        // KVC_REDUCE_BACKEND or KVC_REDUCE_HOST
+    int32_t n_threads = 0;           // for a CPU backend's reduction; 0: kvc::max_threads()
+    std::unique_ptr<kvc::BackendReducer> reducer;  // made on the first backend reduction
+    std::string fallback;            // why the backend did not reduce (the first reason), "" if it did
+    uint64_t host_bytes = 0;         // tensor bytes the capture read on the host since begin
     // The KV cache tensors ("cache_k_l{il}", "cache_v_l{il}") behind each layer's attention, found in
     // the graph while capturing; they live as long as the context. Kept after the capture ends.
     std::vector<const ggml_tensor *> k_cache, v_cache;  // [n_layer], nullptr: not seen

@@ -1,0 +1,321 @@
+// The attention capture's reduction as a ggml graph on the backend that holds the layer's tensors.
+//
+// Flash attention off: llama.cpp's own probabilities "kq_soft_max-{il}" are pooled in place. On: the
+// probabilities are recomputed from the flash-attention node's inputs the way the non-flash path
+// computes them, mul_mat(k, q) (GQA by broadcast) -> [softcap: tanh] -> soft_max_ext(mask, scale,
+// max_bias) [+ sinks], in blocks of queries so that no more than kBlockBytes of probabilities exist
+// at once. Each block is pooled over its queries (max, mean) and the blocks are folded in the graph,
+// so the host receives 2 x [n_kv, n_head] floats per layer and ubatch (+ [n_kv] for layer 0's mask).
+//
+// The graph reads llama.cpp's tensors through aliases: tensors of our own context pointing at the
+// same buffer and bytes, with no source nodes, so the scheduler's graph is never pulled in.
+#include "backend_reduce.h"
+
+#include "capture.h"
+#include "parallel.h"
+
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
+#include "ggml.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+namespace kvc {
+
+namespace {
+
+// Upper bound on one block of probabilities [n_kv, block, n_head] f32. KVC_REDUCE_BLOCK_BYTES
+// overrides it (tests use a small value to exercise the folding of several blocks).
+size_t block_bytes() {
+    const char * env = std::getenv("KVC_REDUCE_BLOCK_BYTES");
+    const long long v = env != nullptr ? std::strtoll(env, nullptr, 10) : 0;
+    return v > 0 ? static_cast<size_t>(v) : size_t{64} << 20;
+}
+
+// Tests: KVC_REDUCE_DENY_OP="SOFT_MAX,POOL_2D" makes the named ops count as unsupported everywhere,
+// the way a backend without them would.
+bool denied(const char * op) {
+    const char * env = std::getenv("KVC_REDUCE_DENY_OP");
+    if (env == nullptr || *env == '\0') return false;
+    const std::string list = std::string(",") + env + ",";
+    return list.find(std::string(",") + op + ",") != std::string::npos;
+}
+
+// The CPU backend's pooling, a ggml custom op over all its threads (ggml's POOL_2D runs on one):
+// dst [n_kv, 2, n_head] = (max, sum) over the queries of src[0] [n_kv, n_q, n_head], folded into
+// src[1] (the previous block's dst) when there is one. Each thread owns a range of key columns.
+void pool_queries(ggml_tensor * dst, int ith, int nth, void *) {
+    const ggml_tensor * p = dst->src[0];
+    const ggml_tensor * prev = dst->src[1];
+    const int64_t n_kv = p->ne[0], n_q = p->ne[1], n_head = p->ne[2];
+    const int64_t per = (n_kv + nth - 1) / nth, j0 = std::min(n_kv, ith * per), j1 = std::min(n_kv, j0 + per);
+    if (j0 >= j1) return;
+    for (int64_t h = 0; h < n_head; ++h) {
+        float * mx = reinterpret_cast<float *>(static_cast<char *>(dst->data) + h * dst->nb[2]);
+        float * sm = reinterpret_cast<float *>(static_cast<char *>(dst->data) + h * dst->nb[2] + dst->nb[1]);
+        if (prev != nullptr) {
+            const char * from = static_cast<const char *>(prev->data) + h * prev->nb[2];
+            std::memcpy(mx + j0, reinterpret_cast<const float *>(from) + j0, (j1 - j0) * sizeof(float));
+            std::memcpy(sm + j0, reinterpret_cast<const float *>(from + prev->nb[1]) + j0, (j1 - j0) * sizeof(float));
+        } else {  // probabilities are >= 0: 0 is a neutral start for the max as well
+            std::fill(mx + j0, mx + j1, 0.0f);
+            std::fill(sm + j0, sm + j1, 0.0f);
+        }
+        for (int64_t t = 0; t < n_q; ++t) {
+            const float * row = reinterpret_cast<const float *>(static_cast<const char *>(p->data) + t * p->nb[1] +
+                                                                h * p->nb[2]);
+            for (int64_t j = j0; j < j1; ++j) {
+                mx[j] = std::max(mx[j], row[j]);
+                sm[j] += row[j];
+            }
+        }
+    }
+}
+
+// A tensor of ctx that reads rows [row0, row0 + n_rows) (dimension 1) of t where t's bytes are.
+ggml_tensor * alias(ggml_context * ctx, const ggml_tensor * t, int64_t row0 = 0, int64_t n_rows = -1) {
+    int64_t ne[4] = {t->ne[0], n_rows < 0 ? t->ne[1] - row0 : n_rows, t->ne[2], t->ne[3]};
+    ggml_tensor * a = ggml_new_tensor(ctx, t->type, 4, ne);
+    std::memcpy(a->nb, t->nb, sizeof a->nb);
+    a->data = static_cast<char *>(t->data) + row0 * t->nb[1];
+    a->buffer = t->buffer;
+    return a;
+}
+
+}  // namespace
+
+struct BackendReducer::Impl {
+    struct Device {
+        ggml_backend_dev_t dev = nullptr;
+        ggml_backend_t backend = nullptr;
+        ggml_gallocr_t alloc = nullptr;
+        std::string lacks;  // what this backend cannot run; set once, then the host reduces
+    };
+    std::vector<Device> devices;
+    std::vector<uint8_t> meta;  // tensor and graph metadata of one reduction graph
+    std::vector<float> result;
+
+    ~Impl() {
+        for (auto & d : devices) {
+            if (d.alloc != nullptr) ggml_gallocr_free(d.alloc);
+            if (d.backend != nullptr) ggml_backend_free(d.backend);
+        }
+    }
+
+    // The device whose buffer holds t: host buffers (llama.cpp's CPU buffer type names no device)
+    // are the CPU device's.
+    static ggml_backend_dev_t device_of(const ggml_tensor * t) {
+        if (t->buffer == nullptr) return nullptr;
+        ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(t->buffer));
+        if (dev == nullptr && ggml_backend_buffer_is_host(t->buffer)) {
+            dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+        }
+        return dev;
+    }
+
+    Device * device(ggml_backend_dev_t dev, int n_threads, std::string & why) {
+        for (auto & d : devices) {
+            if (d.dev == dev) return &d;
+        }
+        Device d;
+        d.dev = dev;
+        d.backend = ggml_backend_dev_init(dev, nullptr);
+        if (d.backend == nullptr) {
+            why = std::string("the ") + ggml_backend_dev_name(dev) + " device could not start a backend";
+            return nullptr;
+        }
+        if (ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev)) {
+            auto set_threads = reinterpret_cast<ggml_backend_set_n_threads_t>(
+                ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads"));
+            if (set_threads != nullptr) set_threads(d.backend, n_threads);
+        }
+        d.alloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(d.backend));
+        devices.push_back(d);
+        return &devices.back();
+    }
+};
+
+BackendReducer::BackendReducer() : impl_(std::make_unique<Impl>()) {}
+BackendReducer::~BackendReducer() = default;
+
+bool BackendReducer::reduce(kvc_capture & cap, const AttentionInputs & in, int32_t il, std::string & why) {
+    const bool flash = in.probs == nullptr;
+    const ggml_tensor * held = flash ? in.k : in.probs;  // where the work happens
+    // shapes: the probabilities are [n_kv, n_tok, n_head]
+    const int64_t n_kv = flash ? in.k->ne[1] : in.probs->ne[0];
+    const int64_t n_tok = flash ? in.q->ne[1] : in.probs->ne[1];
+    const int64_t n_head = flash ? in.q->ne[2] : in.probs->ne[2];
+    const ggml_tensor * mask = in.mask;
+    if (n_head != cap.n_head || held->ne[3] != 1 || (flash ? in.q->ne[3] : in.probs->ne[3]) != 1 ||
+        (!flash && in.probs->type != GGML_TYPE_F32)) {
+        why.clear();  // not the backend's limit: the host path reports the shape
+        return false;
+    }
+
+    ggml_backend_dev_t dev = Impl::device_of(held);
+    if (dev == nullptr) {
+        why = "its tensors are on a buffer of no known device";
+        return false;
+    }
+    for (const ggml_tensor * t : {in.q, in.k, in.mask, in.sinks, in.probs}) {
+        if (t != nullptr && (t->data == nullptr || Impl::device_of(t) != dev)) {
+            why = "its tensors are on more than one device";
+            return false;
+        }
+    }
+    // the layouts the graph's ops accept (ggml asserts them: check first, never abort)
+    if (flash && (in.k->ne[0] != in.q->ne[0] || in.q->type != GGML_TYPE_F32 || in.q->nb[0] != sizeof(float) ||
+                  in.k->nb[0] != ggml_type_size(in.k->type) || in.k->nb[1] < in.k->nb[0] ||
+                  n_head % in.k->ne[2] != 0)) {
+        why = "flash attention inputs of an unexpected layout";
+        return false;
+    }
+    if (!flash && !ggml_is_contiguous(in.probs)) {
+        why = "attention probabilities that are not contiguous";
+        return false;
+    }
+    // one mask plane, so that its row ranges stay contiguous (soft_max_ext requires it)
+    if (mask != nullptr && (!ggml_is_contiguous(mask) || mask->ne[0] != n_kv || mask->ne[1] < n_tok ||
+                            (mask->type != GGML_TYPE_F16 && mask->type != GGML_TYPE_F32) || mask->ne[2] != 1 ||
+                            mask->ne[3] != 1)) {
+        why = "an attention mask of an unexpected layout";
+        return false;
+    }
+    if (in.sinks != nullptr && (in.sinks->type != GGML_TYPE_F32 || in.sinks->ne[0] != n_head)) {
+        why = "attention sinks of an unexpected layout";
+        return false;
+    }
+
+    Impl & m = *impl_;
+    const int n_threads = static_cast<int>(cap.n_threads > 0 ? cap.n_threads : max_threads());
+    Impl::Device * d = m.device(dev, n_threads, why);
+    if (d == nullptr) return false;
+    if (!d->lacks.empty()) {
+        why = d->lacks;
+        return false;
+    }
+
+    // query blocks of recomputed probabilities: at most block_bytes() at once. llama.cpp's own
+    // probabilities exist already and are pooled whole (one contiguous tensor).
+    const size_t per_query = static_cast<size_t>(n_kv) * n_head * sizeof(float);
+    const int64_t block =
+        flash ? std::clamp<int64_t>(static_cast<int64_t>(block_bytes() / per_query), 1, n_tok) : n_tok;
+    const int64_t n_block = (n_tok + block - 1) / block;
+    const bool visibility = il == 0;
+
+    const size_t n_tensors = 16 * static_cast<size_t>(n_block) + 32;
+    m.meta.resize(n_tensors * ggml_tensor_overhead() + ggml_graph_overhead_custom(n_tensors, false));
+    ggml_init_params params = {m.meta.size(), m.meta.data(), /*no_alloc=*/true};
+    ggml_context * ctx = ggml_init(params);
+    if (ctx == nullptr) {
+        why = "ggml could not make a graph context";
+        return false;
+    }
+    struct CtxFree {
+        ggml_context * c;
+        ~CtxFree() { ggml_free(c); }
+    } ctx_free{ctx};
+
+    ggml_tensor * k = flash ? alias(ctx, in.k) : nullptr;
+    ggml_tensor * sinks = in.sinks != nullptr ? alias(ctx, in.sinks) : nullptr;
+    // CPU: ggml's POOL_2D runs on one thread, so the CPU pools with pool_queries; other backends with
+    // POOL_2D (max, and mean x queries) per block, the blocks folded by one more POOL_2D and ADDs
+    const bool cpu_pool = ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU && !denied("CUSTOM");
+    ggml_tensor * acc = nullptr;      // cpu_pool: [n_kv, 2, n_head] (max, sum) over the blocks so far
+    ggml_tensor * max_all = nullptr;  // [n_kv, n_block, n_head]: each block's max over its queries
+    ggml_tensor * sum_all = nullptr;  // [n_kv, 1, n_head]: sum over all queries
+    for (int64_t b = 0; b < n_block; ++b) {
+        const int64_t t0 = b * block, nt = std::min(block, n_tok - t0);
+        ggml_tensor * p;
+        if (flash) {
+            ggml_tensor * kq = ggml_mul_mat(ctx, k, alias(ctx, in.q, t0, nt));  // [n_kv, nt, n_head]
+            float scale = in.scale;
+            if (in.softcap != 0.0f) {  // softcap * tanh(scale * q.k / softcap): the softmax scales by softcap
+                kq = ggml_tanh(ctx, ggml_scale(ctx, kq, in.scale / in.softcap));
+                scale = in.softcap;
+            }
+            p = ggml_soft_max_ext(ctx, kq, mask != nullptr ? alias(ctx, mask, t0) : nullptr, scale, in.max_bias);
+            ggml_soft_max_add_sinks(p, sinks);
+        } else {
+            p = alias(ctx, in.probs, t0, nt);
+        }
+        if (cpu_pool) {
+            ggml_tensor * args[2] = {p, acc};
+            acc = ggml_custom_4d(ctx, GGML_TYPE_F32, n_kv, 2, n_head, 1, args, acc != nullptr ? 2 : 1, pool_queries,
+                                 GGML_N_TASKS_MAX, nullptr);
+            continue;
+        }
+        const int q = static_cast<int>(nt);
+        ggml_tensor * mx = ggml_pool_2d(ctx, p, GGML_OP_POOL_MAX, 1, q, 1, q, 0, 0);
+        ggml_tensor * sm = ggml_scale(ctx, ggml_pool_2d(ctx, p, GGML_OP_POOL_AVG, 1, q, 1, q, 0, 0), static_cast<float>(nt));
+        max_all = max_all == nullptr ? mx : ggml_concat(ctx, max_all, mx, 1);
+        sum_all = sum_all == nullptr ? sm : ggml_add(ctx, sum_all, sm);
+    }
+    if (!cpu_pool) {
+        const int nb = static_cast<int>(n_block);
+        ggml_tensor * max_out = n_block == 1 ? max_all : ggml_pool_2d(ctx, max_all, GGML_OP_POOL_MAX, 1, nb, 1, nb, 0, 0);
+        acc = ggml_concat(ctx, max_out, sum_all, 1);
+    }
+    ggml_tensor * seen = nullptr;  // [n_kv, 1]: query rows whose mask lets them see each cell
+    if (visibility && mask != nullptr) {
+        // -inf (hidden) -> 0, any finite value -> 1, summed over the ubatch's rows
+        ggml_tensor * rows = ggml_cast(ctx, alias(ctx, mask, 0, n_tok), GGML_TYPE_F32);
+        ggml_tensor * open = ggml_step(ctx, ggml_scale_bias(ctx, rows, 1.0f, 1e30f));
+        seen = ggml_scale(ctx, ggml_pool_2d(ctx, open, GGML_OP_POOL_AVG, 1, static_cast<int>(n_tok), 1,
+                                            static_cast<int>(n_tok), 0, 0),
+                          static_cast<float>(n_tok));
+    }
+    ggml_cgraph * gf = ggml_new_graph_custom(ctx, n_tensors, false);
+    ggml_build_forward_expand(gf, acc);
+    if (seen != nullptr) ggml_build_forward_expand(gf, seen);
+
+    for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
+        const ggml_tensor * node = ggml_graph_node(gf, i);
+        if (denied(ggml_op_desc(node)) || !ggml_backend_supports_op(d->backend, node)) {
+            d->lacks = std::string("the ") + ggml_backend_name(d->backend) + " backend lacks " + ggml_op_desc(node);
+            why = d->lacks;
+            return false;
+        }
+    }
+    if (!ggml_gallocr_alloc_graph(d->alloc, gf)) {
+        why = "no memory for the reduction graph on " + std::string(ggml_backend_name(d->backend));
+        return false;
+    }
+    if (ggml_backend_graph_compute(d->backend, gf) != GGML_STATUS_SUCCESS) {
+        why = std::string("the ") + ggml_backend_name(d->backend) + " backend failed to compute the reduction";
+        return false;
+    }
+
+    // [n_kv, 1, n_head] x 2 (+ [n_kv]) floats to the host
+    const size_t plane = static_cast<size_t>(n_kv) * n_head;
+    m.result.resize(2 * plane + (seen != nullptr ? n_kv : 0));
+    ggml_backend_tensor_get(acc, m.result.data(), 0, 2 * plane * sizeof(float));
+    if (seen != nullptr) ggml_backend_tensor_get(seen, m.result.data() + 2 * plane, 0, n_kv * sizeof(float));
+    cap.host_bytes += m.result.size() * sizeof(float);
+
+    const int64_t n_keys = std::min<int64_t>(n_kv, cap.n_keys);
+    for (int64_t h = 0; h < n_head; ++h) {
+        const size_t at = (static_cast<size_t>(il) * cap.n_head + h) * cap.n_keys;
+        const float * mx = m.result.data() + 2 * h * n_kv;  // acc [n_kv, 2, n_head]
+        const float * sm = mx + n_kv;
+        for (int64_t j = 0; j < n_keys; ++j) {
+            cap.max[at + j] = std::max(cap.max[at + j], mx[j]);
+            cap.sum[at + j] += sm[j];
+        }
+    }
+    if (visibility) {
+        for (int64_t j = 0; j < n_keys; ++j) {
+            cap.visible[j] += seen != nullptr ? static_cast<int32_t>(std::lround(m.result[2 * plane + j]))
+                                              : static_cast<int32_t>(n_tok);
+        }
+    }
+    cap.n_queries[il] += n_tok;
+    return true;
+}
+
+}  // namespace kvc

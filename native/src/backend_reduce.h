@@ -1,0 +1,44 @@
+// The capture's reduction run as a small ggml graph on the backend that holds the attention's tensors,
+// so only [n_head, n_kv] floats per layer and ubatch reach the host (capture.cpp's loops are the
+// oracle and the fallback).
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+
+struct ggml_tensor;
+struct kvc_capture;
+
+namespace kvc {
+
+// What one layer's attention is reduced from: either the probabilities llama.cpp computed
+// (`probs`, "kq_soft_max-{il}", flash attention off) or the inputs of its flash-attention node.
+struct AttentionInputs {
+    const ggml_tensor * probs = nullptr;  // [n_kv, n_tokens, n_head] f32
+    const ggml_tensor * q     = nullptr;  // [D, n_tokens, n_head] f32, after RoPE
+    const ggml_tensor * k     = nullptr;  // [D, n_kv, n_head_kv] of the cache's type
+    const ggml_tensor * mask  = nullptr;  // [n_kv, >= n_tokens] f16/f32, or nullptr
+    const ggml_tensor * sinks = nullptr;  // [n_head] f32, or nullptr
+    float scale = 1.0f, max_bias = 0.0f, softcap = 0.0f;
+};
+
+// The ggml backends, allocators and graph memory the capture reuses across layers and ubatches.
+class BackendReducer {
+public:
+    BackendReducer();
+    ~BackendReducer();
+    BackendReducer(const BackendReducer &) = delete;
+    BackendReducer & operator=(const BackendReducer &) = delete;
+
+    // Folds layer il's attention into cap's running max/sum (and layer 0's mask into cap.visible).
+    // Returns false, with `why` naming what the backend lacks (an op, a layout), when it did not:
+    // the caller then reduces on the host. Nothing is folded in that case.
+    bool reduce(kvc_capture & cap, const AttentionInputs & in, int32_t il, std::string & why);
+
+private:
+    struct Impl;
+    std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace kvc
