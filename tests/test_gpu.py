@@ -1,7 +1,7 @@
 """The same compression with the cache on a GPU (run where llama-cpp-python has a GPU backend:
-`pytest -m gpu`; see the README for CUDA and Metal builds). The capture copies device tensors to
-the host (ggml_backend_tensor_get) and the rewrite reads the cache tensors' cells the same way, so the
-results must equal the CPU's up to the backends' rounding."""
+`pytest -m gpu`; see the README for CUDA and Metal builds). The capture reduces the attention on the
+GPU (a ggml graph; only the reduced scores reach the host) and the rewrite reads the cache tensors'
+cells with ggml_backend_tensor_get, so the results must equal the CPU's up to the backends' rounding."""
 
 import llama_cpp
 import numpy as np
@@ -58,3 +58,26 @@ def test_device_tensor_rewrite_writes_what_the_state_rewrite_writes(model_path, 
     _native.context_compose_tensors(m._ctx.ctx, m._kv_capture, np.arange(n, dtype=np.int32), selection)
     assert seq_state(m) == expected
     m.close()
+
+
+@pytest.mark.parametrize("flash_attn", [False, True])
+def test_the_gpu_reduces_what_the_host_reduces(model_path, prompt_tokens, flash_attn):
+    """On the GPU's own activations: the graph on the device against the host loops over copies."""
+    press = KVComposePress(0.5, scoring="reconstruct", min_tokens=16)
+    m = Llama(model_path, n_ctx=1024, n_gpu_layers=-1, flash_attn=flash_attn, verbose=False)
+    runs = []
+    try:
+        for where in ("host", "backend"):
+            m._kv_capture.set_reduce(where)
+            m.compress_context(prompt_tokens[:-1], press)
+            runs.append((m.kv_selection.copy(), m._kv_capture.host_bytes, m._kv_capture.fallback))
+    finally:
+        m.close()
+    (sel_h, bytes_h, _), (sel_b, bytes_b, fallback) = runs
+    assert fallback == "", fallback
+    assert bytes_b * 20 < bytes_h
+    jac = [
+        len(np.intersect1d(a, b)) / len(np.union1d(a, b))
+        for a, b in zip(sel_h.reshape(-1, sel_h.shape[-1]), sel_b.reshape(-1, sel_b.shape[-1]))
+    ]
+    assert min(jac) >= 0.99

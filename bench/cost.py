@@ -1,0 +1,191 @@
+"""What compression costs a user: time to first token against plain llama-cpp-python, in one run.
+
+    python bench/cost.py [--tokens 2048 4096 8192] [--flash off on] [--type-k f16 q8_0]
+                         [--stream 3500:1024 7000:2048] [--repeat 2] [--out bench/runs/cost]
+
+For each flash-attention setting and K cache type, on the embedded model:
+
+- prompt compression at each length n: ``create_completion(prompt, max_tokens=1)`` timed on plain
+  ``llama_cpp.Llama`` and on ``Llama(kv_compress=KVComposePress(0.75, scoring=...))`` for the window,
+  lookahead (the default) and reconstruct probes, all with the same ``n_ctx`` (room for the reconstruct
+  probe), the runs interleaved, best of ``--repeat``; the host bytes the probe's capture read; decode
+  speed after the default compression against a fresh context holding the same number of cells;
+- streaming: a chat pass-key document of N tokens through ``n_ctx=C`` cells with the default press
+  against the full cache (plain ``llama_cpp.Llama`` with room for the whole document), with the
+  chunks' own prefill (``kv_stream_seconds["prefill"]``) as the floor beside it.
+
+The machine is shared and noisy: every ratio compares runs made moments apart, interleaved.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import time
+
+import llama_cpp
+
+from kvbench.haystack import passkey_cases, passkey_chat_prompt
+from kvbench.haystack import haystack_text
+from pykvcompose import KVComposePress, Llama
+from pykvcompose.models import default_model_path
+from pykvcompose.support import default_threads
+
+TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
+PROBES = ("window", "lookahead", "reconstruct")
+RATIO = 0.75
+
+
+def first_token_seconds(llm, prompt) -> float:
+    """Time to first token of ``prompt`` (tokens) from an empty cache."""
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.create_completion(prompt, max_tokens=1, temperature=0.0)
+    return time.perf_counter() - t0
+
+
+def decode_tok_s(llm, tokens) -> float:
+    """Tokens/s decoding ``tokens`` one at a time on whatever the cache holds (then removed again)."""
+    start = llm.n_tokens
+    t0 = time.perf_counter()
+    for t in tokens:
+        llm.eval([t])
+    seconds = time.perf_counter() - t0
+    llm._ctx.kv_cache_seq_rm(0, start, -1)
+    llm.n_tokens = start
+    return len(tokens) / seconds
+
+
+def prompt_rows(n: int, flash: bool, type_k: str, repeat: int, text_tokens, n_decode: int = 32) -> dict:
+    path, threads = default_model_path(), default_threads()
+    kw = dict(n_ctx=2 * n + 256, n_batch=512, n_threads=threads, flash_attn=flash, type_k=TYPES[type_k], verbose=False)
+    if type_k != "f16" and flash:
+        kw["type_v"] = TYPES[type_k]
+    prompt, follow = text_tokens[:n], text_tokens[n : n + n_decode]
+    plain = llama_cpp.Llama(path, **kw)
+    ours = {p: Llama(path, kv_compress=KVComposePress(RATIO, scoring=p), **kw) for p in PROBES}
+    best = {k: float("inf") for k in ("plain", *PROBES)}
+    host_bytes = {}
+    for _ in range(repeat):
+        best["plain"] = min(best["plain"], first_token_seconds(plain, prompt))
+        for p, llm in ours.items():
+            best[p] = min(best[p], first_token_seconds(llm, prompt))
+            host_bytes[p] = llm._kv_capture.host_bytes
+            assert llm.kv_stats["cells_after"] < n, llm.kv_stats
+    # decode after the default compression vs a fresh context holding as many cells
+    cells = ours["lookahead"].kv_stats["cells_after"]
+    fresh = llama_cpp.Llama(path, **kw)
+    fresh.eval(prompt[:cells])
+    d_ours = d_fresh = 0.0
+    for _ in range(max(2, repeat)):
+        d_ours = max(d_ours, decode_tok_s(ours["lookahead"], follow))
+        d_fresh = max(d_fresh, decode_tok_s(fresh, follow))
+    for llm in (plain, fresh, *ours.values()):
+        llm.close()
+    return {
+        "kind": "prompt",
+        "tokens": n,
+        "flash": flash,
+        "type_k": type_k,
+        "plain_s": best["plain"],
+        **{f"{p}_s": best[p] for p in PROBES},
+        **{f"{p}_host_bytes": host_bytes[p] for p in PROBES},
+        "cells_after": cells,
+        "decode_tok_s": d_ours,
+        "decode_tok_s_fresh": d_fresh,
+    }
+
+
+def stream_row(n: int, n_ctx: int, flash: bool, type_k: str, repeat: int) -> dict:
+    path, threads = default_model_path(), default_threads()
+    kw = dict(n_batch=512, n_threads=threads, flash_attn=flash, type_k=TYPES[type_k], verbose=False)
+    if type_k != "f16" and flash:
+        kw["type_v"] = TYPES[type_k]
+    full = llama_cpp.Llama(path, n_ctx=n + 512, **kw)
+    ours = Llama(path, n_ctx=n_ctx, kv_compress=KVComposePress(RATIO), **kw)
+    tokenize = lambda s: full.tokenize(s.encode(), add_bos=False)  # noqa: E731
+    ((_, _, doc),) = passkey_cases(tokenize, n, [0.5])
+    prompt = full.tokenize(passkey_chat_prompt(full, doc).encode(), special=True)
+    best_full = best_ours = float("inf")
+    stream = {}
+    for _ in range(repeat):
+        best_full = min(best_full, first_token_seconds(full, prompt))
+        t = first_token_seconds(ours, prompt)
+        if t < best_ours:
+            best_ours, stream = t, dict(ours.kv_stream_seconds)
+    for llm in (full, ours):
+        llm.close()
+    return {
+        "kind": "stream",
+        "tokens": len(prompt),
+        "n_ctx": n_ctx,
+        "flash": flash,
+        "type_k": type_k,
+        "full_s": best_full,
+        "stream_s": best_ours,
+        "chunk_prefill_s": stream.get("prefill", float("nan")),
+        "probe_s": stream.get("probe", float("nan")),
+    }
+
+
+def table(rows) -> str:
+    out = [
+        "| flash | K | tokens | window | lookahead (default) | reconstruct | host MiB per probe (window / lookahead / "
+        "reconstruct) | decode vs fresh context of the same cells |",
+        "|---|---|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in (r for r in rows if r["kind"] == "prompt"):
+        ratios = " | ".join(f"{r[f'{p}_s'] / r['plain_s']:.2f}x" for p in PROBES)
+        mib = " / ".join(f"{r[f'{p}_host_bytes'] / 2**20:.2f}" for p in PROBES)
+        out.append(
+            f"| {'on' if r['flash'] else 'off'} | {r['type_k']} | {r['tokens']} | {ratios} | {mib} "
+            f"| {100 * r['decode_tok_s'] / r['decode_tok_s_fresh']:.0f}% |"
+        )
+    streams = [r for r in rows if r["kind"] == "stream"]
+    if streams:
+        out += [
+            "",
+            "| flash | K | document tokens → n_ctx | streamed vs full cache (time to first token) | floor: the chunks' "
+            "own prefill vs full cache | probes s |",
+            "|---|---|---|---:|---:|---:|",
+        ]
+        for r in streams:
+            out.append(
+                f"| {'on' if r['flash'] else 'off'} | {r['type_k']} | {r['tokens']} → {r['n_ctx']} "
+                f"| {r['stream_s'] / r['full_s']:.2f}x | {r['chunk_prefill_s'] / r['full_s']:.2f}x | {r['probe_s']:.1f} |"
+            )
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tokens", type=int, nargs="*", default=[2048, 4096, 8192])
+    p.add_argument("--flash", nargs="+", default=["off", "on"], choices=["off", "on"])
+    p.add_argument("--type-k", nargs="+", default=["f16", "q8_0"], choices=sorted(TYPES))
+    p.add_argument("--stream", nargs="*", default=["3500:1024", "7000:2048"], help="DOC_TOKENS:N_CTX")
+    p.add_argument("--repeat", type=int, default=2)
+    p.add_argument("--out", default="bench/runs/cost")
+    a = p.parse_args()
+    tok = llama_cpp.Llama(default_model_path(), n_ctx=64, vocab_only=True, verbose=False)
+    text_tokens = tok.tokenize(haystack_text()[:200000].encode())
+    rows = []
+    out = pathlib.Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    for flash in a.flash:
+        for type_k in a.type_k:
+            for n in a.tokens:
+                rows.append(prompt_rows(n, flash == "on", type_k, a.repeat, text_tokens))
+                print(json.dumps(rows[-1]), flush=True)
+            for spec in a.stream:
+                n, n_ctx = (int(x) for x in spec.split(":"))
+                rows.append(stream_row(n, n_ctx, flash == "on", type_k, a.repeat))
+                print(json.dumps(rows[-1]), flush=True)
+            (out / "results.json").write_text(json.dumps(rows, indent=1))
+    md = table(rows)
+    (out / "results.md").write_text(md + "\n")
+    print("\n" + md)
+
+
+if __name__ == "__main__":
+    main()

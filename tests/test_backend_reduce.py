@@ -1,0 +1,126 @@
+"""The probe's attention reduced on the backend that holds the tensors (issue 31): a ggml graph pools
+llama.cpp's kq_soft_max in place, or recomputes the probabilities under flash attention from the
+node's q and k (mul_mat -> soft_max_ext) in blocks of queries, so only [n_head, n_kv] floats per layer
+and ubatch reach the host. The host loops (kvc_capture_set_reduce(HOST)) are the oracle."""
+
+import warnings
+
+import llama_cpp
+import numpy as np
+import pytest
+
+from pykvcompose import KVComposePress, Llama
+
+pytestmark = pytest.mark.model
+
+F16, Q8_0, Q4_0 = llama_cpp.GGML_TYPE_F16, llama_cpp.GGML_TYPE_Q8_0, llama_cpp.GGML_TYPE_Q4_0
+# score tolerance: ggml quantizes the queries for quantized keys with its SIMD code, the host loop
+# with the reference code (a few probabilities in 10^5 differ by up to ~2e-3 with q4_0 keys)
+CASES = [(False, F16, 1e-5), (True, F16, 1e-5), (True, Q8_0, 1e-3), (True, Q4_0, 5e-3)]
+IDS = ["softmax-f16", "flash-f16", "flash-q8_0", "flash-q4_0"]
+PRESS = KVComposePress(0.5, scoring="reconstruct", min_tokens=16)
+
+
+def jaccard(sel_a: np.ndarray, sel_b: np.ndarray) -> np.ndarray:
+    """Per (layer, kv head) Jaccard index of two selections [layers, kv_heads, cells]."""
+    a, b = sel_a.reshape(-1, sel_a.shape[-1]), sel_b.reshape(-1, sel_b.shape[-1])
+    return np.array([len(np.intersect1d(x, y)) / len(np.union1d(x, y)) for x, y in zip(a, b)])
+
+
+def compress_each_way(model_path, tokens, flash_attn, type_k, ways):
+    """Selections, head scores, host bytes and fallback of compress_context(tokens) reduced each way,
+    on one context (the same activations)."""
+    m = Llama(
+        model_path,
+        n_ctx=1024,
+        flash_attn=flash_attn,
+        type_k=type_k,
+        type_v=type_k if flash_attn else F16,
+        verbose=False,
+    )
+    runs, visible = [], []
+    try:
+        for where in ways:
+            m._kv_capture.set_reduce(where)
+            m.compress_context(tokens, PRESS)
+            cap = m._kv_capture
+            runs.append((m.kv_selection.copy(), m.kv_head_scores.copy(), cap.host_bytes, cap.fallback))
+            visible.append(cap.visibility())
+    finally:
+        m.close()
+    # which cells layer 0's mask showed to how many probe queries: the same whichever way reduced it
+    for v in visible[1:]:
+        np.testing.assert_array_equal(v, visible[0])
+    return runs
+
+
+@pytest.mark.parametrize("flash_attn,type_k,atol", CASES, ids=IDS)
+def test_backend_reduction_selects_what_the_host_reduction_selects(model_path, prompt_tokens, flash_attn, type_k, atol):
+    ctx = prompt_tokens[:-1]
+    (sel_h, hs_h, bytes_h, fb_h), (sel_b, hs_b, bytes_b, fb_b) = compress_each_way(
+        model_path, ctx, flash_attn, type_k, ["host", "backend"]
+    )
+    assert fb_b == "" and fb_h == ""
+    jac = jaccard(sel_h, sel_b)
+    assert jac.min() >= 0.99, jac.min()
+    np.testing.assert_allclose(hs_b, hs_h, atol=atol)
+    # the host receives (max, sum) per (layer, query head, key) and layer 0's visible counts per key,
+    # per ubatch: the reconstruct probe is one ubatch of len(ctx) queries over the 1024 cells' window
+    n_layer, n_head = 30, 9
+    n_kv_max = 1024
+    assert bytes_b <= 4 * (2 * n_layer * n_head * n_kv_max + n_kv_max)
+    assert bytes_h > 20 * bytes_b  # the host path reads probabilities or q, k and mask
+
+
+def test_blocks_of_queries_fold_to_one_pass(model_path, prompt_tokens, monkeypatch):
+    """Under flash attention the probabilities are recomputed a block of queries at a time; blocks of
+    three queries give the scores one block gives (max and sum folded in the graph)."""
+    ctx = prompt_tokens[:-1]
+    ((_, whole, _, _),) = compress_each_way(model_path, ctx, True, F16, ["backend"])
+    monkeypatch.setenv("KVC_REDUCE_BLOCK_BYTES", str(3 * 1024 * 9 * 4))
+    ((_, blocks, _, fb),) = compress_each_way(model_path, ctx, True, F16, ["backend"])
+    assert fb == ""
+    np.testing.assert_allclose(blocks, whole, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["softmax", "flash"])
+def test_the_portable_graph_gives_the_cpu_pooling(model_path, prompt_tokens, flash_attn, monkeypatch):
+    """The graph GPUs run (POOL_2D, CONCAT, ADD instead of the CPU's threaded custom op), made to run on
+    the CPU by denying the custom op, in several blocks: the same scores."""
+    ctx = prompt_tokens[:-1]
+    ((sel_c, custom, _, _),) = compress_each_way(model_path, ctx, flash_attn, F16, ["backend"])
+    monkeypatch.setenv("KVC_REDUCE_DENY_OP", "CUSTOM")
+    monkeypatch.setenv("KVC_REDUCE_BLOCK_BYTES", str(100 * 1024 * 9 * 4))
+    ((sel_p, portable, bytes_p, fb),) = compress_each_way(model_path, ctx, flash_attn, F16, ["backend"])
+    assert fb == "" and bytes_p <= 4 * (2 * 30 * 9 * 1024 + 1024)
+    np.testing.assert_allclose(portable, custom, rtol=1e-4, atol=1e-6)
+    assert jaccard(sel_c, sel_p).min() >= 0.99
+
+
+def test_a_missing_op_falls_back_to_the_host_with_one_warning(model_path, prompt_tokens, monkeypatch):
+    ctx = prompt_tokens[:-1]
+    ((sel_h, hs_h, _, _),) = compress_each_way(model_path, ctx, True, F16, ["host"])
+    monkeypatch.setenv("KVC_REDUCE_DENY_OP", "SOFT_MAX")
+    m = Llama(model_path, n_ctx=1024, flash_attn=True, verbose=False)
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                m.compress_context(ctx, PRESS)
+        assert m._kv_capture.fallback == "the CPU backend lacks SOFT_MAX"
+        ours = [w for w in seen if "reduced on the host" in str(w.message)]
+        assert len(ours) == 1 and "SOFT_MAX" in str(ours[0].message) and ours[0].category is RuntimeWarning
+        # the host computed the same scores: nothing wrong, nothing half-folded
+        np.testing.assert_allclose(m.kv_head_scores, hs_h, atol=1e-6)
+        np.testing.assert_array_equal(m.kv_selection, sel_h)
+    finally:
+        m.close()
+
+
+def test_reduction_place_is_checked(model_path):
+    m = Llama(model_path, n_ctx=256, verbose=False)
+    try:
+        with pytest.raises(ValueError, match="unknown reduction place 'gpu'"):
+            m._kv_capture.set_reduce("gpu")
+    finally:
+        m.close()
