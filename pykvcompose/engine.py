@@ -55,6 +55,9 @@ class Conversation:
     # the highest attention each cell got from that question at the compressions made so far, as cell_scores
     # (see probing.question_probe): a cell ranked high once is not dropped by a later round's weaker probe
     question_scores: Optional[Dict[str, np.ndarray]] = None
+    # the tokens the model wrote after that question at its first compression, which every later round
+    # decodes again in one batch (see probing.question_probe)
+    question_drafts: Optional[List[int]] = None
     # seconds spent since the conversation began decoding streamed chunks, and probing them (kv_room="fill")
     stream_seconds: Dict[str, float] = field(default_factory=lambda: {"prefill": 0.0, "probe": 0.0})
 
@@ -96,12 +99,14 @@ class Conversation:
         self.origin = None
         self.cell_scores = None
         self.question_scores = None
+        self.question_drafts = None
 
     def ask(self, question: Optional[List[int]]) -> None:
         """``question`` ranks the cells at compressions from now on (None: nothing does); the attention
         an earlier question gave them is forgotten."""
         self.question = question
         self.question_scores = None
+        self.question_drafts = None
 
     def restored(
         self,

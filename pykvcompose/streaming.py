@@ -454,11 +454,14 @@ def persisted_probe(engine: Engine) -> Probe:
 def question_probe(engine: Engine, probe: Probe, tail: int, lookahead: int) -> Optional[ProbeSpec]:
     """Score the cache's cells by the prompt's question, for a compression that makes room while the
     prompt streams in: the prompt's last ``tail`` tokens (``conv.question``; where the question usually
-    is) are decoded after everything the cache holds, then up to ``lookahead`` tokens the model writes
-    greedily after them, all with the capture on and removed afterwards; their attention is stored in
-    ``probe`` under the returned spec. Cells are otherwise ranked by text that follows them (a chunk's own
+    is) and up to ``lookahead`` tokens the model writes greedily after them are decoded after everything
+    the cache holds in one batch with the capture on, and removed; their attention is stored in ``probe``
+    under the returned spec. Cells are otherwise ranked by text that follows them (a chunk's own
     reconstruct probe), which does not ask for the fact a question needs. Returns None, changing
-    nothing, without a question or room in the cache to decode it."""
+    nothing, without a question or room in the cache to decode it.
+
+    The drafts are written once per question, at its first round, with the capture off, and decoded
+    again by every later round: greedy decoding is one token per forward pass, the batch one pass."""
     conv, shape = engine.conv, engine.shape
     question: List[int] = list(conv.question or [])[-tail:] if tail > 0 else []
     cells = conv.cells
@@ -471,16 +474,20 @@ def question_probe(engine: Engine, probe: Probe, tail: int, lookahead: int) -> O
         engine.compact()  # capture columns must be cells 0..cells-1
     base = conv.n_tokens
 
-    def decode() -> None:
-        for start in range(0, len(question), engine.n_batch):
-            engine.batch.set_batch(
-                batch=question[start : start + engine.n_batch], n_past=base + start, logits_all=False
-            )
+    def decode(tokens: List[int]) -> None:
+        for start in range(0, len(tokens), engine.n_batch):
+            engine.batch.set_batch(batch=tokens[start : start + engine.n_batch], n_past=base + start, logits_all=False)
             engine.ctx.decode(engine.batch)
-        greedy_drafts(engine, base + len(question), k)
 
+    if conv.question_drafts is None:
+        try:
+            decode(question)
+            conv.question_drafts = greedy_drafts(engine, base + len(question), k)
+        finally:
+            engine.remove(base)
+    queries = question + conv.question_drafts[:k]
     try:
-        mx, mean = engine.captured(decode, cells)
+        mx, mean = engine.captured(lambda: decode(queries), cells)
     finally:
         engine.remove(base)  # the question's and the drafts' cells never stay
     attention = {"max": np.array(mx[..., :cells]), "mean": np.array(mean[..., :cells])}
@@ -493,5 +500,5 @@ def question_probe(engine: Engine, probe: Probe, tail: int, lookahead: int) -> O
             np.maximum(values[..., :held], conv.question_scores[agg][..., :held], out=values[..., :held])
     spec = ProbeSpec(ProbeKind.QUESTION, len(question))
     probe.attention[spec] = attention
-    probe.description = f"the prompt's last {len(question)} tokens and a lookahead of up to {k}"
+    probe.description = f"the prompt's last {len(question)} tokens and a lookahead of {len(queries) - len(question)}"
     return spec

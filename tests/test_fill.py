@@ -225,9 +225,7 @@ def test_a_streamed_prompt_is_ranked_by_its_question(filler):
         assert filler.kv_compressions >= 10 and filler.kv_history[: len(tokens)] == tokens
         # (a cache of 256 cells leaves a chunk's room, 32 cells, for the question and its drafts)
         assert filler.kv_stats["probe"] == (
-            "the prompt's last 31 tokens and a lookahead of up to 1"
-            if tail
-            else "each chunk's reconstruct probe, persisted"
+            "the prompt's last 31 tokens and a lookahead of 1" if tail else "each chunk's reconstruct probe, persisted"
         )
         assert 0 < filler.kv_cell_scores.shape[-1] <= filler.kv_cells  # persisted scores, as without a question
         kept[tail] = share_kept(filler.kv_selection, needle)
@@ -341,6 +339,43 @@ def test_a_cell_keeps_the_most_attention_its_question_gave_it(filler, monkeypatc
         raised += int((attention["max"][..., :n] == held["max"]).mean() > 0.01)
     assert raised == len(rounds) - 1  # (and the earlier rounds' attention is what ranks many cells)
     assert conv.question is None and conv.question_scores is None
+
+
+def test_the_question_drafts_are_written_once_and_scored_in_one_batch(filler, monkeypatch):
+    """Greedy drafts cost a forward pass per token: a streamed prompt's question writes them once, at its
+    first round, with the capture off; every round then decodes the question and those drafts as one
+    batch with the capture on (the capture sees exactly their rows, once)."""
+    tok = lambda s: filler.tokenize(s.encode(), add_bos=False)  # noqa: E731
+    ((_, _, prompt),) = passkey_cases(tok, 700, [0.3])
+    tokens = filler.tokenize(prompt.encode())
+    filler.kv_compress = KVComposePress(0.5)
+    filler.kv_stream = dataclasses.replace(filler.kv_stream, question_tail=16)
+    filler.reset()
+    conv = filler._engine.conv
+    real_drafts, real_captured = streaming.greedy_drafts, filler._engine.captured
+    written, captured_rows = [], []
+
+    def drafting(engine, base, k, drafts=None):
+        assert not engine.capture.active
+        written.append(real_drafts(engine, base, k, drafts))
+        return written[-1]
+
+    def capturing(run, n_keys):
+        result = real_captured(run, n_keys)
+        captured_rows.append(filler._kv_capture.n_queries(0))
+        return result
+
+    monkeypatch.setattr(streaming, "greedy_drafts", drafting)
+    monkeypatch.setattr(filler._engine, "captured", capturing)
+    try:
+        greedy(filler, tokens, 1)
+        assert filler.kv_compressions >= 10 and filler.kv_stats["probe"].startswith("the prompt's last 16 tokens")
+        assert len(written) == 1 and len(written[0]) >= 1  # once per question
+        # each round's question capture: the 16 question tokens + the drafts that fit, in one decode
+        lookahead = int(filler.kv_stats["probe"].rsplit(" ", 1)[1])
+        assert 16 + lookahead in captured_rows and lookahead <= len(written[0])
+    finally:
+        filler.kv_stream = dataclasses.replace(filler.kv_stream, question_tail=48)
 
 
 def test_a_question_ranked_compression_keeps_the_same_cells_in_every_head(filler, monkeypatch):
