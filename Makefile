@@ -14,7 +14,7 @@ SAFE_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON 
 
 SOURCES := pyproject.toml CMakeLists.txt $(shell find native pykvcompose -type f \( -name '*.py' -o -name '*.h' -o -name '*.cpp' \) 2>/dev/null)
 
-.PHONY: demo test test-fast lint install clean results test-native test-asan fuzz fuzz-merge
+.PHONY: demo test test-fast lint install clean results cost test-native test-asan fuzz fuzz-merge
 
 demo: install
 	$(PY) -m pykvcompose demo
@@ -37,6 +37,10 @@ install: $(STAMPS)/pykvcompose
 # the generated section of docs/quality.md. The test extra already brings Gemma 3 and matplotlib.
 results: install
 	$(PY) bench/grid.py --quick --out bench/runs/grid --doc docs/quality.md
+
+# what compression costs: time to first token against plain llama-cpp-python, per probe and streamed (~1 h)
+cost: install
+	$(PY) bench/cost.py --out bench/runs/cost
 
 # ---- native hardening ----------------------------------------------------------------------------
 CMAKE_CONFIG = -S . -DKVC_BUILD_TESTS=ON -DPython_EXECUTABLE=$(abspath $(PY)) -DLLAMA_CPP_SDIST=$(abspath $(SDIST))

@@ -26,8 +26,7 @@ import time
 
 import llama_cpp
 
-from kvbench.haystack import passkey_cases, passkey_chat_prompt
-from kvbench.haystack import haystack_text
+from kvbench.haystack import haystack_text, passkey_cases, passkey_chat_prompt
 from pykvcompose import KVComposePress, Llama
 from pykvcompose.models import default_model_path
 from pykvcompose.support import default_threads

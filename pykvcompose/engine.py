@@ -55,8 +55,8 @@ class Conversation:
     # the highest attention each cell got from that question at the compressions made so far, as cell_scores
     # (see probing.question_probe): a cell ranked high once is not dropped by a later round's weaker probe
     question_scores: Optional[Dict[str, np.ndarray]] = None
-    # the tokens the model wrote after that question at its first compression, which every later round
-    # decodes again in one batch (see probing.question_probe)
+    # the tokens the model last wrote greedily after that question, which the next round checks and reuses
+    # (see probing.question_probe)
     question_drafts: Optional[List[int]] = None
     # seconds spent since the conversation began decoding streamed chunks, and probing them (kv_room="fill")
     stream_seconds: Dict[str, float] = field(default_factory=lambda: {"prefill": 0.0, "probe": 0.0})

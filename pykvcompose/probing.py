@@ -60,16 +60,16 @@ def probe_context(engine: Engine, context: Sequence[int], presses: Sequence[Base
         if kind is ProbeKind.WINDOW and w > n:
             probe.attention[ProbeSpec(kind, w)] = probe.attention[ProbeSpec(kind, n)]
     descriptions = [f"window of {w}" for w in windows]
-    # lookaheads run first: the longest continues from the logits the prefill's last token left, and
-    # shorter ones replay its first drafts
+    # lookaheads run first: the longest writes its drafts from the logits the prefill's last token left,
+    # with the capture off (one forward pass per token); every lookahead then decodes its first drafts
+    # again in one batch with the capture on
     drafts: Optional[List[int]] = None
     for k in sorted({w for kind, w in specs if kind is ProbeKind.LOOKAHEAD}, reverse=True):
-        info: Dict[str, Any] = {}
-        mx, mean = engine.captured(lambda: info.update(decoded=lookahead(engine, context, k, drafts)), n)
-        drafts = drafts or info["decoded"]
+        drafts = drafts or lookahead(engine, context, k)
+        mx, mean = engine.captured(lambda: decode_removed(engine, drafts[:k], n), n)
         probe.attention[ProbeSpec(ProbeKind.LOOKAHEAD, k)] = {"max": mx, "mean": mean}
-        descriptions.append(f"lookahead of {len(info['decoded'])}")
-        queries = (n, n + len(info["decoded"]))
+        descriptions.append(f"lookahead of {len(drafts[:k])}")
+        queries = (n, n + len(drafts[:k]))
     if ProbeSpec(ProbeKind.RECONSTRUCT) in specs:
         info: Dict[str, Any] = {}
         mx, mean = engine.captured(lambda: info.update(_reconstruct(engine, context)), n)
@@ -91,10 +91,9 @@ def _reconstruct(engine: Engine, context: List[int]) -> Dict[str, Any]:
     return {"probe": "reconstruct" if free >= n else f"reconstruct, chunks of {chunk}", "probe_queries": n}
 
 
-def lookahead(engine: Engine, context: List[int], k: int, drafts: Optional[List[int]] = None) -> List[int]:
-    """Greedily decode up to ``k`` tokens after the context, at positions n.., right after its prefill (the
-    capture records their attention), and remove them; returns the tokens decoded. ``drafts``: decode
-    these instead (an earlier lookahead's, whose logits the cache no longer holds).
+def lookahead(engine: Engine, context: List[int], k: int) -> List[int]:
+    """Greedily decode up to ``k`` tokens after the context, at positions n.., right after its prefill, and
+    remove them; returns the tokens decoded (the drafts a lookahead probe decodes again with the capture on).
 
     The model's own first answer tokens query the context the way the answer will, so their attention
     finds what the answer reads (a pass key, a number) where the context's attention to itself does not.
@@ -104,24 +103,45 @@ def lookahead(engine: Engine, context: List[int], k: int, drafts: Optional[List[
     if k < 1:
         raise RuntimeError(f"no room in the cache to look ahead of {n} tokens (n_ctx={engine.shape.n_ctx})")
     try:
-        return greedy_drafts(engine, n, k, drafts)
+        return greedy_drafts(engine, n, k)
     finally:
         engine.remove(n)  # the drafts' cells never stay
 
 
-def greedy_drafts(engine: Engine, base: int, k: int, drafts: Optional[List[int]] = None) -> List[int]:
+def decode_at(engine: Engine, tokens: List[int], base: int, predict_from: Optional[int] = None) -> List[int]:
+    """Decode ``tokens`` at positions ``base``.. in batches of ``n_batch``, outside the history (probe queries).
+    With ``predict_from``: returns the model's greedy next token after each of ``tokens[predict_from:]``."""
+    predicted: List[int] = []
+    n_vocab = engine.ctx.model.n_vocab()
+    for start in range(0, len(tokens), engine.n_batch):
+        piece = tokens[start : start + engine.n_batch]
+        engine.batch.set_batch(batch=piece, n_past=base + start, logits_all=False)
+        rows = [] if predict_from is None else range(max(0, predict_from - start), len(piece))
+        for i in rows:
+            engine.batch.batch.logits[i] = True
+        engine.ctx.decode(engine.batch)
+        for i in rows:
+            logits = np.ctypeslib.as_array(engine.ctx.get_logits_ith(i), shape=(n_vocab,))
+            predicted.append(int(np.argmax(logits)))
+    return predicted
+
+
+def decode_removed(engine: Engine, tokens: List[int], base: int, predict_from: Optional[int] = None) -> List[int]:
+    """``decode_at``, then remove the tokens' cells (the queries of a capture)."""
+    try:
+        return decode_at(engine, tokens, base, predict_from)
+    finally:
+        engine.remove(base)
+
+
+def greedy_drafts(engine: Engine, base: int, k: int) -> List[int]:
     """Decode up to ``k`` tokens greedily at positions ``base``.., each from the newest decode's last row
-    of logits (``drafts``: these tokens instead); stops after an end-of-generation token. The cells stay."""
+    of logits; stops after an end-of-generation token. The cells stay."""
     model = engine.ctx.model
     decoded: List[int] = []
     while len(decoded) < k:
-        if drafts is None:
-            logits = np.ctypeslib.as_array(engine.ctx.get_logits_ith(-1), shape=(model.n_vocab(),))
-            token = int(np.argmax(logits))
-        elif len(decoded) < len(drafts):
-            token = drafts[len(decoded)]
-        else:
-            break
+        logits = np.ctypeslib.as_array(engine.ctx.get_logits_ith(-1), shape=(model.n_vocab(),))
+        token = int(np.argmax(logits))
         engine.batch.set_batch(batch=[token], n_past=base + len(decoded), logits_all=False)
         engine.ctx.decode(engine.batch)
         decoded.append(token)
@@ -176,3 +196,64 @@ def context_in_place(engine: Engine, n: int, first: int, stop: int) -> bool:
     j = np.arange(n)
     expected = np.clip(stop - np.maximum(j, first), 0, stop - first)
     return bool(np.array_equal(seen[:n], expected))
+
+
+def question_probe(engine: Engine, probe: Probe, tail: int, lookahead: int) -> Optional[ProbeSpec]:
+    """Score the cache's cells by the prompt's question, for a compression that makes room while the
+    prompt streams in: the prompt's last ``tail`` tokens (``conv.question``; where the question usually
+    is) and up to ``lookahead`` tokens the model writes greedily after them are decoded after everything
+    the cache holds in one batch with the capture on, and removed; their attention is stored in ``probe``
+    under the returned spec. Cells are otherwise ranked by text that follows them (a chunk's own
+    reconstruct probe), which does not ask for the fact a question needs. Returns None, changing
+    nothing, without a question or room in the cache to decode it.
+
+    Greedy drafts cost a forward pass per token: they are written with the capture off, and a later round
+    first decodes the last round's drafts after the question in one captured batch, which is its probe if
+    the model still writes each of them greedily on this cache (speculative decoding's check of a draft);
+    otherwise the round writes them again (a fact the answer needs has come in or gone)."""
+    conv, shape = engine.conv, engine.shape
+    question: List[int] = list(conv.question or [])[-tail:] if tail > 0 else []
+    cells = conv.cells
+    free = shape.n_ctx - cells
+    if not question or engine.capture is None or free < 2:
+        return None
+    question = question[-(free - 1) :]  # at least one draft
+    k = min(int(lookahead), free - len(question))
+    if conv.holes:
+        engine.compact()  # capture columns must be cells 0..cells-1
+    base = conv.n_tokens
+
+    eog = engine.ctx.model.vocab
+    drafts = conv.question_drafts
+    if drafts is not None and (len(drafts) >= k or llama_cpp.llama_vocab_is_eog(eog, drafts[-1])):
+        # the last round's drafts, checked as speculative decoding checks a draft: if the model still
+        # writes each of them greedily after the question on this cache, this one batch is the probe
+        queries = question + drafts[:k]
+        out: Dict[str, Any] = {}
+        mx, mean = engine.captured(
+            lambda: out.update(next=decode_removed(engine, queries, base, len(question) - 1)), cells
+        )
+        if out["next"][: len(queries) - len(question)] != drafts[:k]:
+            drafts = None  # the cache changed what the model answers: write them again
+    else:
+        drafts = None
+    if drafts is None:
+        try:
+            decode_at(engine, question, base)
+            conv.question_drafts = greedy_drafts(engine, base + len(question), k)
+        finally:
+            engine.remove(base)
+        queries = question + conv.question_drafts[:k]
+        mx, mean = engine.captured(lambda: decode_removed(engine, queries, base), cells)  # their cells never stay
+    attention = {"max": np.array(mx[..., :cells]), "mean": np.array(mean[..., :cells])}
+    if conv.question_scores is not None and not conv.holes:
+        # each round ranks by the most attention a cell ever got from the question: the drafts and the
+        # cache change between rounds, and a fact's tokens ranked high once must not each be dropped by
+        # one weaker round in some heads (the rounds split a multi-token fact across heads)
+        held = min(cells, conv.question_scores["max"].shape[-1])
+        for agg, values in attention.items():
+            np.maximum(values[..., :held], conv.question_scores[agg][..., :held], out=values[..., :held])
+    spec = ProbeSpec(ProbeKind.QUESTION, len(question))
+    probe.attention[spec] = attention
+    probe.description = f"the prompt's last {len(question)} tokens and a lookahead of {len(queries) - len(question)}"
+    return spec

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -19,7 +19,7 @@ from .presses.decoding_press import DecodingPress
 from .presses.prefill_decoding_press import PrefillDecodingPress
 from .presses.press import Press
 from .probe import QUESTION_TOKENS_KEPT, Probe, ProbeKind, ProbeSpec
-from .probing import greedy_drafts, redecode
+from .probing import question_probe, redecode
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -49,8 +49,8 @@ class StreamPolicy:
         "fill" with a lookahead press: at every compression that makes room for the rest of a prompt,
         the prompt's last ``question_tail`` tokens (where its question usually is) and up to the press's
         ``lookahead`` greedy drafts after them are decoded after the cache, and their attention ranks the
-        cells (then removed; a cell keeps the most attention the question ever gave it). 0: the chunks'
-        persisted scores rank.
+        cells (then removed; a cell keeps the most attention the question ever gave it); the chunks are
+        then not probed (their scores would rank nothing). 0: the chunks' persisted scores rank.
     question_consensus : float, default=1.0
         The ``consensus`` of those question-ranked selections (``BasePress.select``): 1 makes every head
         keep the same cells, so a multi-token fact (a number split into digit tokens) is kept or dropped
@@ -166,6 +166,24 @@ def scores_chunks(press: Press) -> bool:
     return spec is not None and spec.kind in (ProbeKind.RECONSTRUCT, ProbeKind.LOOKAHEAD)
 
 
+def question_ranks(engine: Engine, press: Optional[Press]) -> bool:
+    """Whether the compressions that make room now rank the cells by a streamed prompt's question alone
+    (``question_probe``): a lookahead press with "fill" while a prompt with a question streams in. Its
+    chunks' reconstruct probes would then rank nothing, so they are not run: a cell ranked by a question
+    has no persisted score (a later compression without one probes the cells it then needs)."""
+    conv, policy = engine.conv, engine.policy
+    spec = press.probe() if isinstance(press, BasePress) else None
+    return (
+        spec is not None
+        and spec.kind is ProbeKind.LOOKAHEAD
+        and policy.room == "fill"
+        and policy.question_tail > 0
+        and conv.phase == "prefill"
+        and bool(conv.question)
+        and engine.capture is not None
+    )
+
+
 def question_agnostic(press: BasePress) -> BasePress:
     """The press ``compress_context`` applies to a context no question follows yet: KVCompose's
     ``scoring="auto"`` becomes the reconstruct probe (a lookahead there continues the document)."""
@@ -195,11 +213,12 @@ def stream(engine: Engine, tokens: Sequence[int]) -> None:
     try:
         while done < len(tokens):
             remaining = len(tokens) - done
-            if scored and conv.phase == "prefill" and conv.cells - conv.scored_cells >= engine.chunk:
+            press = room_press(engine)
+            probed = scored and not question_ranks(engine, press)  # (the question ranks: no chunk probes)
+            if probed and conv.phase == "prefill" and conv.cells - conv.scored_cells >= engine.chunk:
                 # a complete chunk is probed before more tokens go in, never after the last one: a probe
                 # decodes after the cache, and the logits llama.cpp holds must stay the newest token's
                 _timed(conv, "probe", lambda: score_cells(engine))
-            press = room_press(engine)
             cells = conv.cells
             due = decoding_due(press, conv.phase, conv.n_tokens - conv.mark)
             if scored:
@@ -207,7 +226,7 @@ def stream(engine: Engine, tokens: Sequence[int]) -> None:
                 unscored = cells - conv.scored_cells
                 # after decoding n tokens, no room to probe the unscored ones (a chunk at a time)
                 full = cells + n + min(unscored + n, engine.chunk) > limit
-                if full and unscored > 0 and _timed(conv, "probe", lambda: score_cells(engine)):
+                if full and probed and unscored > 0 and _timed(conv, "probe", lambda: score_cells(engine)):
                     continue
             else:
                 n = min(engine.n_batch, limit - cells, remaining)
@@ -273,16 +292,18 @@ def make_room(engine: Engine, press: Press, trigger: str) -> None:
         )
     t0 = time.perf_counter()
     consensus = 0.0
-    if persisted and score_cells(engine):
+    asked = None
+    if question_ranks(engine, scorer):
+        # a prompt streaming in: its question ranks the cells
+        end_chunk(engine)
+        probe = cells_probe(engine, cells)
+        asked = question_probe(engine, probe, policy.question_tail, scorer.probe().size)
+    if asked is not None:
+        measured, consensus = asked, policy.question_consensus
+    elif persisted and score_cells(engine):
         end_chunk(engine)
         probe = persisted_probe(engine)
         measured = ProbeSpec(ProbeKind.PERSISTED)
-        lookahead = scorer.probe().kind is ProbeKind.LOOKAHEAD
-        if conv.phase == "prefill" and lookahead and policy.question_tail > 0:
-            asked = question_probe(engine, probe, policy.question_tail, scorer.probe().size)
-            if asked is not None:
-                # a prompt streaming in: its question ranks the cells (the persisted scores stay with them)
-                measured, consensus = asked, policy.question_consensus
     elif conv.chunk_start is not None and conv.chunk_start >= conv.compressed_len:
         probe, measured = chunk_probe(engine, cells)
     else:
@@ -449,56 +470,3 @@ def persisted_probe(engine: Engine) -> Probe:
     }
     probe.description = "each chunk's reconstruct probe, persisted"
     return probe
-
-
-def question_probe(engine: Engine, probe: Probe, tail: int, lookahead: int) -> Optional[ProbeSpec]:
-    """Score the cache's cells by the prompt's question, for a compression that makes room while the
-    prompt streams in: the prompt's last ``tail`` tokens (``conv.question``; where the question usually
-    is) and up to ``lookahead`` tokens the model writes greedily after them are decoded after everything
-    the cache holds in one batch with the capture on, and removed; their attention is stored in ``probe``
-    under the returned spec. Cells are otherwise ranked by text that follows them (a chunk's own
-    reconstruct probe), which does not ask for the fact a question needs. Returns None, changing
-    nothing, without a question or room in the cache to decode it.
-
-    The drafts are written once per question, at its first round, with the capture off, and decoded
-    again by every later round: greedy decoding is one token per forward pass, the batch one pass."""
-    conv, shape = engine.conv, engine.shape
-    question: List[int] = list(conv.question or [])[-tail:] if tail > 0 else []
-    cells = conv.cells
-    free = shape.n_ctx - cells
-    if not question or engine.capture is None or free < 2:
-        return None
-    question = question[-(free - 1) :]  # at least one draft
-    k = min(int(lookahead), free - len(question))
-    if conv.holes:
-        engine.compact()  # capture columns must be cells 0..cells-1
-    base = conv.n_tokens
-
-    def decode(tokens: List[int]) -> None:
-        for start in range(0, len(tokens), engine.n_batch):
-            engine.batch.set_batch(batch=tokens[start : start + engine.n_batch], n_past=base + start, logits_all=False)
-            engine.ctx.decode(engine.batch)
-
-    if conv.question_drafts is None:
-        try:
-            decode(question)
-            conv.question_drafts = greedy_drafts(engine, base + len(question), k)
-        finally:
-            engine.remove(base)
-    queries = question + conv.question_drafts[:k]
-    try:
-        mx, mean = engine.captured(lambda: decode(queries), cells)
-    finally:
-        engine.remove(base)  # the question's and the drafts' cells never stay
-    attention = {"max": np.array(mx[..., :cells]), "mean": np.array(mean[..., :cells])}
-    if conv.question_scores is not None and not conv.holes:
-        # each round ranks by the most attention a cell ever got from the question: the drafts and the
-        # cache change between rounds, and a fact's tokens ranked high once must not each be dropped by
-        # one weaker round in some heads (the rounds split a multi-token fact across heads)
-        held = min(cells, conv.question_scores["max"].shape[-1])
-        for agg, values in attention.items():
-            np.maximum(values[..., :held], conv.question_scores[agg][..., :held], out=values[..., :held])
-    spec = ProbeSpec(ProbeKind.QUESTION, len(question))
-    probe.attention[spec] = attention
-    probe.description = f"the prompt's last {len(question)} tokens and a lookahead of {len(queries) - len(question)}"
-    return spec

@@ -185,26 +185,31 @@ def test_a_composite_rewrite_is_the_same_through_the_state_and_the_tensors(spec,
 @matrix()
 def test_the_captured_probe_attention_is_a_distribution(spec, flash_attn, tokens):
     """Every probe query's captured attention sums to 1 over the cells it sees (kq_soft_max-{il}
-    read from the graph, or recomputed from the flash-attention node's q and k); with flash attention
-    off, the recomputation equals llama.cpp's own softmax where it can recompute it."""
+    pooled on the backend, or recomputed there from the flash-attention node's q and k: softcap, GQA,
+    sliding-window masks); the host loops over the same tensors give the same scores; with flash attention
+    off, the host's recomputation equals llama.cpp's own softmax where it can recompute it."""
     ctx_tokens = tokens[:-1]
     m = _ours(spec, flash_attn)
     try:
         runs = {}
-        for recompute in [False, True] if not flash_attn else [None]:
-            if recompute is not None:
+        for recompute in [None, "host", False, True] if not flash_attn else [None, "host"]:
+            m._kv_capture.set_reduce("backend" if recompute is None else "host")
+            if recompute in (False, True):
                 m._kv_capture.set_recompute(recompute)
             m.reset()
             m.eval(ctx_tokens[:-8])
             try:
                 mx, mean = m._engine.captured(lambda: m.eval(ctx_tokens[-8:]), len(ctx_tokens))
             except _native.NativeError as e:  # recomputing a softcapped kq_soft_max is refused by name
-                assert recompute and spec.arch == "gemma2" and "softcap" in str(e)
+                assert recompute is True and spec.arch == "gemma2" and "softcap" in str(e)
                 continue
             assert mean.shape == (m.kv_n_layer, m.kv_n_head, len(ctx_tokens))
             np.testing.assert_allclose(mean.sum(axis=-1), 1.0, atol=1e-3)
             assert (mx <= 1.0 + 1e-6).all() and (mean >= 0).all() and (mx > 0).any()
             runs[recompute] = mean
+            if recompute is None:
+                assert m._kv_capture.fallback == "", m._kv_capture.fallback
+        np.testing.assert_allclose(runs[None], runs["host"], atol=1e-4)  # backend against host, same activations
         if False in runs and True in runs:
             np.testing.assert_allclose(runs[True], runs[False], atol=1e-4)
     finally:

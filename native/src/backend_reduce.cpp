@@ -4,8 +4,10 @@
 // probabilities are recomputed from the flash-attention node's inputs the way the non-flash path
 // computes them, mul_mat(k, q) (GQA by broadcast) -> [softcap: tanh] -> soft_max_ext(mask, scale,
 // max_bias) [+ sinks], in blocks of queries so that no more than kBlockBytes of probabilities exist
-// at once. Each block is pooled over its queries (max, mean) and the blocks are folded in the graph,
+// at once. Each block is pooled over its queries (max, sum) and the blocks are folded in the graph,
 // so the host receives 2 x [n_kv, n_head] floats per layer and ubatch (+ [n_kv] for layer 0's mask).
+// The pooling is ggml's POOL_2D where the backend is a device, and a ggml custom op on all threads on
+// the CPU (whose POOL_2D runs on one thread).
 //
 // The graph reads llama.cpp's tensors through aliases: tensors of our own context pointing at the
 // same buffer and bytes, with no source nodes, so the scheduler's graph is never pulled in.
@@ -308,10 +310,9 @@ bool BackendReducer::reduce(kvc_capture & cap, const AttentionInputs & in, int32
             cap.sum[at + j] += sm[j];
         }
     }
-    if (visibility) {
+    if (seen != nullptr) {  // (no mask: nothing to count, as on the host)
         for (int64_t j = 0; j < n_keys; ++j) {
-            cap.visible[j] += seen != nullptr ? static_cast<int32_t>(std::lround(m.result[2 * plane + j]))
-                                              : static_cast<int32_t>(n_tok);
+            cap.visible[j] += static_cast<int32_t>(std::lround(m.result[2 * plane + j]));
         }
     }
     cap.n_queries[il] += n_tok;
