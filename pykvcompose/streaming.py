@@ -223,10 +223,11 @@ def stream(engine: Engine, tokens: Sequence[int]) -> None:
             due = decoding_due(press, conv.phase, conv.n_tokens - conv.mark)
             if scored:
                 n = min(engine.chunk, remaining)
-                unscored = cells - conv.scored_cells
+                # (while the question ranks, the free chunk holds its probe, as it would a chunk's)
+                unscored = cells - conv.scored_cells if probed else 0
                 # after decoding n tokens, no room to probe the unscored ones (a chunk at a time)
                 full = cells + n + min(unscored + n, engine.chunk) > limit
-                if full and probed and unscored > 0 and _timed(conv, "probe", lambda: score_cells(engine)):
+                if full and unscored > 0 and _timed(conv, "probe", lambda: score_cells(engine)):
                     continue
             else:
                 n = min(engine.n_batch, limit - cells, remaining)
