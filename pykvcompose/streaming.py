@@ -39,7 +39,8 @@ class StreamPolicy:
     room : {"fill", "ratio"}, default="fill"
         "fill": a full cache frees only what the next chunk needs, so it stays full; presses with a
         reconstruct or lookahead probe (KVCompose) probe each chunk of a prompt once, right after it is
-        in, and every cell keeps that score through later compressions. "ratio": the cache keeps the
+        in (unless the prompt's question ranks the cells, ``question_tail``), and every cell keeps that
+        score through later compressions. "ratio": the cache keeps the
         press's ratio of its cells, re-scored by the newest tokens (fewer, larger compressions that
         forget facts outside the last chunk).
     chunk : int, optional

@@ -342,3 +342,28 @@ def test_a_passkey_chat_prompt_is_written_in_the_models_own_template(llm):
     body = prompt[: -len(PASSKEY_QUESTION)].rstrip()
     assert "<|im_start|>user\n" + body + "\n\nWhat is the pass key? Answer with the number only.<|im_end|>" in chat
     assert chat.endswith("<|im_start|>assistant\n") and PASSKEY_QUESTION not in chat
+
+
+@pytest.mark.model
+def test_the_cost_bench_times_every_probe_and_a_stream():
+    """bench/cost.py on a short prompt and a short streamed document: every probe compressed, the host bytes
+    of each probe as the backend reduction sends them (2 x heads x cells floats per layer and ubatch, + layer
+    0's mask count), and a table with a ratio per probe and per stream."""
+    import cost
+    import llama_cpp
+
+    from kvbench.haystack import haystack_text
+    from pykvcompose.models import default_model_path
+
+    tok = llama_cpp.Llama(default_model_path(), n_ctx=64, vocab_only=True, verbose=False)
+    text_tokens = tok.tokenize(haystack_text()[:20000].encode())
+    row = cost.prompt_rows(256, False, "f16", 1, text_tokens, n_decode=4)
+    # the window's 64 queries are one ubatch over the 256 cells the prompt holds (llama.cpp pads to 256)
+    assert row["window_host_bytes"] == 4 * (2 * 30 * 9 * 256 + 256)
+    for p in cost.PROBES:
+        assert row[f"{p}_s"] > 0 and row[f"{p}_parts"] >= 1.0
+        assert 0 < row[f"{p}_host_bytes"] <= 4 * (2 * 30 * 9 * 1024 + 1024) * (1 + 256 // 64)
+    stream = cost.stream_row(700, 256, False, "f16", 1)
+    assert stream["stream_s"] > 0 and stream["chunk_prefill_s"] > 0 and stream["tokens"] > 2 * 256
+    md = cost.table([row, stream])
+    assert md.count("x (") == 3 and "→ 256" in md
