@@ -162,7 +162,7 @@ def _streamed_row(
     press = KVComposePress(compression_ratio=0.75)
     _progress(
         f"KVCompose streamed: the document through n_ctx={n_ctx} ({len(tokens) / n_ctx:.1f}x smaller "
-        "than the document), each chunk probed once, answer",
+        "than the document), each compression ranked by the question, answer",
         quiet,
     )
     llm = Llama(model_path, n_ctx=n_ctx, n_batch=512, verbose=False, kv_compress=press, kv_room="fill")
