@@ -25,6 +25,7 @@ import pathlib
 import time
 
 import llama_cpp
+from speed import decode_seconds
 
 from kvbench.haystack import haystack_text, passkey_cases, passkey_chat_prompt
 from pykvcompose import KVComposePress, Llama
@@ -42,18 +43,6 @@ def first_token_seconds(llm, prompt) -> float:
     t0 = time.perf_counter()
     llm.create_completion(prompt, max_tokens=1, temperature=0.0)
     return time.perf_counter() - t0
-
-
-def decode_tok_s(llm, tokens) -> float:
-    """Tokens/s decoding ``tokens`` one at a time on whatever the cache holds (then removed again)."""
-    start = llm.n_tokens
-    t0 = time.perf_counter()
-    for t in tokens:
-        llm.eval([t])
-    seconds = time.perf_counter() - t0
-    llm._ctx.kv_cache_seq_rm(0, start, -1)
-    llm.n_tokens = start
-    return len(tokens) / seconds
 
 
 def prompt_rows(n: int, flash: bool, type_k: str, repeat: int, text_tokens, n_decode: int = 32) -> dict:
@@ -81,8 +70,8 @@ def prompt_rows(n: int, flash: bool, type_k: str, repeat: int, text_tokens, n_de
     fresh.eval(prompt[:cells])
     d_ours = d_fresh = 0.0
     for _ in range(max(2, repeat)):
-        d_ours = max(d_ours, decode_tok_s(ours["lookahead"], follow))
-        d_fresh = max(d_fresh, decode_tok_s(fresh, follow))
+        d_ours = max(d_ours, len(follow) / decode_seconds(ours["lookahead"], follow))
+        d_fresh = max(d_fresh, len(follow) / decode_seconds(fresh, follow))
     for llm in (plain, fresh, *ours.values()):
         llm.close()
     return {
