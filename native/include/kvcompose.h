@@ -64,7 +64,7 @@ KVC_API size_t       kvc_sizeof_llama_context_params(void);
  * A capture reduces the attention probabilities "kq_soft_max-{il}" that llama.cpp computes
  * when flash attention is off - and, with flash attention on, the same probabilities recomputed
  * from the inputs of the flash-attention node (queries after RoPE, the cached keys of any type
- * with ggml to_float traits, llama.cpp's mask, KQ scale, softcap and sinks; not ALiBi), read
+ * ggml reads, llama.cpp's mask, KQ scale, softcap and sinks; see kvc_capture_set_reduce), read
  * when "kqv_out-{il}" is evaluated - as each ubatch is evaluated, into one score per
  * (layer, query head, key column) - no full matrix is kept. Key column j is cache cell j;
  * only columns [0, n_keys) are recorded. Every query row of every ubatch evaluated while

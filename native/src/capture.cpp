@@ -1,8 +1,10 @@
 // Attention capture: reduces llama.cpp's "kq_soft_max-{il}" tensors, ubatch by ubatch, into one
 // score per (layer, query head, key column), so no full attention matrix is ever kept. With flash
-// attention that matrix never exists: the probabilities are recomputed here from the inputs of the
-// GGML_OP_FLASH_ATTN_EXT node (queries after RoPE, the cache's keys of any type with to_float
-// traits, llama.cpp's own mask, its KQ scale, softcap and sinks), read when "kqv_out-{il}" is done.
+// attention that matrix never exists: the probabilities are recomputed from the inputs of the
+// GGML_OP_FLASH_ATTN_EXT node (queries after RoPE, the cache's keys, llama.cpp's own mask, its KQ
+// scale, softcap and sinks), read when "kqv_out-{il}" is done. Both are reduced on the tensors' backend
+// by backend_reduce.cpp; this file's loops over host copies are the reference (KVC_REDUCE_HOST) and the
+// fallback where a backend lacks an op.
 #include "capture.h"
 #include "kvcompose.h"
 #include "parallel.h"
