@@ -25,9 +25,9 @@ import pathlib
 import time
 
 import llama_cpp
-from speed import decode_seconds
+from speed import decode_seconds, haystack_tokens
 
-from kvbench.haystack import haystack_text, passkey_cases, passkey_chat_prompt
+from kvbench.haystack import passkey_cases, passkey_chat_prompt
 from pykvcompose import KVComposePress, Llama
 from pykvcompose.models import default_model_path
 from pykvcompose.support import default_threads
@@ -45,11 +45,16 @@ def first_token_seconds(llm, prompt) -> float:
     return time.perf_counter() - t0
 
 
-def prompt_rows(n: int, flash: bool, type_k: str, repeat: int, text_tokens, n_decode: int = 32) -> dict:
-    path, threads = default_model_path(), default_threads()
-    kw = dict(n_ctx=2 * n + 256, n_batch=512, n_threads=threads, flash_attn=flash, type_k=TYPES[type_k], verbose=False)
+def llama_kwargs(flash: bool, type_k: str, **more) -> dict:
+    """Settings shared by every model a row compares (a quantized V cache needs flash attention)."""
+    kw = dict(n_batch=512, n_threads=default_threads(), flash_attn=flash, type_k=TYPES[type_k], verbose=False, **more)
     if type_k != "f16" and flash:
         kw["type_v"] = TYPES[type_k]
+    return kw
+
+
+def prompt_rows(n: int, flash: bool, type_k: str, repeat: int, text_tokens, n_decode: int = 32) -> dict:
+    path, kw = default_model_path(), llama_kwargs(flash, type_k, n_ctx=2 * n + 256)
     prompt, follow = text_tokens[:n], text_tokens[n : n + n_decode]
     plain = llama_cpp.Llama(path, **kw)
     ours = {p: Llama(path, kv_compress=KVComposePress(RATIO, scoring=p), **kw) for p in PROBES}
@@ -90,10 +95,7 @@ def prompt_rows(n: int, flash: bool, type_k: str, repeat: int, text_tokens, n_de
 
 
 def stream_row(n: int, n_ctx: int, flash: bool, type_k: str, repeat: int) -> dict:
-    path, threads = default_model_path(), default_threads()
-    kw = dict(n_batch=512, n_threads=threads, flash_attn=flash, type_k=TYPES[type_k], verbose=False)
-    if type_k != "f16" and flash:
-        kw["type_v"] = TYPES[type_k]
+    path, kw = default_model_path(), llama_kwargs(flash, type_k)
     full = llama_cpp.Llama(path, n_ctx=n + 512, **kw)
     ours = Llama(path, n_ctx=n_ctx, kv_compress=KVComposePress(RATIO), **kw)
     tokenize = lambda s: full.tokenize(s.encode(), add_bos=False)  # noqa: E731
@@ -163,8 +165,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--out", default="bench/runs/cost")
     a = p.parse_args()
-    tok = llama_cpp.Llama(default_model_path(), n_ctx=64, vocab_only=True, verbose=False)
-    text_tokens = tok.tokenize(haystack_text()[:200000].encode())
+    text_tokens = haystack_tokens()
     rows = []
     out = pathlib.Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

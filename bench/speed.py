@@ -69,6 +69,12 @@ def interleaved_decode(llms, tokens, repeat: int):
     return best_s
 
 
+def haystack_tokens(n_chars: int = 200000) -> list:
+    """The embedded model's tokens of the haystack text's first ``n_chars`` characters (vocabulary only)."""
+    tok = llama_cpp.Llama(default_model_path(), n_ctx=64, vocab_only=True, verbose=False)
+    return tok.tokenize(haystack_text()[:n_chars].encode())
+
+
 def memcpy_seconds(nbytes: int, repeat: int) -> float:
     src = np.ones(nbytes, dtype=np.uint8)
     dst = np.empty_like(src)
@@ -220,8 +226,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=2)
     p.add_argument("--out", default="bench/runs/speed")
     a = p.parse_args()
-    tok = llama_cpp.Llama(default_model_path(), n_ctx=64, vocab_only=True, verbose=False)
-    text_tokens = tok.tokenize(haystack_text()[:200000].encode())
+    text_tokens = haystack_tokens()
     rows = []
     for n in a.tokens:
         rows.append(measure(n, a.ratio, a.decode, a.repeat, text_tokens))

@@ -223,9 +223,8 @@ def question_probe(engine: Engine, probe: Probe, tail: int, lookahead: int) -> O
         engine.compact()  # capture columns must be cells 0..cells-1
     base = conv.n_tokens
 
-    eog = engine.ctx.model.vocab
     drafts = conv.question_drafts
-    if drafts is not None and (len(drafts) >= k or llama_cpp.llama_vocab_is_eog(eog, drafts[-1])):
+    if drafts is not None and (len(drafts) >= k or llama_cpp.llama_vocab_is_eog(engine.ctx.model.vocab, drafts[-1])):
         # the last round's drafts, checked as speculative decoding checks a draft: if the model still
         # writes each of them greedily after the question on this cache, this one batch is the probe
         queries = question + drafts[:k]

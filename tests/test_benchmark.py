@@ -350,13 +350,9 @@ def test_the_cost_bench_times_every_probe_and_a_stream():
     of each probe as the backend reduction sends them (2 x heads x cells floats per layer and ubatch, + layer
     0's mask count), and a table with a ratio per probe and per stream."""
     import cost
-    import llama_cpp
+    from speed import haystack_tokens
 
-    from kvbench.haystack import haystack_text
-    from pykvcompose.models import default_model_path
-
-    tok = llama_cpp.Llama(default_model_path(), n_ctx=64, vocab_only=True, verbose=False)
-    text_tokens = tok.tokenize(haystack_text()[:20000].encode())
+    text_tokens = haystack_tokens(20000)
     row = cost.prompt_rows(256, False, "f16", 1, text_tokens, n_decode=4)
     # the window's 64 queries are one ubatch over the 256 cells the prompt holds (llama.cpp pads to 256)
     assert row["window_host_bytes"] == 4 * (2 * 30 * 9 * 256 + 256)
