@@ -15,12 +15,14 @@ import os
 import pathlib
 import re
 import sys
-import warnings
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 
 import cffi
 import llama_cpp  # noqa: F401  (loads libllama/libggml into the process first)
 import numpy as np
+
+if TYPE_CHECKING:
+    from ._capture import Capture
 
 from .errors import (  # noqa: F401  (re-exported: the core's callers catch them here)
     CorruptStateError,
@@ -32,7 +34,7 @@ from .errors import (  # noqa: F401  (re-exported: the core's callers catch them
 )
 
 #: The header version this Python code was written for (checked against the header and the library).
-API_VERSION = 6
+API_VERSION = 7
 
 
 def _library_path() -> pathlib.Path:
@@ -174,122 +176,6 @@ def _fields(struct) -> dict:
     return {name: getattr(struct, name) for name, _ in ffi.typeof(struct).item.fields}
 
 
-# ---- attention capture ---------------------------------------------------------------------
-class Capture:
-    """Owns a ``kvc_capture``. Use as ``cb_eval_user_data`` with :data:`EVAL_CALLBACK_ADDRESS`."""
-
-    def __init__(self) -> None:
-        handle = ffi.new("kvc_capture **")
-        _check(_lib.kvc_capture_init(handle), "kvc_capture_init")
-        self._handle = handle[0]
-        self._shape = (0, 0, 0)
-        self._warned = False
-
-    @property
-    def handle(self):
-        """The ``kvc_capture *``."""
-        if self._handle is None:
-            raise ValueError("the capture is closed")
-        return self._handle
-
-    @property
-    def address(self) -> int:
-        """The ``kvc_capture *`` as an integer (for ``cb_eval_user_data``)."""
-        return int(ffi.cast("uintptr_t", self.handle))
-
-    def begin(self, n_layer: int, n_head: int, n_keys: int) -> None:
-        _check(_lib.kvc_capture_begin(self.handle, n_layer, n_head, n_keys), "kvc_capture_begin")
-        self._shape = (n_layer, n_head, n_keys)
-
-    def end(self) -> None:
-        _check(_lib.kvc_capture_end(self.handle), "kvc_capture_end")
-        why = self.fallback
-        if why and not self._warned:  # once per capture (per Llama): the run goes on, slower
-            self._warned = True
-            warnings.warn(
-                f"pykvcompose: attention scores reduced on the host, not on the backend: {why}",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-
-    def set_reduce(self, where: str) -> None:
-        """Reduce on the ``"backend"`` holding the tensors (default) or on the ``"host"`` (the reference)."""
-        if where not in REDUCE_BY_NAME:
-            raise ValueError(f"unknown reduction place {where!r}; expected one of {sorted(REDUCE_BY_NAME)}")
-        _check(_lib.kvc_capture_set_reduce(self.handle, REDUCE_BY_NAME[where]), "kvc_capture_set_reduce")
-
-    def set_n_threads(self, n_threads: int) -> None:
-        """Threads of a CPU backend's reduction (the context's ``n_threads``)."""
-        _check(_lib.kvc_capture_set_n_threads(self.handle, int(n_threads)), "kvc_capture_set_n_threads")
-
-    @property
-    def fallback(self) -> str:
-        """Why the backend did not reduce some layer during the last capture ("" if it reduced all)."""
-        return ffi.string(_lib.kvc_capture_get_fallback(self.handle)).decode()
-
-    @property
-    def host_bytes(self) -> int:
-        """Tensor bytes the last capture read on the host."""
-        return int(_lib.kvc_capture_host_bytes(self.handle))
-
-    @property
-    def active(self) -> bool:
-        return bool(_lib.kvc_capture_is_active(self.handle))
-
-    def set_recompute(self, recompute: bool) -> None:
-        """Without flash attention: recompute the probabilities from q and k (the flash-attention
-        path's code) instead of reading ``kq_soft_max``; for comparing both on the same activations."""
-        _check(_lib.kvc_capture_set_recompute(self.handle, bool(recompute)), "kvc_capture_set_recompute")
-
-    def scores(self, agg: str = "max") -> np.ndarray:
-        """Probe attention reduced over the probe queries by ``agg`` ("max" or "mean"),
-        float32 ``[n_layer, n_head, n_keys]``."""
-        if agg not in AGG_BY_NAME:
-            raise ValueError(f"unknown aggregation {agg!r}; expected one of {sorted(AGG_BY_NAME)}")
-        out = np.empty(self._shape, dtype=np.float32)
-        _check(
-            _lib.kvc_capture_get_scores(self.handle, AGG_BY_NAME[agg], _ptr(out, "float"), out.size),
-            "kvc_capture_get_scores",
-        )
-        return out
-
-    def n_queries(self, layer: int) -> int:
-        return int(_lib.kvc_capture_n_queries(self.handle, layer))
-
-    def visibility(self) -> np.ndarray:
-        """int32 ``[n_keys]``: how many probe query rows of layer 0 the attention mask let see cache cell j."""
-        out = np.empty(self._shape[2], dtype=np.int32)
-        _check(
-            _lib.kvc_capture_get_visibility(self.handle, _ptr(out, "int32_t"), out.size), "kvc_capture_get_visibility"
-        )
-        return out
-
-    def norms(self, part: str, n_head_kv: int, n_cells: int) -> np.ndarray:
-        """:func:`state_norms` of cache cells ``[0, n_cells)``, read from the cache tensors the capture saw:
-        float32 ``[n_layer, n_head_kv, n_cells]``."""
-        out = np.empty((self._shape[0], n_head_kv, n_cells), dtype=np.float32)
-        _check(
-            _lib.kvc_capture_get_norms(self.handle, _part(part), n_head_kv, n_cells, _ptr(out, "float"), out.size),
-            "kvc_capture_get_norms",
-        )
-        return out
-
-    def close(self) -> None:
-        if self._handle is not None:
-            _lib.kvc_capture_free(self._handle)
-        self._handle = None
-
-    def __enter__(self) -> Capture:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        self.close()
-
-
-# ---- scoring and selection -----------------------------------------------------------------
 def kvcompose_score(
     head_scores: np.ndarray,
     n_head_kv: int,
@@ -459,19 +345,41 @@ def context_norms(ctx, part: str, n_layer: int, n_head_kv: int, n_cells: int, se
     return out
 
 
-def context_compose(ctx, selection: np.ndarray, expected_cells: int = 0, seq_id: int = 0) -> dict:
-    """Rewrite sequence ``seq_id`` of a live context; on failure it is restored and this raises."""
+def _refit(refit: Optional[Tuple[Capture, float]]):
+    """``(capture of reference queries, ridge)`` as a ``kvc_refit *`` (NULL: no value refit)."""
+    if refit is None:
+        return ffi.NULL
+    capture, ridge = refit
+    return ffi.new("kvc_refit *", {"queries": capture.handle, "ridge": float(ridge)})
+
+
+def context_compose(
+    ctx,
+    selection: np.ndarray,
+    expected_cells: int = 0,
+    seq_id: int = 0,
+    refit: Optional[Tuple[Capture, float]] = None,
+) -> dict:
+    """Rewrite sequence ``seq_id`` of a live context (its values refit over ``refit``'s reference queries
+    with that ridge, see ``kvc_refit``); on failure it is restored and this raises."""
     sel = _selection(selection)
     res = ffi.new("kvc_compose_result *")
     _check(
-        _lib.kvc_context_compose(_ctx_ptr(ctx), seq_id, _ptr(sel, "int32_t"), *sel.shape, int(expected_cells), res),
+        _lib.kvc_context_compose(
+            _ctx_ptr(ctx), seq_id, _ptr(sel, "int32_t"), *sel.shape, int(expected_cells), _refit(refit), res
+        ),
         "kvc_context_compose",
     )
     return _fields(res)
 
 
 def context_compose_tensors(
-    ctx, capture: Capture, positions: np.ndarray, selection: np.ndarray, seq_id: int = 0
+    ctx,
+    capture: Capture,
+    positions: np.ndarray,
+    selection: np.ndarray,
+    seq_id: int = 0,
+    refit: Optional[Tuple[Capture, float]] = None,
 ) -> dict:
     """Rewrite sequence ``seq_id``, held in cache cells ``[0, len(positions))`` at ``positions``, from the
     cache tensors ``capture`` found (no copy of the whole sequence). :class:`UnsupportedCacheError`: the
@@ -483,7 +391,15 @@ def context_compose_tensors(
     res = ffi.new("kvc_compose_result *")
     _check(
         _lib.kvc_context_compose_tensors(
-            _ctx_ptr(ctx), capture.handle, seq_id, _ptr(pos, "int32_t"), pos.size, _ptr(sel, "int32_t"), *sel.shape, res
+            _ctx_ptr(ctx),
+            capture.handle,
+            seq_id,
+            _ptr(pos, "int32_t"),
+            pos.size,
+            _ptr(sel, "int32_t"),
+            *sel.shape,
+            _refit(refit),
+            res,
         ),
         "kvc_context_compose_tensors",
     )

@@ -11,6 +11,7 @@ import numpy as np
 
 from . import probing, rewrite
 from .presses.base_press import BasePress
+from .presses.kvcompose_press import REFIT_RIDGE
 from .probe import Probe, ProbeKind
 
 if TYPE_CHECKING:
@@ -78,6 +79,7 @@ def compress(
         "select_seconds": t_select - t0,
         "rewrite_seconds": t_rewrite - t_select,
         "rewrite": result["rewrite"],
+        "refit": bool(result.get("refit", False)),
         "compress_seconds": probe_seconds + (t_rewrite - t0),
         "layer_budgets": None if budgets is None else [int(b) for b in budgets],
         "probe": probe.description,
@@ -108,13 +110,16 @@ def apply(engine: Engine, press: BasePress, probe: Probe) -> Dict[str, Any]:
     n = probe.n_tokens
     composite = press.per_head or engine.shape.iswa
 
+    queries = probe.kept_queries() if getattr(press, "refit_values", False) and composite else None
+    refit = None if queries is None else (queries, REFIT_RIDGE)
+
     def write(selection: np.ndarray):
         result = (
-            rewrite.rewrite_context(engine, selection, probe)
+            rewrite.rewrite_context(engine, selection, probe, refit)
             if composite
             else rewrite.evict(engine, selection[0, 0], n)
         )
-        return result, selection, not composite
+        return dict(result, refit=refit is not None), selection, not composite
 
     engine.conv.n_tokens = n  # the logical length: the next token goes to position n
     return compress(

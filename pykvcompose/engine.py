@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import llama_cpp
 import numpy as np
 
-from . import _native
+from . import _capture, _native
 from .presses.press import Press
 from .streaming import StreamPolicy, check_cache, frees_cells
 from .support import ModelShape, check_cache_layers, window_fits
@@ -139,7 +139,7 @@ class Engine:
     ----------
     ctx : llama_cpp._internals.LlamaContext
     batch : llama_cpp._internals.LlamaBatch
-    capture : _native.Capture or None
+    capture : _capture.Capture or None
         None for models whose cache cannot be compressed.
     shape : ModelShape
     conversation : Conversation
@@ -161,7 +161,7 @@ class Engine:
         self,
         ctx,
         batch,
-        capture: Optional[_native.Capture],
+        capture: Optional[_capture.Capture],
         shape: ModelShape,
         conversation: Conversation,
         n_batch: int,

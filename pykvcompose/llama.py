@@ -15,7 +15,7 @@ import llama_cpp
 import llama_cpp._internals as internals
 import numpy as np
 
-from . import _native, compression, probing, session, streaming, support
+from . import _capture, _native, compression, probing, session, streaming, support
 from .engine import Conversation, Engine
 from .models import default_model_path
 from .presses.base_press import BasePress
@@ -117,7 +117,7 @@ class Llama(llama_cpp.Llama):
         if n_threads is None:
             n_threads = support.default_threads()
         self._kv = Conversation()  # before llama_cpp.Llama.__init__, which sets n_tokens and input_ids
-        self._kv_capture: Optional[_native.Capture] = None
+        self._kv_capture: Optional[_capture.Capture] = None
         self._engine: Optional[Engine] = None
         self._kv_bytes_per_cell: Optional[int] = None
         if kv_max_tokens is not None and (
@@ -164,7 +164,7 @@ class Llama(llama_cpp.Llama):
         llama-cpp-python has no cb_eval argument; the callback is a C function, so decoding pays
         nothing for it unless a capture is active.
         """
-        self._kv_capture = _native.Capture()
+        self._kv_capture = _capture.Capture()
         self._kv_capture.set_n_threads(self.context_params.n_threads)
         self._kv_cb_eval = llama_cpp.ggml_backend_sched_eval_callback(_native.EVAL_CALLBACK_ADDRESS)
         self.context_params.cb_eval = self._kv_cb_eval

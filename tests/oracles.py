@@ -61,3 +61,87 @@ def np_pyramid_budgets(n_layer, n, ratio, window, beta):
     if not (n >= hi >= lo >= window):
         return np.full(n_layer, max(1, int(n * (1 - ratio))), dtype=np.int32)
     return np.rint(np.linspace(hi, lo, n_layer) if n_layer > 1 else np.array([hi])).astype(np.int32)
+
+
+def np_state_kv(data):
+    """(n_cells, v_trans, K, V) of a single-sequence llama.cpp state with f16/f32 K and V: K[l], V[l] float64
+    [n_cells, n_embd] (V un-transposed), read from the documented layout (native/src/state.h)."""
+    dtypes = {0: np.float32, 1: np.float16}
+    off = 12
+    n_cells = int(np.frombuffer(data, np.uint32, 1, off)[0])
+    off += 4
+    for _ in range(n_cells):
+        off += 8 + 4 * int(np.frombuffer(data, np.uint32, 1, off + 4)[0])
+    v_trans, n_layer = (int(x) for x in np.frombuffer(data, np.uint32, 2, off))
+    off += 8
+
+    def rows():
+        nonlocal off
+        t, size = int(np.frombuffer(data, np.int32, 1, off)[0]), int(np.frombuffer(data, np.uint64, 1, off + 4)[0])
+        dt = dtypes[t]
+        n_embd = size // np.dtype(dt).itemsize
+        a = np.frombuffer(data, dt, n_embd * n_cells, off + 12).reshape(n_cells, n_embd).astype(np.float64)
+        off += 12 + size * n_cells
+        return a
+
+    K = [rows() for _ in range(n_layer)]
+    V = []
+    for _ in range(n_layer):
+        if not v_trans:
+            V.append(rows())
+            continue
+        t, el, n_embd = (int(x) for x in np.frombuffer(data, np.uint32, 3, off))
+        V.append(np.frombuffer(data, dtypes[t], n_embd * n_cells, off + 12).reshape(n_embd, n_cells).T.astype(np.float64))
+        off += 12 + el * n_embd * n_cells
+    assert off == len(data), "trailing bytes: not a single-sequence, single-cache state"
+    return n_cells, bool(v_trans), K, V
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def np_refit_values(K, V, selection, queries, scale, ridge):
+    """Attention Matching's least squares on V, per (layer, kv head): kept values [L][C, n_embd] minimising
+    ||softmax(s Q K_S^T) V' - softmax(s Q K^T) V||^2 + lam ||V' - V_S||^2, lam = ridge * tr(A^T A) / C, over the
+    queries of every query head of the kv head's group. K, V: [L][n, n_embd]; selection (L, Hkv, C); queries[l]:
+    (n_q, H, D); scale[l]: the KQ scale."""
+    L, Hkv, C = selection.shape
+    out = []
+    for l in range(L):
+        q = queries[l].astype(np.float64)
+        n_q, H, D = q.shape
+        group = H // Hkv
+        v_new = np.zeros((C, Hkv * D))
+        for g in range(Hkv):
+            Q = q[:, g * group : (g + 1) * group].transpose(1, 0, 2).reshape(-1, D)
+            k, v = K[l][:, g * D : (g + 1) * D], V[l][:, g * D : (g + 1) * D]
+            s = selection[l, g]
+            target = _softmax(scale[l] * Q @ k.T) @ v
+            A = _softmax(scale[l] * Q @ k[s].T)
+            G = A.T @ A
+            lam = ridge * np.trace(G) / C
+            v_new[:, g * D : (g + 1) * D] = np.linalg.solve(G + lam * np.eye(C), A.T @ target + lam * v[s])
+        out.append(v_new)
+    return out
+
+
+def np_attention_error(K, V, values, selection, queries, scale):
+    """Mean squared difference, over the reference queries, between attention over all keys and attention
+    over the selected keys with ``values`` [L][C, n_embd] (what the refit minimises, without the ridge)."""
+    L, Hkv, C = selection.shape
+    err, count = 0.0, 0
+    for l in range(L):
+        q = queries[l].astype(np.float64)
+        n_q, H, D = q.shape
+        group = H // Hkv
+        for g in range(Hkv):
+            Q = q[:, g * group : (g + 1) * group].transpose(1, 0, 2).reshape(-1, D)
+            k, v = K[l][:, g * D : (g + 1) * D], V[l][:, g * D : (g + 1) * D]
+            s = selection[l, g]
+            target = _softmax(scale[l] * Q @ k.T) @ v
+            got = _softmax(scale[l] * Q @ k[s].T) @ values[l][:, g * D : (g + 1) * D]
+            err += ((got - target) ** 2).sum()
+            count += got.size
+    return err / count

@@ -8,7 +8,7 @@ import pytest
 
 import pykvcompose.llama as llama_module
 from helpers import last_logits, seq_state
-from pykvcompose import KVComposePress, Llama, _native
+from pykvcompose import KVComposePress, Llama, _capture, _native
 
 pytestmark = pytest.mark.model
 
@@ -123,9 +123,9 @@ def test_a_cache_that_is_not_the_probed_cells_is_refused_untouched(model_path, p
 
 def test_a_mask_that_does_not_show_the_context_in_place_takes_the_state_path(llm, prompt_tokens, monkeypatch):
     """The probe's mask is the evidence that token j sits in cell j; without it the state path runs."""
-    real = _native.Capture.visibility
+    real = _capture.Capture.visibility
     # cell 0 hidden from every probe query: an empty cell or another sequence's
-    monkeypatch.setattr(_native.Capture, "visibility", lambda self: np.concatenate([[0], real(self)[1:]]))
+    monkeypatch.setattr(_capture.Capture, "visibility", lambda self: np.concatenate([[0], real(self)[1:]]))
     calls = []
     monkeypatch.setattr(llama_module._native, "context_compose_tensors", lambda *a, **k: calls.append(a))
     llm.compress_context(prompt_tokens[:-1], KVComposePress(0.5, min_tokens=16))

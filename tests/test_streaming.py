@@ -300,13 +300,13 @@ def test_a_failed_compression_to_make_room_loses_nothing(model_path, small, long
 def test_a_failed_probe_of_the_newest_tokens_puts_them_back(model_path, small, long_tokens, monkeypatch):
     """SnapKV scores by re-decoding the newest tokens with the capture on; if reading the capture fails,
     those tokens are decoded again without it and the conversation goes on unchanged."""
-    from pykvcompose import _native
+    from pykvcompose import _capture, _native
 
     small.kv_compress = SnapKVPress(0.5)
     small.reset()
-    real = _native.Capture.scores
+    real = _capture.Capture.scores
     monkeypatch.setattr(
-        _native.Capture,
+        _capture.Capture,
         "scores",
         lambda self, agg="max": (_ for _ in ()).throw(
             _native.NativeError(_native.KVC_ERR_CAPTURE, "kvc_capture_get_scores", "injected")
@@ -316,7 +316,7 @@ def test_a_failed_probe_of_the_newest_tokens_puts_them_back(model_path, small, l
         small.eval(long_tokens[: N_CTX + 1])
     assert small.n_tokens == N_CTX and small.kv_cells == N_CTX
     assert small.kv_history == long_tokens[:N_CTX]
-    monkeypatch.setattr(_native.Capture, "scores", real)
+    monkeypatch.setattr(_capture.Capture, "scores", real)
     ours = greedy(small, long_tokens[:400], 4)
     fresh = Llama(model_path, n_ctx=N_CTX, n_batch=128, verbose=False, kv_room="ratio", kv_compress=SnapKVPress(0.5))
     try:

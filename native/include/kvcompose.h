@@ -30,7 +30,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a signature or a struct in this header changes. */
-#define KVC_API_VERSION 6
+#define KVC_API_VERSION 7
 
 struct ggml_tensor;
 struct llama_context;
@@ -128,6 +128,15 @@ KVC_API int32_t kvc_capture_get_visibility(const kvc_capture * cap, int32_t * ds
  * capture did not see every layer's cache tensors or they have a layout this library does not know. */
 KVC_API int32_t kvc_capture_get_norms(const kvc_capture * cap, int32_t part, int32_t n_head_kv, int32_t n_cells,
         float * out, size_t n_values);
+/* Reference queries (for kvc_context_refit_values): while active, keep the query vectors (after RoPE,
+ * f32) of every `every`-th probe query row (counted per layer from kvc_capture_begin), up to n_max per
+ * layer, with each layer's KQ scale. n_max 0 (the default) keeps none. Set while inactive; softcapped
+ * attention keeps none and fails the capture (KVC_ERR_CAPTURE at kvc_capture_end). */
+KVC_API int32_t kvc_capture_set_queries(kvc_capture * cap, int32_t every, int32_t n_max);
+/* Layer il's kept queries into dst [n_stored, n_head, head_dim] (n_values must equal that product);
+ * dst NULL: only the sizes and scale. Any of n_stored, head_dim, scale may be NULL. */
+KVC_API int32_t kvc_capture_get_queries(const kvc_capture * cap, int32_t il, float * dst, size_t n_values,
+        int32_t * n_stored, int32_t * head_dim, float * scale);
 /* The ggml_backend_sched_eval_callback. user_data is a kvc_capture*. */
 KVC_API bool    kvc_capture_eval_callback(struct ggml_tensor * t, bool ask, void * user_data);
 
@@ -230,7 +239,24 @@ typedef struct kvc_compose_result {
 } kvc_compose_result;
 
 /*
- * Rewrite sequence seq_id of ctx in place (through the host state API) with kvc_state_compose.
+ * Value refit of the composed cells (not in the paper): for each (layer, kv head), the kept cells' values
+ * become the ridge least-squares solution V' of || softmax(s Q K_S^T) V' - softmax(s Q K^T) V ||^2
+ * + lambda || V' - V_S ||^2 over the reference queries Q that `queries` kept (kvc_capture_set_queries;
+ * all the query heads of the kv head's group): attention over the kept keys then reproduces what
+ * attention over all of the context's keys gave those queries (least squares on V as in Attention
+ * Matching, arXiv 2602.16284). lambda = ridge x the mean diagonal of A^T A (A = softmax(s Q K_S^T)).
+ * The reference queries must attend to every cell of the context (the reconstruct probe's do). Keys of
+ * any type ggml reads; values f32/f16/bf16 or quantized types that need no importance matrix (not
+ * transposed). Not for iSWA models (KVC_ERR_UNSUPPORTED). Pass NULL for no refit.
+ */
+typedef struct kvc_refit {
+    const kvc_capture * queries;
+    float ridge;
+} kvc_refit;
+
+/*
+ * Rewrite sequence seq_id of ctx in place (through the host state API) with kvc_state_compose
+ * (and, with `refit`, the composed values refit).
  * expected_cells > 0 makes the call fail unless the sequence holds exactly that many cells
  * with positions 0..expected_cells-1 in order. On any failure the sequence is restored to its
  * exact prior content and KVC_ERR_LLAMA or the validation error is returned.
@@ -239,7 +265,7 @@ typedef struct kvc_compose_result {
  */
 KVC_API int32_t kvc_context_compose(struct llama_context * ctx, int32_t seq_id,
         const int32_t * selection, int32_t n_layer, int32_t n_head_kv, int32_t n_keep,
-        int32_t expected_cells, kvc_compose_result * result);
+        int32_t expected_cells, const kvc_refit * refit, kvc_compose_result * result);
 
 /*
  * kvc_context_compose without copying the whole sequence out first: the kept rows are read from the
@@ -257,7 +283,7 @@ KVC_API int32_t kvc_context_compose(struct llama_context * ctx, int32_t seq_id,
 KVC_API int32_t kvc_context_compose_tensors(struct llama_context * ctx, const kvc_capture * cap, int32_t seq_id,
         const int32_t * positions, int32_t n_cells,
         const int32_t * selection, int32_t n_layer, int32_t n_head_kv, int32_t n_keep,
-        kvc_compose_result * result);
+        const kvc_refit * refit, kvc_compose_result * result);
 
 /* Describe sequence seq_id of ctx (kvc_state_parse on its host state). */
 KVC_API int32_t kvc_context_state_info(struct llama_context * ctx, int32_t seq_id, kvc_state_info * info,

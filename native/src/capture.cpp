@@ -385,6 +385,52 @@ int32_t tensor_rows(const ggml_tensor * t, bool transposed, uint32_t n_cells, co
     return KVC_OK;
 }
 
+
+// Keeps every cap.query_every-th query row of this ubatch (counted from the capture's first, before this
+// ubatch's rows are counted), up to cap.query_max per layer: the reference queries a value refit
+// reproduces. q [D, n_tokens, n_head] f32 (a permuted view), scale: the layer's KQ scale.
+void keep_queries(kvc_capture & cap, const ggml_tensor * q, float scale, float softcap, int32_t il) {
+    if (cap.query_max <= 0 || q == nullptr) return;
+    auto & kept = cap.queries[il];
+    const int64_t D = q->ne[0], n_tok = q->ne[1], n_head = q->ne[2];
+    if (q->type != GGML_TYPE_F32 || q->nb[0] != sizeof(float) || n_head != cap.n_head || q->ne[3] != 1) {
+        cap.error = "queries of an unexpected type or layout";
+        return;
+    }
+    if (softcap != 0.0f) {
+        cap.error = "softcapped attention: reference queries are not kept";
+        return;
+    }
+    if (cap.query_dim[il] != 0 && cap.query_dim[il] != D) {
+        cap.error = "queries of layer " + std::to_string(il) + " changed their dimension";
+        return;
+    }
+    cap.query_dim[il] = static_cast<int32_t>(D);
+    cap.query_scale[il] = scale;
+    const int64_t first = cap.n_queries[il];
+    std::vector<float> stage;
+    const char * base = nullptr;
+    for (int64_t t = 0; t < n_tok; ++t) {
+        if ((first + t) % cap.query_every != 0) continue;
+        if (static_cast<int64_t>(kept.size()) >= static_cast<int64_t>(cap.query_max) * n_head * D) break;
+        if (base == nullptr && (base = host_data(cap, q, stage)) == nullptr) {
+            cap.error = "queries have no data";
+            return;
+        }
+        for (int64_t h = 0; h < n_head; ++h) {
+            const float * row = reinterpret_cast<const float *>(base + t * q->nb[1] + h * q->nb[2]);
+            kept.insert(kept.end(), row, row + D);
+        }
+    }
+}
+
+// The queries and scale of llama.cpp's kq_soft_max = soft_max_ext(mul_mat(k, q), mask, scale): nullptr if
+// the scores are not a plain q.k (softcapped attention scales and tanh's them first).
+const ggml_tensor * softmax_queries(const ggml_tensor * sm) {
+    const ggml_tensor * kq = sm->src[0];
+    return kq != nullptr && kq->op == GGML_OP_MUL_MAT ? kq->src[1] : nullptr;
+}
+
 }  // namespace
 
 namespace kvc {
@@ -466,6 +512,9 @@ int32_t kvc_capture_begin(kvc_capture * cap, int32_t n_layer, int32_t n_head, in
         cap->v_cache.assign(n_layer, nullptr);
         cap->v_trans.assign(n_layer, -1);
         cap->visible.assign(n_keys, 0);
+        cap->queries.assign(n_layer, {});
+        cap->query_dim.assign(n_layer, 0);
+        cap->query_scale.assign(n_layer, 0.0f);
         cap->n_layer = n_layer;
         cap->n_head  = n_head;
         cap->n_keys  = n_keys;
@@ -565,6 +614,41 @@ int32_t kvc_capture_get_visibility(const kvc_capture * cap, int32_t * dst, size_
     });
 }
 
+int32_t kvc_capture_set_queries(kvc_capture * cap, int32_t every, int32_t n_max) {
+    return kvc::guard([&] {
+        if (cap == nullptr || every < 0 || n_max < 0 || (n_max > 0 && every == 0)) {
+            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "capture is NULL, or every / n_max negative (every >= 1 with n_max)");
+        }
+        if (cap->active) {
+            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "the capture is active: set the queries to keep before it begins");
+        }
+        cap->query_every = every;
+        cap->query_max = n_max;
+        return static_cast<int32_t>(KVC_OK);
+    });
+}
+
+int32_t kvc_capture_get_queries(const kvc_capture * cap, int32_t il, float * dst, size_t n_values, int32_t * n_stored,
+                                int32_t * head_dim, float * scale) {
+    return kvc::guard([&] {
+        if (cap == nullptr || il < 0 || il >= static_cast<int32_t>(cap->queries.size())) {
+            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "capture is NULL or layer out of range");
+        }
+        const auto & kept = cap->queries[il];
+        const int32_t D = cap->query_dim[il];
+        if (n_stored != nullptr) *n_stored = D == 0 ? 0 : static_cast<int32_t>(kept.size() / (static_cast<size_t>(D) * cap->n_head));
+        if (head_dim != nullptr) *head_dim = D;
+        if (scale != nullptr) *scale = cap->query_scale[il];
+        if (dst == nullptr) return static_cast<int32_t>(KVC_OK);
+        if (n_values != kept.size()) {
+            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "dst holds " + std::to_string(n_values) + " values, layer " +
+                                                           std::to_string(il) + " kept " + std::to_string(kept.size()));
+        }
+        std::copy(kept.begin(), kept.end(), dst);
+        return static_cast<int32_t>(KVC_OK);
+    });
+}
+
 int64_t kvc_capture_n_queries(const kvc_capture * cap, int32_t il) {
     if (cap == nullptr || il < 0 || il >= static_cast<int32_t>(cap->n_queries.size())) {
         return -1;
@@ -595,6 +679,14 @@ bool kvc_capture_eval_callback(struct ggml_tensor * t, bool ask, void * user_dat
             return true;
         }
         try {
+            if (il >= 0) {
+                const ggml_tensor * q = softmax_queries(t);
+                if (q == nullptr && cap->query_max > 0) cap->error = "softcapped attention: reference queries are not kept";
+                keep_queries(*cap, q, op_param(t, 0), 0.0f, il);
+            } else if (const ggml_tensor * fa = flash_attn_node(t)) {
+                keep_queries(*cap, fa->src[0], op_param(fa, 0), op_param(fa, 2), il_out);
+            }
+            if (!cap->error.empty()) return true;
             if (il >= 0 && cap->recompute) {
                 recompute_softmax(*cap, t, il);
             } else if (il >= 0) {

@@ -35,6 +35,12 @@ struct kvc_capture {
     // [n_keys]: probe query rows of layer 0 whose attention mask shows cell j (the layout check of
     // kvc_context_compose_tensors: which cells held the sequence, at which positions)
     std::vector<int32_t> visible;
+    // Reference queries (kvc_capture_set_queries): every query_every-th probe query row, up to
+    // query_max per layer, [n_stored, n_head, head_dim] f32 after RoPE, with the layer's KQ scale.
+    int32_t query_every = 0, query_max = 0;  // 0: none kept
+    std::vector<std::vector<float>> queries;  // [n_layer]
+    std::vector<int32_t> query_dim;           // [n_layer], 0: none seen
+    std::vector<float>   query_scale;         // [n_layer]
     std::string          error;      // first problem seen by the callback (it cannot return one)
 };
 

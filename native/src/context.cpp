@@ -3,6 +3,7 @@
 // refuses the rewrite.
 #include "capture.h"
 #include "kvcompose.h"
+#include "refit.h"
 #include "state.h"
 #include "status.h"
 
@@ -68,14 +69,20 @@ int32_t read_sequence(llama_context * ctx, int32_t seq_id, HostBuffer & buf) {
     return KVC_OK;
 }
 
-// kvc_state_compose of an already parsed state (or of the cache tensors) into `after`.
+// kvc_state_compose of an already parsed state (or of the cache tensors) into `after`, its values refit
+// when `refit` is given. Nothing is written to the cache here.
 int32_t compose_into(const kvc::ParsedState & st, const int32_t * selection, int32_t n_layer, int32_t n_head_kv,
-                     int32_t n_keep, HostBuffer & after) {
+                     int32_t n_keep, const kvc_refit * refit, HostBuffer & after) {
     size_t size = 0;
     int32_t status = kvc::compose_rows(st, selection, n_layer, n_head_kv, n_keep, nullptr, 0, &size);
     if (status != KVC_OK) return status;
     after.resize(size);
-    return kvc::compose_rows(st, selection, n_layer, n_head_kv, n_keep, after.data(), after.size(), &size);
+    status = kvc::compose_rows(st, selection, n_layer, n_head_kv, n_keep, after.data(), after.size(), &size);
+    if (status != KVC_OK || refit == nullptr) return status;
+    kvc::ParsedState composed;
+    status = kvc::parse_state(after.data(), after.size(), composed);
+    if (status != KVC_OK) return status;
+    return kvc::refit_values(st, composed, selection, n_layer, n_head_kv, n_keep, *refit);
 }
 
 // What composing st into n_keep cells by `selection` ([rows, n_keep]) gave: the composed cells' newest
@@ -93,7 +100,8 @@ void describe(const kvc::ParsedState & st, const int32_t * selection, int32_t ro
 }
 
 int32_t compose_in_place(llama_context * ctx, int32_t seq_id, const int32_t * selection, int32_t n_layer,
-                         int32_t n_head_kv, int32_t n_keep, int32_t expected_cells, kvc_compose_result * result) {
+                         int32_t n_head_kv, int32_t n_keep, int32_t expected_cells, const kvc_refit * refit,
+                         kvc_compose_result * result) {
     HostBuffer & before = state_buffer();
     int32_t status = read_sequence(ctx, seq_id, before);
     if (status != KVC_OK) return status;
@@ -116,7 +124,7 @@ int32_t compose_in_place(llama_context * ctx, int32_t seq_id, const int32_t * se
     }
 
     HostBuffer & after = composed_buffer();
-    status = compose_into(st, selection, n_layer, n_head_kv, n_keep, after);
+    status = compose_into(st, selection, n_layer, n_head_kv, n_keep, refit, after);
     if (status != KVC_OK) return status;
 
     llama_memory_t mem = llama_get_memory(ctx);
@@ -135,7 +143,7 @@ int32_t compose_in_place(llama_context * ctx, int32_t seq_id, const int32_t * se
 
 int32_t compose_tensors(llama_context * ctx, const kvc_capture * cap, int32_t seq_id, const int32_t * positions,
                         int32_t n_cells, const int32_t * selection, int32_t n_layer, int32_t n_head_kv,
-                        int32_t n_keep, kvc_compose_result * result) {
+                        int32_t n_keep, const kvc_refit * refit, kvc_compose_result * result) {
     if (ctx == nullptr || cap == nullptr || positions == nullptr || selection == nullptr) {
         return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "context, capture, positions or selection is NULL");
     }
@@ -171,7 +179,7 @@ int32_t compose_tensors(llama_context * ctx, const kvc_capture * cap, int32_t se
     }
 
     HostBuffer & after = composed_buffer();
-    status = compose_into(st, selection, n_layer, n_head_kv, n_keep, after);
+    status = compose_into(st, selection, n_layer, n_head_kv, n_keep, refit, after);
     if (status != KVC_OK) return status;
 
     llama_memory_seq_rm(mem, seq_id, -1, -1);
@@ -189,17 +197,20 @@ int32_t compose_tensors(llama_context * ctx, const kvc_capture * cap, int32_t se
 extern "C" {
 
 int32_t kvc_context_compose(struct llama_context * ctx, int32_t seq_id, const int32_t * selection, int32_t n_layer,
-                            int32_t n_head_kv, int32_t n_keep, int32_t expected_cells, kvc_compose_result * result) {
+                            int32_t n_head_kv, int32_t n_keep, int32_t expected_cells, const kvc_refit * refit,
+                            kvc_compose_result * result) {
     return kvc::guard([&] {
-        return compose_in_place(ctx, seq_id, selection, n_layer, n_head_kv, n_keep, expected_cells, result);
+        return compose_in_place(ctx, seq_id, selection, n_layer, n_head_kv, n_keep, expected_cells, refit, result);
     });
 }
 
 int32_t kvc_context_compose_tensors(struct llama_context * ctx, const kvc_capture * cap, int32_t seq_id,
                                     const int32_t * positions, int32_t n_cells, const int32_t * selection,
-                                    int32_t n_layer, int32_t n_head_kv, int32_t n_keep, kvc_compose_result * result) {
+                                    int32_t n_layer, int32_t n_head_kv, int32_t n_keep, const kvc_refit * refit,
+                                    kvc_compose_result * result) {
     return kvc::guard([&] {
-        return compose_tensors(ctx, cap, seq_id, positions, n_cells, selection, n_layer, n_head_kv, n_keep, result);
+        return compose_tensors(ctx, cap, seq_id, positions, n_cells, selection, n_layer, n_head_kv, n_keep, refit,
+                               result);
     });
 }
 
