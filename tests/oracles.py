@@ -91,7 +91,9 @@ def np_state_kv(data):
             V.append(rows())
             continue
         t, el, n_embd = (int(x) for x in np.frombuffer(data, np.uint32, 3, off))
-        V.append(np.frombuffer(data, dtypes[t], n_embd * n_cells, off + 12).reshape(n_embd, n_cells).T.astype(np.float64))
+        V.append(
+            np.frombuffer(data, dtypes[t], n_embd * n_cells, off + 12).reshape(n_embd, n_cells).T.astype(np.float64)
+        )
         off += 12 + el * n_embd * n_cells
     assert off == len(data), "trailing bytes: not a single-sequence, single-cache state"
     return n_cells, bool(v_trans), K, V

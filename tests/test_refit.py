@@ -4,6 +4,7 @@ and failures that leave the cache as it was."""
 
 import numpy as np
 import pytest
+
 from helpers import N_THREADS, seq_state
 from oracles import np_attention_error, np_refit_values, np_state_kv
 from pykvcompose import KVComposePress, Llama, _capture, _native
@@ -49,7 +50,9 @@ def test_refit_matches_numpy_least_squares(refit_llm, prompt_tokens):
         np.testing.assert_array_equal(Kc[layer], np.concatenate(heads, axis=1))
         scale = np.abs(expected[layer]).max()
         np.testing.assert_allclose(Vc[layer], expected[layer], rtol=0, atol=5e-3 * scale)
-    selected = [np.concatenate([V[l][sel[l, g], g * D : (g + 1) * D] for g in range(sel.shape[1])], 1) for l in range(len(V))]
+    selected = [
+        np.concatenate([V[l][sel[l, g], g * D : (g + 1) * D] for g in range(sel.shape[1])], 1) for l in range(len(V))
+    ]
     assert not np.allclose(Vc[5], selected[5], atol=1e-3)  # the values did change
     before = np_attention_error(K, V, selected, sel, queries, scales)
     after = np_attention_error(K, V, Vc, sel, queries, scales)
