@@ -14,7 +14,7 @@ SAFE_CMAKE_ARGS := -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON 
 
 SOURCES := pyproject.toml CMakeLists.txt $(shell find native pykvcompose -type f \( -name '*.py' -o -name '*.h' -o -name '*.cpp' \) 2>/dev/null)
 
-.PHONY: demo test test-fast lint install clean results cost test-native test-asan fuzz fuzz-merge
+.PHONY: demo test test-fast lint install clean results cost multi-query test-native test-asan fuzz fuzz-merge
 
 demo: install
 	$(PY) -m pykvcompose demo
@@ -42,6 +42,13 @@ results: install
 cost: install
 	$(PY) bench/cost.py --out bench/runs/cost
 
+# one compressed cache, many questions: every question of 30 contexts per style from one compression (~40 min),
+# then the KL divergence from the full cache over held-out continuations (~15 min)
+multi-query: install
+	$(PY) bench/multi_query.py --contexts 30 --presses kvcompose kvcompose-refit --out bench/runs/multi-query
+	$(PY) bench/grid.py --tasks kl_divergence --presses kvcompose,kvcompose-refit --ratios 0.5,0.75,0.875 \
+		--lengths 1500 --samples 30 --models smollm2-135m --out bench/runs/kl
+
 # ---- native hardening ----------------------------------------------------------------------------
 CMAKE_CONFIG = -S . -DKVC_BUILD_TESTS=ON -DPython_EXECUTABLE=$(abspath $(PY)) -DLLAMA_CPP_SDIST=$(abspath $(SDIST))
 ASAN_BUILD := build/asan
@@ -51,7 +58,7 @@ ASAN_ENV = PYKVCOMPOSE_LIBRARY=$(abspath $(ASAN_BUILD))/libkvcompose.so LD_PRELO
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 # the Python tests that run native code (state parsing, scoring, capture, rewrites, sessions, fuzz corpus)
 NATIVE_TESTS := tests/test_errors.py tests/test_llama.py tests/test_robustness.py tests/test_session.py \
-	tests/test_streaming.py tests/test_iswa.py tests/test_fuzz.py tests/test_flash_attention.py tests/test_in_place.py
+	tests/test_streaming.py tests/test_iswa.py tests/test_fuzz.py tests/test_flash_attention.py tests/test_in_place.py tests/test_refit.py
 FUZZ_RUNS ?= 100000
 
 # C++ unit tests (no model needed), plain build

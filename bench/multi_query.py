@@ -268,7 +268,7 @@ def main() -> None:
     p.add_argument("--presses", nargs="+", default=["kvcompose"], choices=sorted(DEFAULT_PRESSES))
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--length", type=int, default=1500)
-    p.add_argument("--max-tokens", type=int, default=12)
+    p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--out", default="bench/runs/multi-query")
     args = p.parse_args()
     out = pathlib.Path(args.out)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Tuple
 
 import numpy as np
 
-from . import probing, rewrite
+from . import _native, probing, rewrite
 from .presses.base_press import BasePress
 from .presses.kvcompose_press import REFIT_RIDGE
 from .probe import Probe, ProbeKind
@@ -114,12 +114,14 @@ def apply(engine: Engine, press: BasePress, probe: Probe) -> Dict[str, Any]:
     refit = None if queries is None else (queries, REFIT_RIDGE)
 
     def write(selection: np.ndarray):
-        result = (
-            rewrite.rewrite_context(engine, selection, probe, refit)
-            if composite
-            else rewrite.evict(engine, selection[0, 0], n)
-        )
-        return dict(result, refit=refit is not None), selection, not composite
+        if not composite:
+            return rewrite.evict(engine, selection[0, 0], n), selection, True
+        if refit is not None:
+            try:
+                return dict(rewrite.rewrite_context(engine, selection, probe, refit), refit=True), selection, False
+            except _native.UnsupportedCacheError:
+                pass  # a cache the refit does not handle (iSWA, a value type): refused before any write
+        return dict(rewrite.rewrite_context(engine, selection, probe), refit=False), selection, False
 
     engine.conv.n_tokens = n  # the logical length: the next token goes to position n
     return compress(

@@ -29,6 +29,9 @@ def test_task_answers_are_in_the_haystack_and_seeds_reproduce(tokenize, task, se
     if s.metric == "perplexity":
         assert 50 <= len(tokenize(s.continuation)) <= 80 and s.continuation.strip() not in s.context
         return
+    if s.metric == "kl_divergence":
+        assert 230 <= len(tokenize(s.continuation)) <= 290 and s.continuation.strip() not in s.context
+        return
     for a in s.answers:
         assert re.search(r"(?<!\w)" + re.escape(a) + r"(?!\w)", s.context), a
         assert a not in s.question or task == "variable_tracking" and a not in s.question
@@ -59,6 +62,27 @@ def test_score_output_matches_whole_words():
     assert score_output(s, "894772") == 50.0
     with pytest.raises(ValueError, match="perplexity"):
         score_output(Sample("p", 0, "", "", [], metric="perplexity"), "x")
+
+
+def test_kl_divergence_of_known_distributions():
+    p = np.log(np.array([[0.5, 0.5], [0.7, 0.3]]))
+    q = np.log(np.array([[0.9, 0.1], [0.7, 0.3]]))
+    kl, same = metrics.kl_divergence(p + 3.0, q)  # logits: any offset per row
+    assert kl[0] == pytest.approx(0.5 * np.log(0.5 / 0.9) + 0.5 * np.log(0.5 / 0.1))
+    assert kl[1] == pytest.approx(0.0, abs=1e-12) and list(same) == [True, True]
+    assert list(metrics.kl_divergence(q, q[:, ::-1])[1]) == [False, False]
+    with pytest.raises(ValueError, match="one shape"):
+        metrics.kl_divergence(p, q[:1])
+
+
+def test_bootstrap_interval_and_paired_test():
+    from kvbench.stats import bootstrap_interval, paired_bootstrap_p
+
+    x = np.random.default_rng(0).normal(1.0, 0.1, 40)
+    lo, hi = bootstrap_interval(x)
+    assert lo < x.mean() < hi and hi - lo < 0.1
+    assert paired_bootstrap_p(x + 0.05, x) < 0.01  # every pair differs the same way
+    assert paired_bootstrap_p(x, x) == 1.0 or paired_bootstrap_p(x, x) > 0.5
 
 
 def test_auc_on_hand_made_curves():
@@ -224,6 +248,22 @@ def test_tiny_grid_runs_and_resumes(tmp_path, capsys):
 
 
 @pytest.mark.model
+def test_kl_task_compares_every_press_with_the_full_cache(tmp_path, capsys):
+    """The KL task: the full cache's own row is 0 nats and every token agrees; compressed rows are measured over
+    the continuation's tokens against it, the refit row beside published KVCompose, in the KL table."""
+    args = "--tasks kl_divergence --presses kvcompose,kvcompose-refit --ratios 0.75 --lengths 300 --samples 1"
+    assert bench_main(args.split() + ["--models", "smollm2-135m", "--out", str(tmp_path), "--quiet"]) == 0
+    recs = {r["press"]: r for r in runner.load_records(tmp_path / "results.jsonl")}
+    assert set(recs) == {"full", "kvcompose", "kvcompose-refit"}
+    assert recs["full"]["kl"] == 0.0 and recs["full"]["top1"] == 1.0
+    for press in ("kvcompose", "kvcompose-refit"):
+        assert 0.0 < recs[press]["kl"] < 5.0 and 0.0 < recs[press]["top1"] <= 1.0
+        assert recs[press]["kl_tokens"] == recs["full"]["kl_tokens"] >= 230
+    assert recs["kvcompose-refit"]["kl"] != recs["kvcompose"]["kl"]
+    assert "KL divergence from the full cache" in capsys.readouterr().out
+
+
+@pytest.mark.model
 def test_the_default_press_row_probes_as_users_get_it(tmp_path):
     """kvcompose-default is KVComposePress(ratio): its lookahead probe when the question is in the prompt
     and for perplexity (the prompt path), the reconstruct probe when the question follows the compressed
@@ -363,3 +403,42 @@ def test_the_cost_bench_times_every_probe_and_a_stream():
     assert stream["stream_s"] > 0 and stream["chunk_prefill_s"] > 0 and stream["tokens"] > 2 * 256
     md = cost.table([row, stream])
     assert md.count("x (") == 3 and "→ 256" in md
+
+
+@pytest.mark.model
+def test_multi_query_bench_answers_every_question_from_one_compression(tmp_path, monkeypatch, capsys):
+    """bench/multi_query.py on one short context: the full cache and a compressed cache each answer all six
+    questions twice (independent requests on one restored state, then one conversation in which each prompt holds
+    the earlier answers), the compression happens once per (press, ratio), and the report counts them."""
+    import sys
+
+    import multi_query
+
+    from pykvcompose import Llama, default_model_path
+
+    vocab = Llama(default_model_path(), n_ctx=64, vocab_only=True, verbose=False)
+    multi_query_text = lambda tokens: vocab.detokenize(tokens).decode(errors="replace")  # noqa: E731
+
+    calls = []
+    real_apply = Llama.kv_apply
+    monkeypatch.setattr(
+        Llama, "kv_apply", lambda self, press, probe: calls.append(press) or real_apply(self, press, probe)
+    )
+    prompts = []
+    real_reply = multi_query.reply
+    monkeypatch.setattr(
+        multi_query, "reply", lambda llm, tokens, n: prompts.append(tokens) or real_reply(llm, tokens, n)
+    )
+    argv = ["multi_query.py", "--contexts", "1", "--styles", "completion", "--ratios", "0.75", "--length", "400"]
+    monkeypatch.setattr(sys, "argv", argv + ["--out", str(tmp_path)])
+    multi_query.main()
+    recs = runner.load_records(tmp_path / "results.jsonl")
+    assert len(recs) == 2 * 2 * 6 and len(calls) == 1  # (full, kvcompose) x modes x questions; one compression
+    assert {(r["press"], r["mode"]) for r in recs} == {(p, m) for p in ("full", "kvcompose") for m in multi_query.MODES}
+    turns = [p for p, r in zip(prompts, recs) if r["mode"] == "multi-turn" and r["press"] == "full"]
+    llm_text = [multi_query_text(t) for t in turns]
+    assert all(b.startswith(a) and len(b) > len(a) for a, b in zip(llm_text, llm_text[1:]))  # one conversation
+    full = [r for r in recs if r["press"] == "full" and r["mode"] == "independent"]
+    assert sum(r["correct"] for r in full) >= 3  # the full cache reads its facts
+    out = capsys.readouterr().out
+    assert "completion, independent (1 contexts, 6 questions)" in out and "agrees with full cache" in out

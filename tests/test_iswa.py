@@ -78,6 +78,18 @@ def test_compression_rewrites_the_global_cache_and_keeps_the_window(gemma, doc, 
         assert not (gemma.kv_selection[0] == gemma.kv_selection[1]).all()
 
 
+def test_a_value_refit_asked_on_an_iswa_model_keeps_the_selected_values(gemma, doc):
+    """The refit does not map the sliding-window cache's layers: it is refused before anything is written and the
+    compression goes on with the selected values (kv_stats says so), the same cells as without it."""
+    gemma.kv_compress = None
+    gemma.reset()
+    plain = dict(gemma.compress_context(doc, KVComposePress(0.5)))
+    gemma.reset()
+    stats = gemma.compress_context(doc, KVComposePress(0.5, refit_values=True))
+    assert stats["refit"] is False and plain["refit"] is False
+    assert stats["cells_after"] == plain["cells_after"] == gemma.kv_cells
+
+
 def test_identity_rewrite_keeps_the_next_logits(gemma, doc):
     gemma.kv_compress = None
     gemma.reset()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -61,3 +61,21 @@ def perplexity(logits: np.ndarray, targets: Sequence[int]) -> float:
     logz = m[:, 0] + np.log(np.exp(x - m).sum(axis=1))
     nll = logz - x[np.arange(t.size), t]
     return float(np.exp(nll.mean()))
+
+
+def kl_divergence(reference: np.ndarray, logits: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Per row: KL(P || Q) of the softmax distributions of ``reference`` (P, the full cache) and ``logits`` (Q),
+    in nats, and whether both put their maximum on the same token (``llama-perplexity --kl-divergence``'s
+    "same top p"). Both (tokens, vocab); computed in float64."""
+    p = np.asarray(reference, dtype=np.float64)
+    q = np.asarray(logits, dtype=np.float64)
+    if p.shape != q.shape or p.ndim != 2:
+        raise ValueError(f"logits must be two (tokens, vocab) arrays of one shape, got {p.shape} and {q.shape}")
+    log_p = p - (
+        p.max(axis=1, keepdims=True) + np.log(np.exp(p - p.max(axis=1, keepdims=True)).sum(axis=1, keepdims=True))
+    )
+    log_q = q - (
+        q.max(axis=1, keepdims=True) + np.log(np.exp(q - q.max(axis=1, keepdims=True)).sum(axis=1, keepdims=True))
+    )
+    kl = (np.exp(log_p) * (log_p - log_q)).sum(axis=1)
+    return np.maximum(kl, 0.0), p.argmax(axis=1) == q.argmax(axis=1)

@@ -98,7 +98,40 @@ def summarize(records: List[Dict[str, Any]]) -> Dict[str, Any]:
                 ),
             }
         )
-    return {"rows": rows, "perplexity": perplexity, "skipped": skipped}
+    return {"rows": rows, "perplexity": perplexity, "kl": kl_summary(recs), "skipped": skipped}
+
+
+def kl_summary(recs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One row per (model, press, ratio) of the KL task: mean KL divergence from the full cache per token (a
+    context's mean is the resampled unit) with a bootstrap 95% interval, top-1 agreement, and the paired
+    bootstrap p-value against published KVCompose ("kvcompose") at the same ratio on the same contexts."""
+    by: Dict[Any, Dict[str, Dict[str, float]]] = defaultdict(dict)
+    for r in recs:
+        if "kl" in r and r["press"] != "full":
+            by[(r["model"], r["press"], float(r["ratio"]))][r["key"]] = r
+    rows = []
+    for (model, press, ratio), got in sorted(by.items()):
+        keys = sorted(got)
+        kl = [got[k]["kl"] for k in keys]
+        ref = by.get((model, "kvcompose", ratio), {})
+        paired = [k for k in keys if k in ref]
+        p = None
+        if press != "kvcompose" and paired:
+            p = stats.paired_bootstrap_p([got[k]["kl"] for k in paired], [ref[k]["kl"] for k in paired])
+        rows.append(
+            {
+                "model": model,
+                "press": press,
+                "ratio": ratio,
+                "contexts": len(keys),
+                "tokens": int(sum(got[k]["kl_tokens"] for k in keys)),
+                "kl": _mean(kl),
+                "kl_interval": stats.bootstrap_interval(kl),
+                "top1": _mean([got[k]["top1"] for k in keys]),
+                "p_vs_kvcompose": p,
+            }
+        )
+    return rows
 
 
 def by_style(records: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -235,6 +268,22 @@ def markdown(summary: Dict[str, Any], config: Optional[Dict[str, Any]] = None, p
                 f"| {p['press']} | "
                 + " | ".join(_fmt(p["perplexity"].get(x), 2) for x in ratios)
                 + f" | {'none' if m is None else f'{m:g}'} |"
+            )
+        out.append("")
+    for model in dict.fromkeys(r["model"] for r in summary.get("kl", [])):
+        rows = [r for r in summary["kl"] if r["model"] == model]
+        out.append(
+            f"### {model}, KL divergence from the full cache's next-token distributions over a held-out "
+            "continuation (question-agnostic compression; lower is better)\n"
+        )
+        out.append("| press | ratio | mean KL (nats/token, 95% CI) | same top-1 | p vs kvcompose | contexts | tokens |")
+        out.append("|---|---:|---:|---:|---:|---:|---:|")
+        for r in sorted(rows, key=lambda r: (r["ratio"], r["kl"])):
+            lo, hi = r["kl_interval"]
+            p = "" if r["p_vs_kvcompose"] is None else f"{r['p_vs_kvcompose']:.3f}"
+            out.append(
+                f"| {r['press']} | {r['ratio']:g} | {r['kl']:.4f} ({lo:.4f}-{hi:.4f}) | {100 * r['top1']:.1f}% | {p} "
+                f"| {r['contexts']} | {r['tokens']} |"
             )
         out.append("")
     for model, why in summary["skipped"].items():

@@ -25,7 +25,7 @@ from pykvcompose.progress import Progress
 from pykvcompose.streaming import question_agnostic
 
 from . import metrics, one_line
-from .tasks import NEEDLE_TASKS, TASKS, Sample, score_output
+from .tasks import DISTRIBUTION_TASKS, NEEDLE_TASKS, TASKS, Sample, score_output
 
 SETTINGS = ("aware", "agnostic")
 #: How a sample is put to the model: as a plain document whose question ends in the answer's lead-in
@@ -202,15 +202,20 @@ def load_records(path: pathlib.Path) -> List[Dict[str, Any]]:
     return records
 
 
-def continuation_perplexity(llm: Llama, continuation: List[int]) -> float:
-    """Perplexity of ``continuation[1:]`` decoded as one batch after the cache's ``n_tokens`` logical tokens."""
+def continuation_logits(llm: Llama, continuation: List[int]) -> np.ndarray:
+    """Logits (tokens, vocab) after each token of ``continuation``, decoded as one batch after the cache's
+    ``n_tokens`` logical tokens."""
     n = len(continuation)
     if n < 2 or n > llm.n_batch:
         raise ValueError(f"the continuation must have 2..n_batch tokens, got {n}")
     llm._batch.set_batch(batch=continuation, n_past=llm.n_tokens, logits_all=True)
     llm._ctx.decode(llm._batch)
-    logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm._ctx.ctx), shape=(n, llm.n_vocab())).copy()
-    return metrics.perplexity(logits[:-1], continuation[1:])
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm._ctx.ctx), shape=(n, llm.n_vocab())).copy()
+
+
+def continuation_perplexity(llm: Llama, continuation: List[int]) -> float:
+    """Perplexity of ``continuation[1:]`` decoded as one batch after the cache's ``n_tokens`` logical tokens."""
+    return metrics.perplexity(continuation_logits(llm, continuation)[:-1], continuation[1:])
 
 
 def run_sample(
@@ -218,7 +223,7 @@ def run_sample(
 ) -> List[Dict[str, Any]]:
     """Prefill and probe one sample once, then answer it with the full cache and every (press, ratio)."""
     tok = lambda text, bos=True: llm.tokenize(text.encode(), add_bos=bos, special=style == "chat")  # noqa: E731
-    if sample.metric == "perplexity":
+    if sample.metric in DISTRIBUTION_TASKS:
         context, follow = tok(sample.context), tok(sample.continuation, False)
     elif style == "chat":
         head, tail = chat_prompt(llm, sample.context, sample.question)
@@ -262,6 +267,7 @@ def run_sample(
         "probe_seconds": probe.probe_seconds,
     }
     records = []
+    reference = None  # the full cache's logits of a KL sample (the first row)
     for (label, ratio), press in [(("full", 0.0), None)] + list(presses.items()):
         llm.load_state(state)
         rec = dict(
@@ -287,6 +293,11 @@ def run_sample(
             )
         if sample.metric == "perplexity":
             rec["perplexity"] = continuation_perplexity(llm, follow)
+        elif sample.metric == "kl_divergence":
+            logits = continuation_logits(llm, follow)
+            reference = logits if press is None else reference
+            kl, same_top = metrics.kl_divergence(reference, logits)
+            rec.update(kl=float(kl.mean()), top1=float(same_top.mean()), kl_tokens=int(kl.size))
         else:
             out = answer(llm, context + follow, max_tokens=config.max_new_tokens, stop=one_line)
             rec.update(output=out["text"], score=score_output(sample, out["text"]), decode_tok_s=out["decode_tok_s"])
@@ -312,8 +323,8 @@ def run(config: BenchConfig, fresh: bool = False, quiet: bool = False) -> List[D
         (m, task, setting, style, length, seed)
         for m in config.models
         for task in config.tasks
-        for setting in (("agnostic",) if task == "perplexity" else config.settings)
-        for style in (("completion",) if task == "perplexity" else config.styles)
+        for setting in (("agnostic",) if task in DISTRIBUTION_TASKS else config.settings)
+        for style in (("completion",) if task in DISTRIBUTION_TASKS else config.styles)
         for length in config.lengths
         for seed in range(config.samples)
     ]

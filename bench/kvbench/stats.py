@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from typing import Sequence, Tuple
 
+import numpy as np
+
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> Tuple[float, float]:
     """Wilson score interval (95% by default) of a proportion ``successes / n``; (0, 1) when n is 0.
@@ -37,3 +39,25 @@ def count_with_interval(successes: int, n: int) -> str:
     """``"3/10 (11-60%)"``: a count and its Wilson 95% interval, for tables."""
     lo, hi = wilson_interval(successes, n)
     return f"{successes}/{n} ({100 * lo:.0f}-{100 * hi:.0f}%)"
+
+
+def bootstrap_interval(values: Sequence[float], n_resamples: int = 4000, seed: int = 0) -> Tuple[float, float]:
+    """Percentile bootstrap 95% interval of the mean of ``values`` (one value per context: the resampled unit)."""
+    x = np.asarray(values, dtype=np.float64)
+    if x.size == 0:
+        return float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    means = x[rng.integers(0, x.size, size=(n_resamples, x.size))].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def paired_bootstrap_p(a: Sequence[float], b: Sequence[float], n_resamples: int = 4000, seed: int = 0) -> float:
+    """Two-sided bootstrap p-value that the mean of the paired differences ``a - b`` is zero (contexts resampled)."""
+    d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    if d.size == 0:
+        return 1.0
+    rng = np.random.default_rng(seed)
+    means = d[rng.integers(0, d.size, size=(n_resamples, d.size))].mean(axis=1)
+    tail = min((means <= 0).mean(), (means >= 0).mean())
+    return float(min(1.0, 2 * tail))

@@ -59,9 +59,9 @@ class Sample:
         Asked after the context; question-aware runs compress it together with the context.
     answers : list of str
         What a correct output contains (all of them for full marks).
-    metric : {"contains_all", "perplexity"}
+    metric : {"contains_all", "perplexity", "kl_divergence"}
     continuation : str
-        Perplexity task only: the held-out text that follows the context.
+        Perplexity and KL tasks only: the held-out text that follows the context.
     """
 
     task: str
@@ -253,6 +253,16 @@ def perplexity(tokenize: Tokenize, n_tokens: int, seed: int, n_continuation: int
     return Sample("perplexity", seed, context, "", [], metric="perplexity", continuation=" " + " ".join(rest[:k]))
 
 
+def kl_divergence(tokenize: Tokenize, n_tokens: int, seed: int, n_continuation: int = 256) -> Sample:
+    """The perplexity task's passage with a longer held-out continuation, scored by how far each next-token
+    distribution after the compressed context is from the full cache's (``llama-perplexity --kl-divergence``)."""
+    s = perplexity(tokenize, n_tokens, seed, n_continuation)
+    return Sample("kl_divergence", seed, s.context, "", [], metric="kl_divergence", continuation=s.continuation)
+
+
+#: Tasks scored against the full cache's (or the text's) next-token distributions, not by an answer.
+DISTRIBUTION_TASKS = ("perplexity", "kl_divergence")
+
 #: The tasks scored by exact retrieval (one case is found or not): the power grid's tasks and table.
 NEEDLE_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "passage_qa")
 
@@ -265,4 +275,5 @@ TASKS: Dict[str, Callable[[Tokenize, int, int], Sample]] = {
     "common_words": common_words,
     "passage_qa": passage_qa,
     "perplexity": perplexity,
+    "kl_divergence": kl_divergence,
 }
