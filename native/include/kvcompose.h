@@ -128,10 +128,10 @@ KVC_API int32_t kvc_capture_get_visibility(const kvc_capture * cap, int32_t * ds
  * capture did not see every layer's cache tensors or they have a layout this library does not know. */
 KVC_API int32_t kvc_capture_get_norms(const kvc_capture * cap, int32_t part, int32_t n_head_kv, int32_t n_cells,
         float * out, size_t n_values);
-/* Reference queries (for kvc_context_refit_values): while active, keep the query vectors (after RoPE,
+/* Reference queries (for kvc_refit): while active, keep the query vectors (after RoPE,
  * f32) of every `every`-th probe query row (counted per layer from kvc_capture_begin), up to n_max per
- * layer, with each layer's KQ scale. n_max 0 (the default) keeps none. Set while inactive; softcapped
- * attention keeps none and fails the capture (KVC_ERR_CAPTURE at kvc_capture_end). */
+ * layer, with each layer's KQ scale. n_max 0 (the default) keeps none. Set while inactive. Layers with
+ * softcapped or ALiBi attention keep none (a refit over them returns KVC_ERR_UNSUPPORTED). */
 KVC_API int32_t kvc_capture_set_queries(kvc_capture * cap, int32_t every, int32_t n_max);
 /* Layer il's kept queries into dst [n_stored, n_head, head_dim] (n_values must equal that product);
  * dst NULL: only the sizes and scale. Any of n_stored, head_dim, scale may be NULL. */

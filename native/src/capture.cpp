@@ -389,16 +389,20 @@ int32_t tensor_rows(const ggml_tensor * t, bool transposed, uint32_t n_cells, co
 // Keeps every cap.query_every-th query row of this ubatch (counted from the capture's first, before this
 // ubatch's rows are counted), up to cap.query_max per layer: the reference queries a value refit
 // reproduces. q [D, n_tokens, n_head] f32 (a permuted view), scale: the layer's KQ scale.
-void keep_queries(kvc_capture & cap, const ggml_tensor * q, float scale, float softcap, int32_t il) {
+void keep_queries(kvc_capture & cap, const ggml_tensor * q, float scale, float softcap, float max_bias, int32_t il) {
     if (cap.query_max <= 0 || q == nullptr) return;
+    if (max_bias != 0.0f) {  // ALiBi adds a position bias the refit's softmax(s q.k) does not model
+        cap.queries_unusable = "ALiBi attention";
+        return;
+    }
     auto & kept = cap.queries[il];
     const int64_t D = q->ne[0], n_tok = q->ne[1], n_head = q->ne[2];
     if (q->type != GGML_TYPE_F32 || q->nb[0] != sizeof(float) || n_head != cap.n_head || q->ne[3] != 1) {
         cap.error = "queries of an unexpected type or layout";
         return;
     }
-    if (softcap != 0.0f) {
-        cap.error = "softcapped attention: reference queries are not kept";
+    if (softcap != 0.0f) {  // a refit's least squares assume softmax(s q.k): it refuses these layers
+        cap.queries_unusable = "softcapped attention";
         return;
     }
     if (cap.query_dim[il] != 0 && cap.query_dim[il] != D) {
@@ -515,6 +519,7 @@ int32_t kvc_capture_begin(kvc_capture * cap, int32_t n_layer, int32_t n_head, in
         cap->queries.assign(n_layer, {});
         cap->query_dim.assign(n_layer, 0);
         cap->query_scale.assign(n_layer, 0.0f);
+        cap->queries_unusable.clear();
         cap->n_layer = n_layer;
         cap->n_head  = n_head;
         cap->n_keys  = n_keys;
@@ -681,10 +686,10 @@ bool kvc_capture_eval_callback(struct ggml_tensor * t, bool ask, void * user_dat
         try {
             if (il >= 0) {
                 const ggml_tensor * q = softmax_queries(t);
-                if (q == nullptr && cap->query_max > 0) cap->error = "softcapped attention: reference queries are not kept";
-                keep_queries(*cap, q, op_param(t, 0), 0.0f, il);
+                if (q == nullptr && cap->query_max > 0) cap->queries_unusable = "softcapped attention";
+                keep_queries(*cap, q, op_param(t, 0), 0.0f, op_param(t, 1), il);
             } else if (const ggml_tensor * fa = flash_attn_node(t)) {
-                keep_queries(*cap, fa->src[0], op_param(fa, 0), op_param(fa, 2), il_out);
+                keep_queries(*cap, fa->src[0], op_param(fa, 0), op_param(fa, 2), op_param(fa, 1), il_out);
             }
             if (!cap->error.empty()) return true;
             if (il >= 0 && cap->recompute) {

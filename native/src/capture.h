@@ -41,6 +41,7 @@ struct kvc_capture {
     std::vector<std::vector<float>> queries;  // [n_layer]
     std::vector<int32_t> query_dim;           // [n_layer], 0: none seen
     std::vector<float>   query_scale;         // [n_layer]
+    std::string          queries_unusable;    // why some layer's queries could not be kept ("": none)
     std::string          error;      // first problem seen by the callback (it cannot return one)
 };
 

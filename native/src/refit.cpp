@@ -149,6 +149,9 @@ int32_t refit_values(const ParsedState & full, const ParsedState & composed, con
     if (!(refit.ridge > 0.0f) || !std::isfinite(refit.ridge)) {
         return fail(KVC_ERR_INVALID_ARGUMENT, "the refit's ridge must be a positive number");
     }
+    if (!cap->queries_unusable.empty()) {
+        return fail(KVC_ERR_UNSUPPORTED, "value refit of " + cap->queries_unusable + " (its queries were not kept)");
+    }
     if (full.tail != nullptr) {
         return fail(KVC_ERR_UNSUPPORTED, "value refit of a model with a sliding-window cache (iSWA) is not supported");
     }
