@@ -21,7 +21,6 @@ class Capture:
         self._handle = handle[0]
         self._shape = (0, 0, 0)
         self._warned = False
-        self.generation = 0  # begins so far
 
     @property
     def handle(self):
@@ -38,7 +37,6 @@ class Capture:
     def begin(self, n_layer: int, n_head: int, n_keys: int) -> None:
         _check(_lib.kvc_capture_begin(self.handle, n_layer, n_head, n_keys), "kvc_capture_begin")
         self._shape = (n_layer, n_head, n_keys)
-        self.generation += 1  # what the capture holds (scores, reference queries) is this begin's
 
     def end(self) -> None:
         _check(_lib.kvc_capture_end(self.handle), "kvc_capture_end")

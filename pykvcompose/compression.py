@@ -9,9 +9,8 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Tuple
 
 import numpy as np
 
-from . import _native, probing, rewrite
+from . import probing, rewrite
 from .presses.base_press import BasePress
-from .presses.kvcompose_press import REFIT_RIDGE
 from .probe import Probe, ProbeKind
 
 if TYPE_CHECKING:
@@ -79,7 +78,6 @@ def compress(
         "select_seconds": t_select - t0,
         "rewrite_seconds": t_rewrite - t_select,
         "rewrite": result["rewrite"],
-        "refit": bool(result.get("refit", False)),
         "compress_seconds": probe_seconds + (t_rewrite - t0),
         "layer_budgets": None if budgets is None else [int(b) for b in budgets],
         "probe": probe.description,
@@ -110,18 +108,13 @@ def apply(engine: Engine, press: BasePress, probe: Probe) -> Dict[str, Any]:
     n = probe.n_tokens
     composite = press.per_head or engine.shape.iswa
 
-    queries = probe.kept_queries() if getattr(press, "refit_values", False) and composite else None
-    refit = None if queries is None else (queries, REFIT_RIDGE)
-
     def write(selection: np.ndarray):
-        if not composite:
-            return rewrite.evict(engine, selection[0, 0], n), selection, True
-        if refit is not None:
-            try:
-                return dict(rewrite.rewrite_context(engine, selection, probe, refit), refit=True), selection, False
-            except _native.UnsupportedCacheError:
-                pass  # a cache the refit does not handle (iSWA, a value type): refused before any write
-        return dict(rewrite.rewrite_context(engine, selection, probe), refit=False), selection, False
+        result = (
+            rewrite.rewrite_context(engine, selection, probe)
+            if composite
+            else rewrite.evict(engine, selection[0, 0], n)
+        )
+        return result, selection, not composite
 
     engine.conv.n_tokens = n  # the logical length: the next token goes to position n
     return compress(

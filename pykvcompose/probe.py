@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, NamedTuple, Optional, Tuple, Union
+from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 import numpy as np
 
@@ -84,9 +84,6 @@ class Probe:
     stand_ins : dict
         ``{asked: measured}``: probes a press asks for that the caller answered with another one it
         measured (``stand_in``); a compression's ``kv_stats["probe"]`` names them.
-    reference_queries : tuple, optional
-        ``(capture, generation)``: the capture kept the reconstruct probe's queries at that begin
-        (``KVComposePress.refit_values``); they are valid while it has not begun again.
     """
 
     n_layer: int
@@ -100,7 +97,6 @@ class Probe:
     description: str = ""
     in_place: bool = False
     stand_ins: Dict[ProbeSpec, ProbeSpec] = field(default_factory=dict)
-    reference_queries: Optional[Tuple[Any, int]] = None
     _norm_cache: Dict[str, np.ndarray] = field(default_factory=dict, repr=False)
 
     def head_scores(self, spec: Union[ProbeSpec, Tuple[str, int]], agg: str) -> np.ndarray:
@@ -125,13 +121,6 @@ class Probe:
         asked = ProbeSpec.of(asked)
         self.attention[asked] = self.attention[measured]
         self.stand_ins[asked] = measured
-
-    def kept_queries(self) -> Optional[Any]:
-        """The capture holding this probe's reference queries, or None (none kept, or it has captured since)."""
-        if self.reference_queries is None:
-            return None
-        capture, generation = self.reference_queries
-        return capture if capture.generation == generation and not capture.active else None
 
     def key_norms(self) -> np.ndarray:
         """float32 (layers, kv_heads, tokens): L2 norm of every cached key vector."""

@@ -12,7 +12,6 @@ import numpy as np
 
 from . import _native
 from .presses.base_press import BasePress
-from .presses.kvcompose_press import REFIT_QUERIES
 from .probe import Probe, ProbeKind, ProbeSpec
 
 if TYPE_CHECKING:
@@ -73,16 +72,7 @@ def probe_context(engine: Engine, context: Sequence[int], presses: Sequence[Base
         queries = (n, n + len(drafts[:k]))
     if ProbeSpec(ProbeKind.RECONSTRUCT) in specs:
         info: Dict[str, Any] = {}
-        refit = any(getattr(p, "refit_values", False) for p in presses)
-        if refit:  # the queries a value refit reproduces: every `every`-th of the reconstruct's n
-            engine.capture.set_queries(-(-n // REFIT_QUERIES), REFIT_QUERIES)
-        try:
-            mx, mean = engine.captured(lambda: info.update(_reconstruct(engine, context)), n)
-        finally:
-            if refit:
-                engine.capture.set_queries(0, 0)
-        if refit:
-            probe.reference_queries = (engine.capture, engine.capture.generation)
+        mx, mean = engine.captured(lambda: info.update(_reconstruct(engine, context)), n)
         probe.attention[ProbeSpec(ProbeKind.RECONSTRUCT)] = {"max": mx, "mean": mean}
         descriptions.append(info["probe"])
         queries = (n, 2 * n)

@@ -3,7 +3,7 @@ the sequence state), llama.cpp's own token eviction, and which logical position 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Tuple
 
 import numpy as np
 
@@ -14,24 +14,21 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 
-def rewrite_context(
-    engine: Engine, selection: np.ndarray, probe: Probe, refit: Optional[Tuple[Any, float]] = None
-) -> Dict[str, Any]:
+def rewrite_context(engine: Engine, selection: np.ndarray, probe: Probe) -> Dict[str, Any]:
     """Rewrite the cache's ``probe.n_tokens`` context cells into the selection's composite cells:
     from the cache tensors when the probe saw where the cells are, else through a host copy of
-    the sequence state (which is also the fallback for layouts the tensor path does not read).
-    ``refit``: (capture holding reference queries, ridge) refits the composed values (``kvc_refit``)."""
+    the sequence state (which is also the fallback for layouts the tensor path does not read)."""
     n = probe.n_tokens
     if probe.in_place:
         try:
             result = _native.context_compose_tensors(
-                engine.ctx_ptr, engine.capture, np.arange(n, dtype=np.int32), selection, refit=refit
+                engine.ctx_ptr, engine.capture, np.arange(n, dtype=np.int32), selection
             )
             return dict(result, rewrite="tensors")
         except _native.UnsupportedCacheError:
             pass  # checked before anything was written: the cache is as it was
     # restores the sequence exactly if llama.cpp refuses the rewrite
-    return dict(_native.context_compose(engine.ctx_ptr, selection, expected_cells=n, refit=refit), rewrite="state")
+    return dict(_native.context_compose(engine.ctx_ptr, selection, expected_cells=n), rewrite="state")
 
 
 def evict(engine: Engine, keep: np.ndarray, n: int) -> Dict[str, Any]:

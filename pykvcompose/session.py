@@ -43,6 +43,7 @@ _RETIRED_FIELDS = {
         "starved_layers": "own",
         "span": 1,
         "protect_tail": 0,
+        "refit_values": False,
         "question_tail": None,
         "question_consensus": None,
     }

@@ -250,16 +250,16 @@ def test_tiny_grid_runs_and_resumes(tmp_path, capsys):
 @pytest.mark.model
 def test_kl_task_compares_every_press_with_the_full_cache(tmp_path, capsys):
     """The KL task: the full cache's own row is 0 nats and every token agrees; compressed rows are measured over
-    the continuation's tokens against it, the refit row beside published KVCompose, in the KL table."""
-    args = "--tasks kl_divergence --presses kvcompose,kvcompose-refit --ratios 0.75 --lengths 300 --samples 1"
+    the continuation's tokens against it, and compared with published KVCompose in the KL table."""
+    args = "--tasks kl_divergence --presses kvcompose,snapkv --ratios 0.75 --lengths 300 --samples 1"
     assert bench_main(args.split() + ["--models", "smollm2-135m", "--out", str(tmp_path), "--quiet"]) == 0
     recs = {r["press"]: r for r in runner.load_records(tmp_path / "results.jsonl")}
-    assert set(recs) == {"full", "kvcompose", "kvcompose-refit"}
+    assert set(recs) == {"full", "kvcompose", "snapkv"}
     assert recs["full"]["kl"] == 0.0 and recs["full"]["top1"] == 1.0
-    for press in ("kvcompose", "kvcompose-refit"):
+    for press in ("kvcompose", "snapkv"):
         assert 0.0 < recs[press]["kl"] < 5.0 and 0.0 < recs[press]["top1"] <= 1.0
         assert recs[press]["kl_tokens"] == recs["full"]["kl_tokens"] >= 230
-    assert recs["kvcompose-refit"]["kl"] != recs["kvcompose"]["kl"]
+    assert recs["snapkv"]["kl"] != recs["kvcompose"]["kl"]
     assert "KL divergence from the full cache" in capsys.readouterr().out
 
 

@@ -78,16 +78,20 @@ def test_compression_rewrites_the_global_cache_and_keeps_the_window(gemma, doc, 
         assert not (gemma.kv_selection[0] == gemma.kv_selection[1]).all()
 
 
-def test_a_value_refit_asked_on_an_iswa_model_keeps_the_selected_values(gemma, doc):
-    """The refit does not map the sliding-window cache's layers: it is refused before anything is written and the
-    compression goes on with the selected values (kv_stats says so), the same cells as without it."""
+def test_a_value_refit_of_an_iswa_cache_is_refused_before_anything_is_written(gemma, doc):
+    """kvc_refit does not map the sliding-window cache's layers: unsupported, and the sequence is unchanged."""
     gemma.kv_compress = None
-    gemma.reset()
-    plain = dict(gemma.compress_context(doc, KVComposePress(0.5)))
-    gemma.reset()
-    stats = gemma.compress_context(doc, KVComposePress(0.5, refit_values=True))
-    assert stats["refit"] is False and plain["refit"] is False
-    assert stats["cells_after"] == plain["cells_after"] == gemma.kv_cells
+    cap = gemma._engine.capture
+    cap.set_queries(1, 64)
+    try:
+        gemma.kv_probe(doc, [KVComposePress(0.5, scoring="reconstruct")])
+    finally:
+        cap.set_queries(0, 0)
+    before = seq_state(gemma)
+    sel = np.ascontiguousarray(np.broadcast_to(np.arange(0, 620, 2, dtype=np.int32), (3, 1, 310)))
+    with pytest.raises(_native.UnsupportedCacheError, match="sliding-window"):
+        _native.context_compose(gemma._ctx.ctx, sel, expected_cells=620, refit=(cap, 0.1))
+    assert seq_state(gemma) == before
 
 
 def test_identity_rewrite_keeps_the_next_logits(gemma, doc):

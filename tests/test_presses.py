@@ -66,14 +66,13 @@ def test_kvpress_fields_and_defaults():
     assert KVComposePress(scoring="reconstruct").probe() == ("reconstruct", 0)  # as published, one field away
 
 
-def test_kvcompose_holds_the_method_in_at_most_13_fields():
-    """kvpress's fields (``structured`` aside: llama.cpp's cells are always structured), ours that choose
-    the probe and the value refit; streaming options live in the StreamPolicy, options measured as no gain
-    were removed."""
+def test_kvcompose_holds_the_method_in_at_most_12_fields():
+    """kvpress's fields (``structured`` aside: llama.cpp's cells are always structured) and ours that choose
+    the probe; streaming options live in the StreamPolicy, options measured as no gain were removed."""
     import dataclasses
 
     names = [f.name for f in dataclasses.fields(KVComposePress)]
-    assert len(names) <= 13
+    assert len(names) <= 12
     assert set(names) == {
         "compression_ratio",
         "agg_task",
@@ -87,7 +86,6 @@ def test_kvcompose_holds_the_method_in_at_most_13_fields():
         "lookahead",
         "min_tokens",
         "per_head",
-        "refit_values",
     }
 
 

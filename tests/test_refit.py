@@ -1,6 +1,6 @@
-"""Value refit of composed cells (``KVComposePress(refit_values=True)``, ``kvc_refit``): the C++ least squares
-against a numpy re-implementation on the same cache and reference queries, what it changes and what it keeps,
-and failures that leave the cache as it was."""
+"""Value refit of composed cells (the C API's ``kvc_refit``; measured as no gain, so no press uses it, see
+docs/ablations.md): the C++ least squares against a numpy re-implementation on the same cache and reference
+queries, what it changes and what it keeps, and failures that leave the cache as it was."""
 
 import numpy as np
 import pytest
@@ -8,7 +8,8 @@ import pytest
 from helpers import N_THREADS, seq_state
 from oracles import np_attention_error, np_refit_values, np_state_kv
 from pykvcompose import KVComposePress, Llama, _capture, _native
-from pykvcompose.presses.kvcompose_press import REFIT_RIDGE
+
+RIDGE = 0.1  # relative to the mean diagonal of A^T A, as measured
 
 pytestmark = pytest.mark.model
 
@@ -21,13 +22,20 @@ def refit_llm(request, model_path):
 
 
 def probe_and_refit(llm, tokens, ratio):
-    press = KVComposePress(ratio, scoring="reconstruct", refit_values=True)
-    probe = llm.kv_probe(tokens, [press])
-    full = seq_state(llm)
+    """Probe ``tokens`` (reconstruct, every query kept as a reference), select as published KVCompose does and
+    compose with the values refit."""
+    press = KVComposePress(ratio, scoring="reconstruct")
     cap = llm._engine.capture
+    cap.set_queries(1, 512)
+    try:
+        probe = llm.kv_probe(tokens, [press])
+    finally:
+        cap.set_queries(0, 0)
+    full = seq_state(llm)
     kept = [cap.queries(layer) for layer in range(llm.kv_n_layer)]
-    stats = llm.kv_apply(press, probe)
-    return full, kept, stats, seq_state(llm), llm._engine.conv.selection
+    sel = press.compress(probe, press.n_kept(len(tokens)), forced=[len(tokens) - 1])[2]
+    stats = _native.context_compose(llm._ctx.ctx, sel, expected_cells=len(tokens), refit=(cap, RIDGE))
+    return full, kept, stats, seq_state(llm), sel
 
 
 def test_refit_matches_numpy_least_squares(refit_llm, prompt_tokens):
@@ -36,7 +44,7 @@ def test_refit_matches_numpy_least_squares(refit_llm, prompt_tokens):
     all keys better than the selected values do."""
     tokens = prompt_tokens[:300]
     full, kept, stats, composed, sel = probe_and_refit(refit_llm, tokens, 0.75)
-    assert stats["refit"] and stats["cells_after"] == sel.shape[-1]
+    assert stats["cells_after"] == sel.shape[-1]
     n, _, K, V = np_state_kv(full)
     assert n == len(tokens)
     _, _, Kc, Vc = np_state_kv(composed)
@@ -44,7 +52,7 @@ def test_refit_matches_numpy_least_squares(refit_llm, prompt_tokens):
     D = queries[0].shape[2]
     assert all(q.shape[0] == len(tokens) for q in queries)  # 300 < REFIT_QUERIES: every probe query
     assert all(s == pytest.approx(D**-0.5) for s in scales)
-    expected = np_refit_values(K, V, sel, queries, scales, REFIT_RIDGE)
+    expected = np_refit_values(K, V, sel, queries, scales, RIDGE)
     for layer in range(len(K)):
         heads = [K[layer][sel[layer, g], g * D : (g + 1) * D] for g in range(sel.shape[1])]
         np.testing.assert_array_equal(Kc[layer], np.concatenate(heads, axis=1))
@@ -59,37 +67,26 @@ def test_refit_matches_numpy_least_squares(refit_llm, prompt_tokens):
     assert after < 0.7 * before, (before, after)
 
 
-def test_reference_queries_are_spread_over_a_long_probe(llm, prompt_tokens):
-    """Longer than REFIT_QUERIES: every k-th of the reconstruct probe's queries is kept, the same rows in every
-    layer, at most REFIT_QUERIES of them."""
-    from pykvcompose.presses.kvcompose_press import REFIT_QUERIES
-
+def test_reference_queries_are_every_kth_probe_query_up_to_the_limit(llm, prompt_tokens):
+    """Every k-th of the probe's queries is kept, in every layer, at most n_max: query t of a reconstruct probe
+    is token t's query again, so the kept rows of a 1-in-3 capture are rows 0, 3, 6, ... of a 1-in-1 capture."""
     cap = llm._engine.capture
-    cap.set_queries(3, 50)
-    try:
-        llm.kv_probe(prompt_tokens[:200], [KVComposePress(0.5, scoring="reconstruct")])
-    finally:
-        cap.set_queries(0, 0)
-    counts = {cap.queries(layer)[0].shape[0] for layer in range(llm.kv_n_layer)}
-    assert counts == {50}
-    # the capture's queries are those of positions 200 + 3i: the same token's query in both passes
-    assert REFIT_QUERIES >= 256
-
-
-def test_refit_only_where_the_reconstruct_probe_ran(llm, prompt_tokens):
-    """The lookahead (a prompt with its question) keeps the selected values; compress_context refits."""
-    press = KVComposePress(0.75, refit_values=True)
-    llm.reset()
-    assert llm.compress_context(prompt_tokens[:300], press)["refit"] is True
-    llm.reset()
-    llm.kv_compress = press
-    try:
-        next(llm.generate(prompt_tokens[:300], temp=0.0, top_k=1))
-        assert llm.kv_stats["refit"] is False and llm.kv_stats["probe"].startswith("lookahead")
-    finally:
-        llm.kv_compress = None
-    llm.reset()
-    assert llm.compress_context(prompt_tokens[:300], KVComposePress(0.75))["refit"] is False
+    press = KVComposePress(0.5, scoring="reconstruct")
+    kept = {}
+    for every, n_max in ((1, 200), (3, 50)):
+        cap.set_queries(every, n_max)
+        try:
+            llm.kv_probe(prompt_tokens[:200], [press])
+        finally:
+            cap.set_queries(0, 0)
+        kept[every] = [cap.queries(layer)[0] for layer in range(llm.kv_n_layer)]
+    assert {q.shape[0] for q in kept[1]} == {200} and {q.shape[0] for q in kept[3]} == {50}
+    for every_one, every_third in zip(kept[1], kept[3]):
+        np.testing.assert_allclose(every_third, every_one[0:150:3], rtol=1e-4, atol=1e-4)
+    llm.kv_probe(prompt_tokens[:200], [press])  # without set_queries: none kept
+    assert cap.queries(0)[0].shape[0] == 0
+    with pytest.raises(_native.InvalidArgumentError):
+        cap.set_queries(0, 10)
 
 
 def test_a_failed_refit_leaves_the_cache_as_it_was(llm, prompt_tokens):
@@ -102,10 +99,8 @@ def test_a_failed_refit_leaves_the_cache_as_it_was(llm, prompt_tokens):
         np.broadcast_to(np.arange(0, 200, 2, dtype=np.int32), (llm.kv_n_layer, llm.kv_n_head_kv, 100))
     )
     with pytest.raises(_native.InvalidArgumentError, match="no reference queries"):
-        _native.context_compose(llm._ctx.ctx, sel, expected_cells=200, refit=(llm._engine.capture, REFIT_RIDGE))
+        _native.context_compose(llm._ctx.ctx, sel, expected_cells=200, refit=(llm._engine.capture, RIDGE))
     assert seq_state(llm) == before
     with _capture.Capture() as empty, pytest.raises(_native.InvalidArgumentError, match="ridge"):
         _native.context_compose(llm._ctx.ctx, sel, expected_cells=200, refit=(empty, 0.0))
     assert seq_state(llm) == before
-    with pytest.raises(ValueError, match="refit_values"):
-        KVComposePress(0.5, refit_values="yes")

@@ -39,13 +39,11 @@ RATIOS = (0.25, 0.5, 0.75, 0.875)  # 0 (the full cache) is always measured
 #: ``KVComposePress(ratio)`` as users get it (``scoring="auto"``: the lookahead probe when the question is
 #: in the prompt, the reconstruct probe question-agnostic); "kvcompose-lookahead" scores by the
 #: attention of the model's first answer tokens in both settings (``scoring="lookahead"``, not in the
-#: paper); "kvcompose-refit" is the published selection with the kept values refit (``refit_values``, not
-#: in the paper). "kvcompose-token" is the token-level row: the same tokens in every layer and head, evicted
-#: by llama.cpp itself (what composite cells are compared against).
+#: paper). "kvcompose-token" is the token-level row: the same tokens in every layer and head, evicted by
+#: llama.cpp itself (what composite cells are compared against).
 DEFAULT_PRESSES: Dict[str, str] = {
     "kvcompose": "kvcompose:{ratio},scoring=reconstruct",
     "kvcompose-default": "kvcompose:{ratio}",
-    "kvcompose-refit": "kvcompose:{ratio},scoring=reconstruct,refit_values=true",
     "kvcompose-token": "kvcompose:{ratio},scoring=reconstruct,per_head=false",
     "kvcompose-lookahead": "kvcompose:{ratio},scoring=lookahead",
     "snapkv": "snapkv:{ratio}",

@@ -11,10 +11,6 @@ from ..probe import Probe, ProbeKind, ProbeSpec
 from .base_press import BasePress, check_bool, check_choice, check_int
 
 AGGREGATIONS = ("max", "mean")
-#: Value refit: the ridge, relative to the mean diagonal of A^T A (measured in docs/quality.md), and how
-#: many of the reconstruct probe's queries per layer serve as reference queries (spread evenly).
-REFIT_RIDGE = 0.1
-REFIT_QUERIES = 512
 SCORINGS = ("auto", "lookahead", "reconstruct", "window")
 
 
@@ -58,13 +54,6 @@ class KVComposePress(BasePress):
         Queries of the lookahead probe (fewer when the model ends its answer or the cache is full).
     min_tokens : int, default=128
         Prompts shorter than this are not compressed.
-    refit_values : bool, default=False
-        Not in the paper: where the reconstruct probe scores the context (``compress_context``,
-        ``scoring="reconstruct"``), each kept cell's value is refit by ridge least squares so that, for up
-        to ``REFIT_QUERIES`` of the probe's queries per layer, attention over the kept keys gives what
-        attention over the whole context gave (least squares on V as in Attention Matching,
-        https://arxiv.org/abs/2602.16284). Keys and the selection are unchanged. Other probes keep the
-        selected values (``kv_stats["refit"]`` says whether the values were refit).
     per_head : bool, default=True (keyword only)
         False: the same tokens in every layer and head, evicted by llama.cpp (see ``BasePress``).
     """
@@ -79,7 +68,6 @@ class KVComposePress(BasePress):
     window: int = 64
     lookahead: int = 32
     min_tokens: int = 128
-    refit_values: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -89,7 +77,6 @@ class KVComposePress(BasePress):
         check_choice("scoring", self.scoring, SCORINGS)
         check_bool("add_v_norm", self.add_v_norm)
         check_bool("add_mean_across_heads", self.add_mean_across_heads)
-        check_bool("refit_values", self.refit_values)
         check_int("keep_token_lower_bound", self.keep_token_lower_bound, 0)
         check_int("window", self.window, 1)
         check_int("lookahead", self.lookahead, 1)
