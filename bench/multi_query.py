@@ -25,14 +25,13 @@ import argparse
 import json
 import pathlib
 import random
-import re
 from dataclasses import dataclass
 from typing import Any, Dict, List, Tuple
 
 from kvbench import one_line
-from kvbench.runner import DEFAULT_PRESSES, load_records, locate_model, user_turn
+from kvbench.runner import DEFAULT_PRESSES, chat_text, load_records, locate_model, user_turn
 from kvbench.stats import count_with_interval, mcnemar_exact
-from kvbench.tasks import CITIES, FIRST_NAMES, KEY_WORDS, PROFESSIONS, _number, _plant
+from kvbench.tasks import CITIES, FIRST_NAMES, KEY_WORDS, PROFESSIONS, _number, _plant, contains_word
 from pykvcompose import Llama, parse_press_spec
 from pykvcompose.demo import answer
 from pykvcompose.streaming import question_agnostic
@@ -97,7 +96,7 @@ def fact_document(tokenize, n_tokens: int, seed: int, n_keys: int = 3) -> Tuple[
 
 
 def correct(q: Question, text: str) -> bool:
-    return re.search(r"(?<![\w])" + re.escape(q.answer) + r"(?![\w])", text, re.IGNORECASE) is not None
+    return contains_word(text, q.answer)
 
 
 def first_line(text: str) -> str:
@@ -119,12 +118,10 @@ class Conversation:
             self.head = probe[: probe.index(context) + len(context)]
         else:
             self.head = context
+        self.context_tokens = self.tokens(self.head, True)  # exactly what is compressed; each prompt starts so
 
     def tokens(self, text: str, bos: bool) -> List[int]:
         return self.llm.tokenize(text.encode(), add_bos=bos, special=self.style == "chat")
-
-    def context_tokens(self) -> List[int]:
-        return self.tokens(self.head, True)
 
     def prompt(self, turns: List[Tuple[Question, str]], question: Question) -> str:
         """The whole text up to where the answer to ``question`` starts, after ``turns`` (question, answer)."""
@@ -138,29 +135,13 @@ class Conversation:
             messages.append({"role": "user", "content": (self.context + "\n\n" if i == 0 else "") + q.chat})
             if a or i < len(turns):
                 messages.append({"role": "assistant", "content": a.strip()})
-        return render_chat(self.llm, messages)
+        return chat_text(self.llm, messages)
 
     def prompt_tokens(self, text: str) -> List[int]:
         """The context's tokens (exactly those compressed) followed by the rest of ``text``."""
         if not text.startswith(self.head):
             raise ValueError("the prompt does not start with the compressed context")
-        return self.context_tokens() + self.tokens(text[len(self.head) :], False)
-
-
-def render_chat(llm: Llama, messages: List[Dict[str, str]]) -> str:
-    """``messages`` in the model's chat template, the assistant's turn opened (``runner.user_turn`` for
-    one message)."""
-    from llama_cpp import llama_chat_format
-
-    template = llm.metadata.get("tokenizer.chat_template")
-    if not template:
-        architecture = llm.metadata.get("general.architecture", "")
-        return llama_chat_format.format_gemma(messages=messages).prompt if "gemma" in architecture else ""
-    token = lambda t: llm._model.token_get_text(t) if t >= 0 else ""  # noqa: E731
-    formatter = llama_chat_format.Jinja2ChatFormatter(
-        template, eos_token=token(llm.token_eos()), bos_token=token(llm.token_bos())
-    )
-    return formatter(messages=messages).prompt
+        return self.context_tokens + self.tokens(text[len(self.head) :], False)
 
 
 def reply(llm: Llama, tokens: List[int], max_tokens: int) -> str:
@@ -174,7 +155,7 @@ def run_context(llm: Llama, style: str, seed: int, args) -> List[Dict[str, Any]]
     tokenize = lambda t: llm.tokenize(t.encode(), add_bos=False)  # noqa: E731
     context, questions = fact_document(tokenize, args.length, seed)
     conv = Conversation(llm, style, context)
-    ctx = conv.context_tokens()
+    ctx = conv.context_tokens
     presses = {
         (label, r): question_agnostic(parse_press_spec(DEFAULT_PRESSES[label].format(ratio=r)))
         for label in args.presses

@@ -143,6 +143,3 @@ class Capture:
 
     def __del__(self) -> None:
         self.close()
-
-
-# ---- scoring and selection -----------------------------------------------------------------

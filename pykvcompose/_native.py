@@ -176,6 +176,7 @@ def _fields(struct) -> dict:
     return {name: getattr(struct, name) for name, _ in ffi.typeof(struct).item.fields}
 
 
+# ---- scoring and selection (the attention capture's owner is _capture.Capture) ------------------
 def kvcompose_score(
     head_scores: np.ndarray,
     n_head_kv: int,

@@ -104,46 +104,42 @@ def _softmax(x):
     return e / e.sum(axis=-1, keepdims=True)
 
 
+def _refit_heads(K, V, selection, queries, scale):
+    """Per (layer, kv head): layer, column slice, the stacked queries of the group's query heads, the kept indices,
+    the attention output over all keys and the attention over the kept keys (A)."""
+    L, Hkv, C = selection.shape
+    for l in range(L):
+        q = queries[l].astype(np.float64)
+        n_q, H, D = q.shape
+        group = H // Hkv
+        for g in range(Hkv):
+            cols = slice(g * D, (g + 1) * D)
+            Q = q[:, g * group : (g + 1) * group].transpose(1, 0, 2).reshape(-1, D)
+            k, v = K[l][:, cols], V[l][:, cols]
+            s = selection[l, g]
+            yield l, cols, s, _softmax(scale[l] * Q @ k.T) @ v, _softmax(scale[l] * Q @ k[s].T)
+
+
 def np_refit_values(K, V, selection, queries, scale, ridge):
     """Attention Matching's least squares on V, per (layer, kv head): kept values [L][C, n_embd] minimising
     ||softmax(s Q K_S^T) V' - softmax(s Q K^T) V||^2 + lam ||V' - V_S||^2, lam = ridge * tr(A^T A) / C, over the
     queries of every query head of the kv head's group. K, V: [L][n, n_embd]; selection (L, Hkv, C); queries[l]:
     (n_q, H, D); scale[l]: the KQ scale."""
-    L, Hkv, C = selection.shape
-    out = []
-    for l in range(L):
-        q = queries[l].astype(np.float64)
-        n_q, H, D = q.shape
-        group = H // Hkv
-        v_new = np.zeros((C, Hkv * D))
-        for g in range(Hkv):
-            Q = q[:, g * group : (g + 1) * group].transpose(1, 0, 2).reshape(-1, D)
-            k, v = K[l][:, g * D : (g + 1) * D], V[l][:, g * D : (g + 1) * D]
-            s = selection[l, g]
-            target = _softmax(scale[l] * Q @ k.T) @ v
-            A = _softmax(scale[l] * Q @ k[s].T)
-            G = A.T @ A
-            lam = ridge * np.trace(G) / C
-            v_new[:, g * D : (g + 1) * D] = np.linalg.solve(G + lam * np.eye(C), A.T @ target + lam * v[s])
-        out.append(v_new)
+    C = selection.shape[-1]
+    out = [np.zeros((C, K[l].shape[1])) for l in range(len(K))]
+    for l, cols, s, target, A in _refit_heads(K, V, selection, queries, scale):
+        G = A.T @ A
+        lam = ridge * np.trace(G) / C
+        out[l][:, cols] = np.linalg.solve(G + lam * np.eye(C), A.T @ target + lam * V[l][s, cols])
     return out
 
 
 def np_attention_error(K, V, values, selection, queries, scale):
     """Mean squared difference, over the reference queries, between attention over all keys and attention
     over the selected keys with ``values`` [L][C, n_embd] (what the refit minimises, without the ridge)."""
-    L, Hkv, C = selection.shape
     err, count = 0.0, 0
-    for l in range(L):
-        q = queries[l].astype(np.float64)
-        n_q, H, D = q.shape
-        group = H // Hkv
-        for g in range(Hkv):
-            Q = q[:, g * group : (g + 1) * group].transpose(1, 0, 2).reshape(-1, D)
-            k, v = K[l][:, g * D : (g + 1) * D], V[l][:, g * D : (g + 1) * D]
-            s = selection[l, g]
-            target = _softmax(scale[l] * Q @ k.T) @ v
-            got = _softmax(scale[l] * Q @ k[s].T) @ values[l][:, g * D : (g + 1) * D]
-            err += ((got - target) ** 2).sum()
-            count += got.size
+    for l, cols, _, target, A in _refit_heads(K, V, selection, queries, scale):
+        got = A @ values[l][:, cols]
+        err += ((got - target) ** 2).sum()
+        count += got.size
     return err / count

@@ -57,10 +57,15 @@ def perplexity(logits: np.ndarray, targets: Sequence[int]) -> float:
     t = np.asarray(targets, dtype=np.int64)
     if x.ndim != 2 or x.shape[0] != t.size or t.size == 0:
         raise ValueError("logits must be (tokens, vocab) with one target per row")
-    m = x.max(axis=1, keepdims=True)
-    logz = m[:, 0] + np.log(np.exp(x - m).sum(axis=1))
-    nll = logz - x[np.arange(t.size), t]
+    nll = -log_softmax(x)[np.arange(t.size), t]
     return float(np.exp(nll.mean()))
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax of (tokens, vocab) logits, float64, shifted by each row's maximum."""
+    x = np.asarray(logits, dtype=np.float64)
+    m = x.max(axis=1, keepdims=True)
+    return x - (m + np.log(np.exp(x - m).sum(axis=1, keepdims=True)))
 
 
 def kl_divergence(reference: np.ndarray, logits: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -71,11 +76,6 @@ def kl_divergence(reference: np.ndarray, logits: np.ndarray) -> Tuple[np.ndarray
     q = np.asarray(logits, dtype=np.float64)
     if p.shape != q.shape or p.ndim != 2:
         raise ValueError(f"logits must be two (tokens, vocab) arrays of one shape, got {p.shape} and {q.shape}")
-    log_p = p - (
-        p.max(axis=1, keepdims=True) + np.log(np.exp(p - p.max(axis=1, keepdims=True)).sum(axis=1, keepdims=True))
-    )
-    log_q = q - (
-        q.max(axis=1, keepdims=True) + np.log(np.exp(q - q.max(axis=1, keepdims=True)).sum(axis=1, keepdims=True))
-    )
+    log_p, log_q = log_softmax(p), log_softmax(q)
     kl = (np.exp(log_p) * (log_p - log_q)).sum(axis=1)
     return np.maximum(kl, 0.0), p.argmax(axis=1) == q.argmax(axis=1)

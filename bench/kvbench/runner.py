@@ -166,10 +166,14 @@ def chat_prompt(llm: Llama, context: str, question: str) -> Tuple[str, str]:
 
 
 def user_turn(llm: Llama, content: str) -> str:
-    """``content`` as the user's turn of the model's chat template, the assistant's turn opened. A model
+    """``content`` as the user's turn of the model's chat template, the assistant's turn opened."""
+    return chat_text(llm, [{"role": "user", "content": content}])
+
+
+def chat_text(llm: Llama, messages: List[Dict[str, str]]) -> str:
+    """``messages`` (a conversation) in the model's chat template, the assistant's turn opened. A model
     without a template in its GGUF uses llama-cpp-python's chat format for its architecture
     (``ARCHITECTURE_CHAT_FORMATS``)."""
-    messages = [{"role": "user", "content": content}]
     template = llm.metadata.get("tokenizer.chat_template")
     architecture = llm.metadata.get("general.architecture", "")
     if template:

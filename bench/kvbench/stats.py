@@ -46,9 +46,7 @@ def bootstrap_interval(values: Sequence[float], n_resamples: int = 4000, seed: i
     x = np.asarray(values, dtype=np.float64)
     if x.size == 0:
         return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    means = x[rng.integers(0, x.size, size=(n_resamples, x.size))].mean(axis=1)
-    lo, hi = np.percentile(means, [2.5, 97.5])
+    lo, hi = np.percentile(_resampled_means(x, n_resamples, seed), [2.5, 97.5])
     return float(lo), float(hi)
 
 
@@ -57,7 +55,12 @@ def paired_bootstrap_p(a: Sequence[float], b: Sequence[float], n_resamples: int 
     d = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
     if d.size == 0:
         return 1.0
-    rng = np.random.default_rng(seed)
-    means = d[rng.integers(0, d.size, size=(n_resamples, d.size))].mean(axis=1)
+    means = _resampled_means(d, n_resamples, seed)
     tail = min((means <= 0).mean(), (means >= 0).mean())
     return float(min(1.0, 2 * tail))
+
+
+def _resampled_means(x: np.ndarray, n_resamples: int, seed: int) -> np.ndarray:
+    """Means of ``n_resamples`` resamples of ``x`` with replacement (seeded: tables rebuild identically)."""
+    rng = np.random.default_rng(seed)
+    return x[rng.integers(0, x.size, size=(n_resamples, x.size))].mean(axis=1)

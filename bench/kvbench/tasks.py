@@ -78,10 +78,12 @@ def score_output(sample: Sample, output: str) -> float:
     """Percentage of the sample's answers found in ``output`` (whole words, case-insensitive)."""
     if sample.metric != "contains_all":
         raise ValueError(f"{sample.task} is scored by {sample.metric}, not by an output string")
-    found = sum(
-        bool(re.search(r"(?<![\w])" + re.escape(a) + r"(?![\w])", output, re.IGNORECASE)) for a in sample.answers
-    )
-    return 100.0 * found / len(sample.answers)
+    return 100.0 * sum(contains_word(output, a) for a in sample.answers) / len(sample.answers)
+
+
+def contains_word(text: str, answer: str) -> bool:
+    """``answer`` appears in ``text`` as whole words, case-insensitive."""
+    return re.search(r"(?<![\w])" + re.escape(answer) + r"(?![\w])", text, re.IGNORECASE) is not None
 
 
 def _filler(tokenize: Tokenize, rng: random.Random, n_tokens: int) -> List[str]:

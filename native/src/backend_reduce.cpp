@@ -126,21 +126,27 @@ struct BackendReducer::Impl {
         }
         Device d;
         d.dev = dev;
-        d.backend = ggml_backend_dev_init(dev, nullptr);
+        d.backend = start_backend(dev, n_threads);
         if (d.backend == nullptr) {
             why = std::string("the ") + ggml_backend_dev_name(dev) + " device could not start a backend";
             return nullptr;
-        }
-        if (ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev)) {
-            auto set_threads = reinterpret_cast<ggml_backend_set_n_threads_t>(
-                ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads"));
-            if (set_threads != nullptr) set_threads(d.backend, n_threads);
         }
         d.alloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(d.backend));
         devices.push_back(d);
         return &devices.back();
     }
 };
+
+ggml_backend_t start_backend(ggml_backend_dev_t dev, int n_threads) {
+    ggml_backend_t backend = ggml_backend_dev_init(dev, nullptr);
+    if (backend == nullptr) return nullptr;
+    if (ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev)) {
+        auto set_threads = reinterpret_cast<ggml_backend_set_n_threads_t>(
+            ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads"));
+        if (set_threads != nullptr) set_threads(backend, n_threads);
+    }
+    return backend;
+}
 
 BackendReducer::BackendReducer() : impl_(std::make_unique<Impl>()) {}
 BackendReducer::~BackendReducer() = default;

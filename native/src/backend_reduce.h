@@ -7,6 +7,8 @@
 #include <memory>
 #include <string>
 
+struct ggml_backend;
+struct ggml_backend_device;
 struct ggml_tensor;
 struct kvc_capture;
 
@@ -22,6 +24,10 @@ struct AttentionInputs {
     const ggml_tensor * sinks = nullptr;  // [n_head] f32, or nullptr
     float scale = 1.0f, max_bias = 0.0f, softcap = 0.0f;
 };
+
+// A backend of device dev running n_threads where the device takes a thread count (its registry's
+// "ggml_backend_set_n_threads"), or nullptr if the device cannot start one.
+ggml_backend * start_backend(ggml_backend_device * dev, int n_threads);
 
 // The ggml backends, allocators and graph memory the capture reuses across layers and ubatches.
 class BackendReducer {

@@ -385,7 +385,6 @@ int32_t tensor_rows(const ggml_tensor * t, bool transposed, uint32_t n_cells, co
     return KVC_OK;
 }
 
-
 // Keeps every cap.query_every-th query row of this ubatch (counted from the capture's first, before this
 // ubatch's rows are counted), up to cap.query_max per layer: the reference queries a value refit
 // reproduces. q [D, n_tokens, n_head] f32 (a permuted view), scale: the layer's KQ scale.

@@ -10,6 +10,7 @@
 // C x C (or, with fewer query rows than cells, the dual M x M) systems are solved on the host.
 #include "refit.h"
 
+#include "backend_reduce.h"
 #include "capture.h"
 #include "parallel.h"
 #include "state.h"
@@ -30,31 +31,16 @@ namespace kvc {
 
 namespace {
 
-bool readable(ggml_type type, bool transposed) {
-    if (type == GGML_TYPE_F32) return true;
-    const ggml_type_traits * tr = ggml_get_type_traits(type);
-    return tr != nullptr && tr->to_float != nullptr && (!transposed || ggml_blck_size(type) == 1);
-}
-
 // Rows [0, n_cells) of one layer's K or V as f32 [n_cells, n_embd].
 void read_rows(const TensorRows & t, bool transposed, uint32_t n_cells, std::vector<float> & out) {
-    const auto type = static_cast<ggml_type>(t.type);
-    const ggml_type_traits * tr = ggml_get_type_traits(type);
-    auto to_f32 = [&](const uint8_t * src, float * dst, int64_t n) {
-        if (type == GGML_TYPE_F32) {
-            std::memcpy(dst, src, n * sizeof(float));
-        } else {
-            tr->to_float(src, dst, n);
-        }
-    };
     out.resize(static_cast<size_t>(n_cells) * t.n_embd);
     if (!transposed) {
-        for (uint32_t c = 0; c < n_cells; ++c) to_f32(t.data + c * t.stride, out.data() + c * t.n_embd, t.n_embd);
+        for (uint32_t c = 0; c < n_cells; ++c) to_f32(t.type, t.data + c * t.stride, out.data() + c * t.n_embd, t.n_embd);
         return;
     }
     std::vector<float> row(n_cells);
     for (int64_t e = 0; e < t.n_embd; ++e) {
-        to_f32(t.data + e * t.stride, row.data(), n_cells);
+        to_f32(t.type, t.data + e * t.stride, row.data(), n_cells);
         for (uint32_t c = 0; c < n_cells; ++c) out[c * t.n_embd + e] = row[c];
     }
 }
@@ -127,11 +113,7 @@ struct CpuGraph {
     }
     bool init(int n_threads) {
         ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
-        if (dev == nullptr || (backend = ggml_backend_dev_init(dev, nullptr)) == nullptr) return false;
-        ggml_backend_reg_t reg = ggml_backend_dev_backend_reg(dev);
-        auto set_threads = reinterpret_cast<ggml_backend_set_n_threads_t>(
-            ggml_backend_reg_get_proc_address(reg, "ggml_backend_set_n_threads"));
-        if (set_threads != nullptr) set_threads(backend, n_threads);
+        if (dev == nullptr || (backend = start_backend(dev, n_threads)) == nullptr) return false;
         alloc = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend));
         return alloc != nullptr;
     }
@@ -176,7 +158,7 @@ int32_t refit_values(const ParsedState & full, const ParsedState & composed, con
                                                  std::to_string(n_head_kv) + " heads of the queries' dimension");
         }
         const auto vt = static_cast<ggml_type>(v.type);
-        if (!readable(static_cast<ggml_type>(k.type), false) || !readable(vt, full.v_trans != 0) ||
+        if (!readable_as_f32(k.type, false) || !readable_as_f32(v.type, full.v_trans != 0) ||
             (D % ggml_blck_size(vt)) != 0 || ggml_quantize_requires_imatrix(vt)) {
             return fail(KVC_ERR_UNSUPPORTED, std::string("value refit of a ") + ggml_type_name(static_cast<ggml_type>(k.type)) +
                                                  " K / " + ggml_type_name(vt) + " V cache");
@@ -240,9 +222,8 @@ int32_t refit_values(const ParsedState & full, const ParsedState & composed, con
             gram = ggml_mul_mat(ctx, At, At);                                      // A^T A [C, C]
             rhs = ggml_mul_mat(ctx, At, ggml_cont(ctx, ggml_transpose(ctx, O)));  // A^T O [C, D]
         }
-        ggml_tensor * a_out = dual ? A : nullptr;
         for (ggml_tensor * t : {gram, rhs}) ggml_set_output(t);
-        if (a_out != nullptr) ggml_set_output(a_out);
+        if (dual) ggml_set_output(A);  // the dual's V' = V_S + A^T Y reads A on the host
         ggml_cgraph * gf = ggml_new_graph(ctx);
         ggml_build_forward_expand(gf, gram);
         ggml_build_forward_expand(gf, rhs);
@@ -274,18 +255,15 @@ int32_t refit_values(const ParsedState & full, const ParsedState & composed, con
                 for (int64_t i = 0; i < m; ++i) trace += G[i * m + i];
                 // the ridge is relative to A^T A's mean diagonal (the same for A A^T's): scale-free
                 const double mu = refit.ridge * std::max(trace, 1e-30) / static_cast<double>(C);
-                const float * vs = &vf[0];
                 const int32_t * s = sel + (static_cast<size_t>(il) * n_head_kv + g) * C;
-                auto kept_value = [&](int64_t c, int64_t e) { return static_cast<double>(vs[s[c] * n_head_kv * D + g * D + e]); };
-                X.assign(C * D, 0.0);
+                auto kept_value = [&](int64_t c, int64_t e) { return static_cast<double>(vf[s[c] * n_head_kv * D + g * D + e]); };
                 if (!dual) {
-                    // (A^T A + mu I) V' = A^T O + mu V_S
-                    B.resize(C * D);
+                    // (A^T A + mu I) V' = A^T O + mu V_S, solved in place: X holds V'
+                    X.resize(C * D);
                     const float * r = out_r.data() + g * C * D;  // [D][C]
                     for (int64_t c = 0; c < C; ++c)
-                        for (int64_t e = 0; e < D; ++e) B[c * D + e] = r[e * C + c] + mu * kept_value(c, e);
-                    if (!solve_spd(G, m, mu, B, D)) { ok = false; return; }
-                    X = B;
+                        for (int64_t e = 0; e < D; ++e) X[c * D + e] = r[e * C + c] + mu * kept_value(c, e);
+                    if (!solve_spd(G, m, mu, X, D)) { ok = false; return; }
                 } else {
                     // V' = V_S + A^T (A A^T + mu I)^-1 (O - A V_S)
                     const float * a = a_host.data() + g * M * C;  // [M][C]
@@ -299,6 +277,7 @@ int32_t refit_values(const ParsedState & full, const ParsedState & composed, con
                         }
                     }
                     if (!solve_spd(G, m, mu, B, D)) { ok = false; return; }
+                    X.resize(C * D);
                     for (int64_t c = 0; c < C; ++c)
                         for (int64_t e = 0; e < D; ++e) X[c * D + e] = kept_value(c, e);
                     for (int64_t i = 0; i < M; ++i)

@@ -422,6 +422,21 @@ int32_t compose_rows(const ParsedState & st, const int32_t * sel, int32_t n_laye
     return KVC_OK;
 }
 
+bool readable_as_f32(int32_t type, bool transposed) {
+    const auto t = static_cast<ggml_type>(type);
+    if (t == GGML_TYPE_F32) return true;
+    const ggml_type_traits * tr = ggml_get_type_traits(t);
+    return tr != nullptr && tr->to_float != nullptr && (!transposed || ggml_blck_size(t) == 1);
+}
+
+void to_f32(int32_t type, const uint8_t * src, float * dst, int64_t n) {
+    if (type == GGML_TYPE_F32) {
+        std::memcpy(dst, src, n * sizeof(float));
+    } else {
+        ggml_get_type_traits(static_cast<ggml_type>(type))->to_float(src, dst, n);
+    }
+}
+
 int32_t row_norms(const ParsedState & st, int32_t part, int32_t n_head_kv, float * out, size_t n_values) {
     if (out == nullptr || n_head_kv <= 0) {
         return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "out is NULL or n_head_kv is not positive");
@@ -440,45 +455,34 @@ int32_t row_norms(const ParsedState & st, int32_t part, int32_t n_head_kv, float
     const bool transposed = part == KVC_PART_V && st.v_trans;
     for (uint32_t il = 0; il < st.n_layer; ++il) {
         const kvc::TensorRows & t = part == KVC_PART_K ? st.k[il] : st.v[il];
-        const auto type = static_cast<ggml_type>(t.type);
-        const ggml_type_traits * tr = ggml_get_type_traits(type);
         if (t.n_embd % n_head_kv != 0) {
             return kvc::fail(KVC_ERR_UNSUPPORTED, std::string(what) + " rows do not split into heads");
         }
-        if (type != GGML_TYPE_F32 && (tr == nullptr || tr->to_float == nullptr ||
-                                      (transposed && ggml_blck_size(type) != 1))) {
-            return kvc::fail(KVC_ERR_UNSUPPORTED, std::string(what) + " norms of " + ggml_type_name(type));
+        if (!readable_as_f32(t.type, transposed)) {
+            return kvc::fail(KVC_ERR_UNSUPPORTED,
+                             std::string(what) + " norms of " + ggml_type_name(static_cast<ggml_type>(t.type)));
         }
     }
     const uint32_t n_cells = st.n_cells;
     // rows are converted to f32 in bulk by ggml's type traits; squares are summed in double
-    auto to_f32 = [](const ggml_type_traits * tr, ggml_type type, const uint8_t * src, float * dst, int64_t n) {
-        if (type == GGML_TYPE_F32) {
-            std::memcpy(dst, src, n * sizeof(float));
-        } else {
-            tr->to_float(src, dst, n);
-        }
-    };
     kvc::parallel_for(st.n_layer, [&](int64_t l0, int64_t l1) {
         std::vector<float> row;
         std::vector<double> acc;
         for (int64_t il = l0; il < l1; ++il) {
             const kvc::TensorRows & t = part == KVC_PART_K ? st.k[il] : st.v[il];
-            const auto type = static_cast<ggml_type>(t.type);
-            const ggml_type_traits * tr = ggml_get_type_traits(type);
             const int64_t hd = t.n_embd / n_head_kv;
             acc.assign(static_cast<size_t>(n_head_kv) * n_cells, 0.0);
             if (transposed) {
                 row.resize(n_cells);
                 for (int64_t e = 0; e < t.n_embd; ++e) {
-                    to_f32(tr, type, t.data + static_cast<size_t>(e) * t.stride, row.data(), n_cells);
+                    to_f32(t.type, t.data + static_cast<size_t>(e) * t.stride, row.data(), n_cells);
                     double * a = acc.data() + static_cast<size_t>(e / hd) * n_cells;
                     for (uint32_t c = 0; c < n_cells; ++c) a[c] += static_cast<double>(row[c]) * row[c];
                 }
             } else {
                 row.resize(t.n_embd);
                 for (uint32_t c = 0; c < n_cells; ++c) {
-                    to_f32(tr, type, t.data + static_cast<size_t>(c) * t.stride, row.data(), t.n_embd);
+                    to_f32(t.type, t.data + static_cast<size_t>(c) * t.stride, row.data(), t.n_embd);
                     for (int64_t g = 0; g < n_head_kv; ++g) {
                         double a = 0.0;
                         for (int64_t e = g * hd; e < (g + 1) * hd; ++e) a += static_cast<double>(row[e]) * row[e];

@@ -56,6 +56,11 @@ size_t state_size(const ParsedState & st, uint32_t n_cells);
 int32_t compose_rows(const ParsedState & st, const int32_t * sel, int32_t n_layer, int32_t n_head_kv, int32_t n_keep,
                      uint8_t * dst, size_t dst_capacity, size_t * dst_size);
 
+// Whether rows of `type` convert to f32 here (f32, or ggml to_float traits; a transposed V holds one element
+// per row, so only types of block size 1), and the conversion of n elements at src.
+bool readable_as_f32(int32_t type, bool transposed);
+void to_f32(int32_t type, const uint8_t * src, float * dst, int64_t n);
+
 // L2 norms of st's K or V vectors per (layer, kv head, cell) (see kvc_state_norms); layers over threads.
 int32_t row_norms(const ParsedState & st, int32_t part, int32_t n_head_kv, float * out, size_t n_values);
 
