@@ -53,6 +53,12 @@ def main() -> None:
         help="StreamPolicy.question_consensus (0: each head's own ranking of the question-ranked rounds)",
     )
     p.add_argument(
+        "--question-every",
+        type=int,
+        default=StreamPolicy.question_every,
+        help="StreamPolicy.question_every (1: the question's probe at every question-ranked compression)",
+    )
+    p.add_argument(
         "--style",
         nargs="+",
         default=["completion"],
@@ -196,7 +202,9 @@ def main() -> None:
     write_results()
     full.close()
     for room in a.rooms:
-        policy = StreamPolicy(room=room, chunk=a.chunk, question_consensus=a.question_consensus)
+        policy = StreamPolicy(
+            room=room, chunk=a.chunk, question_consensus=a.question_consensus, question_every=a.question_every
+        )
         llm = Llama(n_ctx=a.n_ctx, n_batch=512, verbose=False, kv_stream=policy)
         for spec, press, only in presses:
             if only not in (None, room):

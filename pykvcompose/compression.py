@@ -5,7 +5,7 @@ make room while a prompt or a generation streams past ``n_ctx`` (:mod:`pykvcompo
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -34,13 +34,15 @@ def compress(
     prefill_seconds: float,
     probe_seconds: float,
     consensus: float = 0.0,
+    forced: Sequence[int] = (),
 ) -> Dict[str, Any]:
-    """Score ``probe`` with ``press``, keep ``n_keep`` cells per head (the newest cell in every head:
-    positions must end at it; ``consensus`` as in ``BasePress.select``), rewrite the cache with ``write``
-    and record the compression in the conversation (its ``stats`` become ``Llama.kv_stats``)."""
+    """Score ``probe`` with ``press``, keep ``n_keep`` cells per head (``forced`` ones and the newest cell in
+    every head: positions must end at it; ``consensus`` as in ``BasePress.select``), rewrite the cache with
+    ``write`` and record the compression in the conversation (its ``stats`` become ``Llama.kv_stats``)."""
     conv = engine.conv
     t0 = time.perf_counter()
-    scores, budgets, selection = press.compress(probe, n_keep, forced=[probe.n_tokens - 1], consensus=consensus)
+    forced = sorted(set(forced) | {probe.n_tokens - 1})
+    scores, budgets, selection = press.compress(probe, n_keep, forced=forced, consensus=consensus)
     t_select = time.perf_counter()
     result, origin, holes = write(selection)
     t_rewrite = time.perf_counter()

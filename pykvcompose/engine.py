@@ -58,6 +58,7 @@ class Conversation:
     # the tokens the model last wrote greedily after that question, which the next round checks and reuses
     # (see probing.question_probe)
     question_drafts: Optional[List[int]] = None
+    question_skipped: int = 0  # compressions since that question's probe last ran (StreamPolicy.question_every)
     # seconds spent since the conversation began decoding streamed chunks, and probing them (kv_room="fill")
     stream_seconds: Dict[str, float] = field(default_factory=lambda: {"prefill": 0.0, "probe": 0.0})
 
@@ -107,6 +108,7 @@ class Conversation:
         self.question = question
         self.question_scores = None
         self.question_drafts = None
+        self.question_skipped = 0
 
     def restored(
         self,

@@ -5,7 +5,7 @@ the check that a probe saw the context in place (so the rewrite may read the cac
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 import llama_cpp
 import numpy as np
@@ -50,12 +50,8 @@ def probe_context(engine: Engine, context: Sequence[int], presses: Sequence[Base
             queries = (start, stop)
     t_prefill = time.perf_counter()
     for w in windows:
-        parts = [(stop - start, mx, mean) for start, stop, mx, mean in segments if start >= n - w]
-        total = sum(q for q, _, _ in parts)
-        probe.attention[ProbeSpec(ProbeKind.WINDOW, w)] = {
-            "max": np.maximum.reduce([mx for _, mx, _ in parts]),
-            "mean": (sum(q * mean.astype(np.float64) for q, _, mean in parts) / total).astype(np.float32),
-        }
+        mx, mean = pooled([(stop - start, mx, mean) for start, stop, mx, mean in segments if start >= n - w])
+        probe.attention[ProbeSpec(ProbeKind.WINDOW, w)] = {"max": mx, "mean": mean}
     for kind, w in specs:
         if kind is ProbeKind.WINDOW and w > n:
             probe.attention[ProbeSpec(kind, w)] = probe.attention[ProbeSpec(kind, n)]
@@ -202,15 +198,18 @@ def question_probe(engine: Engine, probe: Probe, tail: int, lookahead: int) -> O
     """Score the cache's cells by the prompt's question, for a compression that makes room while the
     prompt streams in: the prompt's last ``tail`` tokens (``conv.question``; where the question usually
     is) and up to ``lookahead`` tokens the model writes greedily after them are decoded after everything
-    the cache holds in one batch with the capture on, and removed; their attention is stored in ``probe``
-    under the returned spec. Cells are otherwise ranked by text that follows them (a chunk's own
-    reconstruct probe), which does not ask for the fact a question needs. Returns None, changing
-    nothing, without a question or room in the cache to decode it.
+    the cache holds with the capture on, and removed; their attention is stored in ``probe`` under the
+    returned spec. Cells are otherwise ranked by text that follows them (a chunk's own reconstruct probe),
+    which does not ask for the fact a question needs. Returns None, changing nothing, without a question or
+    room in the cache to decode it.
 
-    Greedy drafts cost a forward pass per token: they are written with the capture off, and a later round
-    first decodes the last round's drafts after the question in one captured batch, which is its probe if
-    the model still writes each of them greedily on this cache (speculative decoding's check of a draft);
-    otherwise the round writes them again (a fact the answer needs has come in or gone)."""
+    Greedy drafts cost a forward pass per token, so a round decodes the question in one captured batch and
+    the last round's drafts in a second one, checked as speculative decoding checks a draft: if the model
+    still writes each of them greedily on this cache, the two batches are the probe. Otherwise the drafts
+    from the first wrong one on are written again (a fact the answer needs has come in or gone) with the
+    capture off, and all of them decoded again in one captured batch; the question's batch stays valid
+    whatever the drafts turn out to be (its rows are causal: they never see a draft). The probe is then the
+    attention of one batch of the question and the drafts, bit for bit."""
     conv, shape = engine.conv, engine.shape
     question: List[int] = list(conv.question or [])[-tail:] if tail > 0 else []
     cells = conv.cells
@@ -222,28 +221,47 @@ def question_probe(engine: Engine, probe: Probe, tail: int, lookahead: int) -> O
     if conv.holes:
         engine.compact()  # capture columns must be cells 0..cells-1
     base = conv.n_tokens
-
+    at = base + len(question)  # the first draft's position
+    is_eog = lambda token: llama_cpp.llama_vocab_is_eog(engine.ctx.model.vocab, token)  # noqa: E731
     drafts = conv.question_drafts
-    if drafts is not None and (len(drafts) >= k or llama_cpp.llama_vocab_is_eog(engine.ctx.model.vocab, drafts[-1])):
-        # the last round's drafts, checked as speculative decoding checks a draft: if the model still
-        # writes each of them greedily after the question on this cache, this one batch is the probe
-        queries = question + drafts[:k]
-        out: Dict[str, Any] = {}
-        mx, mean = engine.captured(
-            lambda: out.update(next=decode_removed(engine, queries, base, len(question) - 1)), cells
-        )
-        if out["next"][: len(queries) - len(question)] != drafts[:k]:
-            drafts = None  # the cache changed what the model answers: write them again
-    else:
-        drafts = None
-    if drafts is None:
-        try:
-            decode_at(engine, question, base)
-            conv.question_drafts = greedy_drafts(engine, base + len(question), k)
-        finally:
-            engine.remove(base)
-        queries = question + conv.question_drafts[:k]
-        mx, mean = engine.captured(lambda: decode_removed(engine, queries, base), cells)  # their cells never stay
+    if drafts is not None and not (len(drafts) >= k or is_eog(drafts[-1])):
+        drafts = None  # fewer than this round's room holds: written again
+    parts = []  # (query rows, max, mean) of each captured batch
+    greedy: Dict[str, List[int]] = {}
+
+    def decoded(
+        name: str, tokens: List[int], at_position: int, predict_from: Optional[int]
+    ) -> Tuple[int, np.ndarray, np.ndarray]:
+        """``tokens`` decoded at ``at_position``.. with the capture on (their cells stay until the round ends);
+        the model's greedy next tokens from row ``predict_from`` on go to ``greedy[name]``."""
+        run = lambda: greedy.update({name: decode_at(engine, tokens, at_position, predict_from)})  # noqa: E731
+        return (len(tokens),) + engine.captured(run, cells)
+
+    try:
+        parts.append(decoded("question", question, base, len(question) - 1))
+        right = greedy["question"][:1]  # drafts known to be the model's greedy ones: at least the first
+        if drafts is not None:
+            drafts = drafts[:k]
+            checked = decoded("drafts", drafts, at, 0)
+            written = greedy["question"] + greedy["drafts"]  # the model's greedy token at each draft's position
+            wrong = next((j for j, token in enumerate(drafts) if written[j] != token), None)
+            if wrong is None:
+                parts.append(checked)
+            else:
+                engine.remove(at)
+                right, drafts = drafts[:wrong] + [written[wrong]], None
+        if drafts is None:
+            # written with the capture off, then decoded again in one captured batch: a batch's activations
+            # differ from one-token decodes' by float rounding, and the probe is the same batch as ever
+            decode_at(engine, right, at)
+            if len(right) < k and not is_eog(right[-1]):
+                right.extend(greedy_drafts(engine, at + len(right), k - len(right)))
+            engine.remove(at)
+            drafts = conv.question_drafts = right
+            parts.append(decoded("drafts", drafts, at, None))
+    finally:
+        engine.remove(base)  # the probe's cells never stay
+    mx, mean = pooled(parts)
     attention = {"max": np.array(mx[..., :cells]), "mean": np.array(mean[..., :cells])}
     if conv.question_scores is not None and not conv.holes:
         # each round ranks by the most attention a cell ever got from the question: the drafts and the
@@ -254,5 +272,39 @@ def question_probe(engine: Engine, probe: Probe, tail: int, lookahead: int) -> O
             np.maximum(values[..., :held], conv.question_scores[agg][..., :held], out=values[..., :held])
     spec = ProbeSpec(ProbeKind.QUESTION, len(question))
     probe.attention[spec] = attention
-    probe.description = f"the prompt's last {len(question)} tokens and a lookahead of {len(queries) - len(question)}"
+    probe.description = f"the prompt's last {len(question)} tokens and a lookahead of {len(drafts)}"
     return spec
+
+
+def question_skips(engine: Engine, keep: int) -> int:
+    """How many of the newest cells a question-ranked compression keeps unranked because the question's
+    probe skips it (``StreamPolicy.question_every``): those it has not ranked yet; 0 when it runs."""
+    conv = engine.conv
+    if conv.question_scores is None or conv.holes or conv.question_skipped + 1 >= engine.policy.question_every:
+        return 0
+    unranked = conv.cells - int(conv.question_scores["max"].shape[-1])
+    return unranked if 0 < unranked < keep else 0
+
+
+def ranked_before(engine: Engine, probe: Probe, unranked: int) -> ProbeSpec:
+    """Stand the question's earlier attention in for its probe: the most each cell got from it, 0 for the
+    newest ``unranked`` cells (which the compression keeps)."""
+    conv = engine.conv
+    held = probe.n_tokens - unranked
+    attention = {}
+    for agg, values in conv.question_scores.items():
+        attention[agg] = np.zeros(values.shape[:-1] + (probe.n_tokens,), dtype=np.float32)
+        attention[agg][..., :held] = values[..., :held]
+    spec = ProbeSpec(ProbeKind.QUESTION, len(conv.question or []))
+    probe.attention[spec] = attention
+    probe.description = f"the question's attention of earlier rounds, the newest {unranked} cells kept"
+    return spec
+
+
+def pooled(parts: Sequence[Tuple[int, np.ndarray, np.ndarray]]) -> Tuple[np.ndarray, np.ndarray]:
+    """(max, mean) over the query rows of several captures of the same keys, from each one's
+    ``(rows, max, mean)``: the max of the maxima and the row-weighted mean of the means."""
+    total = sum(rows for rows, _, _ in parts)
+    mx = np.maximum.reduce([m for _, m, _ in parts])
+    mean = (sum(rows * m.astype(np.float64) for rows, _, m in parts) / total).astype(np.float32)
+    return mx, mean

@@ -306,6 +306,8 @@ def test_a_cell_keeps_the_most_attention_its_question_gave_it(filler, monkeypatc
     ((_, _, prompt),) = passkey_cases(tok, 700, [0.3])
     tokens = filler.tokenize(prompt.encode())
     filler.kv_compress = KVComposePress(0.5)
+    policy = filler.kv_stream
+    filler.kv_stream = dataclasses.replace(policy, question_every=1)  # (a probe at every round)
     filler.reset()
     conv = filler._engine.conv
     real_probe, real_room = streaming.question_probe, streaming.make_room
@@ -332,7 +334,10 @@ def test_a_cell_keeps_the_most_attention_its_question_gave_it(filler, monkeypatc
 
     monkeypatch.setattr(streaming, "question_probe", asking)
     monkeypatch.setattr(streaming, "make_room", checking)
-    greedy(filler, tokens, 1)
+    try:
+        greedy(filler, tokens, 1)
+    finally:
+        filler.kv_stream = policy
     assert len(rounds) >= 10 and rounds[0][0] is None
     raised = 0
     for held, attention, _ in rounds[1:]:
@@ -344,44 +349,120 @@ def test_a_cell_keeps_the_most_attention_its_question_gave_it(filler, monkeypatc
     assert conv.question is None and conv.question_scores is None
 
 
-def test_the_question_drafts_are_reused_while_the_model_still_writes_them(filler, monkeypatch):
-    """Greedy drafts cost a forward pass per token: a streamed prompt's question writes them with the capture
-    off, and a later round decodes the question and the last drafts as one captured batch, kept as its probe
-    only if the model's greedy token after each row is the next draft (else the drafts are written again and
-    decoded once more). Every captured question probe is one batch of the question and drafts."""
+def test_the_question_probe_is_one_batch_of_the_question_and_its_greedy_drafts(filler, monkeypatch):
+    """Greedy drafts cost a forward pass per token: a streamed prompt's question probe decodes the question in
+    one captured batch and the last round's drafts in a second one, kept if the model still writes each of them
+    greedily on this cache (speculative decoding's check), else written again from the first wrong one, with
+    the capture on. Every round's drafts are the model's greedy ones after the question on that cache, and its
+    attention is what one captured batch of the question and those drafts gives (up to float rounding)."""
     tok = lambda s: filler.tokenize(s.encode(), add_bos=False)  # noqa: E731
     ((_, _, prompt),) = passkey_cases(tok, 700, [0.3])
     tokens = filler.tokenize(prompt.encode())
     filler.kv_compress = KVComposePress(0.5)
-    filler.kv_stream = dataclasses.replace(filler.kv_stream, question_tail=16)
+    policy = filler.kv_stream
+    filler.kv_stream = dataclasses.replace(policy, question_tail=16, question_every=1)
     filler.reset()
-    real_drafts, real_captured = probing.greedy_drafts, filler._engine.captured
-    written, captured_rows = [], []
+    conv = filler._engine.conv
+    real_probe, real_drafts = streaming.question_probe, probing.greedy_drafts
+    written, rounds = [], []
 
     def drafting(engine, base, k):
-        assert not engine.capture.active
+        assert not engine.capture.active  # (one token at a time: decoded again in one captured batch)
         written.append(real_drafts(engine, base, k))
         return written[-1]
 
-    def capturing(run, n_keys):
-        result = real_captured(run, n_keys)
-        captured_rows.append(filler._kv_capture.n_queries(0))
-        return result
+    def asking(engine, probe, tail, lookahead):
+        held, conv.question_scores = conv.question_scores, None  # this round's attention, not the running max
+        try:
+            asked = real_probe(engine, probe, tail, lookahead)
+        finally:
+            conv.question_scores = held
+        question, drafts, base, cells = (
+            list(conv.question)[-asked.size :],
+            conv.question_drafts,
+            conv.n_tokens,
+            conv.cells,
+        )
+        mx, mean = engine.captured(lambda: probing.decode_removed(engine, question + drafts, base), cells)
+        try:
+            probing.decode_at(engine, question, base)
+            greedy_ones = real_drafts(engine, base + len(question), len(drafts))
+        finally:
+            engine.remove(base)
+        got = probe.attention[asked]
+        rounds.append(
+            (
+                drafts == greedy_ones,
+                np.abs(got["max"] - mx[..., :cells]).max(),
+                np.abs(got["mean"] - mean[..., :cells]).max(),
+            )
+        )
+        return asked
 
     monkeypatch.setattr(probing, "greedy_drafts", drafting)
-    monkeypatch.setattr(filler._engine, "captured", capturing)
+    monkeypatch.setattr(streaming, "question_probe", asking)
     try:
         greedy(filler, tokens, 1)
         assert filler.kv_compressions >= 10 and filler.kv_stats["probe"].startswith("the prompt's last 16 tokens")
-        rounds = filler.kv_compressions
+        assert len(rounds) == filler.kv_compressions
+        assert all(same for same, _, _ in rounds)
+        assert max(d for _, d, _ in rounds) == 0 and max(d for _, _, d in rounds) < 1e-6, rounds
         # written at the first round and again only where the check failed; verified otherwise
-        assert 1 <= len(written) < rounds, (len(written), rounds)
-        # each captured question probe: the 16 question tokens + the drafts that fit, in one decode
-        lookahead = int(filler.kv_stats["probe"].rsplit(" ", 1)[1])
-        assert 16 + lookahead in captured_rows and lookahead <= len(written[-1])
-        assert len(captured_rows) >= rounds
+        assert 2 <= len(written) < len(rounds), (len(written), len(rounds))
     finally:
-        filler.kv_stream = dataclasses.replace(filler.kv_stream, question_tail=48)
+        filler.kv_stream = policy
+
+
+def test_the_question_probe_runs_at_every_other_compression(filler, monkeypatch):
+    """``StreamPolicy.question_every=2``: the question's probe (a forward pass of the question and
+    its drafts) runs at every other compression that makes room for a streamed prompt; in between, the cells
+    that came in since it last ran are kept in every head, and the others ranked by the most attention it gave
+    them, as its next run does; the rooms made are the same as with a probe at every compression."""
+    tok = lambda s: filler.tokenize(s.encode(), add_bos=False)  # noqa: E731
+    ((_, _, prompt),) = passkey_cases(tok, 700, [0.3])
+    tokens = filler.tokenize(prompt.encode())
+    conv, policy = filler._engine.conv, filler.kv_stream
+    real_probe, real_room = streaming.question_probe, streaming.make_room
+    probed, rounds = [], []
+
+    def asking(*args):
+        probed.append(conv.compressions)
+        return real_probe(*args)
+
+    def recording(engine, press, trigger):
+        ranked = None if conv.question_scores is None else conv.question_scores["max"].shape[-1]
+        before = None if ranked is None else {agg: v.copy() for agg, v in conv.question_scores.items()}
+        positions, cells, n_probed = rewrite.cell_positions(engine, conv.cells), conv.cells, len(probed)
+        real_room(engine, press, trigger)
+        rounds.append((len(probed) > n_probed, cells, ranked, before, positions, conv.selection.copy()))
+
+    monkeypatch.setattr(streaming, "question_probe", asking)
+    monkeypatch.setattr(streaming, "make_room", recording)
+    runs = {}
+    try:
+        for every in (1, 2):
+            filler.kv_compress = KVComposePress(0.5)
+            filler.kv_stream = dataclasses.replace(policy, question_every=every)
+            filler.reset()
+            rounds.clear()
+            runs[every] = (greedy(filler, tokens, 8), filler.kv_compressions)
+            ran = [r[0] for r in rounds]
+            assert len(rounds) >= 10 and ran == [i % every == 0 for i in range(len(rounds))], ran
+            for did_run, cells, ranked, before, positions, selection in rounds:
+                if did_run:
+                    continue
+                for l in range(selection.shape[0]):
+                    for g in range(selection.shape[1]):
+                        # every cell the question has not ranked is kept; the others are ranked by what it gave
+                        assert set(positions[l, g, ranked:cells]) <= set(selection[l, g])
+                kept_old = np.isin(positions[..., :ranked], selection)
+                if kept_old.any() and not kept_old.all():
+                    score = before["max"].mean(axis=(0, 1))
+                    assert score[kept_old[0, 0]].mean() > score[~kept_old[0, 0]].mean()
+            assert conv.question is None  # forgotten once the prompt is in
+    finally:
+        filler.kv_stream = policy
+    assert runs[1][1] == runs[2][1]  # the same rooms made
 
 
 def test_a_question_ranked_compression_keeps_the_same_cells_in_every_head(filler, monkeypatch):
