@@ -205,11 +205,11 @@ def question_probe(engine: Engine, probe: Probe, tail: int, lookahead: int) -> O
 
     Greedy drafts cost a forward pass per token, so a round decodes the question in one captured batch and
     the last round's drafts in a second one, checked as speculative decoding checks a draft: if the model
-    still writes each of them greedily on this cache, the two batches are the probe. Otherwise the drafts
-    from the first wrong one on are written again (a fact the answer needs has come in or gone) with the
-    capture off, and all of them decoded again in one captured batch; the question's batch stays valid
-    whatever the drafts turn out to be (its rows are causal: they never see a draft). The probe is then the
-    attention of one batch of the question and the drafts, bit for bit."""
+    still writes each of them greedily on this cache, the two batches are the probe. Otherwise the drafts are
+    written again (a fact the answer needs has come in or gone) with the capture off, and decoded again in
+    one captured batch; the question's batch stays valid whatever the drafts turn out to be (its rows are
+    causal: they never see a draft). The probe is then the attention of one batch of the question and the
+    drafts, bit for bit."""
     conv, shape = engine.conv, engine.shape
     question: List[int] = list(conv.question or [])[-tail:] if tail > 0 else []
     cells = conv.cells
@@ -239,25 +239,22 @@ def question_probe(engine: Engine, probe: Probe, tail: int, lookahead: int) -> O
 
     try:
         parts.append(decoded("question", question, base, len(question) - 1))
-        right = greedy["question"][:1]  # drafts known to be the model's greedy ones: at least the first
         if drafts is not None:
             drafts = drafts[:k]
             checked = decoded("drafts", drafts, at, 0)
-            written = greedy["question"] + greedy["drafts"]  # the model's greedy token at each draft's position
-            wrong = next((j for j, token in enumerate(drafts) if written[j] != token), None)
-            if wrong is None:
+            if greedy["question"] + greedy["drafts"][:-1] == drafts:  # the model's greedy token at each position
                 parts.append(checked)
             else:
                 engine.remove(at)
-                right, drafts = drafts[:wrong] + [written[wrong]], None
+                drafts = None
         if drafts is None:
-            # written with the capture off, then decoded again in one captured batch: a batch's activations
-            # differ from one-token decodes' by float rounding, and the probe is the same batch as ever
-            decode_at(engine, right, at)
-            if len(right) < k and not is_eog(right[-1]):
-                right.extend(greedy_drafts(engine, at + len(right), k - len(right)))
+            # written one token at a time with the capture off (a batch's activations differ from one-token
+            # decodes' by float rounding, which can flip a near-tie), then decoded again in one captured batch
+            first = greedy["question"][0]
+            decode_at(engine, [first], at)
+            more = [] if k < 2 or is_eog(first) else greedy_drafts(engine, at + 1, k - 1)
             engine.remove(at)
-            drafts = conv.question_drafts = right
+            drafts = conv.question_drafts = [first] + more
             parts.append(decoded("drafts", drafts, at, None))
     finally:
         engine.remove(base)  # the probe's cells never stay

@@ -352,9 +352,10 @@ def test_a_cell_keeps_the_most_attention_its_question_gave_it(filler, monkeypatc
 def test_the_question_probe_is_one_batch_of_the_question_and_its_greedy_drafts(filler, monkeypatch):
     """Greedy drafts cost a forward pass per token: a streamed prompt's question probe decodes the question in
     one captured batch and the last round's drafts in a second one, kept if the model still writes each of them
-    greedily on this cache (speculative decoding's check), else written again from the first wrong one, with
-    the capture on. Every round's drafts are the model's greedy ones after the question on that cache, and its
-    attention is what one captured batch of the question and those drafts gives (up to float rounding)."""
+    greedily on this cache (speculative decoding's check), else written again with the capture off, one token at
+    a time, and decoded again in one captured batch. Every round's drafts are the model's greedy ones after the
+    question on that cache, and its attention is exactly what one captured batch of the question and those
+    drafts gives (the split into two batches changes no float)."""
     tok = lambda s: filler.tokenize(s.encode(), add_bos=False)  # noqa: E731
     ((_, _, prompt),) = passkey_cases(tok, 700, [0.3])
     tokens = filler.tokenize(prompt.encode())
