@@ -227,35 +227,30 @@ def question_probe(engine: Engine, probe: Probe, tail: int, lookahead: int) -> O
     if drafts is not None and not (len(drafts) >= k or is_eog(drafts[-1])):
         drafts = None  # fewer than this round's room holds: written again
     parts = []  # (query rows, max, mean) of each captured batch
-    greedy: Dict[str, List[int]] = {}
 
-    def decoded(
-        name: str, tokens: List[int], at_position: int, predict_from: Optional[int]
-    ) -> Tuple[int, np.ndarray, np.ndarray]:
-        """``tokens`` decoded at ``at_position``.. with the capture on (their cells stay until the round ends);
-        the model's greedy next tokens from row ``predict_from`` on go to ``greedy[name]``."""
-        run = lambda: greedy.update({name: decode_at(engine, tokens, at_position, predict_from)})  # noqa: E731
-        return (len(tokens),) + engine.captured(run, cells)
+    def captured_at(tokens: List[int], position: int, predict_from: Optional[int] = None) -> List[int]:
+        """``decode_at`` with the capture on (the cells stay until the round ends); its scores go to ``parts``."""
+        predicted: List[int] = []
+        mx, mean = engine.captured(lambda: predicted.extend(decode_at(engine, tokens, position, predict_from)), cells)
+        parts.append((len(tokens), mx, mean))
+        return predicted
 
     try:
-        parts.append(decoded("question", question, base, len(question) - 1))
+        first = captured_at(question, base, len(question) - 1)[0]  # the model's greedy token after the question
         if drafts is not None:
             drafts = drafts[:k]
-            checked = decoded("drafts", drafts, at, 0)
-            if greedy["question"] + greedy["drafts"][:-1] == drafts:  # the model's greedy token at each position
-                parts.append(checked)
-            else:
+            if [first] + captured_at(drafts, at, 0)[:-1] != drafts:  # the model's greedy token at each position
+                parts.pop()
                 engine.remove(at)
                 drafts = None
         if drafts is None:
             # written one token at a time with the capture off (a batch's activations differ from one-token
             # decodes' by float rounding, which can flip a near-tie), then decoded again in one captured batch
-            first = greedy["question"][0]
             decode_at(engine, [first], at)
             more = [] if k < 2 or is_eog(first) else greedy_drafts(engine, at + 1, k - 1)
             engine.remove(at)
             drafts = conv.question_drafts = [first] + more
-            parts.append(decoded("drafts", drafts, at, None))
+            captured_at(drafts, at)
     finally:
         engine.remove(base)  # the probe's cells never stay
     mx, mean = pooled(parts)
@@ -292,7 +287,7 @@ def ranked_before(engine: Engine, probe: Probe, unranked: int) -> ProbeSpec:
     for agg, values in conv.question_scores.items():
         attention[agg] = np.zeros(values.shape[:-1] + (probe.n_tokens,), dtype=np.float32)
         attention[agg][..., :held] = values[..., :held]
-    spec = ProbeSpec(ProbeKind.QUESTION, len(conv.question or []))
+    spec = ProbeSpec(ProbeKind.QUESTION, 0)  # (no query ran)
     probe.attention[spec] = attention
     probe.description = f"the question's attention of earlier rounds, the newest {unranked} cells kept"
     return spec

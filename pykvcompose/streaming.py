@@ -61,7 +61,7 @@ class StreamPolicy:
         The question's probe (a forward pass of the question and its drafts) runs at every
         ``question_every``-th of those compressions; in between, the cells that came in since it last ran
         are kept, and the others ranked by the most attention it gave them. 2 takes about 0.6x the prompt
-        time of 1 for 3.5k-token documents through 1024 cells and found 54 of 98 pass keys against 55
+        time of 1 for 3.5k-token documents through 1024 cells and found 54 of 78 pass keys against 55
         (docs/streaming.md).
     """
 
