@@ -45,7 +45,7 @@ cost: install
 # one compressed cache, many questions: every question of 30 contexts per style from one compression (~40 min),
 # then the KL divergence from the full cache over held-out continuations (~15 min)
 multi-query: install
-	$(PY) bench/multi_query.py --contexts 30 --presses kvcompose --out bench/runs/multi-query
+	$(PY) bench/multi_query.py --contexts 30 --out bench/runs/multi-query
 	$(PY) bench/grid.py --tasks kl_divergence --presses kvcompose,snapkv,streaming_llm --ratios 0.5,0.75,0.875 \
 		--lengths 1500 --samples 30 --models smollm2-135m --out bench/runs/kl
 

@@ -7,8 +7,9 @@ For each flash-attention setting and K cache type, on the embedded model:
 
 - prompt compression at each length n: ``create_completion(prompt, max_tokens=1)`` timed on plain
   ``llama_cpp.Llama`` and on ``Llama(kv_compress=KVComposePress(0.75, scoring=...))`` for the window,
-  lookahead (the default) and reconstruct probes, all with the same ``n_ctx`` (room for the reconstruct
-  probe), the runs interleaved, best of ``--repeat``; the host bytes the probe's capture read; decode
+  lookahead (the default) and reconstruct probes, and for what ``compress_context`` scores by (the
+  reconstruct probe and the self-information of the prefill), all with the same ``n_ctx`` (room for the
+  reconstruct probe), the runs interleaved, best of ``--repeat``; the host bytes the probe's capture read; decode
   speed after the default compression against a fresh context holding the same number of cells;
 - streaming: a chat pass-key document of N tokens through ``n_ctx=C`` cells with the default press (and
   with ``StreamPolicy(question_every=2)``) against the full cache (plain ``llama_cpp.Llama`` with room for
@@ -33,7 +34,13 @@ from pykvcompose.models import default_model_path
 from pykvcompose.support import default_threads
 
 TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
-PROBES = ("window", "lookahead", "reconstruct")
+#: label -> the press's scoring fields ("context": ``compress_context``'s default, question-agnostic)
+PROBES = {
+    "window": dict(scoring="window"),
+    "lookahead": dict(scoring="lookahead"),
+    "reconstruct": dict(scoring="reconstruct"),
+    "context": dict(scoring="reconstruct", self_information=True),
+}
 RATIO = 0.75
 
 
@@ -57,7 +64,7 @@ def prompt_rows(n: int, flash: bool, type_k: str, repeat: int, text_tokens, n_de
     path, kw = default_model_path(), llama_kwargs(flash, type_k, n_ctx=2 * n + 256)
     prompt, follow = text_tokens[:n], text_tokens[n : n + n_decode]
     plain = llama_cpp.Llama(path, **kw)
-    ours = {p: Llama(path, kv_compress=KVComposePress(RATIO, scoring=p), **kw) for p in PROBES}
+    ours = {p: Llama(path, kv_compress=KVComposePress(RATIO, **fields), **kw) for p, fields in PROBES.items()}
     best = {k: float("inf") for k in ("plain", *PROBES)}
     host_bytes, parts = {}, {p: float("inf") for p in PROBES}
     for _ in range(repeat):
@@ -132,9 +139,10 @@ def stream_row(n: int, n_ctx: int, flash: bool, type_k: str, repeat: int) -> dic
 
 def table(rows) -> str:
     out = [
-        "| flash | K | tokens | window | lookahead (default) | reconstruct | host MiB per probe (window / lookahead / "
-        "reconstruct) | decode vs fresh context of the same cells |",
-        "|---|---|---:|---:|---:|---:|---|---:|",
+        "| flash | K | tokens | window | lookahead (default) | reconstruct | reconstruct + self-information "
+        "(`compress_context`) | host MiB per probe (window / lookahead / reconstruct / + self-information) "
+        "| decode vs fresh context of the same cells |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     for r in (r for r in rows if r["kind"] == "prompt"):
         # time to first token vs plain (whole runs), and (in brackets) 1 + probe/prefill of the same run

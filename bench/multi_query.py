@@ -246,7 +246,14 @@ def main() -> None:
     p.add_argument("--first", type=int, default=0, help="seed of the first context")
     p.add_argument("--styles", nargs="+", default=["completion", "chat"], choices=["completion", "chat"])
     p.add_argument("--ratios", type=float, nargs="+", default=[0.75, 0.875])
-    p.add_argument("--presses", nargs="+", default=["kvcompose"], choices=sorted(DEFAULT_PRESSES))
+    p.add_argument(
+        "--presses",
+        nargs="+",
+        default=["kvcompose", "kvcompose-default"],
+        choices=sorted(DEFAULT_PRESSES),
+        help="kvcompose: as published (the reconstruct probe); kvcompose-default: compress_context's default "
+        "(the reconstruct probe with the sentence self-information prior)",
+    )
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--length", type=int, default=1500)
     p.add_argument("--max-tokens", type=int, default=32)

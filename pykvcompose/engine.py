@@ -286,11 +286,12 @@ class Engine:
         return llama_cpp.llama_state_seq_set_data(self.ctx.ctx, buf, len(data), SEQ) == len(data)
 
     # ---- decoding -------------------------------------------------------------------------------
-    def decode(self, batch: List[int]) -> None:
-        """Decode ``batch`` at the next logical positions and record it in the history."""
+    def decode(self, batch: List[int], all_logits: bool = False) -> None:
+        """Decode ``batch`` at the next logical positions and record it in the history (``all_logits``:
+        every row's logits, not only the last one's)."""
         conv = self.conv
         n_past = conv.n_tokens
-        self.batch.set_batch(batch=batch, n_past=n_past, logits_all=self.logits_rows is not None)
+        self.batch.set_batch(batch=batch, n_past=n_past, logits_all=all_logits or self.logits_rows is not None)
         status = llama_cpp.llama_decode(self.ctx.ctx, self.batch.batch)
         if status == 1 and conv.holes:
             # 1: no run of free cells is long enough; token-level eviction scattered them
@@ -306,12 +307,29 @@ class Engine:
         conv.n_tokens = n_past + len(batch)
         conv.requires_eval = False
 
-    def prefill(self, tokens: Sequence[int]) -> None:
-        """Decode ``tokens`` after the history in batches of ``n_batch``, reporting progress."""
+    def prefill(self, tokens: Sequence[int], information: Optional[np.ndarray] = None) -> None:
+        """Decode ``tokens`` after the history in batches of ``n_batch``, reporting progress.
+
+        ``information`` (float32, one per token): filled with each token's self-information
+        ``-log p(token | the tokens before it)`` in nats, from the logits of every row. The first
+        token's comes from the newest decode's last row (the caller's history must have left it), and
+        is 0 at the start of the sequence, which nothing predicts."""
         tokens = list(tokens)
         self.ctx.kv_cache_seq_rm(-1, self.conv.n_tokens, -1)
+        if information is not None and tokens:
+            n_vocab = self.ctx.model.n_vocab()
+            information[0] = 0.0
+            if self.conv.n_tokens:
+                last = np.ctypeslib.as_array(self.ctx.get_logits_ith(-1), shape=(1, n_vocab))
+                information[0] = surprisal(last, tokens[:1])[0]
         for start in range(0, len(tokens), self.n_batch):
-            self.decode(tokens[start : start + self.n_batch])
+            batch = tokens[start : start + self.n_batch]
+            self.decode(batch, all_logits=information is not None)
+            if information is not None:
+                # row i predicts token start + i + 1; the last token's row predicts nothing
+                follow = tokens[start + 1 : start + len(batch) + 1]
+                logits = np.ctypeslib.as_array(self.ctx.get_logits(), shape=(len(batch), n_vocab))
+                information[start + 1 : start + 1 + len(follow)] = surprisal(logits[: len(follow)], follow)
             if self.progress is not None:
                 self.progress(min(start + self.n_batch, len(tokens)), len(tokens), "prefill")
 
@@ -345,3 +363,15 @@ class Engine:
         if self.capture is not None and self.capture.active:
             with contextlib.suppress(Exception):
                 self.capture.end()
+
+
+def surprisal(logits: np.ndarray, tokens: Sequence[int], rows: int = 64) -> np.ndarray:
+    """``-log softmax(logits)[i, tokens[i]]`` per row, float32, ``rows`` rows at a time (a batch's logits are
+    ``n_batch x n_vocab`` floats; their exponentials are not all held at once)."""
+    out = np.empty(len(tokens), dtype=np.float32)
+    for start in range(0, len(tokens), rows):
+        block = logits[start : start + rows]
+        peak = block.max(axis=1, keepdims=True)
+        log_sum = np.log(np.exp(block - peak).sum(axis=1)) + peak[:, 0]
+        out[start : start + rows] = log_sum - block[np.arange(len(block)), tokens[start : start + rows]]
+    return out

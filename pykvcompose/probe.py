@@ -84,6 +84,12 @@ class Probe:
     stand_ins : dict
         ``{asked: measured}``: probes a press asks for that the caller answered with another one it
         measured (``stand_in``); a compression's ``kv_stats["probe"]`` names them.
+    self_information : np.ndarray, optional
+        float32 (tokens,): ``-log p(token | the tokens before it)`` in nats, from the prefill's logits
+        (measured when a press reads it, ``BasePress.reads_self_information``; 0 for the first token).
+    sentences : np.ndarray, optional
+        int32 (tokens,): the sentence of each token, counted from 0; a new one starts after a token
+        whose text holds ``. ! ? :`` or a line break (Selective Context's lexical units).
     """
 
     n_layer: int
@@ -97,7 +103,17 @@ class Probe:
     description: str = ""
     in_place: bool = False
     stand_ins: Dict[ProbeSpec, ProbeSpec] = field(default_factory=dict)
+    self_information: Optional[np.ndarray] = None
+    sentences: Optional[np.ndarray] = None
     _norm_cache: Dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+
+    def sentence_information(self) -> np.ndarray:
+        """float32 (tokens,): the most self-information of any token in each token's sentence."""
+        if self.self_information is None or self.sentences is None:
+            raise ValueError("the self-information of this context was not measured")
+        peak = np.zeros(int(self.sentences.max()) + 1, dtype=np.float32)
+        np.maximum.at(peak, self.sentences, self.self_information)
+        return peak[self.sentences]
 
     def head_scores(self, spec: Union[ProbeSpec, Tuple[str, int]], agg: str) -> np.ndarray:
         """Probe attention, float32 (layers, heads, tokens), of probe ``spec`` reduced by ``agg``."""

@@ -4,6 +4,7 @@ the check that a probe saw the context in place (so the rewrite may read the cac
 
 from __future__ import annotations
 
+import ctypes
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
@@ -39,15 +40,19 @@ def probe_context(engine: Engine, context: Sequence[int], presses: Sequence[Base
     )
     queries = None  # positions [first, stop) of the last capture's queries
     t0 = time.perf_counter()
+    info = np.zeros(n, dtype=np.float32) if any(p.reads_self_information() for p in presses) else None
     # Window probes: the last w tokens are prefilled in segments cut at every window's start;
     # a window's max / mean is the max / query-weighted mean of its segments'.
     cuts = [n - w for w in windows] + [n]
-    engine.prefill(context[: cuts[0]])
+    engine.prefill(context[: cuts[0]], None if info is None else info[: cuts[0]])
     segments = []
     for start, stop in zip(cuts, cuts[1:]):
         if stop > start:
-            segments.append((start, stop) + engine.captured(lambda: engine.prefill(context[start:stop]), n))
+            part = None if info is None else info[start:stop]
+            segments.append((start, stop) + engine.captured(lambda: engine.prefill(context[start:stop], part), n))
             queries = (start, stop)
+    if info is not None:
+        probe.self_information, probe.sentences = info, sentences(engine, context)
     t_prefill = time.perf_counter()
     for w in windows:
         mx, mean = pooled([(stop - start, mx, mean) for start, stop, mx, mean in segments if start >= n - w])
@@ -55,7 +60,7 @@ def probe_context(engine: Engine, context: Sequence[int], presses: Sequence[Base
     for kind, w in specs:
         if kind is ProbeKind.WINDOW and w > n:
             probe.attention[ProbeSpec(kind, w)] = probe.attention[ProbeSpec(kind, n)]
-    descriptions = [f"window of {w}" for w in windows]
+    descriptions = [f"window of {w}" for w in windows] + ["self-information"] * (info is not None)
     # lookaheads run first: the longest writes its drafts from the logits the prefill's last token left,
     # with the capture off (one forward pass per token); every lookahead then decodes its first drafts
     # again in one batch with the capture on
@@ -77,6 +82,28 @@ def probe_context(engine: Engine, context: Sequence[int], presses: Sequence[Base
     probe.probe_seconds = time.perf_counter() - t_prefill
     probe.description = ", ".join(descriptions) or "none"
     return probe
+
+
+#: Bytes that end a sentence (a lexical unit of the self-information prior) when a token's text holds one.
+SENTENCE_ENDS = frozenset(b".!?:\n")
+
+
+def sentences(engine: Engine, tokens: Sequence[int]) -> np.ndarray:
+    """int32 (tokens,): each token's sentence, counted from 0; a new one starts after a token whose text
+    holds one of ``SENTENCE_ENDS``."""
+    vocab = engine.ctx.model.vocab
+    ends = [not SENTENCE_ENDS.isdisjoint(piece(vocab, t)) for t in tokens]
+    return np.concatenate([[0], np.cumsum(ends[:-1])]).astype(np.int32)
+
+
+def piece(vocab, token: int) -> bytes:
+    """The text of ``token`` (special tokens as written), however long."""
+    buffer = ctypes.create_string_buffer(64)
+    n = llama_cpp.llama_token_to_piece(vocab, token, buffer, len(buffer), 0, True)
+    if n < 0:  # -n: the size it needs
+        buffer = ctypes.create_string_buffer(-n)
+        n = llama_cpp.llama_token_to_piece(vocab, token, buffer, len(buffer), 0, True)
+    return buffer.raw[: max(n, 0)]
 
 
 def _reconstruct(engine: Engine, context: List[int]) -> Dict[str, Any]:

@@ -403,7 +403,7 @@ def test_the_cost_bench_times_every_probe_and_a_stream():
     assert stream["stream_s"] > 0 and stream["stream_every2_s"] > 0 and stream["chunk_prefill_s"] > 0
     assert stream["tokens"] > 2 * 256
     md = cost.table([row, stream])
-    assert md.count("x (") == 3 and "→ 256" in md
+    assert md.count("x (") == 4 and "→ 256" in md
 
 
 @pytest.mark.model
@@ -434,8 +434,11 @@ def test_multi_query_bench_answers_every_question_from_one_compression(tmp_path,
     monkeypatch.setattr(sys, "argv", argv + ["--out", str(tmp_path)])
     multi_query.main()
     recs = runner.load_records(tmp_path / "results.jsonl")
-    assert len(recs) == 2 * 2 * 6 and len(calls) == 1  # (full, kvcompose) x modes x questions; one compression
-    assert {(r["press"], r["mode"]) for r in recs} == {(p, m) for p in ("full", "kvcompose") for m in multi_query.MODES}
+    # (full, published, default) x modes x questions; one compression per press
+    assert len(recs) == 3 * 2 * 6 and len(calls) == 2
+    labels = ("full", "kvcompose", "kvcompose-default")
+    assert {(r["press"], r["mode"]) for r in recs} == {(p, m) for p in labels for m in multi_query.MODES}
+    assert [(c.scoring, c.self_information) for c in calls] == [("reconstruct", False), ("reconstruct", True)]
     turns = [p for p, r in zip(prompts, recs) if r["mode"] == "multi-turn" and r["press"] == "full"]
     llm_text = [multi_query_text(t) for t in turns]
     assert all(b.startswith(a) and len(b) > len(a) for a, b in zip(llm_text, llm_text[1:]))  # one conversation

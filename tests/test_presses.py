@@ -50,6 +50,7 @@ def test_n_kept_follows_kvpress(press_cls, ratio, n, kept):
         ("add_mean_across_heads", 1),
         ("lookahead", 0),
         ("lookahead", 1.5),
+        ("self_information", 1),
     ],
 )
 def test_bad_kvcompose_fields_are_rejected(field, value):
@@ -67,12 +68,13 @@ def test_kvpress_fields_and_defaults():
 
 
 def test_kvcompose_holds_the_method_in_at_most_12_fields():
-    """kvpress's fields (``structured`` aside: llama.cpp's cells are always structured) and ours that choose
-    the probe; streaming options live in the StreamPolicy, options measured as no gain were removed."""
+    """kvpress's fields (``structured`` aside: llama.cpp's cells are always structured), ours that choose
+    the probe and the sentence prior of question-agnostic compression; streaming options live in the
+    StreamPolicy, options measured as no gain were removed."""
     import dataclasses
 
     names = [f.name for f in dataclasses.fields(KVComposePress)]
-    assert len(names) <= 12
+    assert len(names) <= 13
     assert set(names) == {
         "compression_ratio",
         "agg_task",
@@ -85,6 +87,7 @@ def test_kvcompose_holds_the_method_in_at_most_12_fields():
         "window",
         "lookahead",
         "min_tokens",
+        "self_information",
         "per_head",
     }
 
@@ -245,6 +248,10 @@ def test_token_level_mode_keeps_the_same_tokens_everywhere(press_cls):
         ("streaming_llm:0.875,n_sink=8", StreamingLLMPress(compression_ratio=0.875, n_sink=8)),
         ("kvcompose:0,add_v_norm=yes,window=5", KVComposePress(0.0, add_v_norm=True, window=5)),
         ("kvcompose:0.75,scoring=lookahead,lookahead=4", KVComposePress(0.75, scoring="lookahead", lookahead=4)),
+        (
+            "kvcompose:0.75,scoring=reconstruct,self_information=true",
+            KVComposePress(0.75, scoring="reconstruct", self_information=True),
+        ),
     ],
 )
 def test_press_specs_parse(spec, expected):

@@ -72,6 +72,11 @@ class BasePress(Press):
         :class:`~pykvcompose.probe.ProbeSpec`."""
         return None
 
+    def reads_self_information(self) -> bool:
+        """Whether ``score`` reads the context's self-information (``Probe.self_information``), which the
+        prefill then measures from the logits of every row."""
+        return False
+
     def probe_queries(self, n_tokens: int) -> int:
         """How many probe queries score a context of ``n_tokens`` tokens."""
         spec = self.probe()

@@ -54,6 +54,16 @@ class KVComposePress(BasePress):
         Queries of the lookahead probe (fewer when the model ends its answer or the cache is full).
     min_tokens : int, default=128
         Prompts shorter than this are not compressed.
+    self_information : bool, default=False
+        (not in the paper) Rank each head's tokens by its probe score plus the self-information of the
+        token's sentence: the most ``-log p(token | earlier tokens)`` of any token in it, measured from
+        the prefill's logits (Selective Context, https://arxiv.org/abs/2310.06201, keeps sentences by
+        self-information). The two ranks, each scaled to [0, 1], are added. On for ``compress_context``
+        with ``scoring="auto"`` (see :func:`pykvcompose.streaming.question_agnostic`): a probe of the
+        context alone values every token it must copy alike, and the sentence prior keeps the ones
+        the model could not have guessed (a number, a name). Measured where a prompt or context is
+        prefilled whole; the compressions that make room in a cache streamed past ``n_ctx`` rank by
+        the probe alone.
     per_head : bool, default=True (keyword only)
         False: the same tokens in every layer and head, evicted by llama.cpp (see ``BasePress``).
     """
@@ -68,6 +78,7 @@ class KVComposePress(BasePress):
     window: int = 64
     lookahead: int = 32
     min_tokens: int = 128
+    self_information: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -77,6 +88,7 @@ class KVComposePress(BasePress):
         check_choice("scoring", self.scoring, SCORINGS)
         check_bool("add_v_norm", self.add_v_norm)
         check_bool("add_mean_across_heads", self.add_mean_across_heads)
+        check_bool("self_information", self.self_information)
         check_int("keep_token_lower_bound", self.keep_token_lower_bound, 0)
         check_int("window", self.window, 1)
         check_int("lookahead", self.lookahead, 1)
@@ -90,6 +102,9 @@ class KVComposePress(BasePress):
         if self.scoring in ("auto", "lookahead"):
             return ProbeSpec(ProbeKind.LOOKAHEAD, self.lookahead)
         return ProbeSpec(ProbeKind.RECONSTRUCT, 0)
+
+    def reads_self_information(self) -> bool:
+        return self.self_information
 
     def head_scores(self, probe: Probe) -> np.ndarray:
         """Probe attention per query head, float32 (layers, heads, tokens), reduced over the probe queries
@@ -111,13 +126,16 @@ class KVComposePress(BasePress):
         np.ndarray, float32 (layers, kv_heads, tokens)
         """
         value_norms = probe.value_norms() if self.add_v_norm else None
-        return _native.kvcompose_score(
+        scores = _native.kvcompose_score(
             self.head_scores(probe),
             probe.n_head_kv,
             self.agg_group,
             value_norms,
             self.add_mean_across_heads,
         )
+        if not self.self_information or probe.self_information is None:
+            return scores  # (compressions that make room have no prefill logits: the probe score alone)
+        return (ranks(scores) + ranks(probe.sentence_information())).astype(np.float32)
 
     def layer_budgets(self, scores: np.ndarray) -> np.ndarray:
         """
@@ -136,3 +154,9 @@ class KVComposePress(BasePress):
         n_layer, _, n = scores.shape
         n_total = max(1, int(n_layer * n * (1 - self.compression_ratio)))
         return _native.kvcompose_layer_budgets(scores, n_total, self.agg_head, self.keep_token_lower_bound)
+
+
+def ranks(values: np.ndarray) -> np.ndarray:
+    """Each value's rank along the last axis scaled to [0, 1] (ties: the later position ranks higher)."""
+    order = np.argsort(values, axis=-1, kind="stable")
+    return np.argsort(order, axis=-1, kind="stable") / max(values.shape[-1] - 1, 1)
