@@ -1,7 +1,8 @@
 """One compressed cache, many questions: question-agnostic compression as KVzip and kvpress evaluate reuse.
 
     python bench/multi_query.py [--contexts 30] [--styles completion chat] [--ratios 0.75 0.875]
-                                [--presses kvcompose ...] [--model smollm2-135m] [--out bench/runs/multi-query]
+                                [--presses kvcompose ...] [--modes independent multi-turn]
+                                [--model smollm2-135m] [--out bench/runs/multi-query]
 
 Per context (a 1.5k-token documentation haystack holding three keyed magic numbers, which are each
 other's distractors, and a short invented biography): one prefill and one probe (``Llama.kv_probe``),
@@ -170,7 +171,7 @@ def run_context(llm: Llama, style: str, seed: int, args) -> List[Dict[str, Any]]
         stats = llm.kv_apply(press, probe) if press is not None else {"cells_after": len(ctx), "compress_seconds": 0.0}
         state = llm.save_state()
         base = {"style": style, "seed": seed, "press": label, "ratio": ratio, "cells": stats["cells_after"]}
-        for mode in MODES:
+        for mode in args.modes:
             turns: List[Tuple[Question, str]] = []
             for i, q in enumerate(questions):
                 if mode == "independent" or i == 0:
@@ -254,6 +255,7 @@ def main() -> None:
         help="kvcompose: as published (the reconstruct probe); kvcompose-default: compress_context's default "
         "(the reconstruct probe with the sentence self-information prior)",
     )
+    p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--length", type=int, default=1500)
     p.add_argument("--max-tokens", type=int, default=32)

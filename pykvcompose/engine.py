@@ -322,8 +322,11 @@ class Engine:
             if self.conv.n_tokens:
                 last = np.ctypeslib.as_array(self.ctx.get_logits_ith(-1), shape=(1, n_vocab))
                 information[0] = surprisal(last, tokens[:1])[0]
-        for start in range(0, len(tokens), self.n_batch):
-            batch = tokens[start : start + self.n_batch]
+        # every row's logits: llama.cpp keeps a buffer of batch x vocabulary floats for them, so a measuring
+        # prefill goes 128 rows at a time (Gemma 3's vocabulary: 134 MB, where n_batch=512 would hold 0.5 GB)
+        step = self.n_batch if information is None else min(self.n_batch, INFORMATION_ROWS)
+        for start in range(0, len(tokens), step):
+            batch = tokens[start : start + step]
             self.decode(batch, all_logits=information is not None)
             if information is not None:
                 # row i predicts token start + i + 1; the last token's row predicts nothing
@@ -331,7 +334,7 @@ class Engine:
                 logits = np.ctypeslib.as_array(self.ctx.get_logits(), shape=(len(batch), n_vocab))
                 information[start + 1 : start + 1 + len(follow)] = surprisal(logits[: len(follow)], follow)
             if self.progress is not None:
-                self.progress(min(start + self.n_batch, len(tokens)), len(tokens), "prefill")
+                self.progress(min(start + step, len(tokens)), len(tokens), "prefill")
 
     # ---- attention capture ----------------------------------------------------------------------
     def capture_begin(self, n_keys: int) -> None:
@@ -363,6 +366,10 @@ class Engine:
         if self.capture is not None and self.capture.active:
             with contextlib.suppress(Exception):
                 self.capture.end()
+
+
+#: The most rows a prefill that measures self-information decodes at once (see ``Engine.prefill``).
+INFORMATION_ROWS = 128
 
 
 def surprisal(logits: np.ndarray, tokens: Sequence[int], rows: int = 64) -> np.ndarray:

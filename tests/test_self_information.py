@@ -80,14 +80,22 @@ def test_the_prefill_measures_each_tokens_self_information_as_stock_llama_cpp_lo
         ref.close()
     peak = x.max(1)
     expected = np.log(np.exp(x - peak[:, None]).sum(1)) + peak - x[np.arange(len(tokens) - 1), tokens[1:]]
-    # batches of 64 rows: the first token of every batch is predicted by the previous batch's last row
-    llm = Llama(model_path, n_ctx=1024, n_batch=64, verbose=False)
+    # a measuring prefill decodes 128 rows at a time (llama.cpp holds rows x vocabulary floats of logits),
+    # and the first token of each batch is predicted by the previous batch's last row
+    llm = Llama(model_path, n_ctx=1024, n_batch=512, verbose=False)
+    sizes = []
+    real_decode = llm._engine.decode
+    llm._engine.decode = lambda batch, all_logits=False: (
+        sizes.append((len(batch), all_logits)) or real_decode(batch, all_logits)
+    )
     try:
         probe = llm.kv_probe(tokens, [KVComposePress(0.5, scoring="reconstruct", self_information=True)])
+        measured, sizes[:] = list(sizes), []
         plain = llm.kv_probe(tokens, [KVComposePress(0.5, scoring="reconstruct")])
         texts = [llm.detokenize([t], special=True) for t in tokens]
     finally:
         llm.close()
+    assert measured == [(128, True), (128, True), (44, True)] and sizes == [(300, False)]
     assert probe.self_information[0] == 0.0
     np.testing.assert_allclose(probe.self_information[1:], expected, atol=2e-3)
     assert "self-information" in probe.description
