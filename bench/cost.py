@@ -7,8 +7,8 @@ For each flash-attention setting and K cache type, on the embedded model:
 
 - prompt compression at each length n: ``create_completion(prompt, max_tokens=1)`` timed on plain
   ``llama_cpp.Llama`` and on ``Llama(kv_compress=KVComposePress(0.75, scoring=...))`` for the window,
-  lookahead (the default) and reconstruct probes, and for what ``compress_context`` scores by (the
-  reconstruct probe and the self-information of the prefill), all with the same ``n_ctx`` (room for the
+  lookahead (the default) and reconstruct probes, and for the reconstruct probe with the sentence
+  self-information prior (``self_information=True``), all with the same ``n_ctx`` (room for the
   reconstruct probe), the runs interleaved, best of ``--repeat``; the host bytes the probe's capture read; decode
   speed after the default compression against a fresh context holding the same number of cells;
 - streaming: a chat pass-key document of N tokens through ``n_ctx=C`` cells with the default press (and
@@ -34,7 +34,7 @@ from pykvcompose.models import default_model_path
 from pykvcompose.support import default_threads
 
 TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0}
-#: label -> the press's scoring fields ("context": ``compress_context``'s default, question-agnostic)
+#: label -> the press's scoring fields ("context": the reconstruct probe with the self-information prior)
 PROBES = {
     "window": dict(scoring="window"),
     "lookahead": dict(scoring="lookahead"),
@@ -140,7 +140,7 @@ def stream_row(n: int, n_ctx: int, flash: bool, type_k: str, repeat: int) -> dic
 def table(rows) -> str:
     out = [
         "| flash | K | tokens | window | lookahead (default) | reconstruct | reconstruct + self-information "
-        "(`compress_context`) | host MiB per probe (window / lookahead / reconstruct / + self-information) "
+        "| host MiB per probe (window / lookahead / reconstruct / + self-information) "
         "| decode vs fresh context of the same cells |",
         "|---|---|---:|---:|---:|---:|---:|---|---:|",
     ]

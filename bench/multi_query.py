@@ -250,10 +250,10 @@ def main() -> None:
     p.add_argument(
         "--presses",
         nargs="+",
-        default=["kvcompose", "kvcompose-default"],
+        default=["kvcompose", "kvcompose-information"],
         choices=sorted(DEFAULT_PRESSES),
-        help="kvcompose: as published (the reconstruct probe); kvcompose-default: compress_context's default "
-        "(the reconstruct probe with the sentence self-information prior)",
+        help="kvcompose: as published (the reconstruct probe, compress_context's default); kvcompose-information: "
+        "the same with the sentence self-information prior (KVComposePress.self_information)",
     )
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--model", default="smollm2-135m")

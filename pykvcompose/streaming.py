@@ -195,10 +195,9 @@ def question_ranks(engine: Engine, press: Optional[Press]) -> bool:
 
 def question_agnostic(press: BasePress) -> BasePress:
     """The press ``compress_context`` applies to a context no question follows yet: KVCompose's
-    ``scoring="auto"`` becomes the reconstruct probe (a lookahead there continues the document) with
-    the sentence self-information prior (``KVComposePress.self_information``)."""
+    ``scoring="auto"`` becomes the reconstruct probe (a lookahead there continues the document)."""
     if getattr(press, "scoring", None) == "auto":
-        return dataclasses.replace(press, scoring="reconstruct", self_information=True)
+        return dataclasses.replace(press, scoring="reconstruct")
     return press
 
 

@@ -436,7 +436,7 @@ def test_multi_query_bench_answers_every_question_from_one_compression(tmp_path,
     recs = runner.load_records(tmp_path / "results.jsonl")
     # (full, published, default) x modes x questions; one compression per press
     assert len(recs) == 3 * 2 * 6 and len(calls) == 2
-    labels = ("full", "kvcompose", "kvcompose-default")
+    labels = ("full", "kvcompose", "kvcompose-information")
     assert {(r["press"], r["mode"]) for r in recs} == {(p, m) for p in labels for m in multi_query.MODES}
     assert [(c.scoring, c.self_information) for c in calls] == [("reconstruct", False), ("reconstruct", True)]
     turns = [p for p, r in zip(prompts, recs) if r["mode"] == "multi-turn" and r["press"] == "full"]

@@ -60,9 +60,11 @@ def test_the_fusion_adds_the_ranks_of_the_published_score_and_of_the_sentence_in
     np.testing.assert_array_equal(KVComposePress(0.75, scoring="reconstruct").score(probe), published)
 
 
-def test_compress_context_reads_self_information_and_the_published_press_is_one_field_away():
+def test_compress_context_keeps_the_published_probe_unless_the_prior_is_asked_for():
     auto = question_agnostic(KVComposePress(0.75))
-    assert (auto.scoring, auto.self_information) == ("reconstruct", True)
+    assert (auto.scoring, auto.self_information) == ("reconstruct", False)
+    prior = question_agnostic(KVComposePress(0.75, self_information=True))
+    assert (prior.scoring, prior.self_information) == ("reconstruct", True) and prior.reads_self_information()
     published = KVComposePress(0.75, scoring="reconstruct")
     assert question_agnostic(published) is published and not published.self_information
     with pytest.raises(ValueError, match="self_information"):

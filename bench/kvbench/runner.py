@@ -46,6 +46,7 @@ DEFAULT_PRESSES: Dict[str, str] = {
     "kvcompose-default": "kvcompose:{ratio}",
     "kvcompose-token": "kvcompose:{ratio},scoring=reconstruct,per_head=false",
     "kvcompose-lookahead": "kvcompose:{ratio},scoring=lookahead",
+    "kvcompose-information": "kvcompose:{ratio},scoring=reconstruct,self_information=true",
     "snapkv": "snapkv:{ratio}",
     "pyramidkv": "pyramidkv:{ratio}",
     "tova": "tova:{ratio}",

@@ -58,12 +58,13 @@ class KVComposePress(BasePress):
         (not in the paper) Rank each head's tokens by its probe score plus the self-information of the
         token's sentence: the most ``-log p(token | earlier tokens)`` of any token in it, measured from
         the prefill's logits (Selective Context, https://arxiv.org/abs/2310.06201, keeps sentences by
-        self-information). The two ranks, each scaled to [0, 1], are added. On for ``compress_context``
-        with ``scoring="auto"`` (see :func:`pykvcompose.streaming.question_agnostic`): a probe of the
-        context alone values every token it must copy alike, and the sentence prior keeps the ones
-        the model could not have guessed (a number, a name). Measured where a prompt or context is
-        prefilled whole; the compressions that make room in a cache streamed past ``n_ctx`` rank by
-        the probe alone.
+        self-information). The two ranks, each scaled to [0, 1], are added. For ``compress_context``
+        (question-agnostic): a probe of the context alone values every token it must copy alike, and
+        the sentence prior keeps the ones the model could not have guessed (a number, a name). It finds
+        more facts there and doubles the KL divergence of what follows from the full cache's, so it is
+        not the default (docs/quality.md, "One cache, many questions"). Measured where a prompt or
+        context is prefilled whole; the compressions that make room in a cache streamed past ``n_ctx``
+        rank by the probe alone.
     per_head : bool, default=True (keyword only)
         False: the same tokens in every layer and head, evicted by llama.cpp (see ``BasePress``).
     """
