@@ -1,6 +1,7 @@
 """kv_room="fill": documents longer than the cache keep it full, and reconstruct-probe presses score each
 chunk once and carry those scores through every rewrite (and into session files)."""
 
+import contextlib
 import dataclasses
 import struct
 
@@ -29,6 +30,18 @@ def filler(model_path):
     m = Llama(model_path, n_ctx=N_CTX, n_batch=128, verbose=False, kv_room="fill", kv_chunk=CHUNK)
     yield m
     m.close()
+
+
+@contextlib.contextmanager
+def streaming_with(llm, **fields):
+    """``llm.kv_stream`` with ``fields`` changed inside the block, and as it was after it (the module's models
+    are shared: a failed test must not leave its policy to the next ones)."""
+    policy = llm.kv_stream
+    llm.kv_stream = dataclasses.replace(policy, **fields)
+    try:
+        yield
+    finally:
+        llm.kv_stream = policy
 
 
 def test_fill_is_the_default_and_a_chunk_is_an_eighth_of_the_cache(model_path):
@@ -216,23 +229,24 @@ def test_a_streamed_prompt_is_ranked_by_its_question(filler):
     tokens = filler.tokenize(prompt.encode())
     needle = passkey_positions(tok, tokens, key)
     kept = {}
-    policy = filler.kv_stream
     for tail in (48, 0):
         filler.kv_compress = KVComposePress(0.5)
-        filler.kv_stream = dataclasses.replace(policy, question_tail=tail)
-        filler.reset()
-        greedy(filler, tokens, 1)
-        assert filler.kv_compressions >= 10 and filler.kv_history[: len(tokens)] == tokens
-        # (a cache of 256 cells leaves a chunk's room, 32 cells, for the question and its drafts)
-        assert filler.kv_stats["probe"] == (
-            "the prompt's last 31 tokens and a lookahead of 1" if tail else "each chunk's reconstruct probe, persisted"
-        )
-        if tail:  # the question ranks every round: the chunks' reconstruct probes would rank nothing
-            assert filler.kv_cell_scores is None and filler.kv_stream_seconds["probe"] == 0.0
-        else:  # persisted scores rank
-            assert 0 < filler.kv_cell_scores.shape[-1] <= filler.kv_cells and filler.kv_stream_seconds["probe"] > 0
-        kept[tail] = share_kept(filler.kv_selection, needle)
-    filler.kv_stream = policy
+        with streaming_with(filler, question_tail=tail):
+            filler.reset()
+            greedy(filler, tokens, 1)
+            assert filler.kv_compressions >= 10 and filler.kv_history[: len(tokens)] == tokens
+            # (a cache of 256 cells leaves a chunk's room, 32 cells, for the question and its drafts)
+            assert filler.kv_stats["probe"] == (
+                "the prompt's last 31 tokens and a lookahead of 1"
+                if tail
+                else "each chunk's reconstruct probe, persisted"
+            )
+            if tail:  # the question ranks every round: the chunks' reconstruct probes would rank nothing
+                assert filler.kv_cell_scores is None and filler.kv_stream_seconds["probe"] == 0.0
+            else:  # persisted scores rank
+                assert 0 < filler.kv_cell_scores.shape[-1] <= filler.kv_cells
+                assert filler.kv_stream_seconds["probe"] > 0
+            kept[tail] = share_kept(filler.kv_selection, needle)
     # measured here: 0.70 of the key's tokens per head with the question (0.52 with each head's own ranking,
     # question_consensus=0), 0.30 by the persisted scores
     assert kept[48].mean() > kept[0].mean() + 0.1, (kept[48].mean(), kept[0].mean())
@@ -306,8 +320,6 @@ def test_a_cell_keeps_the_most_attention_its_question_gave_it(filler, monkeypatc
     ((_, _, prompt),) = passkey_cases(tok, 700, [0.3])
     tokens = filler.tokenize(prompt.encode())
     filler.kv_compress = KVComposePress(0.5)
-    policy = filler.kv_stream
-    filler.kv_stream = dataclasses.replace(policy, question_every=1)  # (a probe at every round)
     filler.reset()
     conv = filler._engine.conv
     real_probe, real_room = streaming.question_probe, streaming.make_room
@@ -334,10 +346,8 @@ def test_a_cell_keeps_the_most_attention_its_question_gave_it(filler, monkeypatc
 
     monkeypatch.setattr(streaming, "question_probe", asking)
     monkeypatch.setattr(streaming, "make_room", checking)
-    try:
+    with streaming_with(filler, question_every=1):  # (a probe at every round)
         greedy(filler, tokens, 1)
-    finally:
-        filler.kv_stream = policy
     assert len(rounds) >= 10 and rounds[0][0] is None
     raised = 0
     for held, attention, _ in rounds[1:]:
@@ -360,8 +370,6 @@ def test_the_question_probe_is_one_batch_of_the_question_and_its_greedy_drafts(f
     ((_, _, prompt),) = passkey_cases(tok, 700, [0.3])
     tokens = filler.tokenize(prompt.encode())
     filler.kv_compress = KVComposePress(0.5)
-    policy = filler.kv_stream
-    filler.kv_stream = dataclasses.replace(policy, question_tail=16, question_every=1)
     filler.reset()
     conv = filler._engine.conv
     real_probe, real_drafts = streaming.question_probe, probing.greedy_drafts
@@ -402,16 +410,14 @@ def test_the_question_probe_is_one_batch_of_the_question_and_its_greedy_drafts(f
 
     monkeypatch.setattr(probing, "greedy_drafts", drafting)
     monkeypatch.setattr(streaming, "question_probe", asking)
-    try:
+    with streaming_with(filler, question_tail=16, question_every=1):
         greedy(filler, tokens, 1)
-        assert filler.kv_compressions >= 10 and filler.kv_stats["probe"].startswith("the prompt's last 16 tokens")
-        assert len(rounds) == filler.kv_compressions
-        assert all(same for same, _, _ in rounds)
-        assert max(d for _, d, _ in rounds) == 0 and max(d for _, _, d in rounds) < 1e-6, rounds
-        # written at the first round and again only where the check failed; verified otherwise
-        assert 2 <= len(written) < len(rounds), (len(written), len(rounds))
-    finally:
-        filler.kv_stream = policy
+    assert filler.kv_compressions >= 10 and filler.kv_stats["probe"].startswith("the prompt's last 16 tokens")
+    assert len(rounds) == filler.kv_compressions
+    assert all(same for same, _, _ in rounds)
+    assert max(d for _, d, _ in rounds) == 0 and max(d for _, _, d in rounds) < 1e-6, rounds
+    # written at the first round and again only where the check failed; verified otherwise
+    assert 2 <= len(written) < len(rounds), (len(written), len(rounds))
 
 
 def test_the_question_probe_runs_at_every_other_compression(filler, monkeypatch):
@@ -422,7 +428,7 @@ def test_the_question_probe_runs_at_every_other_compression(filler, monkeypatch)
     tok = lambda s: filler.tokenize(s.encode(), add_bos=False)  # noqa: E731
     ((_, _, prompt),) = passkey_cases(tok, 700, [0.3])
     tokens = filler.tokenize(prompt.encode())
-    conv, policy = filler._engine.conv, filler.kv_stream
+    conv = filler._engine.conv
     real_probe, real_room = streaming.question_probe, streaming.make_room
     probed, rounds = [], []
 
@@ -440,10 +446,9 @@ def test_the_question_probe_runs_at_every_other_compression(filler, monkeypatch)
     monkeypatch.setattr(streaming, "question_probe", asking)
     monkeypatch.setattr(streaming, "make_room", recording)
     runs = {}
-    try:
-        for every in (1, 2):
-            filler.kv_compress = KVComposePress(0.5)
-            filler.kv_stream = dataclasses.replace(policy, question_every=every)
+    for every in (1, 2):
+        filler.kv_compress = KVComposePress(0.5)
+        with streaming_with(filler, question_every=every):
             filler.reset()
             rounds.clear()
             greedy(filler, tokens, 8)
@@ -462,8 +467,6 @@ def test_the_question_probe_runs_at_every_other_compression(filler, monkeypatch)
                     score = before["max"].mean(axis=(0, 1))
                     assert score[kept_old[0, 0]].mean() > score[~kept_old[0, 0]].mean()
             assert conv.question is None  # forgotten once the prompt is in
-    finally:
-        filler.kv_stream = policy
     assert runs[1] == runs[2]  # the same rooms made
 
 
@@ -483,13 +486,12 @@ def test_a_question_ranked_compression_keeps_the_same_cells_in_every_head(filler
         selections.append(engine.conv.selection.copy())
 
     monkeypatch.setattr(streaming, "make_room", recording)
-    policy = filler.kv_stream
     for consensus in (1.0, 0.0):
         filler.kv_compress = KVComposePress(0.5)
-        filler.kv_stream = dataclasses.replace(policy, question_consensus=consensus)
-        filler.reset()
-        selections.clear()
-        greedy(filler, tokens, 1)
+        with streaming_with(filler, question_consensus=consensus):
+            filler.reset()
+            selections.clear()
+            greedy(filler, tokens, 1)
         assert len(selections) >= 10 and filler.kv_stats["probe"].startswith("the prompt's last")
         same = [bool((s == s[:1, :1]).all()) for s in selections]
         if consensus:
@@ -498,4 +500,3 @@ def test_a_question_ranked_compression_keeps_the_same_cells_in_every_head(filler
         else:
             assert not any(same)
             assert share_kept(filler.kv_selection, needle).std() > 0  # the key's tokens in some heads, not others
-    filler.kv_stream = policy
