@@ -42,7 +42,8 @@ results: install
 cost: install
 	$(PY) bench/cost.py --out bench/runs/cost
 
-# one compressed cache, many questions: every question of 30 contexts per style from one compression (~40 min),
+# one compressed cache, many questions: every question of 30 contexts per style from one compression, as
+# published and with the self-information prior, both modes (~90 min),
 # then the KL divergence from the full cache over held-out continuations (~15 min)
 multi-query: install
 	$(PY) bench/multi_query.py --contexts 30 --out bench/runs/multi-query

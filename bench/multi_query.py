@@ -265,22 +265,21 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "results.jsonl"
     records = load_records(path)
-    done = {(r["style"], r["seed"], r["press"], r["ratio"]) for r in records}
+    key = lambda r: (r["style"], r["seed"], r["press"], r["ratio"], r["mode"])  # noqa: E731
+    done = {key(r) for r in records}
     llm = Llama(locate_model(args.model), n_ctx=2 * args.length + 512, n_batch=512, verbose=False)
     try:
         for style in args.styles:
             for seed in range(args.first, args.first + args.contexts):
                 wanted = [("full", 0.0)] + [(label, r) for label in args.presses for r in args.ratios]
-                if all((style, seed, label, r) in done for label, r in wanted):
+                if all((style, seed, label, r, mode) in done for label, r in wanted for mode in args.modes):
                     continue
-                new = [
-                    r for r in run_context(llm, style, seed, args) if (style, seed, r["press"], r["ratio"]) not in done
-                ]
+                new = [r for r in run_context(llm, style, seed, args) if key(r) not in done]
                 with path.open("a") as f:
                     for r in new:
                         f.write(json.dumps(r) + "\n")
                 records += new
-                done |= {(style, seed, r["press"], r["ratio"]) for r in new}
+                done |= {key(r) for r in new}
                 found = sum(r["correct"] for r in new if r["press"] != "full")
                 print(
                     f"{style} #{seed}: {found}/{sum(r['press'] != 'full' for r in new)} compressed answers correct",

@@ -406,6 +406,44 @@ def test_the_cost_bench_times_every_probe_and_a_stream():
     assert md.count("x (") == 4 and "→ 256" in md
 
 
+def test_multi_query_bench_resumes_the_modes_a_run_left_out(tmp_path, monkeypatch):
+    """A run with ``--modes independent`` and then one with both modes into the same directory: the second
+    answers the multi-turn questions it lacks and writes no independent record twice (records are keyed by
+    mode too, not only by press and ratio)."""
+    import sys
+
+    import multi_query
+
+    class NoModel:
+        def close(self):
+            pass
+
+    contexts = []
+
+    def run_context(llm, style, seed, args):
+        contexts.append((seed, tuple(args.modes)))
+        labels = [("full", 0.0)] + [(p, r) for p in args.presses for r in args.ratios]
+        return [
+            dict(style=style, seed=seed, press=p, ratio=r, mode=m, question=0, correct=True, output="1", answer="1")
+            for p, r in labels
+            for m in args.modes
+        ]
+
+    monkeypatch.setattr(multi_query, "Llama", lambda *a, **k: NoModel())
+    monkeypatch.setattr(multi_query, "locate_model", lambda name: name)
+    monkeypatch.setattr(multi_query, "run_context", run_context)
+    monkeypatch.setattr(multi_query, "report", lambda records, title: "")
+    argv = ["multi_query.py", "--contexts", "2", "--styles", "completion", "--ratios", "0.75", "--out", str(tmp_path)]
+    for modes in (["--modes", "independent"], [], []):
+        monkeypatch.setattr(sys, "argv", argv + modes)
+        multi_query.main()
+    recs = runner.load_records(tmp_path / "results.jsonl")
+    keys = [(r["seed"], r["press"], r["ratio"], r["mode"]) for r in recs]
+    assert len(keys) == len(set(keys)) == 2 * 3 * 2  # seeds x (full, two presses) x modes, each once
+    both = tuple(multi_query.MODES)
+    assert contexts == [(0, ("independent",)), (1, ("independent",)), (0, both), (1, both)]  # the third: nothing
+
+
 @pytest.mark.model
 def test_multi_query_bench_answers_every_question_from_one_compression(tmp_path, monkeypatch, capsys):
     """bench/multi_query.py on one short context: the full cache and a compressed cache each answer all six
