@@ -55,6 +55,17 @@ def test_a_haystack_whose_joined_text_runs_over_still_fits(tokenize):
     assert 1400 <= len(tokenize(s.context)) <= 1500 and s.answers[0] in s.context
 
 
+@pytest.mark.parametrize("seed", [73, 109])
+def test_a_passage_that_runs_out_of_text_still_has_its_continuation(tokenize, seed):
+    """kl_divergence seeds 73 and 109 at 1500 tokens: the paragraph after the passage was too long for the
+    budget, the text ended with the context, and the continuation was one word (a grid over those seeds
+    stopped: "the continuation must have 2..n_batch tokens")."""
+    for task, n_continuation in (("kl_divergence", 256), ("perplexity", 64)):
+        s = TASKS[task](tokenize, 1500, seed)
+        assert 1400 <= len(tokenize(s.context)) <= 1500
+        assert n_continuation <= len(tokenize(s.continuation)) <= n_continuation + 16
+
+
 def test_score_output_matches_whole_words():
     s = Sample("t", 0, "", "", ["894772", "Krakow"])
     assert score_output(s, " 894772. It is in krakow") == 100.0

@@ -236,23 +236,31 @@ def passage_qa(tokenize: Tokenize, n_tokens: int, seed: int) -> Sample:
 def perplexity(tokenize: Tokenize, n_tokens: int, seed: int, n_continuation: int = 64) -> Sample:
     """A documentation passage and its held-out continuation, scored by perplexity after compression."""
     rng = random.Random(seed)
-    paragraphs = _filler(tokenize, rng, n_tokens + 4 * n_continuation)
-    tokens_text = "\n\n".join(paragraphs)
-    # cut at the token budget: the continuation is the next n_continuation tokens' worth of text
-    words = tokens_text.split(" ")
-    lo, hi = 0, len(words)
-    while lo < hi:  # longest word prefix within n_tokens
-        mid = (lo + hi + 1) // 2
-        if len(tokenize(" ".join(words[:mid]))) <= n_tokens:
-            lo = mid
-        else:
-            hi = mid - 1
-    context = " ".join(words[:lo])
-    rest = words[lo:]
-    k = 1
-    while k < len(rest) and len(tokenize(" " + " ".join(rest[:k]))) < n_continuation:
-        k += 1
-    return Sample("perplexity", seed, context, "", [], metric="perplexity", continuation=" " + " ".join(rest[:k]))
+    for _ in range(16):
+        # consecutive paragraphs stop before the first one that does not fit: where that one is long, the
+        # text can end with no continuation (kl_divergence seeds 73 and 109 at 1500 tokens): with less than
+        # half of one, the next draw of the same seed's generator reads elsewhere (other samples stay as
+        # they were)
+        paragraphs = _filler(tokenize, rng, n_tokens + 4 * n_continuation)
+        tokens_text = "\n\n".join(paragraphs)
+        # cut at the token budget: the continuation is the next n_continuation tokens' worth of text
+        words = tokens_text.split(" ")
+        lo, hi = 0, len(words)
+        while lo < hi:  # longest word prefix within n_tokens
+            mid = (lo + hi + 1) // 2
+            if len(tokenize(" ".join(words[:mid]))) <= n_tokens:
+                lo = mid
+            else:
+                hi = mid - 1
+        context = " ".join(words[:lo])
+        rest = words[lo:]
+        k = 1
+        while k < len(rest) and len(tokenize(" " + " ".join(rest[:k]))) < n_continuation:
+            k += 1
+        continuation = " " + " ".join(rest[:k])
+        if 2 * len(tokenize(continuation)) >= n_continuation:
+            return Sample("perplexity", seed, context, "", [], metric="perplexity", continuation=continuation)
+    raise RuntimeError(f"no passage of {n_tokens} tokens and a {n_continuation}-token continuation for seed {seed}")
 
 
 def kl_divergence(tokenize: Tokenize, n_tokens: int, seed: int, n_continuation: int = 256) -> Sample:
