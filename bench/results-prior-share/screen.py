@@ -1,0 +1,123 @@
+# ruff: noqa: E402
+"""Screening, kept with its records: how should the sentence self-information prior join the published
+reconstruct score? Facts (multi-query, independent requests) and KL divergence on screening seeds (never
+the tables' 0-29). From the project root: ``python bench/results-prior-share/screen.py``, with S0/S1
+(seeds), VARIANTS, STYLES and OUT in the environment.
+
+Variants: pub (published), sum (the shipped ``self_information=True``: rank + prior rank), max (the larger of
+the two ranks), resNN (each head's own ranking, with the prior's top NN% of the kept cells forced into every
+head), and with a leading v the same on ``add_v_norm=True`` scores (KVzip+-style attention x value norm)."""
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path[:0] = ["bench", "."]
+import multi_query as mq
+
+from kvbench import metrics, tasks
+from kvbench.runner import continuation_logits
+from pykvcompose import KVComposePress, Llama
+from pykvcompose.models import default_model_path
+from pykvcompose.presses.kvcompose_press import ranks
+
+ratios = [0.75, 0.875]
+VARIANTS = os.environ.get("VARIANTS", "pub,sum,res10,res25,max").split(",")
+S0, S1 = int(os.environ.get("S0", 100)), int(os.environ.get("S1", 112))
+STYLES = os.environ.get("STYLES", "completion,chat,kl").split(",")
+llm = Llama(default_model_path(), n_ctx=3600, n_batch=512, verbose=False)
+
+VBASE = {}
+
+
+def fused(v, base, prior, ratio):
+    if v.startswith("v"):
+        base, v = VBASE["b"], (v[1:] or "pub")
+    if v == "pub":
+        return base
+    rb, rp = ranks(base), ranks(prior)[None, None, :]
+    n = base.shape[-1]
+    if v == "sum":
+        return rb + rp
+    if v == "max":
+        return np.maximum(rb, rp)
+    if v.startswith("res"):
+        f = int(v[3:]) / 100
+        c = n * (1 - ratio)
+        return rb + 2.0 * (rp >= 1 - f * c / n)
+    raise ValueError(v)
+
+
+def compressed(ctx, apply_each):
+    llm.kv_compress = None
+    p0 = KVComposePress(0.75, scoring="reconstruct", self_information=True)
+    probe = llm.kv_probe(ctx, [p0])
+    plain = llm.save_state()
+    base = p0.__class__(0.75, scoring="reconstruct").score(probe)
+    VBASE["b"] = KVComposePress(0.75, scoring="reconstruct", add_v_norm=True).score(probe)
+    prior = probe.sentence_information()
+    for ratio in ratios:
+        for v in VARIANTS:
+            press = KVComposePress(ratio, scoring="reconstruct")
+            sc = fused(v, base, prior, ratio).astype(np.float32)
+            llm.load_state(plain)
+            press.score = lambda probe, sc=sc: sc
+            llm.kv_apply(press, probe)
+            apply_each(ratio, v)
+    return plain
+
+
+out = open(os.environ.get("OUT", "bench/results-prior-share/shares.jsonl"), "a")
+tot = {}
+for seed in range(S0, S1):
+    t0 = time.time()
+    for style in STYLES:
+        if style == "kl":
+            s = tasks.kl_divergence(lambda t: llm.tokenize(t.encode(), add_bos=False), 1500, seed)
+            ctx = llm.tokenize(s.context.encode(), add_bos=True)
+            follow = llm.tokenize(s.continuation.encode(), add_bos=False)
+            llm.kv_compress = None
+            llm.reset()
+            # reference: full cache
+            p0 = KVComposePress(0.75, scoring="reconstruct", self_information=True)
+            probe = llm.kv_probe(ctx, [p0])
+            plain = llm.save_state()
+            ref = continuation_logits(llm, follow)
+            base = KVComposePress(0.75, scoring="reconstruct").score(probe)
+            VBASE["b"] = KVComposePress(0.75, scoring="reconstruct", add_v_norm=True).score(probe)
+            prior = probe.sentence_information()
+            for ratio in ratios:
+                for v in VARIANTS:
+                    press = KVComposePress(ratio, scoring="reconstruct")
+                    sc = fused(v, base, prior, ratio).astype(np.float32)
+                    llm.load_state(plain)
+                    press.score = lambda probe, sc=sc: sc
+                    llm.kv_apply(press, probe)
+                    kl, top = metrics.kl_divergence(ref, continuation_logits(llm, follow))
+                    rec = dict(seed=seed, style="kl", ratio=ratio, v=v, kl=float(kl.mean()), top1=float(top.mean()))
+                    out.write(json.dumps(rec) + "\n")
+                    tot.setdefault(("kl", ratio, v), []).append(rec["kl"])
+            continue
+        tokenize = lambda t: llm.tokenize(t.encode(), add_bos=False)  # noqa: E731
+        context, questions = mq.fact_document(tokenize, 1500, seed)
+        conv = mq.Conversation(llm, style, context)
+        ctx = conv.context_tokens
+
+        def ask(ratio, v):
+            state = llm.save_state()
+            for i, q in enumerate(questions):
+                llm.load_state(state)
+                text = mq.reply(llm, conv.prompt_tokens(conv.prompt([], q)), 32)
+                ok = mq.correct(q, text)
+                out.write(json.dumps(dict(seed=seed, style=style, ratio=ratio, v=v, q=i, ok=ok, text=text)) + "\n")
+                tot.setdefault((style, ratio, v), []).append(ok)
+
+        compressed(ctx, ask)
+    out.flush()
+    print(seed, f"{time.time() - t0:.0f}s", flush=True)
+    for k in sorted(tot):
+        vals = tot[k]
+        print("  ", k, f"{np.mean(vals):.4f}" if k[0] == "kl" else f"{sum(vals)}/{len(vals)}", flush=True)
