@@ -51,14 +51,18 @@ def fused(v, base, prior, ratio):
     raise ValueError(v)
 
 
-def compressed(ctx, apply_each):
+def compressed(ctx, apply_each, full=None):
+    """Probe ``ctx`` once; ``full()`` on the full cache, then ``apply_each(ratio, variant)`` on each compression."""
     llm.kv_compress = None
+    llm.reset()
     p0 = KVComposePress(0.75, scoring="reconstruct", self_information=True)
     probe = llm.kv_probe(ctx, [p0])
     plain = llm.save_state()
-    base = p0.__class__(0.75, scoring="reconstruct").score(probe)
+    base = KVComposePress(0.75, scoring="reconstruct").score(probe)
     VBASE["b"] = KVComposePress(0.75, scoring="reconstruct", add_v_norm=True).score(probe)
     prior = probe.sentence_information()
+    if full is not None:
+        full()
     for ratio in ratios:
         for v in VARIANTS:
             press = KVComposePress(ratio, scoring="reconstruct")
@@ -67,7 +71,6 @@ def compressed(ctx, apply_each):
             press.score = lambda probe, sc=sc: sc
             llm.kv_apply(press, probe)
             apply_each(ratio, v)
-    return plain
 
 
 out = open(os.environ.get("OUT", "bench/results-prior-share/shares.jsonl"), "a")
@@ -77,29 +80,17 @@ for seed in range(S0, S1):
     for style in STYLES:
         if style == "kl":
             s = tasks.kl_divergence(lambda t: llm.tokenize(t.encode(), add_bos=False), 1500, seed)
-            ctx = llm.tokenize(s.context.encode(), add_bos=True)
             follow = llm.tokenize(s.continuation.encode(), add_bos=False)
-            llm.kv_compress = None
-            llm.reset()
-            # reference: full cache
-            p0 = KVComposePress(0.75, scoring="reconstruct", self_information=True)
-            probe = llm.kv_probe(ctx, [p0])
-            plain = llm.save_state()
-            ref = continuation_logits(llm, follow)
-            base = KVComposePress(0.75, scoring="reconstruct").score(probe)
-            VBASE["b"] = KVComposePress(0.75, scoring="reconstruct", add_v_norm=True).score(probe)
-            prior = probe.sentence_information()
-            for ratio in ratios:
-                for v in VARIANTS:
-                    press = KVComposePress(ratio, scoring="reconstruct")
-                    sc = fused(v, base, prior, ratio).astype(np.float32)
-                    llm.load_state(plain)
-                    press.score = lambda probe, sc=sc: sc
-                    llm.kv_apply(press, probe)
-                    kl, top = metrics.kl_divergence(ref, continuation_logits(llm, follow))
-                    rec = dict(seed=seed, style="kl", ratio=ratio, v=v, kl=float(kl.mean()), top1=float(top.mean()))
-                    out.write(json.dumps(rec) + "\n")
-                    tot.setdefault(("kl", ratio, v), []).append(rec["kl"])
+            ref = []
+
+            def divergence(ratio, v):
+                kl, top = metrics.kl_divergence(ref[0], continuation_logits(llm, follow))
+                rec = dict(seed=seed, style="kl", ratio=ratio, v=v, kl=float(kl.mean()), top1=float(top.mean()))
+                out.write(json.dumps(rec) + "\n")
+                tot.setdefault(("kl", ratio, v), []).append(rec["kl"])
+
+            ctx = llm.tokenize(s.context.encode(), add_bos=True)
+            compressed(ctx, divergence, lambda: ref.append(continuation_logits(llm, follow)))
             continue
         tokenize = lambda t: llm.tokenize(t.encode(), add_bos=False)  # noqa: E731
         context, questions = mq.fact_document(tokenize, 1500, seed)
