@@ -32,7 +32,9 @@ def test_sentence_information_is_the_most_of_any_token_in_the_sentence():
     assert probe.sentence_information().tolist() == [5, 5, 5, 2, 2, 3, 3]
 
 
-def test_the_fusion_adds_the_ranks_of_the_published_score_and_of_the_sentence_information(monkeypatch):
+def test_the_fusion_adds_the_ranks_of_the_published_score_and_of_the_sentence_information_after_the_sinks(
+    monkeypatch,
+):
     rng = np.random.default_rng(1)
     n = 40
     probe = Probe(2, 6, 2, n)
@@ -53,7 +55,13 @@ def test_the_fusion_adds_the_ranks_of_the_published_score_and_of_the_sentence_in
 
     sentence_max = np.array([probe.self_information[probe.sentences == s].max() for s in probe.sentences])
     expected = rank(published) + rank(np.broadcast_to(sentence_max, published.shape))
+    expected[..., :4] += 2.0  # the four attention sinks rank above every other token in every head
     np.testing.assert_allclose(press.score(probe), expected, atol=1e-6)
+    # even where both ranks put the first tokens last, each head keeps them among its top cells
+    published[..., :4] = 0.0
+    probe.self_information[:5] = 0.0  # the first sentence, the least surprising
+    kept = np.argsort(-press.score(probe), axis=-1, kind="stable")[..., :10]
+    assert all(set(range(4)) <= set(kept[idx].tolist()) for idx in np.ndindex(kept.shape[:-1]))
     assert not KVComposePress(0.75, scoring="reconstruct").reads_self_information()
     probe.self_information = None  # not measured (a compression that makes room): the published score
     np.testing.assert_array_equal(press.score(probe), published)

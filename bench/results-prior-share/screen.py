@@ -42,6 +42,8 @@ def fused(v, base, prior, ratio):
     n = base.shape[-1]
     if v == "sum":
         return rb + rp
+    if v.startswith("sumsink"):  # the summed ranks, with the first N tokens kept in every head
+        return rb + rp + 2.0 * (np.arange(n) < int(v[7:]))
     if v == "max":
         return np.maximum(rb, rp)
     if v.startswith("res"):

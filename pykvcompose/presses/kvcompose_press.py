@@ -58,7 +58,9 @@ class KVComposePress(BasePress):
         (not in the paper) Rank each head's tokens by its probe score plus the self-information of the
         token's sentence: the most ``-log p(token | earlier tokens)`` of any token in it, measured from
         the prefill's logits (Selective Context, https://arxiv.org/abs/2310.06201, keeps sentences by
-        self-information). The two ranks, each scaled to [0, 1], are added. For ``compress_context``
+        self-information). The two ranks, each scaled to [0, 1], are added, and the first
+        ``SINK_TOKENS`` (4) tokens, the attention sinks of StreamingLLM (https://arxiv.org/abs/2309.17453),
+        rank above every other token in every head. For ``compress_context``
         (question-agnostic): a probe of the context alone values every token it must copy alike, and
         the sentence prior keeps the ones the model could not have guessed (a number, a name). It finds
         more facts there and doubles the KL divergence of what follows from the full cache's, so it is
@@ -136,7 +138,11 @@ class KVComposePress(BasePress):
         )
         if not self.self_information or probe.self_information is None:
             return scores  # (compressions that make room have no prefill logits: the probe score alone)
-        return (ranks(scores) + ranks(probe.sentence_information())).astype(np.float32)
+        fused = ranks(scores) + ranks(probe.sentence_information())
+        # the attention sinks ahead of every rank: they carry little self-information, and without them
+        # the summed ranks dropped a chat template's opening in some heads (degenerate answers at 0.875)
+        fused[..., :SINK_TOKENS] += 2.0
+        return fused.astype(np.float32)
 
     def layer_budgets(self, scores: np.ndarray) -> np.ndarray:
         """
@@ -155,6 +161,10 @@ class KVComposePress(BasePress):
         n_layer, _, n = scores.shape
         n_total = max(1, int(n_layer * n * (1 - self.compression_ratio)))
         return _native.kvcompose_layer_budgets(scores, n_total, self.agg_head, self.keep_token_lower_bound)
+
+
+#: Tokens at the start of a context that ``self_information=True`` keeps in every head (StreamingLLM's four).
+SINK_TOKENS = 4
 
 
 def ranks(values: np.ndarray) -> np.ndarray:
