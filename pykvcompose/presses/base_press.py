@@ -11,6 +11,10 @@ import numpy as np
 from ..probe import Probe, ProbeKind, ProbeSpec
 from .press import Press
 
+#: Initial tokens most heads attend to whatever they hold (StreamingLLM's attention sinks, arXiv 2309.17453):
+#: StreamingLLMPress keeps this many by default, KVComposePress(self_information=True) in every head.
+SINK_TOKENS = 4
+
 
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:

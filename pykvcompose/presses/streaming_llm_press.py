@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..probe import Probe
-from .base_press import BasePress, check_int
+from .base_press import SINK_TOKENS, BasePress, check_int
 
 
 @dataclass
@@ -26,7 +26,7 @@ class StreamingLLMPress(BasePress):
         Initial tokens always kept.
     """
 
-    n_sink: int = 4
+    n_sink: int = SINK_TOKENS
 
     def __post_init__(self) -> None:
         super().__post_init__()
