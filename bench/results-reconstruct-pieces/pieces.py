@@ -16,7 +16,6 @@ import json
 import random
 import runpy
 import sys
-import time
 
 import numpy as np
 
@@ -54,8 +53,17 @@ def cost(n: int) -> None:
             for variant in ("whole", "pieces"):
                 PIECES["on"] = variant == "pieces"
                 best[variant] = min(best[variant], first_token_seconds(ours, prompt))
-        print(json.dumps({"flash": flash, "n": n, "plain_s": round(best["plain"], 2),
-                          **{v: round(best[v] / best["plain"], 3) for v in ("whole", "pieces")}}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "flash": flash,
+                    "n": n,
+                    "plain_s": round(best["plain"], 2),
+                    **{v: round(best[v] / best["plain"], 3) for v in ("whole", "pieces")},
+                }
+            ),
+            flush=True,
+        )
         plain.close()
         ours.close()
 
@@ -80,9 +88,22 @@ def jaccard() -> None:
                     sel[variant, r] = press.compress(probe, press.n_kept(n))[2]
             for r in (0.75, 0.875):
                 a, b = sel["whole", r], sel["pieces", r]
-                j = [len(set(x) & set(y)) / len(set(x) | set(y)) for x, y in zip(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]))]
-                print(json.dumps({"n": n, "text_at": start, "ratio": r, "jaccard_mean": round(float(np.mean(j)), 3),
-                                  "jaccard_min": round(float(np.min(j)), 3)}), flush=True)
+                j = [
+                    len(set(x) & set(y)) / len(set(x) | set(y))
+                    for x, y in zip(a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1]))
+                ]
+                print(
+                    json.dumps(
+                        {
+                            "n": n,
+                            "text_at": start,
+                            "ratio": r,
+                            "jaccard_mean": round(float(np.mean(j)), 3),
+                            "jaccard_min": round(float(np.min(j)), 3),
+                        }
+                    ),
+                    flush=True,
+                )
         llm.close()
 
 
@@ -90,8 +111,11 @@ def compare(mq_whole, mq_pieces, kl_whole, kl_pieces) -> None:
     from kvbench.stats import mcnemar_exact
 
     def facts(path):
-        return {(r["style"], r["press"], r["ratio"], r["seed"], r["question"]): r["correct"]
-                for r in map(json.loads, open(path)) if r["mode"] == "independent"}
+        return {
+            (r["style"], r["press"], r["ratio"], r["seed"], r["question"]): r["correct"]
+            for r in map(json.loads, open(path))
+            if r["mode"] == "independent"
+        }
 
     a, b = facts(mq_whole), facts(mq_pieces)
     cells = collections.defaultdict(list)
@@ -103,18 +127,25 @@ def compare(mq_whole, mq_pieces, kl_whole, kl_pieces) -> None:
         print(f"{cell}: whole {sum(x)}, pieces {sum(y)} of {len(pairs)}, p={mcnemar_exact(x, y):.3f}")
 
     def kl(path):
-        return {(r["press"], r["ratio"], r["seed"]): (r["kl"], r["top1"]) for r in map(json.loads, open(path))
-                if r["model"] == "smollm2-135m" and r["press"] != "full"}
+        return {
+            (r["press"], r["ratio"], r["seed"]): (r["kl"], r["top1"])
+            for r in map(json.loads, open(path))
+            if r["model"] == "smollm2-135m" and r["press"] != "full"
+        }
 
     a, b = kl(kl_whole), kl(kl_pieces)
     for cell in sorted({k[:2] for k in b}):
         seeds = sorted(k[2] for k in b if k[:2] == cell and k in a)
         x, y = [a[cell + (s,)][0] for s in seeds], [b[cell + (s,)][0] for s in seeds]
         rng = random.Random(0)
-        boot = sorted(sum(y[i] for i in idx) / sum(x[i] for i in idx)
-                      for idx in ([rng.randrange(len(seeds)) for _ in seeds] for _ in range(2000)))
-        print(f"{cell}: KL whole {np.mean(x):.4f}, pieces {np.mean(y):.4f}, ratio {sum(y) / sum(x):.3f} "
-              f"({boot[50]:.3f}-{boot[1949]:.3f}), {len(seeds)} contexts")
+        boot = sorted(
+            sum(y[i] for i in idx) / sum(x[i] for i in idx)
+            for idx in ([rng.randrange(len(seeds)) for _ in seeds] for _ in range(2000))
+        )
+        print(
+            f"{cell}: KL whole {np.mean(x):.4f}, pieces {np.mean(y):.4f}, ratio {sum(y) / sum(x):.3f} "
+            f"({boot[50]:.3f}-{boot[1949]:.3f}), {len(seeds)} contexts"
+        )
 
 
 if __name__ == "__main__":
