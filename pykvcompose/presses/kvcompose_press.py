@@ -64,7 +64,8 @@ class KVComposePress(BasePress):
         (question-agnostic): a probe of the context alone values every token it must copy alike, and
         the sentence prior keeps the ones the model could not have guessed (a number, a name). It finds
         more facts there and raises the KL divergence of what follows from the full cache's (1.35-1.46x
-        on the embedded model), so it is not the default (docs/quality.md, "One cache, many questions").
+        on the embedded model; lower on Gemma 3 270M), so it is not the default (docs/quality.md, "One
+        cache, many questions").
         Measured where a prompt or context is prefilled whole; the compressions that make room in a
         cache streamed past ``n_ctx`` rank by the probe alone.
     per_head : bool, default=True (keyword only)
