@@ -4,7 +4,9 @@ reconstruct score? Facts (multi-query, independent requests) and KL divergence o
 the tables' 0-29). From the project root: ``python bench/results-prior-share/screen.py``, with S0/S1
 (seeds), VARIANTS, STYLES and OUT in the environment.
 
-Variants: pub (published), sum (the shipped ``self_information=True``: rank + prior rank), max (the larger of
+Variants: pub (published), sum (rank + prior rank), sumsinkN (the same with the first N tokens in every
+head; sumsink4 is the shipped ``self_information=True``), sumtailN (sumsink4 and the last N tokens), pubtailN (pub and
+the last N tokens), max (the larger of
 the two ranks), resNN (each head's own ranking, with the prior's top NN% of the kept cells forced into every
 head), and with a leading v the same on ``add_v_norm=True`` scores (KVzip+-style attention x value norm)."""
 
@@ -44,6 +46,10 @@ def fused(v, base, prior, ratio):
         return rb + rp
     if v.startswith("sumsink"):  # the summed ranks, with the first N tokens kept in every head
         return rb + rp + 2.0 * (np.arange(n) < int(v[7:]))
+    if v.startswith("pubtail"):  # the published ranks, and the last N tokens in every head
+        return rb + 2.0 * (np.arange(n) >= n - int(v[7:]))
+    if v.startswith("sumtail"):  # the shipped summed ranks with 4 sinks, and the last N tokens in every head
+        return rb + rp + 2.0 * ((np.arange(n) < 4) | (np.arange(n) >= n - int(v[7:])))
     if v == "max":
         return np.maximum(rb, rp)
     if v.startswith("res"):
