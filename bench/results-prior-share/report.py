@@ -1,10 +1,14 @@
-"""Counts and KL ratios of screen.py's records: python bench/results-prior-share/report.py [records.jsonl]."""
+"""Counts and KL ratios of screen.py's records against the published selection ("pub"), with exact McNemar
+and paired bootstrap p: python bench/results-prior-share/report.py [records.jsonl]."""
 
 import collections
 import json
 import sys
 
 import numpy as np
+
+sys.path.insert(0, "bench")
+from kvbench.stats import mcnemar_exact, paired_bootstrap_p  # noqa: E402
 
 path = sys.argv[1] if len(sys.argv) > 1 else "bench/results-prior-share/shares.jsonl"
 recs = [json.loads(l) for l in open(path)]
@@ -26,7 +30,8 @@ for ratio in (0.75, 0.875):
             keys = [k for k in d if k in p]
             b = sum(d[k] and not p[k] for k in keys)
             c = sum(p[k] and not d[k] for k in keys)
-            row.append(f"{style[:4]} {sum(d.values())}/{len(d)} (+{b}/-{c})")
+            mp = mcnemar_exact([d[k] for k in keys], [p[k] for k in keys])
+            row.append(f"{style[:4]} {sum(d.values())}/{len(d)} (+{b}/-{c}, p={mp:.3f})")
         d = kl.get((ratio, v), {})
         p = kl.get((ratio, "pub"), {})
         seeds = [s for s in d if s in p]
@@ -34,5 +39,6 @@ for ratio in (0.75, 0.875):
             lr = np.log([d[s] / p[s] for s in seeds])
             row.append(
                 f"KL {np.mean([d[s] for s in seeds]):.4f} x{np.exp(lr.mean()):.2f} worse {sum(lr > 0)}/{len(seeds)}"
+                f" p={paired_bootstrap_p([d[s] for s in seeds], [p[s] for s in seeds]):.3f}"
             )
         print("  ", "  ".join(row))
