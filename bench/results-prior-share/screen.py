@@ -24,6 +24,7 @@ from kvbench import metrics, tasks
 from kvbench.runner import continuation_logits
 from pykvcompose import KVComposePress, Llama
 from pykvcompose.models import default_model_path
+from pykvcompose.presses.base_press import SINK_TOKENS
 from pykvcompose.presses.kvcompose_press import ranks
 
 ratios = [0.75, 0.875]
@@ -48,8 +49,8 @@ def fused(v, base, prior, ratio):
         return rb + rp + 2.0 * (np.arange(n) < int(v[7:]))
     if v.startswith("pubtail"):  # the published ranks, and the last N tokens in every head
         return rb + 2.0 * (np.arange(n) >= n - int(v[7:]))
-    if v.startswith("sumtail"):  # the shipped summed ranks with 4 sinks, and the last N tokens in every head
-        return rb + rp + 2.0 * ((np.arange(n) < 4) | (np.arange(n) >= n - int(v[7:])))
+    if v.startswith("sumtail"):  # the shipped summed ranks with their sinks, and the last N tokens in every head
+        return rb + rp + 2.0 * ((np.arange(n) < SINK_TOKENS) | (np.arange(n) >= n - int(v[7:])))
     if v == "max":
         return np.maximum(rb, rp)
     if v.startswith("res"):
