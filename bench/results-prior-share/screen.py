@@ -6,7 +6,8 @@ the tables' 0-29). From the project root: ``python bench/results-prior-share/scr
 
 Variants: pub (published), sum (rank + prior rank), sumsinkN (the same with the first N tokens in every
 head; sumsink4 is the shipped ``self_information=True``), sumtailN (sumsink4 and the last N tokens), pubtailN (pub and
-the last N tokens), max (the larger of
+the last N tokens), sumtailfNN (sumtailN with N = NN% of the kept cells), pubwin and sumwin (pub and sumsink4 plus
+the rank by the scores of the context's last 64 tokens, the window probe read during the prefill), max (the larger of
 the two ranks), resNN (each head's own ranking, with the prior's top NN% of the kept cells forced into every
 head), and with a leading v the same on ``add_v_norm=True`` scores (KVzip+-style attention x value norm)."""
 
@@ -49,8 +50,14 @@ def fused(v, base, prior, ratio):
         return rb + rp + 2.0 * (np.arange(n) < int(v[7:]))
     if v.startswith("pubtail"):  # the published ranks, and the last N tokens in every head
         return rb + 2.0 * (np.arange(n) >= n - int(v[7:]))
+    if v.startswith("sumtailf"):  # as sumtailN, with N the given percentage of the kept cells
+        tail = int(round(int(v[8:]) / 100 * n * (1 - ratio)))
+        return rb + rp + 2.0 * ((np.arange(n) < SINK_TOKENS) | (np.arange(n) >= n - tail))
     if v.startswith("sumtail"):  # the shipped summed ranks with their sinks, and the last N tokens in every head
         return rb + rp + 2.0 * ((np.arange(n) < SINK_TOKENS) | (np.arange(n) >= n - int(v[7:])))
+    if v in ("pubwin", "sumwin"):  # plus the rank by the context's last 64 tokens' attention (no extra pass)
+        rw = ranks(VBASE["w"])
+        return rb + rw if v == "pubwin" else rb + rp + rw + 3.0 * (np.arange(n) < SINK_TOKENS)
     if v == "max":
         return np.maximum(rb, rp)
     if v.startswith("res"):
@@ -65,10 +72,12 @@ def compressed(ctx, apply_each, full=None):
     llm.kv_compress = None
     llm.reset()
     p0 = KVComposePress(0.75, scoring="reconstruct", self_information=True)
-    probe = llm.kv_probe(ctx, [p0])
+    pw = KVComposePress(0.75, scoring="window")
+    probe = llm.kv_probe(ctx, [p0, pw])
     plain = llm.save_state()
     base = KVComposePress(0.75, scoring="reconstruct").score(probe)
     VBASE["b"] = KVComposePress(0.75, scoring="reconstruct", add_v_norm=True).score(probe)
+    VBASE["w"] = pw.score(probe)
     prior = probe.sentence_information()
     if full is not None:
         full()
