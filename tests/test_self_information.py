@@ -32,14 +32,14 @@ def test_sentence_information_is_the_most_of_any_token_in_the_sentence():
     assert probe.sentence_information().tolist() == [5, 5, 5, 2, 2, 3, 3]
 
 
-def test_the_fusion_adds_the_ranks_of_the_published_score_and_of_the_sentence_information_after_the_sinks(
+def test_the_fusion_adds_the_ranks_of_the_published_score_and_of_the_sentence_information_after_sinks_and_recent(
     monkeypatch,
 ):
     rng = np.random.default_rng(1)
-    n = 40
+    n = 200  # 50 kept cells at 0.75: the newest round(0.12 * 50) = 6 tokens are kept in every head
     probe = Probe(2, 6, 2, n)
     probe.self_information = rng.exponential(size=n).astype(np.float32)
-    probe.sentences = np.repeat(np.arange(8), 5).astype(np.int32)
+    probe.sentences = np.repeat(np.arange(40), 5).astype(np.int32)
     published = rng.random((2, 2, n)).astype(np.float32)
     monkeypatch.setattr("pykvcompose._native.kvcompose_score", lambda *args: published)
     press = KVComposePress(0.75, scoring="reconstruct", self_information=True)
@@ -56,12 +56,16 @@ def test_the_fusion_adds_the_ranks_of_the_published_score_and_of_the_sentence_in
     sentence_max = np.array([probe.self_information[probe.sentences == s].max() for s in probe.sentences])
     expected = rank(published) + rank(np.broadcast_to(sentence_max, published.shape))
     expected[..., :4] += 2.0  # the four attention sinks rank above every other token in every head
+    expected[..., n - 6 :] += 2.0  # and so do the newest 12% of the kept cells' worth of tokens
     np.testing.assert_allclose(press.score(probe), expected, atol=1e-6)
-    # even where both ranks put the first tokens last, each head keeps them among its top cells
+    # even where both ranks put the first and the last tokens last, each head keeps them among its cells
     published[..., :4] = 0.0
+    published[..., n - 6 :] = 0.0
     probe.self_information[:5] = 0.0  # the first sentence, the least surprising
-    kept = np.argsort(-press.score(probe), axis=-1, kind="stable")[..., :10]
-    assert all(set(range(4)) <= set(kept[idx].tolist()) for idx in np.ndindex(kept.shape[:-1]))
+    probe.self_information[n - 5 :] = 0.0  # and the last
+    kept = press.select(press.score(probe), press.n_kept(n))
+    wanted = set(range(4)) | set(range(n - 6, n))
+    assert all(wanted <= set(kept[idx].tolist()) for idx in np.ndindex(kept.shape[:-1]))
     assert not KVComposePress(0.75, scoring="reconstruct").reads_self_information()
     probe.self_information = None  # not measured (a compression that makes room): the published score
     np.testing.assert_array_equal(press.score(probe), published)
