@@ -8,9 +8,10 @@ For each flash-attention setting and K cache type, on the embedded model:
 - prompt compression at each length n: ``create_completion(prompt, max_tokens=1)`` timed on plain
   ``llama_cpp.Llama`` and on ``Llama(kv_compress=KVComposePress(0.75, scoring=...))`` for the window,
   lookahead (the default) and reconstruct probes, and for the reconstruct probe with the sentence
-  self-information prior (``self_information=True``), all with the same ``n_ctx`` (room for the
-  reconstruct probe), the runs interleaved, best of ``--repeat``; the host bytes the probe's capture read; decode
-  speed after the default compression against a fresh context holding the same number of cells;
+  self-information prior (``self_information=True``, ``compress_context``'s default), all with the same
+  ``n_ctx`` (room for the reconstruct probe), the runs interleaved, best of ``--repeat``; the host bytes the
+  probe's capture read; decode speed after the default compression against a fresh context holding the same
+  number of cells;
 - streaming: a chat pass-key document of N tokens through ``n_ctx=C`` cells with the default press (and
   with ``StreamPolicy(question_every=2)``) against the full cache (plain ``llama_cpp.Llama`` with room for
   the whole document), with the chunks' own prefill (``kv_stream_seconds["prefill"]``) as the floor beside it.

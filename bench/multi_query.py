@@ -252,8 +252,8 @@ def main() -> None:
         nargs="+",
         default=["kvcompose", "kvcompose-information"],
         choices=sorted(DEFAULT_PRESSES),
-        help="kvcompose: as published (the reconstruct probe, compress_context's default); kvcompose-information: "
-        "the same with the sentence self-information prior (KVComposePress.self_information)",
+        help="kvcompose: as published (the reconstruct probe); kvcompose-information: the same with the sentence "
+        "self-information prior (KVComposePress.self_information, compress_context's default)",
     )
     p.add_argument("--modes", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--model", default="smollm2-135m")

@@ -427,7 +427,9 @@ class Llama(llama_cpp.Llama):
             The context; its last token is kept in every head.
         press : BasePress, optional
             Defaults to ``kv_compress``. ``KVComposePress(scoring="auto")`` (the default) scores by the
-            reconstruct probe here (:func:`pykvcompose.streaming.question_agnostic`).
+            reconstruct probe and the sentences' self-information here
+            (:func:`pykvcompose.streaming.question_agnostic`); ``scoring="reconstruct"`` is KVCompose as
+            published.
 
         Returns
         -------

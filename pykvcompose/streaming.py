@@ -195,9 +195,10 @@ def question_ranks(engine: Engine, press: Optional[Press]) -> bool:
 
 def question_agnostic(press: BasePress) -> BasePress:
     """The press ``compress_context`` applies to a context no question follows yet: KVCompose's
-    ``scoring="auto"`` becomes the reconstruct probe (a lookahead there continues the document)."""
+    ``scoring="auto"`` becomes the reconstruct probe (a lookahead there continues the document) with the
+    sentence self-information prior (more facts than the probe alone, docs/quality.md)."""
     if getattr(press, "scoring", None) == "auto":
-        return dataclasses.replace(press, scoring="reconstruct")
+        return dataclasses.replace(press, scoring="reconstruct", self_information=True)
     return press
 
 

@@ -72,9 +72,9 @@ def test_the_fusion_adds_the_ranks_of_the_published_score_and_of_the_sentence_in
     np.testing.assert_array_equal(KVComposePress(0.75, scoring="reconstruct").score(probe), published)
 
 
-def test_compress_context_keeps_the_published_probe_unless_the_prior_is_asked_for():
+def test_compress_context_adds_the_prior_to_the_default_press_and_keeps_the_published_one_a_field_away():
     auto = question_agnostic(KVComposePress(0.75))
-    assert (auto.scoring, auto.self_information) == ("reconstruct", False)
+    assert (auto.scoring, auto.self_information) == ("reconstruct", True) and auto.reads_self_information()
     prior = question_agnostic(KVComposePress(0.75, self_information=True))
     assert (prior.scoring, prior.self_information) == ("reconstruct", True) and prior.reads_self_information()
     published = KVComposePress(0.75, scoring="reconstruct")
@@ -146,3 +146,33 @@ def test_a_number_the_text_could_not_predict_is_kept_in_more_heads_with_the_prio
     # measured: the whole number in 43% of the heads against 13%, 4.7 of its 7 digits per head against 2.4
     assert whole[0] > 2 * whole[1] + 0.1, (prior, published)
     assert prior.mean() > 1.5 * published.mean(), (prior, published)
+
+
+@pytest.mark.model
+def test_compress_context_with_the_default_press_keeps_what_the_prior_ranks_first(model_path, prompt_tokens):
+    """``compress_context`` with ``KVComposePress(0.75)``: the prior measured in its prefill, every head
+    keeping the sinks and the newest 12% of its cells' worth of tokens, the same cells as the explicit
+    prior press on ``kv_probe``; ``scoring="reconstruct"`` keeps the published selection."""
+    context = prompt_tokens[:400]
+    n = len(context)
+    llm = Llama(model_path, n_ctx=1024, n_threads=N_THREADS, verbose=False)
+    try:
+        stats = dict(llm.compress_context(context, KVComposePress(0.75)))
+        default = llm.kv_selection.copy()
+        published_stats = dict(llm.compress_context(context, KVComposePress(0.75, scoring="reconstruct")))
+        published = llm.kv_selection.copy()
+        # one probe per press: the prior's prefill asks for every row's logits, which llama.cpp computes in
+        # smaller batches, so the published press is probed alone, as compress_context probed it
+        presses = [KVComposePress(0.75, scoring="reconstruct", self_information=s) for s in (True, False)]
+        probes = [llm.kv_probe(context, [press]) for press in presses]
+    finally:
+        llm.close()
+    assert "self-information" in stats["probe"] and "self-information" not in published_stats["probe"]
+    # (every compression keeps the newest cell in every head)
+    prior, plain = (p.select(p.score(probe), p.n_kept(n), forced=[n - 1]) for p, probe in zip(presses, probes))
+    np.testing.assert_array_equal(default, prior)
+    np.testing.assert_array_equal(published, plain)
+    recent = round(0.12 * n * 0.25)  # 12 of 100 cells
+    wanted = set(range(4)) | set(range(n - recent, n))
+    assert all(wanted <= set(default[idx].tolist()) for idx in np.ndindex(default.shape[:-1]))
+    assert not all(wanted <= set(published[idx].tolist()) for idx in np.ndindex(published.shape[:-1]))
