@@ -25,6 +25,9 @@ if TYPE_CHECKING:
     from .engine import Engine
 
 ROOMS = ("fill", "ratio")
+#: ``compress_context``'s default press adds the self-information prior from this ratio on: at 0.75 and 0.875 it
+#: found more facts than the reconstruct probe alone (64 vs 48, 33 vs 21 of 180), at 0.5 fewer (79 vs 104).
+PRIOR_MIN_RATIO = 0.75
 #: Newest tokens decoded again to score a full cache when the press has no window of its own.
 ROOM_WINDOW = 64
 
@@ -195,10 +198,11 @@ def question_ranks(engine: Engine, press: Optional[Press]) -> bool:
 
 def question_agnostic(press: BasePress) -> BasePress:
     """The press ``compress_context`` applies to a context no question follows yet: KVCompose's
-    ``scoring="auto"`` becomes the reconstruct probe (a lookahead there continues the document) with the
-    sentence self-information prior (more facts than the probe alone, docs/quality.md)."""
+    ``scoring="auto"`` becomes the reconstruct probe (a lookahead there continues the document), with the
+    sentence self-information prior from ``PRIOR_MIN_RATIO`` on (docs/quality.md)."""
     if getattr(press, "scoring", None) == "auto":
-        return dataclasses.replace(press, scoring="reconstruct", self_information=True)
+        prior = press.self_information or press.compression_ratio >= PRIOR_MIN_RATIO
+        return dataclasses.replace(press, scoring="reconstruct", self_information=prior)
     return press
 
 

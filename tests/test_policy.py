@@ -71,7 +71,8 @@ def test_decoding_schedule_and_cache_check():
 
 
 def test_question_agnostic_and_chunk_scoring_by_press():
-    assert question_agnostic(KVComposePress(0.5)) == KVComposePress(0.5, scoring="reconstruct", self_information=True)
+    assert question_agnostic(KVComposePress(0.5)) == KVComposePress(0.5, scoring="reconstruct")
+    assert question_agnostic(KVComposePress(0.75)) == KVComposePress(0.75, scoring="reconstruct", self_information=True)
     assert question_agnostic(KVComposePress(0.5, scoring="window")) == KVComposePress(0.5, scoring="window")
     assert question_agnostic(SnapKVPress(0.5)) == SnapKVPress(0.5)
     assert scores_chunks(KVComposePress(0.5)) and scores_chunks(KVComposePress(0.5, scoring="reconstruct"))
