@@ -5,10 +5,11 @@ the tables' 0-29). From the project root: ``python bench/results-prior-share/scr
 (seeds), VARIANTS, STYLES and OUT in the environment.
 
 Variants: pub (published), sum (rank + prior rank), sumsinkN (the same with the first N tokens in every
-head; sumsink4 is the shipped ``self_information=True``), sumtailN (sumsink4 and the last N tokens), pubtailN (pub and
-the last N tokens), sumtailfNN (sumtailN with N = NN% of the kept cells), pubwin and sumwin (pub and sumsink4 plus
-the rank by the scores of the context's last 64 tokens, the window probe read during the prefill), max (the larger of
-the two ranks), resNN (each head's own ranking, with the prior's top NN% of the kept cells forced into every
+head; sumsink4 was ``self_information=True`` before the newest tokens), sumtailN (sumsink4 and the last N
+tokens), sumtailfNN (sumtailN with N = NN% of the kept cells; sumtailf12 is the shipped
+``self_information=True``), pubtailN (pub and the last N tokens), pubwin and sumwin (pub and sumsink4 plus the
+rank by the scores of the context's last 64 tokens, the window probe read during the prefill), max (the larger
+of the two ranks), resNN (each head's own ranking, with the prior's top NN% of the kept cells forced into every
 head), and with a leading v the same on ``add_v_norm=True`` scores (KVzip+-style attention x value norm)."""
 
 import json
@@ -50,11 +51,10 @@ def fused(v, base, prior, ratio):
         return rb + rp + 2.0 * (np.arange(n) < int(v[7:]))
     if v.startswith("pubtail"):  # the published ranks, and the last N tokens in every head
         return rb + 2.0 * (np.arange(n) >= n - int(v[7:]))
-    if v.startswith("sumtailf"):  # as sumtailN, with N the given percentage of the kept cells
-        tail = int(round(int(v[8:]) / 100 * n * (1 - ratio)))
+    if v.startswith("sumtail"):  # the summed ranks with their sinks, and the last N tokens in every head
+        # sumtailfNN: N is NN% of the kept cells (sumtailf12 is the shipped self_information=True)
+        tail = round(int(v[8:]) / 100 * n * (1 - ratio)) if v.startswith("sumtailf") else int(v[7:])
         return rb + rp + 2.0 * ((np.arange(n) < SINK_TOKENS) | (np.arange(n) >= n - tail))
-    if v.startswith("sumtail"):  # the shipped summed ranks with their sinks, and the last N tokens in every head
-        return rb + rp + 2.0 * ((np.arange(n) < SINK_TOKENS) | (np.arange(n) >= n - int(v[7:])))
     if v in ("pubwin", "sumwin"):  # plus the rank by the context's last 64 tokens' attention (no extra pass)
         rw = ranks(VBASE["w"])
         return rb + rw if v == "pubwin" else rb + rp + rw + 3.0 * (np.arange(n) < SINK_TOKENS)
