@@ -252,6 +252,28 @@ def test_a_streamed_prompt_is_ranked_by_its_question(filler):
     assert kept[48].mean() > kept[0].mean() + 0.1, (kept[48].mean(), kept[0].mean())
 
 
+def test_a_question_round_decodes_at_most_question_drafts_drafts(filler):
+    """Each question-ranked round decodes up to ``StreamPolicy.question_drafts`` greedy drafts after the
+    question (16 by default: the same pass keys as the press's 32-token lookahead, for less prompt time),
+    fewer where the free cells or the press's ``lookahead`` hold fewer."""
+    tok = lambda s: filler.tokenize(s.encode(), add_bos=False)  # noqa: E731
+    ((_, _, prompt),) = passkey_cases(tok, 700, [0.5])
+    tokens = filler.tokenize(prompt.encode())
+    # a round leaves a chunk (32 cells) free: with an 8-token question tail, room for 24 drafts
+    for fields, lookahead, drafts in (
+        ({}, 32, 16),
+        ({"question_drafts": 4}, 32, 4),
+        ({"question_drafts": 64}, 32, 24),
+        ({}, 8, 8),
+    ):
+        filler.kv_compress = KVComposePress(0.5, lookahead=lookahead)
+        with streaming_with(filler, question_tail=8, **fields):
+            filler.reset()
+            greedy(filler, tokens, 1)
+            assert filler.kv_compressions >= 10
+            assert filler.kv_stats["probe"] == f"the prompt's last 8 tokens and a lookahead of {drafts}", fields
+
+
 def test_generation_after_a_compressed_prompt_answers_as_with_ratio(model_path, filler, long_tokens):
     """Chunk probes decode after the cache: one run after the newest token left llama.cpp's logits the
     probe's, so fill mode sampled a different answer ("the pass key." for 41676 in a pass-key case). A

@@ -87,6 +87,7 @@ def test_question_agnostic_and_chunk_scoring_by_press():
         ({"chunk": 0}, "kv_chunk"),
         ({"question_tail": -1}, "question_tail"),
         ({"question_tail": 513}, "question_tail"),
+        ({"question_drafts": 0}, "question_drafts"),
         ({"question_consensus": 1.5}, "question_consensus"),
         ({"question_every": 0}, "question_every"),
     ],
