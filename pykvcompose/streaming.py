@@ -43,9 +43,8 @@ class StreamPolicy:
         "fill": a full cache frees only what the next chunk needs, so it stays full; presses with a
         reconstruct or lookahead probe (KVCompose) probe each chunk of a prompt once, right after it is
         in (unless the prompt's question ranks the cells, ``question_tail``), and every cell keeps that
-        score through later compressions. "ratio": the cache keeps the
-        press's ratio of its cells, re-scored by the newest tokens (fewer, larger compressions that
-        forget facts outside the last chunk).
+        score through later compressions. "ratio": the cache keeps the press's ratio of its cells,
+        re-scored by the newest tokens (fewer, larger compressions that forget facts outside the last chunk).
     chunk : int, optional
         Tokens per streamed chunk ("fill"); default ``min(256, n_batch, n_ctx // 8)``. A full cache keeps
         ``n_ctx - 2 * chunk`` cells: room for the next chunk and its probe.
@@ -56,21 +55,15 @@ class StreamPolicy:
         the cells (then removed; a cell keeps the most attention the question ever gave it); the chunks are
         then not probed (their scores would rank nothing). 0: the chunks' persisted scores rank.
     question_drafts : int, default=16
-        The most greedy drafts the question's probe decodes after the question (and at most the press's
-        ``lookahead``, which scores prompts that fit). 16 found the same pass keys as 32 in 3.5k-token
-        documents through 1024 cells, in 0.78x (completion) and 0.94x (chat) the prompt time
-        (docs/streaming.md).
+        The most drafts decoded after the question (and at most the press's ``lookahead``, which scores
+        prompts that fit): 16 found the same pass keys as 32 in less time (docs/streaming.md).
     question_consensus : float, default=1.0
         The ``consensus`` of those question-ranked selections (``BasePress.select``): 1 makes every head
-        keep the same cells, so a multi-token fact (a number split into digit tokens) is kept or dropped
-        whole at every round (docs/streaming.md: 15/20 pass keys in 3.5k-token documents through 1024
-        cells, against 12/20 with 0).
+        keep the same cells, so a multi-token fact (a number's digit tokens) is kept or dropped whole.
     question_every : int, default=1
-        The question's probe (a forward pass of the question and its drafts) runs at every
-        ``question_every``-th of those compressions; in between, the cells that came in since it last ran
-        are kept, and the others ranked by the most attention it gave them. 2 takes about 0.6x the prompt
-        time of 1 for 3.5k-token documents through 1024 cells and found 54 of 78 pass keys against 55
-        (docs/streaming.md).
+        The question's probe runs at every ``question_every``-th of those compressions; in between, the
+        cells that came in since it last ran are kept, the others ranked by the most attention it gave
+        them (2: about 0.6x the prompt time, one pass key fewer in 78; docs/streaming.md).
     """
 
     room: str = "fill"
