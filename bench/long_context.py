@@ -59,6 +59,12 @@ def main() -> None:
         help="StreamPolicy.question_every (1: the question's probe at every question-ranked compression)",
     )
     p.add_argument(
+        "--question-drafts",
+        type=int,
+        default=StreamPolicy.question_drafts,
+        help="StreamPolicy.question_drafts (the most drafts each question-ranked round decodes)",
+    )
+    p.add_argument(
         "--style",
         nargs="+",
         default=["completion"],
@@ -203,7 +209,11 @@ def main() -> None:
     full.close()
     for room in a.rooms:
         policy = StreamPolicy(
-            room=room, chunk=a.chunk, question_consensus=a.question_consensus, question_every=a.question_every
+            room=room,
+            chunk=a.chunk,
+            question_drafts=a.question_drafts,
+            question_consensus=a.question_consensus,
+            question_every=a.question_every,
         )
         llm = Llama(n_ctx=a.n_ctx, n_batch=512, verbose=False, kv_stream=policy)
         for spec, press, only in presses:
