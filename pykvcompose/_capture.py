@@ -34,7 +34,10 @@ class Capture:
         """The ``kvc_capture *`` as an integer (for ``cb_eval_user_data``)."""
         return int(ffi.cast("uintptr_t", self.handle))
 
-    def begin(self, n_layer: int, n_head: int, n_keys: int) -> None:
+    def begin(self, n_layer: int, n_head: int, n_keys: int, head_rows: int = 0) -> None:
+        """Reset and activate; with ``head_rows``, each layer's first ``head_rows`` query rows are also pooled
+        apart (:meth:`scores` with ``head=True``)."""
+        _check(_lib.kvc_capture_set_head_rows(self.handle, int(head_rows)), "kvc_capture_set_head_rows")
         _check(_lib.kvc_capture_begin(self.handle, n_layer, n_head, n_keys), "kvc_capture_begin")
         self._shape = (n_layer, n_head, n_keys)
 
@@ -78,16 +81,14 @@ class Capture:
         path's code) instead of reading ``kq_soft_max``; for comparing both on the same activations."""
         _check(_lib.kvc_capture_set_recompute(self.handle, bool(recompute)), "kvc_capture_set_recompute")
 
-    def scores(self, agg: str = "max") -> np.ndarray:
+    def scores(self, agg: str = "max", head: bool = False) -> np.ndarray:
         """Probe attention reduced over the probe queries by ``agg`` ("max" or "mean"),
-        float32 ``[n_layer, n_head, n_keys]``."""
+        float32 ``[n_layer, n_head, n_keys]``; ``head``: over the head rows of :meth:`begin` alone."""
         if agg not in AGG_BY_NAME:
             raise ValueError(f"unknown aggregation {agg!r}; expected one of {sorted(AGG_BY_NAME)}")
         out = np.empty(self._shape, dtype=np.float32)
-        _check(
-            _lib.kvc_capture_get_scores(self.handle, AGG_BY_NAME[agg], _ptr(out, "float"), out.size),
-            "kvc_capture_get_scores",
-        )
+        get = _lib.kvc_capture_get_head_scores if head else _lib.kvc_capture_get_scores
+        _check(get(self.handle, AGG_BY_NAME[agg], _ptr(out, "float"), out.size), "kvc_capture_get_scores")
         return out
 
     def set_queries(self, every: int, n_max: int) -> None:

@@ -337,23 +337,26 @@ class Engine:
                 self.progress(min(start + step, len(tokens)), len(tokens), "prefill")
 
     # ---- attention capture ----------------------------------------------------------------------
-    def capture_begin(self, n_keys: int) -> None:
-        """Start capturing the attention of every model layer over ``n_keys`` cache columns."""
-        self.capture.begin(self.shape.n_model_layers, self.shape.n_head, n_keys)
+    def capture_begin(self, n_keys: int, head_rows: int = 0) -> None:
+        """Start capturing the attention of every model layer over ``n_keys`` cache columns; the first
+        ``head_rows`` query rows are pooled apart as well (``capture_scores(head=True)``)."""
+        self.capture.begin(self.shape.n_model_layers, self.shape.n_head, n_keys, head_rows)
 
-    def capture_scores(self) -> Tuple[np.ndarray, np.ndarray]:
-        """The capture's (max, mean) head scores of the compressed layers, ``[n_layer, n_head, n_keys]``.
+    def capture_scores(self, head: bool = False) -> Tuple[np.ndarray, np.ndarray]:
+        """The capture's (max, mean) head scores of the compressed layers, ``[n_layer, n_head, n_keys]``;
+        ``head``: of its head rows alone.
 
         Sliding-window layers attend to their own cache, whose columns are other cells: dropped."""
-        mx, mean = self.capture.scores("max"), self.capture.scores("mean")
+        mx, mean = self.capture.scores("max", head), self.capture.scores("mean", head)
         if self.shape.n_layer == self.shape.n_model_layers:
             return mx, mean
         layers = self.shape.layers
         return np.ascontiguousarray(mx[layers]), np.ascontiguousarray(mean[layers])
 
-    def captured(self, run: Callable[[], Any], n_keys: int) -> Tuple[np.ndarray, np.ndarray]:
-        """Run ``run()`` with the attention capture on; return its (max, mean) head scores."""
-        self.capture_begin(n_keys)
+    def captured(self, run: Callable[[], Any], n_keys: int, head_rows: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+        """Run ``run()`` with the attention capture on; return its (max, mean) head scores (and keep those of
+        the first ``head_rows`` query rows for ``capture_scores(head=True)``)."""
+        self.capture_begin(n_keys, head_rows)
         try:
             run()
         finally:

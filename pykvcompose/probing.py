@@ -230,13 +230,15 @@ def question_probe(engine: Engine, probe: Probe, tail: int, lookahead: int) -> O
     which does not ask for the fact a question needs. Returns None, changing nothing, without a question or
     room in the cache to decode it.
 
-    Greedy drafts cost a forward pass per token, so a round decodes the question in one captured batch and
-    the last round's drafts in a second one, checked as speculative decoding checks a draft: if the model
-    still writes each of them greedily on this cache, the two batches are the probe. Otherwise the drafts are
-    written again (a fact the answer needs has come in or gone) with the capture off, and decoded again in
-    one captured batch; the question's batch stays valid whatever the drafts turn out to be (its rows are
-    causal: they never see a draft). The probe is then the attention of one batch of the question and the
-    drafts, bit for bit."""
+    Greedy drafts cost a forward pass per token, so a round decodes the question and the last round's drafts
+    in one captured batch, checked as speculative decoding checks a draft: if the model still writes each of
+    them greedily on this cache, that batch is the probe. Otherwise the drafts are written again (a fact the
+    answer needs has come in or gone) with the capture off, and decoded again in one captured batch; the
+    question's rows, pooled apart in the first batch (the capture's head rows), stay valid whatever the drafts
+    turn out to be (they are causal: they never see a draft). The probe is then the attention of one batch of
+    the question and the drafts, bit for bit. One batch, not two: one graph fewer per round, and with flash
+    attention ggml's CPU kernel takes its tiled path only from 64 query rows (48 question rows and 16 drafts
+    cost what 48 rows cost alone)."""
     conv, shape = engine.conv, engine.shape
     question: List[int] = list(conv.question or [])[-tail:] if tail > 0 else []
     cells = conv.cells
@@ -255,21 +257,26 @@ def question_probe(engine: Engine, probe: Probe, tail: int, lookahead: int) -> O
         drafts = None  # fewer than this round's room holds: written again
     parts = []  # (query rows, max, mean) of each captured batch
 
-    def captured_at(tokens: List[int], position: int, predict_from: Optional[int] = None) -> List[int]:
+    def captured_at(tokens: List[int], pos: int, predict_from: Optional[int] = None, head_rows: int = 0) -> List[int]:
         """``decode_at`` with the capture on (the cells stay until the round ends); its scores go to ``parts``."""
         predicted: List[int] = []
-        mx, mean = engine.captured(lambda: predicted.extend(decode_at(engine, tokens, position, predict_from)), cells)
+        run = lambda: predicted.extend(decode_at(engine, tokens, pos, predict_from))  # noqa: E731
+        mx, mean = engine.captured(run, cells, head_rows)
         parts.append((len(tokens), mx, mean))
         return predicted
 
     try:
-        first = captured_at(question, base, len(question) - 1)[0]  # the model's greedy token after the question
         if drafts is not None:
             drafts = drafts[:k]
-            if [first] + captured_at(drafts, at, 0)[:-1] != drafts:  # the model's greedy token at each position
-                parts.pop()
+            # the model's greedy token after the question and after each draft
+            predicted = captured_at(question + drafts, base, len(question) - 1, head_rows=len(question))
+            first = predicted[0]
+            if predicted[:-1] != drafts:
+                parts[-1] = (len(question), *engine.capture_scores(head=True))  # the question's rows alone
                 engine.remove(at)
                 drafts = None
+        else:
+            first = captured_at(question, base, len(question) - 1)[0]
         if drafts is None:
             # written one token at a time with the capture off (a batch's activations differ from one-token
             # decodes' by float rounding, which can flip a near-tie), then decoded again in one captured batch

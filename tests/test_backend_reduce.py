@@ -9,7 +9,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from pykvcompose import KVComposePress, Llama
+from pykvcompose import KVComposePress, Llama, probing
 
 pytestmark = pytest.mark.model
 
@@ -122,5 +122,40 @@ def test_reduction_place_is_checked(model_path):
     try:
         with pytest.raises(ValueError, match="unknown reduction place 'gpu'"):
             m._kv_capture.set_reduce("gpu")
+    finally:
+        m.close()
+
+
+@pytest.mark.parametrize("where", ["backend", "portable", "host"])
+@pytest.mark.parametrize("flash_attn", [False, True], ids=["softmax", "flash"])
+def test_head_rows_score_what_those_rows_score_alone(model_path, prompt_tokens, flash_attn, where, monkeypatch):
+    """The capture's head rows (a question whose batch also carries the drafts it checks, which a failed check
+    discards) are pooled apart: over 40 rows in three ubatches, the first 20 score what those 20 rows score
+    captured alone (causal rows never see the later ones), and the whole capture what it scores without them
+    (to float rounding: the two ranges are summed apart). "portable": the graph GPUs run, on the CPU."""
+    if where == "portable":
+        monkeypatch.setenv("KVC_REDUCE_DENY_OP", "CUSTOM")
+        monkeypatch.setenv("KVC_REDUCE_BLOCK_BYTES", str(3 * 512 * 9 * 4))  # blocks of 3 queries
+    m = Llama(model_path, n_ctx=512, n_batch=16, flash_attn=flash_attn, verbose=False)
+    try:
+        m._kv_capture.set_reduce("host" if where == "host" else "backend")
+        engine = m._engine
+        context, rows = prompt_tokens[:200], prompt_tokens[200:240]
+        m.eval(context)
+        base = cells = len(context)
+        alone = engine.captured(lambda: probing.decode_removed(engine, rows[:20], base), cells)
+        whole = engine.captured(lambda: probing.decode_removed(engine, rows, base), cells)
+        split = engine.captured(lambda: probing.decode_removed(engine, rows, base), cells, head_rows=20)
+        head = engine.capture_scores(head=True)
+        assert m._kv_capture.fallback == ""
+        for got, want in zip(head, alone):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+        np.testing.assert_array_equal(split[0], whole[0])  # the max: whatever the order
+        np.testing.assert_allclose(split[1], whole[1], rtol=1e-6, atol=1e-9)  # sums in another order
+        assert not np.allclose(head[1], whole[1], atol=1e-4)  # the last 20 rows weigh in the whole mean
+        # a capture begun without head rows keeps none
+        engine.captured(lambda: probing.decode_removed(engine, rows[:4], base), cells)
+        with pytest.raises(Exception, match="kept no head rows"):
+            engine.capture_scores(head=True)
     finally:
         m.close()

@@ -30,7 +30,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a signature or a struct in this header changes. */
-#define KVC_API_VERSION 7
+#define KVC_API_VERSION 8
 
 struct ggml_tensor;
 struct llama_context;
@@ -115,6 +115,13 @@ KVC_API uint64_t kvc_capture_host_bytes(const kvc_capture * cap);
 /* Copy the reduced scores, [n_layer, n_head, n_keys] floats (n_values must equal that product).
  * agg MAX: max over probe queries; agg MEAN: sum over probe queries / their count. */
 KVC_API int32_t kvc_capture_get_scores(const kvc_capture * cap, int32_t agg, float * dst, size_t n_values);
+/* Head rows: also pool the first `rows` probe query rows of each layer (counted per layer from
+ * kvc_capture_begin) apart from the rest, so that a batch can carry rows the caller may discard once it
+ * has read the batch's logits (a question and the drafts it checks). 0 (the default) keeps none. Set
+ * while inactive; it holds for every later begin until set again. */
+KVC_API int32_t kvc_capture_set_head_rows(kvc_capture * cap, int32_t rows);
+/* kvc_capture_get_scores over the head rows alone. KVC_ERR_INVALID_ARGUMENT if the last begin kept none. */
+KVC_API int32_t kvc_capture_get_head_scores(const kvc_capture * cap, int32_t agg, float * dst, size_t n_values);
 /* Number of probe query rows seen by layer il (-1 if il is out of range). */
 KVC_API int64_t kvc_capture_n_queries(const kvc_capture * cap, int32_t il);
 /* For every key column j (dst [n_keys]): how many probe query rows of layer 0 the attention mask

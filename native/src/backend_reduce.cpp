@@ -25,6 +25,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace kvc {
@@ -209,11 +210,16 @@ bool BackendReducer::reduce(kvc_capture & cap, const AttentionInputs & in, int32
     }
 
     // query blocks of recomputed probabilities: at most block_bytes() at once. llama.cpp's own
-    // probabilities exist already and are pooled whole (one contiguous tensor).
+    // probabilities exist already and are pooled whole (one contiguous tensor). The capture's head rows
+    // (kvc_capture_set_head_rows) among this ubatch's rows are a range of their own, pooled apart.
     const size_t per_query = static_cast<size_t>(n_kv) * n_head * sizeof(float);
     const int64_t block =
         flash ? std::clamp<int64_t>(static_cast<int64_t>(block_bytes() / per_query), 1, n_tok) : n_tok;
-    const int64_t n_block = (n_tok + block - 1) / block;
+    const int64_t n_head_rows = head_rows_of(cap, il, n_tok);
+    std::vector<std::pair<int64_t, int64_t>> ranges;  // [r0, r1) rows: the head rows first, if any
+    if (n_head_rows > 0) ranges.emplace_back(0, n_head_rows);
+    if (n_head_rows < n_tok) ranges.emplace_back(n_head_rows, n_tok);
+    const int64_t n_block = (n_tok + block - 1) / block + static_cast<int64_t>(ranges.size()) - 1;
     const bool visibility = il == 0;
 
     const size_t n_tensors = 16 * static_cast<size_t>(n_block) + 32;
@@ -234,41 +240,50 @@ bool BackendReducer::reduce(kvc_capture & cap, const AttentionInputs & in, int32
     // CPU: ggml's POOL_2D runs on one thread, so the CPU pools with pool_queries; other backends with
     // POOL_2D (max, and mean x queries) per block, the blocks folded by one more POOL_2D and ADDs
     const bool cpu_pool = ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU && !denied("CUSTOM");
-    ggml_tensor * acc = nullptr;      // cpu_pool: [n_kv, 2, n_head] (max, sum) over the blocks so far
-    ggml_tensor * max_all = nullptr;  // [n_kv, n_block, n_head]: each block's max over its queries
-    ggml_tensor * sum_all = nullptr;  // [n_kv, 1, n_head]: sum over all queries
-    for (int64_t b = 0; b < n_block; ++b) {
-        const int64_t t0 = b * block, nt = std::min(block, n_tok - t0);
-        ggml_tensor * p;
-        if (flash) {
-            ggml_tensor * kq = ggml_mul_mat(ctx, k, alias(ctx, in.q, t0, nt));  // [n_kv, nt, n_head]
-            float scale = in.scale;
-            if (in.softcap != 0.0f) {  // softcap * tanh(scale * q.k / softcap): the softmax scales by softcap
-                kq = ggml_tanh(ctx, ggml_scale(ctx, kq, in.scale / in.softcap));
-                scale = in.softcap;
+    // [n_kv, 2, n_head]: (max, sum) over the query rows [r0, r1)
+    auto pool_rows = [&](int64_t r0, int64_t r1) {
+        ggml_tensor * acc = nullptr;      // cpu_pool: (max, sum) over the blocks so far
+        ggml_tensor * max_all = nullptr;  // [n_kv, blocks, n_head]: each block's max over its queries
+        ggml_tensor * sum_all = nullptr;  // [n_kv, 1, n_head]: sum over all queries
+        int nb = 0;
+        for (int64_t t0 = r0; t0 < r1; t0 += block, ++nb) {
+            const int64_t nt = std::min(block, r1 - t0);
+            ggml_tensor * p;
+            if (flash) {
+                ggml_tensor * kq = ggml_mul_mat(ctx, k, alias(ctx, in.q, t0, nt));  // [n_kv, nt, n_head]
+                float scale = in.scale;
+                if (in.softcap != 0.0f) {  // softcap * tanh(scale * q.k / softcap): the softmax scales by softcap
+                    kq = ggml_tanh(ctx, ggml_scale(ctx, kq, in.scale / in.softcap));
+                    scale = in.softcap;
+                }
+                p = ggml_soft_max_ext(ctx, kq, mask != nullptr ? alias(ctx, mask, t0) : nullptr, scale,
+                                      in.max_bias);
+                ggml_soft_max_add_sinks(p, sinks);
+            } else {
+                p = alias(ctx, in.probs, t0, nt);
             }
-            p = ggml_soft_max_ext(ctx, kq, mask != nullptr ? alias(ctx, mask, t0) : nullptr, scale, in.max_bias);
-            ggml_soft_max_add_sinks(p, sinks);
-        } else {
-            p = alias(ctx, in.probs, t0, nt);
+            if (cpu_pool) {
+                ggml_tensor * args[2] = {p, acc};
+                acc = ggml_custom_4d(ctx, GGML_TYPE_F32, n_kv, 2, n_head, 1, args, acc != nullptr ? 2 : 1,
+                                     pool_queries, GGML_N_TASKS_MAX, nullptr);
+                continue;
+            }
+            const int q = static_cast<int>(nt);
+            ggml_tensor * mx = ggml_pool_2d(ctx, p, GGML_OP_POOL_MAX, 1, q, 1, q, 0, 0);
+            ggml_tensor * sm = ggml_scale(ctx, ggml_pool_2d(ctx, p, GGML_OP_POOL_AVG, 1, q, 1, q, 0, 0),
+                                          static_cast<float>(nt));
+            max_all = max_all == nullptr ? mx : ggml_concat(ctx, max_all, mx, 1);
+            sum_all = sum_all == nullptr ? sm : ggml_add(ctx, sum_all, sm);
         }
-        if (cpu_pool) {
-            ggml_tensor * args[2] = {p, acc};
-            acc = ggml_custom_4d(ctx, GGML_TYPE_F32, n_kv, 2, n_head, 1, args, acc != nullptr ? 2 : 1, pool_queries,
-                                 GGML_N_TASKS_MAX, nullptr);
-            continue;
+        if (!cpu_pool) {
+            ggml_tensor * max_out = nb == 1 ? max_all : ggml_pool_2d(ctx, max_all, GGML_OP_POOL_MAX, 1, nb, 1, nb, 0, 0);
+            acc = ggml_concat(ctx, max_out, sum_all, 1);
         }
-        const int q = static_cast<int>(nt);
-        ggml_tensor * mx = ggml_pool_2d(ctx, p, GGML_OP_POOL_MAX, 1, q, 1, q, 0, 0);
-        ggml_tensor * sm = ggml_scale(ctx, ggml_pool_2d(ctx, p, GGML_OP_POOL_AVG, 1, q, 1, q, 0, 0), static_cast<float>(nt));
-        max_all = max_all == nullptr ? mx : ggml_concat(ctx, max_all, mx, 1);
-        sum_all = sum_all == nullptr ? sm : ggml_add(ctx, sum_all, sm);
-    }
-    if (!cpu_pool) {
-        const int nb = static_cast<int>(n_block);
-        ggml_tensor * max_out = n_block == 1 ? max_all : ggml_pool_2d(ctx, max_all, GGML_OP_POOL_MAX, 1, nb, 1, nb, 0, 0);
-        acc = ggml_concat(ctx, max_out, sum_all, 1);
-    }
+        ggml_set_output(acc);  // read after the graph: its memory is not reused for later nodes
+        return acc;
+    };
+    std::vector<ggml_tensor *> accs;
+    for (const auto & [r0, r1] : ranges) accs.push_back(pool_rows(r0, r1));
     ggml_tensor * seen = nullptr;  // [n_kv, 1]: query rows whose mask lets them see each cell
     if (visibility && mask != nullptr) {
         // -inf (hidden) -> 0, any finite value -> 1, summed over the ubatch's rows
@@ -279,7 +294,7 @@ bool BackendReducer::reduce(kvc_capture & cap, const AttentionInputs & in, int32
                           static_cast<float>(n_tok));
     }
     ggml_cgraph * gf = ggml_new_graph_custom(ctx, n_tensors, false);
-    ggml_build_forward_expand(gf, acc);
+    for (ggml_tensor * acc : accs) ggml_build_forward_expand(gf, acc);
     if (seen != nullptr) ggml_build_forward_expand(gf, seen);
 
     for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
@@ -299,28 +314,40 @@ bool BackendReducer::reduce(kvc_capture & cap, const AttentionInputs & in, int32
         return false;
     }
 
-    // [n_kv, 1, n_head] x 2 (+ [n_kv]) floats to the host
+    // [n_kv, 2, n_head] per range (+ [n_kv]) floats to the host
     const size_t plane = static_cast<size_t>(n_kv) * n_head;
-    m.result.resize(2 * plane + (seen != nullptr ? n_kv : 0));
-    ggml_backend_tensor_get(acc, m.result.data(), 0, 2 * plane * sizeof(float));
-    if (seen != nullptr) ggml_backend_tensor_get(seen, m.result.data() + 2 * plane, 0, n_kv * sizeof(float));
+    m.result.resize(2 * plane * accs.size() + (seen != nullptr ? n_kv : 0));
+    for (size_t r = 0; r < accs.size(); ++r) {
+        ggml_backend_tensor_get(accs[r], m.result.data() + 2 * plane * r, 0, 2 * plane * sizeof(float));
+    }
+    const float * seen_counts = m.result.data() + 2 * plane * accs.size();
+    if (seen != nullptr) ggml_backend_tensor_get(seen, m.result.data() + 2 * plane * accs.size(), 0, n_kv * sizeof(float));
     cap.host_bytes += m.result.size() * sizeof(float);
 
     const int64_t n_keys = std::min<int64_t>(n_kv, cap.n_keys);
-    for (int64_t h = 0; h < n_head; ++h) {
-        const size_t at = (static_cast<size_t>(il) * cap.n_head + h) * cap.n_keys;
-        const float * mx = m.result.data() + 2 * h * n_kv;  // acc [n_kv, 2, n_head]
-        const float * sm = mx + n_kv;
-        for (int64_t j = 0; j < n_keys; ++j) {
-            cap.max[at + j] = std::max(cap.max[at + j], mx[j]);
-            cap.sum[at + j] += sm[j];
+    for (size_t r = 0; r < accs.size(); ++r) {
+        const bool head = ranges[r].first < n_head_rows;
+        for (int64_t h = 0; h < n_head; ++h) {
+            const size_t at = (static_cast<size_t>(il) * cap.n_head + h) * cap.n_keys;
+            const float * mx = m.result.data() + 2 * plane * r + 2 * h * n_kv;  // acc [n_kv, 2, n_head]
+            const float * sm = mx + n_kv;
+            for (int64_t j = 0; j < n_keys; ++j) {
+                cap.max[at + j] = std::max(cap.max[at + j], mx[j]);
+                cap.sum[at + j] += sm[j];
+            }
+            if (!head) continue;
+            for (int64_t j = 0; j < n_keys; ++j) {
+                cap.head_max[at + j] = std::max(cap.head_max[at + j], mx[j]);
+                cap.head_sum[at + j] += sm[j];
+            }
         }
     }
     if (seen != nullptr) {  // (no mask: nothing to count, as on the host)
         for (int64_t j = 0; j < n_keys; ++j) {
-            cap.visible[j] += static_cast<int32_t>(std::lround(m.result[2 * plane + j]));
+            cap.visible[j] += static_cast<int32_t>(std::lround(seen_counts[j]));
         }
     }
+    if (n_head_rows > 0) cap.head_queries[il] += n_head_rows;
     cap.n_queries[il] += n_tok;
     return true;
 }

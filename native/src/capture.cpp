@@ -200,6 +200,7 @@ void recompute(kvc_capture & cap, const ggml_tensor * q, const ggml_tensor * k, 
     }
     const int64_t m = std::min<int64_t>(n_kv, cap.n_keys);
     const int64_t group = n_head / n_head_kv;
+    const int64_t n_head_rows = kvc::head_rows_of(cap, il, n_tok);
     auto work = [&](int64_t h0, int64_t h1) {
         std::vector<float> logits(n_kv), q_round(D);
         std::vector<uint8_t> q_packed(q_type == GGML_TYPE_F32 ? 0 : ggml_row_size(q_type, D));
@@ -208,6 +209,8 @@ void recompute(kvc_capture & cap, const ggml_tensor * q, const ggml_tensor * k, 
             const size_t at = (static_cast<size_t>(il) * cap.n_head + h) * cap.n_keys;
             float *  mx = cap.max.data() + at;
             double * sm = cap.sum.data() + at;
+            float *  hmx = n_head_rows > 0 ? cap.head_max.data() + at : nullptr;
+            double * hsm = n_head_rows > 0 ? cap.head_sum.data() + at : nullptr;
             for (int64_t t = 0; t < n_tok; ++t) {
                 const float * qv = reinterpret_cast<const float *>(qd + t * q->nb[1] + h * q->nb[2]);
                 if (q_type != GGML_TYPE_F32) {
@@ -241,16 +244,22 @@ void recompute(kvc_capture & cap, const ggml_tensor * q, const ggml_tensor * k, 
                     if (logits[j] != -INFINITY) S += std::exp(static_cast<double>(logits[j] - M));
                 }
                 if (sd != nullptr) S += std::exp(static_cast<double>(reinterpret_cast<const float *>(sd)[h] - M));
+                const bool head = t < n_head_rows;
                 for (int64_t j = 0; j < m; ++j) {
                     const float p = logits[j] == -INFINITY ? 0.0f : static_cast<float>(std::exp(logits[j] - M) / S);
                     mx[j] = std::max(mx[j], p);
                     sm[j] += p;
+                    if (head) {
+                        hmx[j] = std::max(hmx[j], p);
+                        hsm[j] += p;
+                    }
                 }
             }
         }
     };
     kvc::parallel_for(n_head, work);
     count_visible(cap, mask, n_tok, il);
+    if (n_head_rows > 0) cap.head_queries[il] += n_head_rows;
     cap.n_queries[il] += n_tok;
 }
 
@@ -324,6 +333,7 @@ void reduce(kvc_capture & cap, const ggml_tensor * t, int32_t il) {
     }
 
     const int64_t m = std::min<int64_t>(n_kv, cap.n_keys);
+    const int64_t n_head_rows = kvc::head_rows_of(cap, il, n_tok);
     kvc::parallel_for(n_head, [&](int64_t h0, int64_t h1) {
         for (int64_t h = h0; h < h1; ++h) {
             const size_t at = (static_cast<size_t>(il) * cap.n_head + h) * cap.n_keys;
@@ -335,10 +345,19 @@ void reduce(kvc_capture & cap, const ggml_tensor * t, int32_t il) {
                     mx[j] = std::max(mx[j], row[j]);
                     sm[j] += row[j];
                 }
+                if (q < n_head_rows) {
+                    float *  hmx = cap.head_max.data() + at;
+                    double * hsm = cap.head_sum.data() + at;
+                    for (int64_t j = 0; j < m; ++j) {
+                        hmx[j] = std::max(hmx[j], row[j]);
+                        hsm[j] += row[j];
+                    }
+                }
             }
         }
     });
     count_visible(cap, t->src[1], n_tok, il);
+    if (n_head_rows > 0) cap.head_queries[il] += n_head_rows;
     cap.n_queries[il] += n_tok;
 }
 
@@ -511,6 +530,10 @@ int32_t kvc_capture_begin(kvc_capture * cap, int32_t n_layer, int32_t n_head, in
         cap->max.assign(n, 0.0f);
         cap->sum.assign(n, 0.0);
         cap->n_queries.assign(n_layer, 0);
+        const size_t n_head_values = cap->head_rows > 0 ? n : 0;  // kept only where asked for
+        cap->head_max.assign(n_head_values, 0.0f);
+        cap->head_sum.assign(n_head_values, 0.0);
+        cap->head_queries.assign(n_head_values > 0 ? n_layer : 0, 0);
         cap->k_cache.assign(n_layer, nullptr);
         cap->v_cache.assign(n_layer, nullptr);
         cap->v_trans.assign(n_layer, -1);
@@ -577,30 +600,68 @@ const char * kvc_capture_get_fallback(const kvc_capture * cap) { return cap == n
 
 uint64_t kvc_capture_host_bytes(const kvc_capture * cap) { return cap == nullptr ? 0 : cap->host_bytes; }
 
+namespace {
+
+// max, or sum / count per layer, into dst [n_layer, n_head, n_keys]
+int32_t copy_scores(const kvc_capture & cap, const std::vector<float> & max, const std::vector<double> & sum,
+                    const std::vector<int64_t> & count, int32_t agg, float * dst, size_t n_values) {
+    if (dst == nullptr) {
+        return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "dst is NULL");
+    }
+    if (agg != KVC_AGG_MAX && agg != KVC_AGG_MEAN) {
+        return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "agg must be KVC_AGG_MAX or KVC_AGG_MEAN");
+    }
+    if (n_values != max.size()) {
+        return kvc::fail(KVC_ERR_INVALID_ARGUMENT,
+                         "dst holds " + std::to_string(n_values) + " values, the capture " + std::to_string(max.size()));
+    }
+    if (agg == KVC_AGG_MAX) {
+        std::copy(max.begin(), max.end(), dst);
+        return static_cast<int32_t>(KVC_OK);
+    }
+    const size_t per_layer = static_cast<size_t>(cap.n_head) * cap.n_keys;
+    for (int32_t il = 0; il < cap.n_layer; ++il) {
+        const double n_q = static_cast<double>(std::max<int64_t>(1, count[il]));
+        for (size_t i = il * per_layer; i < (il + 1) * per_layer; ++i) {
+            dst[i] = static_cast<float>(sum[i] / n_q);
+        }
+    }
+    return static_cast<int32_t>(KVC_OK);
+}
+
+}  // namespace
+
 int32_t kvc_capture_get_scores(const kvc_capture * cap, int32_t agg, float * dst, size_t n_values) {
     return kvc::guard([&] {
-        if (cap == nullptr || dst == nullptr) {
-            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "capture or dst is NULL");
+        if (cap == nullptr) {
+            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "capture is NULL");
         }
-        if (agg != KVC_AGG_MAX && agg != KVC_AGG_MEAN) {
-            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "agg must be KVC_AGG_MAX or KVC_AGG_MEAN");
+        return copy_scores(*cap, cap->max, cap->sum, cap->n_queries, agg, dst, n_values);
+    });
+}
+
+int32_t kvc_capture_set_head_rows(kvc_capture * cap, int32_t rows) {
+    return kvc::guard([&] {
+        if (cap == nullptr || rows < 0) {
+            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "capture is NULL or rows negative");
         }
-        if (n_values != cap->max.size()) {
-            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "dst holds " + std::to_string(n_values) + " values, the capture " +
-                                                           std::to_string(cap->max.size()));
+        if (cap->active) {
+            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "the capture is active: set its head rows before it begins");
         }
-        if (agg == KVC_AGG_MAX) {
-            std::copy(cap->max.begin(), cap->max.end(), dst);
-            return static_cast<int32_t>(KVC_OK);
-        }
-        const size_t per_layer = static_cast<size_t>(cap->n_head) * cap->n_keys;
-        for (int32_t il = 0; il < cap->n_layer; ++il) {
-            const double n_q = static_cast<double>(std::max<int64_t>(1, cap->n_queries[il]));
-            for (size_t i = il * per_layer; i < (il + 1) * per_layer; ++i) {
-                dst[i] = static_cast<float>(cap->sum[i] / n_q);
-            }
-        }
+        cap->head_rows = rows;
         return static_cast<int32_t>(KVC_OK);
+    });
+}
+
+int32_t kvc_capture_get_head_scores(const kvc_capture * cap, int32_t agg, float * dst, size_t n_values) {
+    return kvc::guard([&] {
+        if (cap == nullptr) {
+            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "capture is NULL");
+        }
+        if (cap->head_max.empty()) {
+            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "the capture kept no head rows (kvc_capture_set_head_rows)");
+        }
+        return copy_scores(*cap, cap->head_max, cap->head_sum, cap->head_queries, agg, dst, n_values);
     });
 }
 

@@ -20,6 +20,12 @@ struct kvc_capture {
     std::vector<float>   max;        // [n_layer, n_head, n_keys]: running max over probe queries
     std::vector<double>  sum;        // [n_layer, n_head, n_keys]: running sum, for the mean
     std::vector<int64_t> n_queries;  // [n_layer]
+    // The first head_rows probe query rows of each layer (kvc_capture_set_head_rows) pooled apart as well:
+    // [n_layer, n_head, n_keys] like max and sum, empty while head_rows is 0
+    int32_t head_rows = 0;
+    std::vector<float>   head_max;
+    std::vector<double>  head_sum;
+    std::vector<int64_t> head_queries;  // [n_layer]
     std::vector<float>   staging;    // host copy of tensors that live on a device buffer
     std::vector<float>   keys;       // recomputed attention: the layer's keys as f32 [n_head_kv, n_kv, D]
     bool    recompute = false;       // recompute kq_soft_max from q and k instead of reading it
@@ -51,6 +57,15 @@ struct ParsedState;
 // A ParsedState over cache cells [0, n_cells) of the capture's cache tensors: what
 // llama_state_seq_get_data would write for a sequence held in exactly those cells. part: KVC_PART_K,
 // KVC_PART_V, or -1 for both. Rows on device buffers are copied into `stages` (one per layer and part).
+// How many of a ubatch's n_tok query rows in layer il are among the capture's head rows (the first
+// head_rows of the layer since kvc_capture_begin): rows [0, that) of the ubatch. Call before counting
+// the ubatch into n_queries[il].
+inline int64_t head_rows_of(const kvc_capture & cap, int32_t il, int64_t n_tok) {
+    if (cap.head_max.empty()) return 0;
+    const int64_t left = static_cast<int64_t>(cap.head_rows) - cap.n_queries[il];
+    return left <= 0 ? 0 : (left < n_tok ? left : n_tok);
+}
+
 int32_t capture_rows(const kvc_capture & cap, int32_t part, int32_t seq_id, const int32_t * positions,
                      uint32_t n_cells, ParsedState & st, std::vector<std::vector<uint8_t>> & stages);
 }  // namespace kvc

@@ -301,6 +301,35 @@ void test_capture_reduces_softmax_tensors() {
     CHECK(std::fabs(mean[(1 * 2 + 1) * 3 + 2] - 12.0f / 16.0f) < 1e-6);
     CHECK(mx[0] == 0.0f);  // layer 0 saw nothing
     CHECK_STATUS(kvc_capture_get_scores(cap, KVC_AGG_MAX, mx.data(), 3), KVC_ERR_INVALID_ARGUMENT);
+    // no head rows were asked for: there are no head scores
+    CHECK_STATUS(kvc_capture_get_head_scores(cap, KVC_AGG_MAX, mx.data(), mx.size()), KVC_ERR_INVALID_ARGUMENT);
+
+    // head rows: the first 3 query rows of each layer pooled apart too, counted across ubatches (two
+    // ubatches of 2 rows: all of the first, query 0 of the second)
+    CHECK_STATUS(kvc_capture_set_head_rows(cap, -1), KVC_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(kvc_capture_set_head_rows(cap, 3), KVC_OK);
+    CHECK_STATUS(kvc_capture_begin(cap, 2, 2, 3), KVC_OK);
+    CHECK_STATUS(kvc_capture_set_head_rows(cap, 1), KVC_ERR_INVALID_ARGUMENT);  // not while active
+    CHECK(kvc_capture_eval_callback(t, false, cap) == true);
+    for (int i = 0; i < 16; ++i) d[i] = static_cast<float>(15 - i) / 16.0f;  // the second ubatch
+    CHECK(kvc_capture_eval_callback(t, false, cap) == true);
+    CHECK_STATUS(kvc_capture_end(cap), KVC_OK);
+    std::vector<float> hmx(mx.size()), hmean(mx.size());
+    CHECK_STATUS(kvc_capture_get_head_scores(cap, KVC_AGG_MAX, hmx.data(), hmx.size()), KVC_OK);
+    CHECK_STATUS(kvc_capture_get_head_scores(cap, KVC_AGG_MEAN, hmean.data(), hmean.size()), KVC_OK);
+    CHECK_STATUS(kvc_capture_get_scores(cap, KVC_AGG_MEAN, mean.data(), mean.size()), KVC_OK);
+    // layer 1, head 1, key 2: ubatch 1 rows 10/16, 14/16; ubatch 2 rows 15-10 = 5/16 (head), 15-14 = 1/16
+    const size_t at = (1 * 2 + 1) * 3 + 2;
+    CHECK(hmx[at] == 14.0f / 16.0f);
+    CHECK(std::fabs(hmean[at] - (10.0f + 14.0f + 5.0f) / 3.0f / 16.0f) < 1e-6);
+    CHECK(std::fabs(mean[at] - (10.0f + 14.0f + 5.0f + 1.0f) / 4.0f / 16.0f) < 1e-6);
+    // layer 1, head 0, key 0: rows 0/16, 4/16; then 15/16 (head), 11/16: the max of the head rows is 15/16
+    CHECK(hmx[(1 * 2 + 0) * 3 + 0] == 15.0f / 16.0f);
+    CHECK_STATUS(kvc_capture_set_head_rows(cap, 0), KVC_OK);
+    CHECK_STATUS(kvc_capture_begin(cap, 2, 2, 3), KVC_OK);
+    CHECK_STATUS(kvc_capture_end(cap), KVC_OK);
+    CHECK_STATUS(kvc_capture_get_head_scores(cap, KVC_AGG_MAX, hmx.data(), hmx.size()), KVC_ERR_INVALID_ARGUMENT);
+    for (int i = 0; i < 16; ++i) d[i] = static_cast<float>(i) / 16.0f;
 
     // a layer beyond the capture and a wrong head count are reported at the end, not crashed on
     CHECK_STATUS(kvc_capture_begin(cap, 1, 2, 3), KVC_OK);
