@@ -308,7 +308,7 @@ def test_a_failed_probe_of_the_newest_tokens_puts_them_back(model_path, small, l
     monkeypatch.setattr(
         _capture.Capture,
         "scores",
-        lambda self, agg="max": (_ for _ in ()).throw(
+        lambda self, agg="max", head=False: (_ for _ in ()).throw(
             _native.NativeError(_native.KVC_ERR_CAPTURE, "kvc_capture_get_scores", "injected")
         ),
     )
