@@ -232,13 +232,13 @@ def question_probe(engine: Engine, probe: Probe, tail: int, lookahead: int) -> O
 
     Greedy drafts cost a forward pass per token, so a round decodes the question and the last round's drafts
     in one captured batch, checked as speculative decoding checks a draft: if the model still writes each of
-    them greedily on this cache, that batch is the probe. Otherwise the drafts are written again (a fact the
-    answer needs has come in or gone) with the capture off, and decoded again in one captured batch; the
-    question's rows, pooled apart in the first batch (the capture's head rows), stay valid whatever the drafts
-    turn out to be (they are causal: they never see a draft). The probe is then the attention of one batch of
-    the question and the drafts, bit for bit. One batch, not two: one graph fewer per round, and with flash
-    attention ggml's CPU kernel takes its tiled path only from 64 query rows (48 question rows and 16 drafts
-    cost what 48 rows cost alone)."""
+    them greedily on this cache, that batch is the probe. Otherwise the drafts from the first wrong one on are
+    written again (a fact the answer needs has come in or gone) with the capture off, one token at a time, and
+    all of them decoded again in one captured batch; the question's rows, pooled apart in the first batch (the
+    capture's head rows), stay valid whatever the drafts turn out to be (they are causal: they never see a
+    draft). The probe is then the attention of one batch of the question and the drafts, bit for bit. One batch,
+    not two: one graph fewer per round, and with flash attention ggml's CPU kernel takes its tiled path only
+    from 64 query rows (48 question rows and 16 drafts cost what 48 rows cost alone)."""
     conv, shape = engine.conv, engine.shape
     question: List[int] = list(conv.question or [])[-tail:] if tail > 0 else []
     cells = conv.cells
@@ -266,24 +266,27 @@ def question_probe(engine: Engine, probe: Probe, tail: int, lookahead: int) -> O
         return predicted
 
     try:
+        kept = []  # the last round's drafts the model still writes greedily, up to the first it does not
         if drafts is not None:
             drafts = drafts[:k]
             # the model's greedy token after the question and after each draft
             predicted = captured_at(question + drafts, base, len(question) - 1, head_rows=len(question))
-            first = predicted[0]
-            if predicted[:-1] != drafts:
+            wrong = next((i for i, (p, d) in enumerate(zip(predicted, drafts)) if p != d), None)
+            if wrong is not None:
                 parts[-1] = (len(question), *engine.capture_scores(head=True))  # the question's rows alone
-                engine.remove(at)
+                kept, first = drafts[:wrong], predicted[wrong]
+                engine.remove(at + wrong)  # the checked drafts' cells stay
                 drafts = None
         else:
             first = captured_at(question, base, len(question) - 1)[0]
         if drafts is None:
-            # written one token at a time with the capture off (a batch's activations differ from one-token
-            # decodes' by float rounding, which can flip a near-tie), then decoded again in one captured batch
-            decode_at(engine, [first], at)
-            more = [] if k < 2 or is_eog(first) else greedy_drafts(engine, at + 1, k - 1)
+            # from the first wrong draft on, written one token at a time with the capture off (the checked ones
+            # were verified as a pass's drafts are), then all decoded again in one captured batch
+            n = len(kept)
+            decode_at(engine, [first], at + n)
+            more = [] if n + 1 >= k or is_eog(first) else greedy_drafts(engine, at + n + 1, k - n - 1)
             engine.remove(at)
-            drafts = conv.question_drafts = [first] + more
+            drafts = conv.question_drafts = kept + [first] + more
             captured_at(drafts, at)
     finally:
         engine.remove(base)  # the probe's cells never stay

@@ -442,6 +442,45 @@ def test_the_question_probe_is_one_batch_of_the_question_and_its_greedy_drafts(f
     assert 2 <= len(written) < len(rounds), (len(written), len(rounds))
 
 
+def test_a_failed_check_writes_the_drafts_again_from_the_first_wrong_one(filler, monkeypatch):
+    """Where the model no longer writes the last round's drafts, the ones before the first wrong draft were
+    verified by the check (as a pass's are) and stay: the rest is written from the model's own token there, so
+    a round writes fewer tokens one at a time than it keeps, and its drafts are still the model's greedy ones
+    after the question on that cache."""
+    tok = lambda s: filler.tokenize(s.encode(), add_bos=False)  # noqa: E731
+    ((_, _, prompt),) = passkey_cases(tok, 700, [0.3])
+    tokens = filler.tokenize(prompt.encode())
+    filler.kv_compress = KVComposePress(0.5)
+    filler.reset()
+    conv = filler._engine.conv
+    real_probe, real_drafts = streaming.question_probe, probing.greedy_drafts
+    rounds, writes = [], []  # (drafts, the model's greedy drafts) per round; (first written, how many) per write
+
+    def drafting(engine, base, k):
+        writes.append([base - conv.n_tokens - 16, real_drafts(engine, base, k)])  # (16: the question's rows)
+        return writes[-1][1]
+
+    def asking(engine, probe, tail, lookahead):
+        asked = real_probe(engine, probe, tail, lookahead)
+        question, drafts, base = list(conv.question)[-asked.size :], conv.question_drafts, conv.n_tokens
+        try:
+            probing.decode_at(engine, question, base)
+            rounds.append((drafts, real_drafts(engine, base + len(question), len(drafts))))
+        finally:
+            engine.remove(base)
+        return asked
+
+    monkeypatch.setattr(probing, "greedy_drafts", drafting)
+    monkeypatch.setattr(streaming, "question_probe", asking)
+    with streaming_with(filler, question_tail=16, question_every=1):
+        greedy(filler, tokens, 1)
+    assert len(rounds) >= 10 and all(drafts == model for drafts, model in rounds)
+    # the first round writes from its first draft on (nothing to keep: its greedy call starts at the second);
+    # some later round kept checked drafts and wrote only after them
+    assert writes[0][0] == 1
+    assert any(first > 1 for first, _ in writes[1:]), writes
+
+
 def test_the_question_probe_runs_at_every_other_compression(filler, monkeypatch):
     """``StreamPolicy.question_every=2``: the question's probe (a forward pass of the question and
     its drafts) runs at every other compression that makes room for a streamed prompt; in between, the cells
