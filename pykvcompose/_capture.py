@@ -87,8 +87,8 @@ class Capture:
         if agg not in AGG_BY_NAME:
             raise ValueError(f"unknown aggregation {agg!r}; expected one of {sorted(AGG_BY_NAME)}")
         out = np.empty(self._shape, dtype=np.float32)
-        get = _lib.kvc_capture_get_head_scores if head else _lib.kvc_capture_get_scores
-        _check(get(self.handle, AGG_BY_NAME[agg], _ptr(out, "float"), out.size), "kvc_capture_get_scores")
+        name = "kvc_capture_get_head_scores" if head else "kvc_capture_get_scores"
+        _check(getattr(_lib, name)(self.handle, AGG_BY_NAME[agg], _ptr(out, "float"), out.size), name)
         return out
 
     def set_queries(self, every: int, n_max: int) -> None:

@@ -320,8 +320,8 @@ bool BackendReducer::reduce(kvc_capture & cap, const AttentionInputs & in, int32
     for (size_t r = 0; r < accs.size(); ++r) {
         ggml_backend_tensor_get(accs[r], m.result.data() + 2 * plane * r, 0, 2 * plane * sizeof(float));
     }
-    const float * seen_counts = m.result.data() + 2 * plane * accs.size();
-    if (seen != nullptr) ggml_backend_tensor_get(seen, m.result.data() + 2 * plane * accs.size(), 0, n_kv * sizeof(float));
+    float * seen_counts = m.result.data() + 2 * plane * accs.size();
+    if (seen != nullptr) ggml_backend_tensor_get(seen, seen_counts, 0, n_kv * sizeof(float));
     cap.host_bytes += m.result.size() * sizeof(float);
 
     const int64_t n_keys = std::min<int64_t>(n_kv, cap.n_keys);
@@ -331,15 +331,8 @@ bool BackendReducer::reduce(kvc_capture & cap, const AttentionInputs & in, int32
             const size_t at = (static_cast<size_t>(il) * cap.n_head + h) * cap.n_keys;
             const float * mx = m.result.data() + 2 * plane * r + 2 * h * n_kv;  // acc [n_kv, 2, n_head]
             const float * sm = mx + n_kv;
-            for (int64_t j = 0; j < n_keys; ++j) {
-                cap.max[at + j] = std::max(cap.max[at + j], mx[j]);
-                cap.sum[at + j] += sm[j];
-            }
-            if (!head) continue;
-            for (int64_t j = 0; j < n_keys; ++j) {
-                cap.head_max[at + j] = std::max(cap.head_max[at + j], mx[j]);
-                cap.head_sum[at + j] += sm[j];
-            }
+            fold_max_sum(cap.max.data() + at, cap.sum.data() + at, mx, sm, n_keys);
+            if (head) fold_max_sum(cap.head_max.data() + at, cap.head_sum.data() + at, mx, sm, n_keys);
         }
     }
     if (seen != nullptr) {  // (no mask: nothing to count, as on the host)

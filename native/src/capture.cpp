@@ -341,18 +341,8 @@ void reduce(kvc_capture & cap, const ggml_tensor * t, int32_t il) {
             double * sm = cap.sum.data() + at;
             for (int64_t q = 0; q < n_tok; ++q) {
                 const float * row = reinterpret_cast<const float *>(base + h * t->nb[2] + q * t->nb[1]);
-                for (int64_t j = 0; j < m; ++j) {
-                    mx[j] = std::max(mx[j], row[j]);
-                    sm[j] += row[j];
-                }
-                if (q < n_head_rows) {
-                    float *  hmx = cap.head_max.data() + at;
-                    double * hsm = cap.head_sum.data() + at;
-                    for (int64_t j = 0; j < m; ++j) {
-                        hmx[j] = std::max(hmx[j], row[j]);
-                        hsm[j] += row[j];
-                    }
-                }
+                kvc::fold_max_sum(mx, sm, row, row, m);
+                if (q < n_head_rows) kvc::fold_max_sum(cap.head_max.data() + at, cap.head_sum.data() + at, row, row, m);
             }
         }
     });

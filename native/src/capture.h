@@ -4,6 +4,7 @@
 
 #include "backend_reduce.h"
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -64,6 +65,14 @@ inline int64_t head_rows_of(const kvc_capture & cap, int32_t il, int64_t n_tok) 
     if (cap.head_max.empty()) return 0;
     const int64_t left = static_cast<int64_t>(cap.head_rows) - cap.n_queries[il];
     return left <= 0 ? 0 : (left < n_tok ? left : n_tok);
+}
+
+// Fold n probabilities into a running max and sum (one query row, or one pooled block's (max, sum)).
+inline void fold_max_sum(float * mx, double * sm, const float * row_max, const float * row_sum, int64_t n) {
+    for (int64_t j = 0; j < n; ++j) {
+        mx[j] = std::max(mx[j], row_max[j]);
+        sm[j] += row_sum[j];
+    }
 }
 
 int32_t capture_rows(const kvc_capture & cap, int32_t part, int32_t seq_id, const int32_t * positions,
