@@ -79,6 +79,7 @@ def main() -> None:
         help="the case nearest this depth records the needle kept per (layer, head) after each compression",
     )
     p.add_argument("--no-full", action="store_true", help="skip the full-cache reference (quick comparisons)")
+    p.add_argument("--flash", choices=["off", "on"], default="off", help="flash attention (every Llama of the run)")
     p.add_argument("--max-tokens", type=int, default=20)
     p.add_argument("--out", default="bench/runs/long")
     a = p.parse_args()
@@ -94,7 +95,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     full_n_ctx = 2 * a.tokens + 512 if a.single_shot else a.tokens + 256  # single-shot's lookahead probe needs 2n
-    full = Llama(n_ctx=full_n_ctx, n_batch=512, verbose=False)
+    flash = a.flash == "on"
+    full = Llama(n_ctx=full_n_ctx, n_batch=512, flash_attn=flash, verbose=False)
     tok = lambda s: full.tokenize(s.encode(), add_bos=False)  # noqa: E731
     cases = []  # (style, depth, key, prompt tokens, needle positions)
     for style in a.style:
@@ -215,7 +217,7 @@ def main() -> None:
             question_consensus=a.question_consensus,
             question_every=a.question_every,
         )
-        llm = Llama(n_ctx=a.n_ctx, n_batch=512, verbose=False, kv_stream=policy)
+        llm = Llama(n_ctx=a.n_ctx, n_batch=512, flash_attn=flash, verbose=False, kv_stream=policy)
         for spec, press, only in presses:
             if only not in (None, room):
                 continue

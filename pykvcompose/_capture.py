@@ -34,10 +34,12 @@ class Capture:
         """The ``kvc_capture *`` as an integer (for ``cb_eval_user_data``)."""
         return int(ffi.cast("uintptr_t", self.handle))
 
-    def begin(self, n_layer: int, n_head: int, n_keys: int, head_rows: int = 0) -> None:
+    def begin(self, n_layer: int, n_head: int, n_keys: int, head_rows: int = 0, pooled_rows: int = 0) -> None:
         """Reset and activate; with ``head_rows``, each layer's first ``head_rows`` query rows are also pooled
-        apart (:meth:`scores` with ``head=True``)."""
+        apart (:meth:`scores` with ``head=True``); with ``pooled_rows``, only each layer's first ``pooled_rows``
+        query rows are pooled at all (the rest: a batch's padding)."""
         _check(_lib.kvc_capture_set_head_rows(self.handle, int(head_rows)), "kvc_capture_set_head_rows")
+        _check(_lib.kvc_capture_set_pooled_rows(self.handle, int(pooled_rows)), "kvc_capture_set_pooled_rows")
         _check(_lib.kvc_capture_begin(self.handle, n_layer, n_head, n_keys), "kvc_capture_begin")
         self._shape = (n_layer, n_head, n_keys)
 

@@ -157,6 +157,8 @@ class Engine:
         Why the model's cache cannot be compressed (None: it can).
     logits_rows : np.ndarray, optional
         llama-cpp-python's ``scores`` array when every token's logits are kept (``logits_all``).
+    tile_rows : int
+        Query rows of a ubatch from which the attention kernel runs tiled (``support.tile_rows``; 0: none known).
     """
 
     def __init__(
@@ -172,6 +174,7 @@ class Engine:
         policy: StreamPolicy,
         unsupported: Optional[str] = None,
         logits_rows: Optional[np.ndarray] = None,
+        tile_rows: int = 0,
     ) -> None:
         self.ctx = ctx
         self.batch = batch
@@ -183,6 +186,7 @@ class Engine:
         self.max_tokens = max_tokens
         self.unsupported = unsupported
         self.logits_rows = logits_rows
+        self.tile_rows = tile_rows
         self.press: Optional[Press] = None  # Llama.kv_compress
         self.set_policy(policy)
         self.room_override: Optional[Press] = None  # compress_context's press while it streams a context
@@ -337,10 +341,11 @@ class Engine:
                 self.progress(min(start + step, len(tokens)), len(tokens), "prefill")
 
     # ---- attention capture ----------------------------------------------------------------------
-    def capture_begin(self, n_keys: int, head_rows: int = 0) -> None:
+    def capture_begin(self, n_keys: int, head_rows: int = 0, pooled_rows: int = 0) -> None:
         """Start capturing the attention of every model layer over ``n_keys`` cache columns; the first
-        ``head_rows`` query rows are pooled apart as well (``capture_scores(head=True)``)."""
-        self.capture.begin(self.shape.n_model_layers, self.shape.n_head, n_keys, head_rows)
+        ``head_rows`` query rows are pooled apart as well (``capture_scores(head=True)``); with ``pooled_rows``,
+        the query rows after the first ``pooled_rows`` are not pooled (a batch's padding)."""
+        self.capture.begin(self.shape.n_model_layers, self.shape.n_head, n_keys, head_rows, pooled_rows)
 
     def capture_scores(self, head: bool = False) -> Tuple[np.ndarray, np.ndarray]:
         """The capture's (max, mean) head scores of the compressed layers, ``[n_layer, n_head, n_keys]``;
@@ -353,10 +358,13 @@ class Engine:
         layers = self.shape.layers
         return np.ascontiguousarray(mx[layers]), np.ascontiguousarray(mean[layers])
 
-    def captured(self, run: Callable[[], Any], n_keys: int, head_rows: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    def captured(
+        self, run: Callable[[], Any], n_keys: int, head_rows: int = 0, pooled_rows: int = 0
+    ) -> Tuple[np.ndarray, np.ndarray]:
         """Run ``run()`` with the attention capture on; return its (max, mean) head scores (and keep those of
-        the first ``head_rows`` query rows for ``capture_scores(head=True)``)."""
-        self.capture_begin(n_keys, head_rows)
+        the first ``head_rows`` query rows for ``capture_scores(head=True)``; ``pooled_rows``: of the first
+        ``pooled_rows`` query rows alone)."""
+        self.capture_begin(n_keys, head_rows, pooled_rows)
         try:
             run()
         finally:

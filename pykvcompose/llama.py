@@ -137,7 +137,6 @@ class Llama(llama_cpp.Llama):
         unsupported = support.why_unsupported(model, self.metadata, shape)
         if unsupported is None:
             self._install_capture()  # flash attention too: the capture recomputes its probabilities
-        trained = int(llama_cpp.llama_model_n_ctx_train(model))
         try:
             self._engine = Engine(
                 self._ctx,
@@ -147,10 +146,11 @@ class Llama(llama_cpp.Llama):
                 self._kv,
                 n_batch=self.n_batch,
                 n_ubatch=int(self.context_params.n_ubatch),
-                max_tokens=kv_max_tokens if kv_max_tokens is not None else trained,
+                max_tokens=int(llama_cpp.llama_model_n_ctx_train(model)) if kv_max_tokens is None else kv_max_tokens,
                 policy=policy,
                 unsupported=unsupported,
                 logits_rows=self.scores if self._logits_all else None,
+                tile_rows=support.tile_rows(self.context_params, self.model_params),
             )
         except ValueError:
             self.close()  # a chunk too large for this n_ctx

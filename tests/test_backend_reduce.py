@@ -128,11 +128,15 @@ def test_reduction_place_is_checked(model_path):
 
 @pytest.mark.parametrize("where", ["backend", "portable", "host"])
 @pytest.mark.parametrize("flash_attn", [False, True], ids=["softmax", "flash"])
-def test_head_rows_score_what_those_rows_score_alone(model_path, prompt_tokens, flash_attn, where, monkeypatch):
+def test_head_rows_and_pooled_rows_score_what_those_rows_score_alone(
+    model_path, prompt_tokens, flash_attn, where, monkeypatch
+):
     """The capture's head rows (a question whose batch also carries the drafts it checks, which a failed check
     discards) are pooled apart: over 40 rows in three ubatches, the first 20 score what those 20 rows score
     captured alone (causal rows never see the later ones), and the whole capture what it scores without them
-    (to float rounding: the two ranges are summed apart). "portable": the graph GPUs run, on the CPU."""
+    (to float rounding: the two ranges are summed apart). Pooled rows (a batch padded up to a kernel's tile):
+    with only the first 20 of the 40 pooled (all of one ubatch, part of the next, none of the last), the capture
+    scores what those 20 score alone. "portable": the graph GPUs run, on the CPU."""
     if where == "portable":
         monkeypatch.setenv("KVC_REDUCE_DENY_OP", "CUSTOM")
         monkeypatch.setenv("KVC_REDUCE_BLOCK_BYTES", str(3 * 512 * 9 * 4))  # blocks of 3 queries
@@ -147,9 +151,14 @@ def test_head_rows_score_what_those_rows_score_alone(model_path, prompt_tokens, 
         whole = engine.captured(lambda: probing.decode_removed(engine, rows, base), cells)
         split = engine.captured(lambda: probing.decode_removed(engine, rows, base), cells, head_rows=20)
         head = engine.capture_scores(head=True)
+        padded = engine.captured(lambda: probing.decode_removed(engine, rows, base), cells, pooled_rows=20)
         assert m._kv_capture.fallback == ""
         for got, want in zip(head, alone):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+        for got, want in zip(padded, alone):
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+        assert all(m._kv_capture.n_queries(il) == 20 for il in range(engine.shape.n_model_layers))
+        np.testing.assert_array_equal(m._kv_capture.visibility()[:cells], 20)  # layer 0's 20 rows see every cell
         np.testing.assert_array_equal(split[0], whole[0])  # the max: whatever the order
         np.testing.assert_allclose(split[1], whole[1], rtol=1e-6, atol=1e-9)  # sums in another order
         assert not np.allclose(head[1], whole[1], atol=1e-4)  # the last 20 rows weigh in the whole mean

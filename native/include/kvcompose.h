@@ -30,7 +30,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a signature or a struct in this header changes. */
-#define KVC_API_VERSION 8
+#define KVC_API_VERSION 9
 
 struct ggml_tensor;
 struct llama_context;
@@ -122,6 +122,11 @@ KVC_API int32_t kvc_capture_get_scores(const kvc_capture * cap, int32_t agg, flo
 KVC_API int32_t kvc_capture_set_head_rows(kvc_capture * cap, int32_t rows);
 /* kvc_capture_get_scores over the head rows alone. KVC_ERR_INVALID_ARGUMENT if the last begin kept none. */
 KVC_API int32_t kvc_capture_get_head_scores(const kvc_capture * cap, int32_t agg, float * dst, size_t n_values);
+/* Pooled rows: pool only the first `rows` probe query rows of each layer (counted per layer from
+ * kvc_capture_begin); the later rows of a batch are decoded but neither scored nor counted (padding that
+ * brings a batch to the size a faster kernel needs). 0 (the default) pools every row. The head rows are
+ * among the pooled ones. Set while inactive; it holds for every later begin until set again. */
+KVC_API int32_t kvc_capture_set_pooled_rows(kvc_capture * cap, int32_t rows);
 /* Number of probe query rows seen by layer il (-1 if il is out of range). */
 KVC_API int64_t kvc_capture_n_queries(const kvc_capture * cap, int32_t il);
 /* For every key column j (dst [n_keys]): how many probe query rows of layer 0 the attention mask

@@ -200,6 +200,9 @@ bool BackendReducer::reduce(kvc_capture & cap, const AttentionInputs & in, int32
         return false;
     }
 
+    const int64_t n_rows = pooled_rows_of(cap, il, n_tok);  // rows [n_rows, n_tok): padding, not pooled
+    if (n_rows == 0) return true;                           // nothing to pool in this ubatch
+
     Impl & m = *impl_;
     const int n_threads = static_cast<int>(cap.n_threads > 0 ? cap.n_threads : max_threads());
     Impl::Device * d = m.device(dev, n_threads, why);
@@ -211,15 +214,16 @@ bool BackendReducer::reduce(kvc_capture & cap, const AttentionInputs & in, int32
 
     // query blocks of recomputed probabilities: at most block_bytes() at once. llama.cpp's own
     // probabilities exist already and are pooled whole (one contiguous tensor). The capture's head rows
-    // (kvc_capture_set_head_rows) among this ubatch's rows are a range of their own, pooled apart.
+    // (kvc_capture_set_head_rows) among this ubatch's rows are a range of their own, pooled apart; rows past
+    // the pooled ones (kvc_capture_set_pooled_rows) are not computed.
     const size_t per_query = static_cast<size_t>(n_kv) * n_head * sizeof(float);
     const int64_t block =
-        flash ? std::clamp<int64_t>(static_cast<int64_t>(block_bytes() / per_query), 1, n_tok) : n_tok;
-    const int64_t n_head_rows = head_rows_of(cap, il, n_tok);
+        flash ? std::clamp<int64_t>(static_cast<int64_t>(block_bytes() / per_query), 1, n_rows) : n_rows;
+    const int64_t n_head_rows = head_rows_of(cap, il, n_rows);
     std::vector<std::pair<int64_t, int64_t>> ranges;  // [r0, r1) rows: the head rows first, if any
     if (n_head_rows > 0) ranges.emplace_back(0, n_head_rows);
-    if (n_head_rows < n_tok) ranges.emplace_back(n_head_rows, n_tok);
-    const int64_t n_block = (n_tok + block - 1) / block + static_cast<int64_t>(ranges.size()) - 1;
+    if (n_head_rows < n_rows) ranges.emplace_back(n_head_rows, n_rows);
+    const int64_t n_block = (n_rows + block - 1) / block + static_cast<int64_t>(ranges.size()) - 1;
     const bool visibility = il == 0;
 
     const size_t n_tensors = 16 * static_cast<size_t>(n_block) + 32;
@@ -287,11 +291,11 @@ bool BackendReducer::reduce(kvc_capture & cap, const AttentionInputs & in, int32
     ggml_tensor * seen = nullptr;  // [n_kv, 1]: query rows whose mask lets them see each cell
     if (visibility && mask != nullptr) {
         // -inf (hidden) -> 0, any finite value -> 1, summed over the ubatch's rows
-        ggml_tensor * rows = ggml_cast(ctx, alias(ctx, mask, 0, n_tok), GGML_TYPE_F32);
+        ggml_tensor * rows = ggml_cast(ctx, alias(ctx, mask, 0, n_rows), GGML_TYPE_F32);
         ggml_tensor * open = ggml_step(ctx, ggml_scale_bias(ctx, rows, 1.0f, 1e30f));
-        seen = ggml_scale(ctx, ggml_pool_2d(ctx, open, GGML_OP_POOL_AVG, 1, static_cast<int>(n_tok), 1,
-                                            static_cast<int>(n_tok), 0, 0),
-                          static_cast<float>(n_tok));
+        seen = ggml_scale(ctx, ggml_pool_2d(ctx, open, GGML_OP_POOL_AVG, 1, static_cast<int>(n_rows), 1,
+                                            static_cast<int>(n_rows), 0, 0),
+                          static_cast<float>(n_rows));
     }
     ggml_cgraph * gf = ggml_new_graph_custom(ctx, n_tensors, false);
     for (ggml_tensor * acc : accs) ggml_build_forward_expand(gf, acc);
@@ -341,7 +345,7 @@ bool BackendReducer::reduce(kvc_capture & cap, const AttentionInputs & in, int32
         }
     }
     if (n_head_rows > 0) cap.head_queries[il] += n_head_rows;
-    cap.n_queries[il] += n_tok;
+    cap.n_queries[il] += n_rows;
     return true;
 }
 

@@ -164,6 +164,8 @@ void recompute(kvc_capture & cap, const ggml_tensor * q, const ggml_tensor * k, 
         cap.error = std::string("keys of type ") + ggml_type_name(k->type) + " cannot be read as floats";
         return;
     }
+    const int64_t n_rows = kvc::pooled_rows_of(cap, il, n_tok);  // rows [n_rows, n_tok): padding, not pooled
+    if (n_rows == 0) return;
     std::vector<float> q_stage, k_stage, m_stage, s_stage;
     const char * qd = host_data(cap, q, q_stage);
     const char * kd = host_data(cap, k, k_stage);
@@ -200,7 +202,7 @@ void recompute(kvc_capture & cap, const ggml_tensor * q, const ggml_tensor * k, 
     }
     const int64_t m = std::min<int64_t>(n_kv, cap.n_keys);
     const int64_t group = n_head / n_head_kv;
-    const int64_t n_head_rows = kvc::head_rows_of(cap, il, n_tok);
+    const int64_t n_head_rows = kvc::head_rows_of(cap, il, n_rows);
     auto work = [&](int64_t h0, int64_t h1) {
         std::vector<float> logits(n_kv), q_round(D);
         std::vector<uint8_t> q_packed(q_type == GGML_TYPE_F32 ? 0 : ggml_row_size(q_type, D));
@@ -211,7 +213,7 @@ void recompute(kvc_capture & cap, const ggml_tensor * q, const ggml_tensor * k, 
             double * sm = cap.sum.data() + at;
             float *  hmx = n_head_rows > 0 ? cap.head_max.data() + at : nullptr;
             double * hsm = n_head_rows > 0 ? cap.head_sum.data() + at : nullptr;
-            for (int64_t t = 0; t < n_tok; ++t) {
+            for (int64_t t = 0; t < n_rows; ++t) {
                 const float * qv = reinterpret_cast<const float *>(qd + t * q->nb[1] + h * q->nb[2]);
                 if (q_type != GGML_TYPE_F32) {
                     qt->from_float_ref(qv, q_packed.data(), D);
@@ -258,9 +260,9 @@ void recompute(kvc_capture & cap, const ggml_tensor * q, const ggml_tensor * k, 
         }
     };
     kvc::parallel_for(n_head, work);
-    count_visible(cap, mask, n_tok, il);
+    count_visible(cap, mask, n_rows, il);
     if (n_head_rows > 0) cap.head_queries[il] += n_head_rows;
-    cap.n_queries[il] += n_tok;
+    cap.n_queries[il] += n_rows;
 }
 
 float op_param(const ggml_tensor * t, int i) {
@@ -326,6 +328,8 @@ void reduce(kvc_capture & cap, const ggml_tensor * t, int32_t il) {
         return;
     }
 
+    const int64_t n_rows = kvc::pooled_rows_of(cap, il, n_tok);  // rows [n_rows, n_tok): padding, not pooled
+    if (n_rows == 0) return;
     const char * base = host_data(cap, t, cap.staging);  // device tensor: one host copy per layer and ubatch
     if (base == nullptr) {
         cap.error = "attention tensor has no data";
@@ -333,22 +337,22 @@ void reduce(kvc_capture & cap, const ggml_tensor * t, int32_t il) {
     }
 
     const int64_t m = std::min<int64_t>(n_kv, cap.n_keys);
-    const int64_t n_head_rows = kvc::head_rows_of(cap, il, n_tok);
+    const int64_t n_head_rows = kvc::head_rows_of(cap, il, n_rows);
     kvc::parallel_for(n_head, [&](int64_t h0, int64_t h1) {
         for (int64_t h = h0; h < h1; ++h) {
             const size_t at = (static_cast<size_t>(il) * cap.n_head + h) * cap.n_keys;
             float *  mx = cap.max.data() + at;
             double * sm = cap.sum.data() + at;
-            for (int64_t q = 0; q < n_tok; ++q) {
+            for (int64_t q = 0; q < n_rows; ++q) {
                 const float * row = reinterpret_cast<const float *>(base + h * t->nb[2] + q * t->nb[1]);
                 kvc::fold_max_sum(mx, sm, row, row, m);
                 if (q < n_head_rows) kvc::fold_max_sum(cap.head_max.data() + at, cap.head_sum.data() + at, row, row, m);
             }
         }
     });
-    count_visible(cap, t->src[1], n_tok, il);
+    count_visible(cap, t->src[1], n_rows, il);
     if (n_head_rows > 0) cap.head_queries[il] += n_head_rows;
-    cap.n_queries[il] += n_tok;
+    cap.n_queries[il] += n_rows;
 }
 
 // Cache cells [0, n_cells) of one layer's K or V cache tensor as TensorRows, laid out like
@@ -420,9 +424,10 @@ void keep_queries(kvc_capture & cap, const ggml_tensor * q, float scale, float s
     cap.query_dim[il] = static_cast<int32_t>(D);
     cap.query_scale[il] = scale;
     const int64_t first = cap.n_queries[il];
+    const int64_t n_rows = kvc::pooled_rows_of(cap, il, n_tok);
     std::vector<float> stage;
     const char * base = nullptr;
-    for (int64_t t = 0; t < n_tok; ++t) {
+    for (int64_t t = 0; t < n_rows; ++t) {
         if ((first + t) % cap.query_every != 0) continue;
         if (static_cast<int64_t>(kept.size()) >= static_cast<int64_t>(cap.query_max) * n_head * D) break;
         if (base == nullptr && (base = host_data(cap, q, stage)) == nullptr) {
@@ -639,6 +644,19 @@ int32_t kvc_capture_set_head_rows(kvc_capture * cap, int32_t rows) {
             return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "the capture is active: set its head rows before it begins");
         }
         cap->head_rows = rows;
+        return static_cast<int32_t>(KVC_OK);
+    });
+}
+
+int32_t kvc_capture_set_pooled_rows(kvc_capture * cap, int32_t rows) {
+    return kvc::guard([&] {
+        if (cap == nullptr || rows < 0) {
+            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "capture is NULL or rows negative");
+        }
+        if (cap->active) {
+            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "the capture is active: set its pooled rows before it begins");
+        }
+        cap->pooled_rows = rows;
         return static_cast<int32_t>(KVC_OK);
     });
 }

@@ -27,6 +27,9 @@ struct kvc_capture {
     std::vector<float>   head_max;
     std::vector<double>  head_sum;
     std::vector<int64_t> head_queries;  // [n_layer]
+    // Only the first pooled_rows probe query rows of each layer are pooled (kvc_capture_set_pooled_rows);
+    // 0: all of them
+    int32_t pooled_rows = 0;
     std::vector<float>   staging;    // host copy of tensors that live on a device buffer
     std::vector<float>   keys;       // recomputed attention: the layer's keys as f32 [n_head_kv, n_kv, D]
     bool    recompute = false;       // recompute kq_soft_max from q and k instead of reading it
@@ -64,6 +67,15 @@ struct ParsedState;
 inline int64_t head_rows_of(const kvc_capture & cap, int32_t il, int64_t n_tok) {
     if (cap.head_max.empty()) return 0;
     const int64_t left = static_cast<int64_t>(cap.head_rows) - cap.n_queries[il];
+    return left <= 0 ? 0 : (left < n_tok ? left : n_tok);
+}
+
+// How many of a ubatch's n_tok query rows in layer il the capture pools: rows [0, that) of the ubatch, all
+// of them unless kvc_capture_set_pooled_rows limits the layer's rows since kvc_capture_begin. Call before
+// counting the ubatch into n_queries[il] (which counts pooled rows only).
+inline int64_t pooled_rows_of(const kvc_capture & cap, int32_t il, int64_t n_tok) {
+    if (cap.pooled_rows <= 0) return n_tok;
+    const int64_t left = static_cast<int64_t>(cap.pooled_rows) - cap.n_queries[il];
     return left <= 0 ? 0 : (left < n_tok ? left : n_tok);
 }
 

@@ -331,6 +331,27 @@ void test_capture_reduces_softmax_tensors() {
     CHECK_STATUS(kvc_capture_get_head_scores(cap, KVC_AGG_MAX, hmx.data(), hmx.size()), KVC_ERR_INVALID_ARGUMENT);
     for (int i = 0; i < 16; ++i) d[i] = static_cast<float>(i) / 16.0f;
 
+    // pooled rows: only the first 3 query rows of each layer pooled (three ubatches of 2 rows: all of the first,
+    // query 0 of the second, none of the third); the rest are a batch's padding, neither scored nor counted
+    CHECK_STATUS(kvc_capture_set_pooled_rows(cap, -1), KVC_ERR_INVALID_ARGUMENT);
+    CHECK_STATUS(kvc_capture_set_pooled_rows(cap, 3), KVC_OK);
+    CHECK_STATUS(kvc_capture_begin(cap, 2, 2, 3), KVC_OK);
+    CHECK_STATUS(kvc_capture_set_pooled_rows(cap, 1), KVC_ERR_INVALID_ARGUMENT);  // not while active
+    CHECK(kvc_capture_eval_callback(t, false, cap) == true);
+    for (int i = 0; i < 16; ++i) d[i] = static_cast<float>(15 - i) / 16.0f;
+    CHECK(kvc_capture_eval_callback(t, false, cap) == true);
+    for (int i = 0; i < 16; ++i) d[i] = 1.0f;  // padding: were it pooled, every max would be 1
+    CHECK(kvc_capture_eval_callback(t, false, cap) == true);
+    CHECK_STATUS(kvc_capture_end(cap), KVC_OK);
+    CHECK(kvc_capture_n_queries(cap, 1) == 3);
+    CHECK_STATUS(kvc_capture_get_scores(cap, KVC_AGG_MAX, mx.data(), mx.size()), KVC_OK);
+    CHECK_STATUS(kvc_capture_get_scores(cap, KVC_AGG_MEAN, mean.data(), mean.size()), KVC_OK);
+    CHECK(mx[at] == 14.0f / 16.0f);  // the head rows' figures above: the same three rows
+    CHECK(std::fabs(mean[at] - (10.0f + 14.0f + 5.0f) / 3.0f / 16.0f) < 1e-6);
+    CHECK(mx[(1 * 2 + 0) * 3 + 0] == 15.0f / 16.0f);
+    CHECK_STATUS(kvc_capture_set_pooled_rows(cap, 0), KVC_OK);
+    for (int i = 0; i < 16; ++i) d[i] = static_cast<float>(i) / 16.0f;
+
     // a layer beyond the capture and a wrong head count are reported at the end, not crashed on
     CHECK_STATUS(kvc_capture_begin(cap, 1, 2, 3), KVC_OK);
     kvc_capture_eval_callback(t, false, cap);
