@@ -241,10 +241,10 @@ def question_probe(engine: Engine, probe: Probe, tail: int, lookahead: int) -> O
     Greedy drafts cost a forward pass per token, so a round decodes the question and the last round's drafts
     in one captured batch, checked as speculative decoding checks a draft: if the model still writes each of
     them greedily on this cache, that batch is the probe. Otherwise the drafts from the first wrong one on are
-    written again (a fact the answer needs has come in or gone) one token at a time with the capture on, and the
-    probe is the question's rows, pooled apart in the first batch (the capture's head rows: causal, they never see
-    a draft), and the rewritten drafts' rows; the drafts kept before the first wrong one were checked, and their
-    attention counted in the rounds that wrote them (each round ranks by the most a cell ever got). One batch,
+    written again (a fact the answer needs has come in or gone) with the capture off, one token at a time, and
+    all of them decoded again in one captured batch; the question's rows, pooled apart in the first batch (the
+    capture's head rows), stay valid whatever the drafts turn out to be (they are causal: they never see a
+    draft). The probe is then the attention of one batch of the question and the drafts, bit for bit. One batch,
     not two: one graph fewer per round, and with flash attention ggml's CPU kernel takes its tiled path only
     from 64 query rows, to which a batch a little short of it is padded (``tile_padding``)."""
     conv, shape = engine.conv, engine.shape
@@ -291,19 +291,14 @@ def question_probe(engine: Engine, probe: Probe, tail: int, lookahead: int) -> O
         else:
             first = captured_at(question, base, len(question) - 1)[0]
         if drafts is None:
-            # from the first wrong draft on (at the first round: all of them), written one token at a time with the
-            # capture on, each a query of this round's probe as it is written (decoding them again as a batch would
-            # cost a forward pass of its own); the checked ones before it were verified as a pass's drafts are
-            n, more = len(kept), []
-
-            def write() -> None:
-                decode_at(engine, [first], at + n)
-                if n + 1 < k and not is_eog(first):
-                    more.extend(greedy_drafts(engine, at + n + 1, k - n - 1))
-
-            mx, mean = engine.captured(write, cells)
-            parts.append((1 + len(more), mx, mean))
+            # from the first wrong draft on, written one token at a time with the capture off (the checked ones
+            # were verified as a pass's drafts are), then all decoded again in one captured batch
+            n = len(kept)
+            decode_at(engine, [first], at + n)
+            more = [] if n + 1 >= k or is_eog(first) else greedy_drafts(engine, at + n + 1, k - n - 1)
+            engine.remove(at)
             drafts = conv.question_drafts = kept + [first] + more
+            captured_at(drafts, at)
     finally:
         engine.remove(base)  # the probe's cells never stay
     mx, mean = pooled(parts)

@@ -385,10 +385,10 @@ def test_a_cell_keeps_the_most_attention_its_question_gave_it(filler, monkeypatc
 def test_the_question_probe_is_one_batch_of_the_question_and_its_greedy_drafts(filler, monkeypatch, tile_rows):
     """Greedy drafts cost a forward pass per token: a streamed prompt's question probe decodes the question and
     the last round's drafts in one captured batch, kept if the model still writes each of them greedily on this
-    cache (speculative decoding's check): the round's attention is then exactly what one captured batch of the
-    question and those drafts gives. Else they are written again from the first wrong one, one token at a time
-    with the capture on, and the attention is exactly the question's rows (pooled apart in the batch) and those
-    rewritten drafts' rows. Every round's drafts are the model's greedy ones after the question on that cache.
+    cache (speculative decoding's check), else written again from the first wrong one with the capture off, one
+    token at a time, and decoded again in one captured batch. Every round's drafts are the model's greedy ones
+    after the question on that cache, and its attention is exactly what one captured batch of the question and
+    those drafts gives (the question's rows pooled apart, then the rewritten drafts' batch, change no float).
     "padded": a batch a little short of the kernel's tiled size (``Engine.tile_rows``, here 32: 16 question
     rows and 12 drafts) is padded up to it, and the padding changes no score and leaves no cell."""
     tok = lambda s: filler.tokenize(s.encode(), add_bos=False)  # noqa: E731
@@ -406,13 +406,12 @@ def test_the_question_probe_is_one_batch_of_the_question_and_its_greedy_drafts(f
         return real_decode(engine, tokens, base, predict_from, padding)
 
     def drafting(engine, base, k):
-        assert engine.capture.active  # (each draft a query as it is written)
+        assert not engine.capture.active  # (one token at a time: decoded again in one captured batch)
         written.append((base - conv.n_tokens - 16, real_drafts(engine, base, k)))  # (16: the question's rows)
         return written[-1][1]
 
     def asking(engine, probe, tail, lookahead):
         held, conv.question_scores = conv.question_scores, None  # this round's attention, not the running max
-        before = conv.question_drafts
         try:
             asked = real_probe(engine, probe, tail, lookahead)
         finally:
@@ -423,19 +422,7 @@ def test_the_question_probe_is_one_batch_of_the_question_and_its_greedy_drafts(f
             conv.n_tokens,
             conv.cells,
         )
-        if drafts is before:  # the check passed: one batch
-            mx, mean = engine.captured(lambda: probing.decode_removed(engine, question + drafts, base), cells)
-        else:  # the question's rows, then the drafts from the first rewritten one, one token at a time
-            first = next((i for i, (a, b) in enumerate(zip(before or [], drafts)) if a != b), 0)
-            parts = [(len(question), *engine.captured(lambda: probing.decode_removed(engine, question, base), cells))]
-            try:
-                probing.decode_at(engine, question + drafts[:first], base)
-                at = base + len(question) + first
-                one_by_one = lambda: [probing.decode_at(engine, [t], at + i) for i, t in enumerate(drafts[first:])]  # noqa: E731
-                parts.append((len(drafts) - first, *engine.captured(one_by_one, cells)))
-            finally:
-                engine.remove(base)
-            mx, mean = probing.pooled(parts)
+        mx, mean = engine.captured(lambda: probing.decode_removed(engine, question + drafts, base), cells)
         try:
             probing.decode_at(engine, question, base)
             greedy_ones = real_drafts(engine, base + len(question), len(drafts))

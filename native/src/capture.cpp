@@ -496,6 +496,18 @@ int32_t capture_rows(const kvc_capture & cap, int32_t part, int32_t seq_id, cons
     return KVC_OK;
 }
 
+// A row count that holds for every later begin (kvc_capture_set_head_rows, kvc_capture_set_pooled_rows).
+int32_t set_rows(kvc_capture * cap, int32_t rows, int32_t kvc_capture::*field, const char * what) {
+    if (cap == nullptr || rows < 0) {
+        return fail(KVC_ERR_INVALID_ARGUMENT, "capture is NULL or rows negative");
+    }
+    if (cap->active) {
+        return fail(KVC_ERR_INVALID_ARGUMENT, std::string("the capture is active: set its ") + what + " before it begins");
+    }
+    cap->*field = rows;
+    return static_cast<int32_t>(KVC_OK);
+}
+
 }  // namespace kvc
 
 extern "C" {
@@ -636,29 +648,11 @@ int32_t kvc_capture_get_scores(const kvc_capture * cap, int32_t agg, float * dst
 }
 
 int32_t kvc_capture_set_head_rows(kvc_capture * cap, int32_t rows) {
-    return kvc::guard([&] {
-        if (cap == nullptr || rows < 0) {
-            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "capture is NULL or rows negative");
-        }
-        if (cap->active) {
-            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "the capture is active: set its head rows before it begins");
-        }
-        cap->head_rows = rows;
-        return static_cast<int32_t>(KVC_OK);
-    });
+    return kvc::guard([&] { return kvc::set_rows(cap, rows, &kvc_capture::head_rows, "head rows"); });
 }
 
 int32_t kvc_capture_set_pooled_rows(kvc_capture * cap, int32_t rows) {
-    return kvc::guard([&] {
-        if (cap == nullptr || rows < 0) {
-            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "capture is NULL or rows negative");
-        }
-        if (cap->active) {
-            return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "the capture is active: set its pooled rows before it begins");
-        }
-        cap->pooled_rows = rows;
-        return static_cast<int32_t>(KVC_OK);
-    });
+    return kvc::guard([&] { return kvc::set_rows(cap, rows, &kvc_capture::pooled_rows, "pooled rows"); });
 }
 
 int32_t kvc_capture_get_head_scores(const kvc_capture * cap, int32_t agg, float * dst, size_t n_values) {
