@@ -58,25 +58,24 @@ struct kvc_capture {
 namespace kvc {
 struct ParsedState;
 
-// A ParsedState over cache cells [0, n_cells) of the capture's cache tensors: what
-// llama_state_seq_get_data would write for a sequence held in exactly those cells. part: KVC_PART_K,
-// KVC_PART_V, or -1 for both. Rows on device buffers are copied into `stages` (one per layer and part).
+// Of a ubatch's n_tok rows, how many fall within the first `limit` rows of a layer that has seen `seen` already.
+inline int64_t rows_within(int64_t limit, int64_t seen, int64_t n_tok) {
+    const int64_t left = limit - seen;
+    return left <= 0 ? 0 : (left < n_tok ? left : n_tok);
+}
+
 // How many of a ubatch's n_tok query rows in layer il are among the capture's head rows (the first
 // head_rows of the layer since kvc_capture_begin): rows [0, that) of the ubatch. Call before counting
 // the ubatch into n_queries[il].
 inline int64_t head_rows_of(const kvc_capture & cap, int32_t il, int64_t n_tok) {
-    if (cap.head_max.empty()) return 0;
-    const int64_t left = static_cast<int64_t>(cap.head_rows) - cap.n_queries[il];
-    return left <= 0 ? 0 : (left < n_tok ? left : n_tok);
+    return cap.head_max.empty() ? 0 : rows_within(cap.head_rows, cap.n_queries[il], n_tok);
 }
 
 // How many of a ubatch's n_tok query rows in layer il the capture pools: rows [0, that) of the ubatch, all
 // of them unless kvc_capture_set_pooled_rows limits the layer's rows since kvc_capture_begin. Call before
 // counting the ubatch into n_queries[il] (which counts pooled rows only).
 inline int64_t pooled_rows_of(const kvc_capture & cap, int32_t il, int64_t n_tok) {
-    if (cap.pooled_rows <= 0) return n_tok;
-    const int64_t left = static_cast<int64_t>(cap.pooled_rows) - cap.n_queries[il];
-    return left <= 0 ? 0 : (left < n_tok ? left : n_tok);
+    return cap.pooled_rows <= 0 ? n_tok : rows_within(cap.pooled_rows, cap.n_queries[il], n_tok);
 }
 
 // Fold n probabilities into a running max and sum (one query row, or one pooled block's (max, sum)).
@@ -87,6 +86,9 @@ inline void fold_max_sum(float * mx, double * sm, const float * row_max, const f
     }
 }
 
+// A ParsedState over cache cells [0, n_cells) of the capture's cache tensors: what
+// llama_state_seq_get_data would write for a sequence held in exactly those cells. part: KVC_PART_K,
+// KVC_PART_V, or -1 for both. Rows on device buffers are copied into `stages` (one per layer and part).
 int32_t capture_rows(const kvc_capture & cap, int32_t part, int32_t seq_id, const int32_t * positions,
                      uint32_t n_cells, ParsedState & st, std::vector<std::vector<uint8_t>> & stages);
 }  // namespace kvc
