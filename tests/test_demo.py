@@ -2,7 +2,8 @@
 
 import pytest
 
-from pykvcompose.demo import format_table, run_demo
+from pykvcompose import KVComposePress, Llama
+from pykvcompose.demo import answer, format_table, passkey_prompt, run_demo
 
 pytestmark = pytest.mark.model
 
@@ -31,3 +32,18 @@ def test_demo_rows_and_table():
     assert [r["method"] for r in run_demo(n_tokens=300, ratios=(), quiet=True, stream_ctx=0, published_ratios=())] == [
         "full cache"
     ]
+
+
+def test_a_streamed_answer_counts_the_probe_before_its_second_token_apart(model_path):
+    """A streamed prompt that ends near a full cache probes the cells no question ranked yet (its last chunk)
+    before the second token is decoded, so that a later compression can rank them: ``answer`` returns that time
+    apart (the demo's compress column), not as decoding."""
+    llm = Llama(model_path, n_ctx=256, n_batch=512, verbose=False, kv_compress=KVComposePress(0.75), kv_room="fill")
+    try:
+        prompt = passkey_prompt(lambda s: llm.tokenize(s.encode(), add_bos=False), 700, 0.3, 73918)
+        res = answer(llm, llm.tokenize(prompt.encode()), max_tokens=6)
+        assert res["stream_seconds_at_first_token"]["probe"] == 0  # the question ranked every compression
+        assert res["late_probe_seconds"] > 0
+        assert res["late_probe_seconds"] == pytest.approx(llm.kv_stream_seconds["probe"])
+    finally:
+        llm.close()
