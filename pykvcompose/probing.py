@@ -319,8 +319,8 @@ def question_probe(engine: Engine, probe: Probe, tail: int, lookahead: int) -> O
 def tile_padding(engine: Engine, rows: int, room: int) -> int:
     """Rows of padding that bring a probe batch of ``rows`` query rows up to the size from which the attention
     kernel runs tiled (``Engine.tile_rows``; ggml's CPU flash attention from 64 rows runs them as one matrix
-    product and below that one query at a time, so 48-63 rows cost more than 64), where the cache has ``room``
-    for them; 0 where it would not pay."""
+    product and below that one query at a time: 52-63 rows cost more than 64, 48 about as much), where the cache
+    has ``room`` for them; 0 where it would not pay."""
     tile = engine.tile_rows
     if tile <= 0 or engine.n_ubatch < tile or not tile * PAD_FROM <= rows < tile or rows + room < tile:
         return 0
