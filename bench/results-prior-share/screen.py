@@ -10,7 +10,9 @@ tokens), sumtailfNN (sumtailN with N = NN% of the kept cells; sumtailf12 is the 
 ``self_information=True``), pubtailN (pub and the last N tokens), pubwin and sumwin (pub and sumsink4 plus the
 rank by the scores of the context's last 64 tokens, the window probe read during the prefill), max (the larger
 of the two ranks), resNN (each head's own ranking, with the prior's top NN% of the kept cells forced into every
-head), and with a leading v the same on ``add_v_norm=True`` scores (KVzip+-style attention x value norm)."""
+head), and with a leading v the same on ``add_v_norm=True`` scores (KVzip+-style attention x value norm); a
+leading c ranks every head by the mean of all heads' ranks of the variant after it (the same cells in every head,
+as a question-ranked streaming round keeps them), h by its own rank plus that mean."""
 
 import json
 import os
@@ -39,6 +41,10 @@ VBASE = {}
 
 
 def fused(v, base, prior, ratio):
+    if v.startswith("c") or v.startswith("h"):  # every head ranks by the consensus (h: half its own ranking)
+        own = ranks(fused(v[1:], base, prior, ratio))
+        consensus = np.broadcast_to(own.mean(axis=(0, 1), keepdims=True), own.shape)
+        return consensus if v[0] == "c" else own + consensus
     if v.startswith("v"):
         base, v = VBASE["b"], (v[1:] or "pub")
     if v == "pub":
