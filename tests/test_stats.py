@@ -43,3 +43,38 @@ def test_mcnemar_exact_is_a_binomial_test_of_discordant_pairs():
 
 def test_count_with_interval_text():
     assert count_with_interval(3, 10) == "3/10 (11-60%)"
+
+
+def test_the_benchmarks_warn_when_the_installed_package_is_not_the_source_tree(tmp_path, monkeypatch):
+    """A bench script imports the installed pykvcompose: after an edit without `make install` it would measure the
+    old code and say nothing (it once did). kvbench names the files that differ."""
+    import pathlib
+    import warnings
+
+    import kvbench
+    import pykvcompose
+
+    source, installed = tmp_path / "src", tmp_path / "site"
+    for root in (source, installed):
+        (root / "presses").mkdir(parents=True)
+        (root / "same.py").write_text("x = 1\n")
+        (root / "presses" / "p.py").write_text("y = 2\n")
+    assert kvbench.stale_sources(source, installed) == []
+    (source / "presses" / "p.py").write_text("y = 3\n")
+    (source / "new.py").write_text("z = 1\n")
+    assert kvbench.stale_sources(source, installed) == ["new.py", str(pathlib.Path("presses") / "p.py")]
+
+    # the real check on this checkout: an installed copy made stale by one edited file is named
+    tree = pathlib.Path(kvbench.__file__).resolve().parents[2] / "pykvcompose"
+    copy = tmp_path / "pykvcompose"
+    copy.mkdir()
+    for path in tree.rglob("*.py"):
+        (copy / path.relative_to(tree)).parent.mkdir(parents=True, exist_ok=True)
+        (copy / path.relative_to(tree)).write_bytes(path.read_bytes())
+    monkeypatch.setattr(pykvcompose, "__file__", str(copy / "__init__.py"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kvbench.warn_if_installed_copy_is_stale()  # the same text: silent
+    (copy / "streaming.py").write_text("# an older streaming module\n")
+    with pytest.warns(UserWarning, match=r"differs from the source tree in streaming\.py: run `make install`"):
+        kvbench.warn_if_installed_copy_is_stale()
