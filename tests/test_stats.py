@@ -49,6 +49,7 @@ def test_the_benchmarks_warn_when_the_installed_package_is_not_the_source_tree(t
     """A bench script imports the installed pykvcompose: after an edit without `make install` it would measure the
     old code and say nothing (it once did). kvbench names the files that differ."""
     import pathlib
+    import shutil
     import warnings
 
     import kvbench
@@ -67,10 +68,7 @@ def test_the_benchmarks_warn_when_the_installed_package_is_not_the_source_tree(t
     # the real check on this checkout: an installed copy made stale by one edited file is named
     tree = pathlib.Path(kvbench.__file__).resolve().parents[2] / "pykvcompose"
     copy = tmp_path / "pykvcompose"
-    copy.mkdir()
-    for path in tree.rglob("*.py"):
-        (copy / path.relative_to(tree)).parent.mkdir(parents=True, exist_ok=True)
-        (copy / path.relative_to(tree)).write_bytes(path.read_bytes())
+    shutil.copytree(tree, copy, ignore=shutil.ignore_patterns("__pycache__"))
     monkeypatch.setattr(pykvcompose, "__file__", str(copy / "__init__.py"))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
