@@ -39,10 +39,17 @@ def main() -> None:
     p.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
     p.add_argument("--cases", type=int, help="N cases at depths spread evenly over 0.05-0.95 (instead of --depths)")
     p.add_argument(
+        "--first-case",
+        type=int,
+        default=0,
+        help="number the cases from here: another set of keys and haystack text at the same depths",
+    )
+    p.add_argument(
         "--presses",
-        nargs="+",
+        nargs="*",
         default=PRESSES,
-        help="press specs NAME:RATIO[,key=value...][@ROOM] (@ROOM: only with that kv_room)",
+        help="press specs NAME:RATIO[,key=value...][@ROOM] (@ROOM: only with that kv_room); none: only the "
+        "full cache and --single-shot",
     )
     p.add_argument("--rooms", nargs="+", default=["ratio"], choices=["ratio", "fill"])
     p.add_argument("--chunk", type=int, help="kv_chunk for kv_room=fill")
@@ -100,7 +107,7 @@ def main() -> None:
     tok = lambda s: full.tokenize(s.encode(), add_bos=False)  # noqa: E731
     cases = []  # (style, depth, key, prompt tokens, needle positions)
     for style in a.style:
-        for depth, key, prompt in passkey_cases(tok, a.tokens, depths):
+        for depth, key, prompt in passkey_cases(tok, a.tokens, depths, a.first_case):
             if style == "chat":
                 prompt = passkey_chat_prompt(full, prompt)
             # special=True: the chat template's markers are its special tokens, not their spelling as text

@@ -411,7 +411,7 @@ def test_the_cost_bench_times_every_probe_and_a_stream():
         assert row[f"{p}_s"] > 0 and row[f"{p}_parts"] >= 1.0
         assert 0 < row[f"{p}_host_bytes"] <= 4 * (2 * 30 * 9 * 1024 + 1024) * (1 + 256 // 64)
     stream = cost.stream_row(700, 256, False, "f16", 1)
-    assert stream["stream_s"] > 0 and stream["stream_every2_s"] > 0 and stream["chunk_prefill_s"] > 0
+    assert stream["stream_s"] > 0 and stream["stream_every1_s"] > 0 and stream["chunk_prefill_s"] > 0
     assert stream["tokens"] > 2 * 256
     md = cost.table([row, stream])
     assert md.count("x (") == 4 and "→ 256" in md
@@ -495,3 +495,17 @@ def test_multi_query_bench_answers_every_question_from_one_compression(tmp_path,
     assert sum(r["correct"] for r in full) >= 3  # the full cache reads its facts
     out = capsys.readouterr().out
     assert "completion, independent (1 contexts, 6 questions)" in out and "agrees with full cache" in out
+
+
+def test_passkey_cases_numbered_from_another_first_case_are_a_new_set():
+    """``passkey_cases(..., first=N)`` (``bench/long_context.py --first-case``): the case numbered N of a longer
+    set, so a new set's keys and haystack text differ from the default set's at the same depths."""
+    from kvbench.haystack import passkey_cases
+
+    tok = lambda s: s.split()  # noqa: E731  (any tokenizer: the cases only count its tokens)
+    depths = [0.3, 0.7]
+    default, fresh = passkey_cases(tok, 300, depths), passkey_cases(tok, 300, depths, first=100)
+    assert fresh == passkey_cases(tok, 300, [0.0] * 100 + depths)[100:]
+    assert [d for d, _, _ in fresh] == depths
+    for (_, key, prompt), (_, new_key, new_prompt) in zip(default, fresh):
+        assert new_key != key and str(new_key) in new_prompt and new_prompt != prompt

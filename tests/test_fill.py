@@ -459,10 +459,10 @@ def test_the_question_probe_is_one_batch_of_the_question_and_its_greedy_drafts(f
 
 
 def test_the_question_probe_runs_at_every_other_compression(filler, monkeypatch):
-    """``StreamPolicy.question_every=2``: the question's probe (a forward pass of the question and
-    its drafts) runs at every other compression that makes room for a streamed prompt; in between, the cells
-    that came in since it last ran are kept in every head, and the others ranked by the most attention it gave
-    them, as its next run does; the rooms made are the same as with a probe at every compression."""
+    """``StreamPolicy.question_every=2`` (the default): the question's probe (a forward pass of the question
+    and its drafts) runs at every other compression that makes room for a streamed prompt; in between, the
+    cells that came in since it last ran are kept in every head, and the others ranked by the most attention
+    it gave them, as its next run does; the rooms made are the same as with a probe at every compression."""
     tok = lambda s: filler.tokenize(s.encode(), add_bos=False)  # noqa: E731
     ((_, _, prompt),) = passkey_cases(tok, 700, [0.3])
     tokens = filler.tokenize(prompt.encode())
@@ -486,7 +486,8 @@ def test_the_question_probe_runs_at_every_other_compression(filler, monkeypatch)
     runs = {}
     for every in (1, 2):
         filler.kv_compress = KVComposePress(0.5)
-        with streaming_with(filler, question_every=every):
+        # (2: the policy as a user gets it)
+        with streaming_with(filler, **({"question_every": 1} if every == 1 else {})):
             filler.reset()
             rounds.clear()
             greedy(filler, tokens, 8)

@@ -34,11 +34,12 @@ def passkey_chat_prompt(llm, prompt: str) -> str:
 
 
 def passkey_cases(
-    tokenize: Callable[[str], List[int]], n_tokens: int, depths: Sequence[float]
+    tokenize: Callable[[str], List[int]], n_tokens: int, depths: Sequence[float], first: int = 0
 ) -> List[Tuple[float, int, str]]:
-    """One ``(depth, passkey, prompt)`` per depth: the fixed cases of the tests and ``bench/passkey.py``."""
+    """One ``(depth, passkey, prompt)`` per depth: the fixed cases of the tests and ``bench/passkey.py``.
+    ``first`` numbers the cases from there, so that a new set has keys and haystack text of its own."""
     cases = []
-    for i, depth in enumerate(depths):
+    for i, depth in enumerate(depths, start=first):
         key = 10000 + (7919 * (i + 3)) % 89999
         cases.append((depth, key, passkey_prompt(tokenize, n_tokens, depth, key, seed=i)))
     return cases
