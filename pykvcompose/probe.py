@@ -89,7 +89,7 @@ class Probe:
         (measured when a press reads it, ``BasePress.reads_self_information``; 0 for the first token).
     sentences : np.ndarray, optional
         int32 (tokens,): the sentence of each token, counted from 0; a new one starts after a token
-        whose text holds ``. ! ? :`` or a line break (Selective Context's lexical units).
+        whose text holds ``. ! ?`` or a line break (Selective Context's lexical units).
     """
 
     n_layer: int

@@ -118,20 +118,22 @@ def test_the_prefill_measures_each_tokens_self_information_as_stock_llama_cpp_lo
     np.testing.assert_allclose(probe.self_information[1:], expected, atol=2e-3)
     assert "self-information" in probe.description
     assert plain.self_information is None and "self-information" not in plain.description
-    # sentences: a new one after every token whose text holds . ! ? : or a line break
-    starts = [i for i in range(1, len(tokens)) if any(c in texts[i - 1] for c in b".!?:\n")]
+    # sentences: a new one after every token whose text holds . ! ? or a line break (not a colon)
+    starts = [i for i in range(1, len(tokens)) if any(c in texts[i - 1] for c in b".!?\n")]
     assert len(starts) > 5
     assert np.flatnonzero(np.diff(probe.sentences)).tolist() == [i - 1 for i in starts]
     assert probe.sentences[0] == 0 and (np.diff(probe.sentences) >= 0).all()
 
 
 @pytest.mark.model
-def test_a_number_the_text_could_not_predict_is_kept_in_more_heads_with_the_prior(model_path):
+@pytest.mark.parametrize("label", ["The code for the vault is", "The code for the vault is:"])
+def test_a_number_the_text_could_not_predict_is_kept_in_more_heads_with_the_prior(model_path, label):
     """Documentation with one sentence holding a random number: the published reconstruct probe has to
-    copy every token, and keeps the whole number in few heads; the sentence prior in far more."""
+    copy every token, and keeps the whole number in few heads; the sentence prior in far more. After a
+    colon too: the number stays in its label's sentence (alone, its digits carry little self-information)."""
     doc = haystack_text()[30000:33000]
     cut = doc.index(". ", 1500) + 2
-    text = doc[:cut] + "The code for the vault is 5820417. " + doc[cut:]
+    text = doc[:cut] + label + " 5820417. " + doc[cut:]
     llm = Llama(model_path, n_ctx=2048, verbose=False)
     try:
         tokens = llm.tokenize(text.encode())

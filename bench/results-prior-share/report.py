@@ -3,6 +3,7 @@ and paired bootstrap p: python bench/results-prior-share/report.py [records.json
 
 import collections
 import json
+import os
 import sys
 
 import numpy as np
@@ -10,6 +11,7 @@ import numpy as np
 sys.path.insert(0, "bench")
 from kvbench.stats import mcnemar_exact, paired_bootstrap_p  # noqa: E402
 
+BASE = os.environ.get("BASE", "pub")  # the variant the others are compared with
 path = sys.argv[1] if len(sys.argv) > 1 else "bench/results-prior-share/shares.jsonl"
 recs = [json.loads(l) for l in open(path)]
 ok = collections.defaultdict(dict)
@@ -26,14 +28,14 @@ for ratio in (0.75, 0.875):
         row = [v.ljust(8)]
         for style in ("completion", "chat"):
             d = ok.get((style, ratio, v), {})
-            p = ok.get((style, ratio, "pub"), {})
+            p = ok.get((style, ratio, BASE), {})
             keys = [k for k in d if k in p]
             b = sum(d[k] and not p[k] for k in keys)
             c = sum(p[k] and not d[k] for k in keys)
             mp = mcnemar_exact([d[k] for k in keys], [p[k] for k in keys])
             row.append(f"{style[:4]} {sum(d.values())}/{len(d)} (+{b}/-{c}, p={mp:.3f})")
         d = kl.get((ratio, v), {})
-        p = kl.get((ratio, "pub"), {})
+        p = kl.get((ratio, BASE), {})
         seeds = [s for s in d if s in p]
         if seeds:
             lr = np.log([d[s] / p[s] for s in seeds])

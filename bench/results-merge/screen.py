@@ -1,0 +1,172 @@
+# ruff: noqa: E402
+"""Screening, kept with its records (issue 32): does merging what a head drops into its most similar kept cell
+(CaM / D2O style, within uniform cells) keep more of the context than the shipped ``compress_context`` selection?
+Facts (multi-query, independent requests) and KL divergence on screening seeds (never the tables' 0-29). From the
+project root: ``python bench/results-merge/screen.py`` with S0/S1 (seeds), VARIANTS, STYLES and OUT in the
+environment; ``BASE=none python bench/results-prior-share/report.py bench/results-merge/merge.jsonl``.
+
+Every variant keeps the shipped selection (reconstruct + sentence self-information + sinks + newest 12%, the
+screen's ``sumtailf12``); the merge then changes the kept cells' rows, computed here in numpy on the state bytes:
+- none: the shipped cells as they are;
+- vNN: each dropped token's value goes into the kept cell of the same (layer, kv head) whose key is most similar
+  (cosine, keys as cached: after RoPE) when that similarity is above NN/100, the cell's value
+  becoming the average weighted by the attention each token received in the reconstruct probe (CaM);
+- kvNN: the same for keys too (D2O's merge);
+- nocolon: no merge, and the prior's sentences do not end at a colon (found after the merges: the magic numbers'
+  digits, after "is:", formed a sentence of their own that the prior ranked low; needle_ranks.py)."""
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path[:0] = ["bench", ".", os.path.dirname(__file__)]
+import multi_query as mq
+import seqstate
+
+from kvbench import metrics, tasks
+from kvbench.runner import continuation_logits
+from pykvcompose import KVComposePress, Llama, probing
+from pykvcompose.models import default_model_path
+from pykvcompose.presses.base_press import SINK_TOKENS
+from pykvcompose.presses.kvcompose_press import ranks
+from pykvcompose.probe import ProbeKind
+
+ratios = [0.75, 0.875]
+VARIANTS = os.environ.get("VARIANTS", "none,v00,v50,kv50").split(",")
+S0, S1 = int(os.environ.get("S0", 100)), int(os.environ.get("S1", 110))
+STYLES = os.environ.get("STYLES", "completion,chat,kl").split(",")
+llm = Llama(default_model_path(), n_ctx=3600, n_batch=512, verbose=False)
+engine = llm._engine
+
+
+def shipped(base, prior, ratio):
+    """The shipped self_information=True ranking (bench/results-prior-share/screen.py's sumtailf12)."""
+    n = base.shape[-1]
+    tail = round(12 / 100 * n * (1 - ratio))
+    return ranks(base) + ranks(prior)[None, None, :] + 2.0 * ((np.arange(n) < SINK_TOKENS) | (np.arange(n) >= n - tail))
+
+
+def merged(plain, composed, selection, attention, variant):
+    """``composed`` (state bytes of the kept cells) with the dropped tokens' rows merged in, per ``variant``."""
+    if variant == "none":
+        return composed
+    keys_too = variant.startswith("kv")
+    threshold = int(variant.lstrip("kv")) / 100
+    _, K0, V0, _ = seqstate.parse(bytearray(plain))
+    out = bytearray(composed)
+    _, K1, V1, _ = seqstate.parse(out)
+    n_layer, n_head_kv, n_keep = selection.shape
+    group = attention.shape[1] // n_head_kv
+    for il in range(n_layer):
+        dk, dv = K0[il].shape[1] // n_head_kv, V0[il].shape[1] // n_head_kv
+        for g in range(n_head_kv):
+            keys = K0[il][:, g * dk : (g + 1) * dk].astype(np.float32)
+            values = V0[il][:, g * dv : (g + 1) * dv].astype(np.float32)
+            w = attention[il, g * group : (g + 1) * group].sum(axis=0).astype(np.float64) + 1e-12
+            kept = selection[il, g]
+            dropped = np.setdiff1d(np.arange(keys.shape[0]), kept)
+            unit = keys / np.maximum(np.linalg.norm(keys, axis=1, keepdims=True), 1e-12)
+            sim = unit[dropped] @ unit[kept].T
+            slot, best = sim.argmax(axis=1), sim.max(axis=1)
+            go = best > threshold
+            slot, dropped = slot[go], dropped[go]
+            mass = w[kept].copy()
+            np.add.at(mass, slot, w[dropped])
+            v = values[kept] * w[kept, None]
+            np.add.at(v, slot, values[dropped] * w[dropped, None])
+            V1[il][:, g * dv : (g + 1) * dv] = v / mass[:, None]
+            if keys_too:
+                k = keys[kept] * w[kept, None]
+                np.add.at(k, slot, keys[dropped] * w[dropped, None])
+                K1[il][:, g * dk : (g + 1) * dk] = k / mass[:, None]
+    return bytes(out)
+
+
+def compressed(ctx, apply_each, full=None):
+    """Probe ``ctx`` once; ``full()`` on the full cache, then ``apply_each(ratio, variant)`` on each compression."""
+    llm.kv_compress = None
+    llm.reset()
+    probe = llm.kv_probe(ctx, [KVComposePress(0.75, scoring="reconstruct", self_information=True)])
+    plain_state, plain = llm.save_state(), engine.seq_bytes()
+    base = KVComposePress(0.75, scoring="reconstruct").score(probe)
+    attention = probe.measured(ProbeKind.RECONSTRUCT)[1]["mean"]
+    prior = probe.sentence_information()
+    if full is not None:
+        full()
+    for ratio in ratios:
+        for v in VARIANTS:
+            press = KVComposePress(ratio, scoring="reconstruct")
+            sc = shipped(base, colon_free_prior(probe, ctx) if v == "nocolon" else prior, ratio).astype(np.float32)
+            press.score = lambda probe, sc=sc: sc
+            llm.load_state(plain_state)
+            llm.kv_apply(press, probe)
+            composed, selection = engine.seq_bytes(), engine.conv.selection.copy()
+            merge = "none" if v == "nocolon" else v
+            assert engine.set_seq_bytes(merged(plain, composed, selection, attention, merge))
+            apply_each(ratio, v)
+
+
+def colon_free_prior(probe, ctx):
+    """The sentence self-information prior with sentences that do not end at a colon (the value after a label
+    stays in its label's sentence)."""
+    ends = probing.SENTENCE_ENDS
+    probing.SENTENCE_ENDS = ends - {ord(":")}
+    try:
+        sentences = probing.sentences(engine, ctx)
+    finally:
+        probing.SENTENCE_ENDS = ends
+    peak = np.zeros(int(sentences.max()) + 1, dtype=np.float32)
+    np.maximum.at(peak, sentences, probe.self_information)
+    return peak[sentences]
+
+
+def main():
+    out = open(os.environ.get("OUT", "bench/results-merge/merge.jsonl"), "a")
+    tot = {}
+    for seed in range(S0, S1):
+        t0 = time.time()
+        for style in STYLES:
+            if style == "kl":
+                s = tasks.kl_divergence(lambda t: llm.tokenize(t.encode(), add_bos=False), 1500, seed)
+                follow = llm.tokenize(s.continuation.encode(), add_bos=False)
+                ref = []
+
+                def divergence(ratio, v):
+                    state = llm.save_state()
+                    kl, top = metrics.kl_divergence(ref[0], continuation_logits(llm, follow))
+                    llm.load_state(state)
+                    rec = dict(seed=seed, style="kl", ratio=ratio, v=v, kl=float(kl.mean()), top1=float(top.mean()))
+                    out.write(json.dumps(rec) + "\n")
+                    tot.setdefault(("kl", ratio, v), []).append(rec["kl"])
+
+                ctx = llm.tokenize(s.context.encode(), add_bos=True)
+                compressed(ctx, divergence, lambda: ref.append(continuation_logits(llm, follow)))
+                continue
+            tokenize = lambda t: llm.tokenize(t.encode(), add_bos=False)  # noqa: E731
+            context, questions = mq.fact_document(tokenize, 1500, seed)
+            conv = mq.Conversation(llm, style, context)
+            ctx = conv.context_tokens
+
+            def ask(ratio, v):
+                state = llm.save_state()
+                for i, q in enumerate(questions):
+                    llm.load_state(state)
+                    text = mq.reply(llm, conv.prompt_tokens(conv.prompt([], q)), 32)
+                    ok = mq.correct(q, text)
+                    out.write(json.dumps(dict(seed=seed, style=style, ratio=ratio, v=v, q=i, ok=ok, text=text)) + "\n")
+                    tot.setdefault((style, ratio, v), []).append(ok)
+                llm.load_state(state)
+
+            compressed(ctx, ask)
+        out.flush()
+        print(seed, f"{time.time() - t0:.0f}s", flush=True)
+        for k in sorted(tot):
+            vals = tot[k]
+            print("  ", k, f"{np.mean(vals):.4f}" if k[0] == "kl" else f"{sum(vals)}/{len(vals)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
