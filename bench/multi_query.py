@@ -197,6 +197,64 @@ def run_context(llm: Llama, style: str, seed: int, args) -> List[Dict[str, Any]]
     return records
 
 
+def screen_variants(llm: Llama, compressed, seeds, styles, out) -> None:
+    """The screens' driver (``bench/results-*/screen.py``): per seed and style ("completion", "chat", or "kl"
+    for the KL divergence of the ``kl_divergence`` task's continuation), ``compressed(ctx, each, full)`` prefills
+    and probes ``ctx`` once, calls ``full()`` on the full cache, then ``each(ratio, variant)`` with the cache
+    compressed by each variant; every question about the seed's fact document is answered as an independent
+    request from that cache. One JSON record per question (or KL) to ``out``; running counts printed."""
+    import time
+
+    import numpy as np
+
+    from kvbench import metrics, tasks
+    from kvbench.runner import continuation_logits
+
+    tokenize = lambda t: llm.tokenize(t.encode(), add_bos=False)  # noqa: E731
+    tot: Dict[Any, list] = {}
+
+    def record(rec: Dict[str, Any], value) -> None:
+        out.write(json.dumps(rec) + "\n")
+        tot.setdefault((rec["style"], rec["ratio"], rec["v"]), []).append(value)
+
+    for seed in seeds:
+        t0 = time.time()
+        for style in styles:
+            if style == "kl":
+                s = tasks.kl_divergence(tokenize, 1500, seed)
+                follow = tokenize(s.continuation)
+                ref = []
+
+                def divergence(ratio, v):
+                    state = llm.save_state()
+                    kl, top = metrics.kl_divergence(ref[0], continuation_logits(llm, follow))
+                    llm.load_state(state)
+                    rec = dict(seed=seed, style="kl", ratio=ratio, v=v, kl=float(kl.mean()), top1=float(top.mean()))
+                    record(rec, rec["kl"])
+
+                ctx = llm.tokenize(s.context.encode(), add_bos=True)
+                compressed(ctx, divergence, lambda: ref.append(continuation_logits(llm, follow)))
+                continue
+            context, questions = fact_document(tokenize, 1500, seed)
+            conv = Conversation(llm, style, context)
+
+            def ask(ratio, v):
+                state = llm.save_state()
+                for i, q in enumerate(questions):
+                    llm.load_state(state)
+                    text = reply(llm, conv.prompt_tokens(conv.prompt([], q)), 32)
+                    ok = correct(q, text)
+                    record(dict(seed=seed, style=style, ratio=ratio, v=v, q=i, ok=ok, text=text), ok)
+                llm.load_state(state)
+
+            compressed(conv.context_tokens, ask, None)
+        out.flush()
+        print(seed, f"{time.time() - t0:.0f}s", flush=True)
+        for k in sorted(tot):
+            vals = tot[k]
+            print("  ", k, f"{np.mean(vals):.4f}" if k[0] == "kl" else f"{sum(vals)}/{len(vals)}", flush=True)
+
+
 def report(records: List[Dict[str, Any]], title: str) -> str:
     """Markdown: per style and mode, every (press, ratio) with correct and agreement counts and McNemar tests."""
     full = {(r["style"], r["seed"], r["mode"], r["question"]): r for r in records if r["press"] == "full"}

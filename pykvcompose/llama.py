@@ -427,7 +427,7 @@ class Llama(llama_cpp.Llama):
             The context; its last token is kept in every head.
         press : BasePress, optional
             Defaults to ``kv_compress``. ``KVComposePress(scoring="auto")`` (the default) scores by the
-            reconstruct probe here, plus the sentences' self-information at ratios from 0.75 on
+            reconstruct probe here, plus the sentences' self-information at ratios from 0.5 on
             (:func:`pykvcompose.streaming.question_agnostic`); ``scoring="reconstruct"`` is KVCompose as
             published.
 

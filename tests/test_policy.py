@@ -71,7 +71,7 @@ def test_decoding_schedule_and_cache_check():
 
 
 def test_question_agnostic_and_chunk_scoring_by_press():
-    assert question_agnostic(KVComposePress(0.5)) == KVComposePress(0.5, scoring="reconstruct")
+    assert question_agnostic(KVComposePress(0.25)) == KVComposePress(0.25, scoring="reconstruct")
     assert question_agnostic(KVComposePress(0.75)) == KVComposePress(0.75, scoring="reconstruct", self_information=True)
     assert question_agnostic(KVComposePress(0.5, scoring="window")) == KVComposePress(0.5, scoring="window")
     assert question_agnostic(SnapKVPress(0.5)) == SnapKVPress(0.5)

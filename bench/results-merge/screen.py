@@ -2,7 +2,7 @@
 """Screening, kept with its records (issue 32): does merging what a head drops into its most similar kept cell
 (CaM / D2O style, within uniform cells) keep more of the context than the shipped ``compress_context`` selection?
 Facts (multi-query, independent requests) and KL divergence on screening seeds (never the tables' 0-29). From the
-project root: ``python bench/results-merge/screen.py`` with S0/S1 (seeds), VARIANTS, STYLES and OUT in the
+project root: ``python bench/results-merge/screen.py`` with S0/S1 (seeds), VARIANTS, STYLES, RATIOS and OUT in the
 environment; ``BASE=none python bench/results-prior-share/report.py bench/results-merge/merge.jsonl``.
 
 Every variant keeps the shipped selection (reconstruct + sentence self-information + sinks + newest 12%, the
@@ -13,12 +13,13 @@ screen's ``sumtailf12``); the merge then changes the kept cells' rows, computed 
   becoming the average weighted by the attention each token received in the reconstruct probe (CaM);
 - kvNN: the same for keys too (D2O's merge);
 - nocolon: no merge, and the prior's sentences do not end at a colon (found after the merges: the magic numbers'
-  digits, after "is:", formed a sentence of their own that the prior ranked low; needle_ranks.py)."""
+  digits, after "is:", formed a sentence of their own that the prior ranked low; needle_ranks.py).
 
-import json
+Its records were made while the prior's sentences also ended at a colon (until af2ac7c): run again, ``none``
+is what ``nocolon`` was."""
+
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -26,15 +27,13 @@ sys.path[:0] = ["bench", ".", os.path.dirname(__file__)]
 import multi_query as mq
 import seqstate
 
-from kvbench import metrics, tasks
-from kvbench.runner import continuation_logits
 from pykvcompose import KVComposePress, Llama, probing
 from pykvcompose.models import default_model_path
 from pykvcompose.presses.base_press import SINK_TOKENS
 from pykvcompose.presses.kvcompose_press import ranks
 from pykvcompose.probe import ProbeKind
 
-ratios = [0.75, 0.875]
+ratios = [float(r) for r in os.environ.get("RATIOS", "0.75,0.875").split(",")]
 VARIANTS = os.environ.get("VARIANTS", "none,v00,v50,kv50").split(",")
 S0, S1 = int(os.environ.get("S0", 100)), int(os.environ.get("S1", 110))
 STYLES = os.environ.get("STYLES", "completion,chat,kl").split(",")
@@ -125,47 +124,7 @@ def colon_free_prior(probe, ctx):
 
 def main():
     out = open(os.environ.get("OUT", "bench/results-merge/merge.jsonl"), "a")
-    tot = {}
-    for seed in range(S0, S1):
-        t0 = time.time()
-        for style in STYLES:
-            if style == "kl":
-                s = tasks.kl_divergence(lambda t: llm.tokenize(t.encode(), add_bos=False), 1500, seed)
-                follow = llm.tokenize(s.continuation.encode(), add_bos=False)
-                ref = []
-
-                def divergence(ratio, v):
-                    state = llm.save_state()
-                    kl, top = metrics.kl_divergence(ref[0], continuation_logits(llm, follow))
-                    llm.load_state(state)
-                    rec = dict(seed=seed, style="kl", ratio=ratio, v=v, kl=float(kl.mean()), top1=float(top.mean()))
-                    out.write(json.dumps(rec) + "\n")
-                    tot.setdefault(("kl", ratio, v), []).append(rec["kl"])
-
-                ctx = llm.tokenize(s.context.encode(), add_bos=True)
-                compressed(ctx, divergence, lambda: ref.append(continuation_logits(llm, follow)))
-                continue
-            tokenize = lambda t: llm.tokenize(t.encode(), add_bos=False)  # noqa: E731
-            context, questions = mq.fact_document(tokenize, 1500, seed)
-            conv = mq.Conversation(llm, style, context)
-            ctx = conv.context_tokens
-
-            def ask(ratio, v):
-                state = llm.save_state()
-                for i, q in enumerate(questions):
-                    llm.load_state(state)
-                    text = mq.reply(llm, conv.prompt_tokens(conv.prompt([], q)), 32)
-                    ok = mq.correct(q, text)
-                    out.write(json.dumps(dict(seed=seed, style=style, ratio=ratio, v=v, q=i, ok=ok, text=text)) + "\n")
-                    tot.setdefault((style, ratio, v), []).append(ok)
-                llm.load_state(state)
-
-            compressed(ctx, ask)
-        out.flush()
-        print(seed, f"{time.time() - t0:.0f}s", flush=True)
-        for k in sorted(tot):
-            vals = tot[k]
-            print("  ", k, f"{np.mean(vals):.4f}" if k[0] == "kl" else f"{sum(vals)}/{len(vals)}", flush=True)
+    mq.screen_variants(llm, compressed, range(S0, S1), STYLES, out)
 
 
 if __name__ == "__main__":

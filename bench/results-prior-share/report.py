@@ -22,7 +22,7 @@ for r in recs:
     else:
         ok[(r["style"], r["ratio"], r["v"])][(r["seed"], r["q"])] = r["ok"]
 vs = sorted({k[-1] for k in ok} | {k[-1] for k in kl})
-for ratio in (0.75, 0.875):
+for ratio in sorted({k[1] for k in ok} | {k[0] for k in kl}):
     print(f"ratio {ratio}")
     for v in vs:
         row = [v.ljust(8)]

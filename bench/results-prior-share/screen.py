@@ -2,7 +2,7 @@
 """Screening, kept with its records: how should the sentence self-information prior join the published
 reconstruct score? Facts (multi-query, independent requests) and KL divergence on screening seeds (never
 the tables' 0-29). From the project root: ``python bench/results-prior-share/screen.py``, with S0/S1
-(seeds), VARIANTS, STYLES and OUT in the environment.
+(seeds), VARIANTS, STYLES, RATIOS and OUT in the environment.
 
 Variants: pub (published), sum (rank + prior rank), sumsinkN (the same with the first N tokens in every
 head; sumsink4 was ``self_information=True`` before the newest tokens), sumtailN (sumsink4 and the last N
@@ -12,26 +12,24 @@ rank by the scores of the context's last 64 tokens, the window probe read during
 of the two ranks), resNN (each head's own ranking, with the prior's top NN% of the kept cells forced into every
 head), and with a leading v the same on ``add_v_norm=True`` scores (KVzip+-style attention x value norm); a
 leading c ranks every head by the mean of all heads' ranks of the variant after it (the same cells in every head,
-as a question-ranked streaming round keeps them), h by its own rank plus that mean."""
+as a question-ranked streaming round keeps them), h by its own rank plus that mean.
 
-import json
+Its records were made while the prior's sentences also ended at a colon (until af2ac7c)."""
+
 import os
 import sys
-import time
 
 import numpy as np
 
 sys.path[:0] = ["bench", "."]
 import multi_query as mq
 
-from kvbench import metrics, tasks
-from kvbench.runner import continuation_logits
 from pykvcompose import KVComposePress, Llama
 from pykvcompose.models import default_model_path
 from pykvcompose.presses.base_press import SINK_TOKENS
 from pykvcompose.presses.kvcompose_press import ranks
 
-ratios = [0.75, 0.875]
+ratios = [float(r) for r in os.environ.get("RATIOS", "0.75,0.875").split(",")]
 VARIANTS = os.environ.get("VARIANTS", "pub,sum,res10,res25,max").split(",")
 S0, S1 = int(os.environ.get("S0", 100)), int(os.environ.get("S1", 112))
 STYLES = os.environ.get("STYLES", "completion,chat,kl").split(",")
@@ -97,42 +95,10 @@ def compressed(ctx, apply_each, full=None):
             apply_each(ratio, v)
 
 
-out = open(os.environ.get("OUT", "bench/results-prior-share/shares.jsonl"), "a")
-tot = {}
-for seed in range(S0, S1):
-    t0 = time.time()
-    for style in STYLES:
-        if style == "kl":
-            s = tasks.kl_divergence(lambda t: llm.tokenize(t.encode(), add_bos=False), 1500, seed)
-            follow = llm.tokenize(s.continuation.encode(), add_bos=False)
-            ref = []
+def main():
+    out = open(os.environ.get("OUT", "bench/results-prior-share/shares.jsonl"), "a")
+    mq.screen_variants(llm, compressed, range(S0, S1), STYLES, out)
 
-            def divergence(ratio, v):
-                kl, top = metrics.kl_divergence(ref[0], continuation_logits(llm, follow))
-                rec = dict(seed=seed, style="kl", ratio=ratio, v=v, kl=float(kl.mean()), top1=float(top.mean()))
-                out.write(json.dumps(rec) + "\n")
-                tot.setdefault(("kl", ratio, v), []).append(rec["kl"])
 
-            ctx = llm.tokenize(s.context.encode(), add_bos=True)
-            compressed(ctx, divergence, lambda: ref.append(continuation_logits(llm, follow)))
-            continue
-        tokenize = lambda t: llm.tokenize(t.encode(), add_bos=False)  # noqa: E731
-        context, questions = mq.fact_document(tokenize, 1500, seed)
-        conv = mq.Conversation(llm, style, context)
-        ctx = conv.context_tokens
-
-        def ask(ratio, v):
-            state = llm.save_state()
-            for i, q in enumerate(questions):
-                llm.load_state(state)
-                text = mq.reply(llm, conv.prompt_tokens(conv.prompt([], q)), 32)
-                ok = mq.correct(q, text)
-                out.write(json.dumps(dict(seed=seed, style=style, ratio=ratio, v=v, q=i, ok=ok, text=text)) + "\n")
-                tot.setdefault((style, ratio, v), []).append(ok)
-
-        compressed(ctx, ask)
-    out.flush()
-    print(seed, f"{time.time() - t0:.0f}s", flush=True)
-    for k in sorted(tot):
-        vals = tot[k]
-        print("  ", k, f"{np.mean(vals):.4f}" if k[0] == "kl" else f"{sum(vals)}/{len(vals)}", flush=True)
+if __name__ == "__main__":
+    main()

@@ -52,7 +52,7 @@ class KVComposePress(BasePress):
         after the prompt, decoded on the full cache and removed, which query it as the answer will
         (pseudo queries as in Lookahead Q-Cache, https://arxiv.org/abs/2505.20334). "auto" (not in the
         paper): the lookahead for prompts, whose end asks what the answer needs; for ``compress_context``
-        (question-agnostic) the reconstruct probe, with ``self_information`` from a ratio of 0.75 on; the
+        (question-agnostic) the reconstruct probe, with ``self_information`` from a ratio of 0.5 on; the
         reconstruct probe for the chunks of prompts longer than the cache.
     window : int, default=64
         Queries of ``scoring="window"``, and the newest tokens that re-score a full cache otherwise.
@@ -70,9 +70,9 @@ class KVComposePress(BasePress):
         in every head. For ``compress_context``
         (question-agnostic): a probe of the context alone values every token it must copy alike, and
         the sentence prior keeps the ones the model could not have guessed (a number, a name). There,
-        at 0.75 and 0.875, it finds more facts than the published selection at about its KL divergence
-        from the full cache, and at 0.5 fewer (docs/quality.md, "One cache, many questions"), so
-        ``scoring="auto"`` turns it on there from 0.75 on; ``scoring="reconstruct"`` alone is KVCompose as
+        at 0.5, 0.75 and 0.875, it finds more facts than the published selection at about its KL divergence
+        from the full cache (docs/quality.md, "One cache, many questions"), so ``scoring="auto"`` turns it
+        on there from 0.5 on; ``scoring="reconstruct"`` alone is KVCompose as
         published.
         Measured where a prompt or context is prefilled whole; the compressions that make room in a
         cache streamed past ``n_ctx`` rank by the probe alone.
