@@ -26,11 +26,14 @@ import argparse
 import json
 import pathlib
 import random
+import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Tuple
 
-from kvbench import one_line
-from kvbench.runner import DEFAULT_PRESSES, chat_text, load_records, locate_model, user_turn
+import numpy as np
+
+from kvbench import metrics, one_line, tasks
+from kvbench.runner import DEFAULT_PRESSES, chat_text, continuation_logits, load_records, locate_model, user_turn
 from kvbench.stats import count_with_interval, mcnemar_exact
 from kvbench.tasks import CITIES, FIRST_NAMES, KEY_WORDS, PROFESSIONS, _number, _plant, contains_word
 from pykvcompose import Llama, parse_press_spec
@@ -203,13 +206,6 @@ def screen_variants(llm: Llama, compressed, seeds, styles, out) -> None:
     and probes ``ctx`` once, calls ``full()`` on the full cache, then ``each(ratio, variant)`` with the cache
     compressed by each variant; every question about the seed's fact document is answered as an independent
     request from that cache. One JSON record per question (or KL) to ``out``; running counts printed."""
-    import time
-
-    import numpy as np
-
-    from kvbench import metrics, tasks
-    from kvbench.runner import continuation_logits
-
     tokenize = lambda t: llm.tokenize(t.encode(), add_bos=False)  # noqa: E731
     tot: Dict[Any, list] = {}
 

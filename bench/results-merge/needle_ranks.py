@@ -3,7 +3,10 @@
 numbers of the multi-query documents (completion style, screening seeds), and whether the screen found them.
 Per number: the prior's rank of its sentence (quantile among the context's tokens, 1 = most surprising), the
 share of (layer, kv head) pairs whose kept cells hold every one of its digit tokens at 0.75 and 0.875, and the
-merge screen's answer with the shipped cells (``none``). ``python bench/results-merge/needle_ranks.py``."""
+merge screen's answer with the shipped cells (``none`` in the records FOUND names, default merge.jsonl).
+``python bench/results-merge/needle_ranks.py``. needle_ranks.txt is its output before af2ac7c, when the prior's
+sentences also ended at a colon, as in merge.jsonl; run now, it ranks by the shipped prior, and the answers it
+reads should come from a screen run on the same code."""
 
 import json
 import os
@@ -19,7 +22,7 @@ from pykvcompose import KVComposePress
 from pykvcompose.presses.kvcompose_press import ranks
 
 found = {}
-for line in open(os.path.join(os.path.dirname(__file__), "merge.jsonl")):
+for line in open(os.environ.get("FOUND", os.path.join(os.path.dirname(__file__), "merge.jsonl"))):
     r = json.loads(line)
     if r["v"] == "none" and r["style"] == "completion":
         found[(r["seed"], r["ratio"], r["q"])] = r["ok"]
@@ -37,7 +40,6 @@ for seed in range(int(os.environ.get("S0", 100)), int(os.environ.get("S1", 110))
     llm.kv_compress = None
     llm.reset()
     probe = llm.kv_probe(ctx, [KVComposePress(0.75, scoring="reconstruct", self_information=True)])
-    base = KVComposePress(0.75, scoring="reconstruct").score(probe)
     prior_q = ranks(probe.sentence_information())
     for qi, q in enumerate(questions):
         if "magic number" not in q.chat:
@@ -47,8 +49,8 @@ for seed in range(int(os.environ.get("S0", 100)), int(os.environ.get("S1", 110))
         pieces = [llm.detokenize([ctx[j]]).decode() for j in span]
         rec = dict(seed=seed, q=qi, prior=float(prior_q[span].mean()), tokens=pieces)
         for ratio in (0.75, 0.875):
-            press = KVComposePress(ratio, scoring="reconstruct")
-            sel = press.select(shipped(base, probe.sentence_information(), ratio), press.n_kept(len(ctx)))
+            press = shipped(ratio)
+            sel = press.select(press.score(probe), press.n_kept(len(ctx)))
             each = np.isin(span[None, None, :, None], sel[:, :, None, :]).any(-1)  # (layers, heads, digits)
             held = each.all(-1)
             rec[f"per_token_{ratio}"] = [round(float(x), 2) for x in each.mean(axis=(0, 1))]

@@ -5,8 +5,9 @@ Facts (multi-query, independent requests) and KL divergence on screening seeds (
 project root: ``python bench/results-merge/screen.py`` with S0/S1 (seeds), VARIANTS, STYLES, RATIOS and OUT in the
 environment; ``BASE=none python bench/results-prior-share/report.py bench/results-merge/merge.jsonl``.
 
-Every variant keeps the shipped selection (reconstruct + sentence self-information + sinks + newest 12%, the
-screen's ``sumtailf12``); the merge then changes the kept cells' rows, computed here in numpy on the state bytes:
+Every variant keeps the shipped selection (``compress_context``'s press: reconstruct + sentence self-information +
+sinks + newest 12%, bench/results-prior-share/screen.py's ``sumtailf12``); the merge then changes the kept cells'
+rows, computed here in numpy on the state bytes:
 - none: the shipped cells as they are;
 - vNN: each dropped token's value goes into the kept cell of the same (layer, kv head) whose key is most similar
   (cosine, keys as cached: after RoPE) when that similarity is above NN/100, the cell's value
@@ -18,6 +19,7 @@ screen's ``sumtailf12``); the merge then changes the kept cells' rows, computed 
 Its records were made while the prior's sentences also ended at a colon (until af2ac7c): run again, ``none``
 is what ``nocolon`` was."""
 
+import dataclasses
 import os
 import sys
 
@@ -29,9 +31,8 @@ import seqstate
 
 from pykvcompose import KVComposePress, Llama, probing
 from pykvcompose.models import default_model_path
-from pykvcompose.presses.base_press import SINK_TOKENS
-from pykvcompose.presses.kvcompose_press import ranks
 from pykvcompose.probe import ProbeKind
+from pykvcompose.streaming import question_agnostic
 
 ratios = [float(r) for r in os.environ.get("RATIOS", "0.75,0.875").split(",")]
 VARIANTS = os.environ.get("VARIANTS", "none,v00,v50,kv50").split(",")
@@ -39,13 +40,6 @@ S0, S1 = int(os.environ.get("S0", 100)), int(os.environ.get("S1", 110))
 STYLES = os.environ.get("STYLES", "completion,chat,kl").split(",")
 llm = Llama(default_model_path(), n_ctx=3600, n_batch=512, verbose=False)
 engine = llm._engine
-
-
-def shipped(base, prior, ratio):
-    """The shipped self_information=True ranking (bench/results-prior-share/screen.py's sumtailf12)."""
-    n = base.shape[-1]
-    tail = round(12 / 100 * n * (1 - ratio))
-    return ranks(base) + ranks(prior)[None, None, :] + 2.0 * ((np.arange(n) < SINK_TOKENS) | (np.arange(n) >= n - tail))
 
 
 def merged(plain, composed, selection, attention, variant):
@@ -90,36 +84,32 @@ def compressed(ctx, apply_each, full=None):
     llm.reset()
     probe = llm.kv_probe(ctx, [KVComposePress(0.75, scoring="reconstruct", self_information=True)])
     plain_state, plain = llm.save_state(), engine.seq_bytes()
-    base = KVComposePress(0.75, scoring="reconstruct").score(probe)
     attention = probe.measured(ProbeKind.RECONSTRUCT)[1]["mean"]
-    prior = probe.sentence_information()
     if full is not None:
         full()
     for ratio in ratios:
         for v in VARIANTS:
-            press = KVComposePress(ratio, scoring="reconstruct")
-            sc = shipped(base, colon_free_prior(probe, ctx) if v == "nocolon" else prior, ratio).astype(np.float32)
-            press.score = lambda probe, sc=sc: sc
             llm.load_state(plain_state)
-            llm.kv_apply(press, probe)
+            llm.kv_apply(shipped(ratio), colon_free(probe, ctx) if v == "nocolon" else probe)
             composed, selection = engine.seq_bytes(), engine.conv.selection.copy()
             merge = "none" if v == "nocolon" else v
             assert engine.set_seq_bytes(merged(plain, composed, selection, attention, merge))
             apply_each(ratio, v)
 
 
-def colon_free_prior(probe, ctx):
-    """The sentence self-information prior with sentences that do not end at a colon (the value after a label
-    stays in its label's sentence)."""
+def shipped(ratio):
+    """The press ``compress_context`` applies at ``ratio`` (``KVComposePress(ratio)`` made question-agnostic)."""
+    return question_agnostic(KVComposePress(ratio))
+
+
+def colon_free(probe, ctx):
+    """``probe`` with sentences that do not end at a colon (the value after a label stays in its label's sentence)."""
     ends = probing.SENTENCE_ENDS
     probing.SENTENCE_ENDS = ends - {ord(":")}
     try:
-        sentences = probing.sentences(engine, ctx)
+        return dataclasses.replace(probe, sentences=probing.sentences(engine, ctx))
     finally:
         probing.SENTENCE_ENDS = ends
-    peak = np.zeros(int(sentences.max()) + 1, dtype=np.float32)
-    np.maximum.at(peak, sentences, probe.self_information)
-    return peak[sentences]
 
 
 def main():
