@@ -10,7 +10,12 @@ tokens), sumtailfNN (sumtailN with N = NN% of the kept cells; sumtailf12 is the 
 ``self_information=True``), pubtailN (pub and the last N tokens), pubwin and sumwin (pub and sumsink4 plus the
 rank by the scores of the context's last 64 tokens, the window probe read during the prefill), max (the larger
 of the two ranks), resNN (each head's own ranking, with the prior's top NN% of the kept cells forced into every
-head), and with a leading v the same on ``add_v_norm=True`` scores (KVzip+-style attention x value norm); a
+head), sumresNN (the shipped sumtailf12, and the prior's highest whole sentences, up to NN% of the kept cells, in
+every head; sumreshNN only in the layers whose paper budget exceeds the uniform cells), buds (in the layers whose
+paper budget fits the cells each head's top budget by attention first, the shipped ranks after), budp (buds, and the
+prior leading the ranking in the other layers), budx (buds, and the other layers ranked by the mean rank the fitting
+layers' heads give each token; budxo: plus their own rank), and with a leading v the
+same on ``add_v_norm=True`` scores (KVzip+-style attention x value norm); a
 leading c ranks every head by the mean of all heads' ranks of the variant after it (the same cells in every head,
 as a question-ranked streaming round keeps them), h by its own rank plus that mean.
 
@@ -64,11 +69,57 @@ def fused(v, base, prior, ratio):
         return rb + rw if v == "pubwin" else rb + rp + rw + 3.0 * (np.arange(n) < SINK_TOKENS)
     if v == "max":
         return np.maximum(rb, rp)
+    if v.startswith("sumres"):  # the shipped ranks, and the prior's top sentences (NN% of the kept cells) in every head
+        # sumreshNN: only in the layers whose paper budget (layer_budgets) exceeds the uniform cells
+        shipped = fused("sumtailf12", base, prior, ratio)
+        high = v.startswith("sumresh")
+        forced = 4.0 * top_sentences(prior, VBASE["s"], int(v[7 if high else 6 :]) / 100 * n * (1 - ratio))
+        if high:
+            budgets = KVComposePress(ratio, scoring="reconstruct").layer_budgets(base)
+            forced = forced[None, None, :] * (budgets > n * (1 - ratio))[:, None, None]
+        return shipped + forced
+    if v in ("budx", "budxo"):  # buds, and the layers whose budget does not fit rank by the others' consensus
+        # (layers_diag: the needles' digits are held in the peaked layers' cells, not in the flat ones that retrieve)
+        shipped = fused("sumtailf12", base, prior, ratio)
+        budgets = KVComposePress(ratio, scoring="reconstruct").layer_budgets(base)[:, None, None]
+        low = budgets <= n * (1 - ratio)
+        consensus = ranks(ranks(shipped)[low[:, 0, 0]].mean(axis=(0, 1)))[None, None, :]
+        tail = round(0.12 * n * (1 - ratio))
+        edge = (np.arange(n) < SINK_TOKENS) | (np.arange(n) >= n - tail)
+        high = consensus + (rb if v == "budxo" else 0.0) + 4.0 * edge
+        return np.where(low, shipped + 4.0 * (rb >= 1 - budgets / n), high)
+    if v in ("buds", "budp"):  # the paper's layer budgets guide the fusion within uniform cells
+        # where a layer's budget fits the cells, each head first keeps its own top budget by attention (what the
+        # paper keeps there), then the shipped ranks fill the rest; budp: where it does not fit (flat attention,
+        # nearly every token wanted), the prior leads the ranking there
+        shipped = fused("sumtailf12", base, prior, ratio)
+        budgets = KVComposePress(ratio, scoring="reconstruct").layer_budgets(base)[:, None, None]
+        low = budgets <= n * (1 - ratio)
+        out = shipped + 4.0 * ((rb >= 1 - budgets / n) & low)
+        if v == "budp":
+            tail = round(0.12 * n * (1 - ratio))
+            edge = (np.arange(n) < SINK_TOKENS) | (np.arange(n) >= n - tail)
+            out = np.where(low, out, 2.0 * rp + rb + 4.0 * edge)
+        return out
     if v.startswith("res"):
         f = int(v[3:]) / 100
         c = n * (1 - ratio)
         return rb + 2.0 * (rp >= 1 - f * c / n)
     raise ValueError(v)
+
+
+def top_sentences(prior, sentences, budget):
+    """(tokens,) True for the sentences of highest ``prior`` (each token holds its sentence's value) whose tokens,
+    taken whole in that order, fit in ``budget`` tokens."""
+    ids, first, size = np.unique(sentences, return_index=True, return_counts=True)
+    keep = np.zeros(len(prior), dtype=bool)
+    used = 0
+    for k in np.argsort(-prior[first], kind="stable"):
+        if used + size[k] > budget:
+            break
+        keep |= sentences == ids[k]
+        used += size[k]
+    return keep
 
 
 def compressed(ctx, apply_each, full=None):
@@ -83,6 +134,7 @@ def compressed(ctx, apply_each, full=None):
     VBASE["b"] = KVComposePress(0.75, scoring="reconstruct", add_v_norm=True).score(probe)
     VBASE["w"] = pw.score(probe)
     prior = probe.sentence_information()
+    VBASE["s"] = probe.sentences
     if full is not None:
         full()
     for ratio in ratios:
