@@ -8,6 +8,7 @@ import pytest
 
 from helpers import N_THREADS
 from kvbench.haystack import haystack_text
+from oracles import np_layer_budgets
 from pykvcompose import KVComposePress, Llama
 from pykvcompose.engine import surprisal
 from pykvcompose.probe import Probe
@@ -32,7 +33,7 @@ def test_sentence_information_is_the_most_of_any_token_in_the_sentence():
     assert probe.sentence_information().tolist() == [5, 5, 5, 2, 2, 3, 3]
 
 
-def test_the_fusion_adds_the_ranks_of_the_published_score_and_of_the_sentence_information_after_sinks_and_recent(
+def test_the_fusion_adds_the_ranks_of_the_published_score_and_of_the_sentence_information_after_sinks_recent_budgets(
     monkeypatch,
 ):
     rng = np.random.default_rng(1)
@@ -41,6 +42,7 @@ def test_the_fusion_adds_the_ranks_of_the_published_score_and_of_the_sentence_in
     probe.self_information = rng.exponential(size=n).astype(np.float32)
     probe.sentences = np.repeat(np.arange(40), 5).astype(np.int32)
     published = rng.random((2, 2, n)).astype(np.float32)
+    published[1] **= 4  # layer 1 peaked: its paper budget is below the cells, layer 0's above
     monkeypatch.setattr("pykvcompose._native.kvcompose_score", lambda *args: published)
     press = KVComposePress(0.75, scoring="reconstruct", self_information=True)
     monkeypatch.setattr(KVComposePress, "head_scores", lambda self, probe: None)
@@ -55,8 +57,12 @@ def test_the_fusion_adds_the_ranks_of_the_published_score_and_of_the_sentence_in
 
     sentence_max = np.array([probe.self_information[probe.sentences == s].max() for s in probe.sentences])
     expected = rank(published) + rank(np.broadcast_to(sentence_max, published.shape))
-    expected[..., :4] += 2.0  # the four attention sinks rank above every other token in every head
-    expected[..., n - 6 :] += 2.0  # and so do the newest 12% of the kept cells' worth of tokens
+    # where a layer's paper budget fits the 50 cells, each head's top budget by the published score comes next
+    budgets = np_layer_budgets(published, 0.75, "mean", 0)[:, None, None]
+    assert budgets.min() < 50 < budgets.max()  # one layer fits, one does not: both branches are exercised
+    expected += 4.0 * ((rank(published) >= 1 - budgets / n) & (budgets <= 50))
+    expected[..., :4] += 8.0  # the four attention sinks rank above every other token in every head
+    expected[..., n - 6 :] += 8.0  # and so do the newest 12% of the kept cells' worth of tokens
     np.testing.assert_allclose(press.score(probe), expected, atol=1e-6)
     # even where both ranks put the first and the last tokens last, each head keeps them among its cells
     published[..., :4] = 0.0
@@ -66,6 +72,13 @@ def test_the_fusion_adds_the_ranks_of_the_published_score_and_of_the_sentence_in
     kept = press.select(press.score(probe), press.n_kept(n))
     wanted = set(range(4)) | set(range(n - 6, n))
     assert all(wanted <= set(kept[idx].tolist()) for idx in np.ndindex(kept.shape[:-1]))
+    # and the layer that fits keeps each head's top budget by the published score, whatever the prior says
+    budgets = np_layer_budgets(published, 0.75, "mean", 0)
+    layer, b = int(np.argmin(budgets)), int(budgets.min())
+    assert b + 4 + 6 <= 50  # room for it beside the sinks and the newest tokens
+    for head in range(2):
+        top = np.argsort(-published[layer, head], kind="stable")[:b]
+        assert set(top.tolist()) <= set(kept[layer, head].tolist())
     assert not KVComposePress(0.75, scoring="reconstruct").reads_self_information()
     probe.self_information = None  # not measured (a compression that makes room): the published score
     np.testing.assert_array_equal(press.score(probe), published)
@@ -182,3 +195,12 @@ def test_compress_context_with_the_default_press_keeps_what_the_prior_ranks_firs
     wanted = set(range(4)) | set(range(n - recent, n))
     assert all(wanted <= set(default[idx].tolist()) for idx in np.ndindex(default.shape[:-1]))
     assert not all(wanted <= set(published[idx].tolist()) for idx in np.ndindex(published.shape[:-1]))
+    # and where a layer's paper budget leaves room beside them, every head keeps its own top budget by the probe
+    scores = presses[1].score(probes[0])
+    budgets = presses[1].layer_budgets(scores)
+    roomy = [layer for layer, b in enumerate(budgets) if b <= 100 - len(wanted)]
+    assert roomy and len(roomy) < len(budgets)
+    for layer in roomy:
+        for head in range(scores.shape[1]):
+            top = np.argsort(-scores[layer, head], kind="stable")[: budgets[layer]]
+            assert set(top.tolist()) <= set(default[layer, head].tolist()), (layer, head)

@@ -67,7 +67,8 @@ class KVComposePress(BasePress):
         self-information). The two ranks, each scaled to [0, 1], are added; the first
         ``SINK_TOKENS`` (4) tokens, the attention sinks of StreamingLLM (https://arxiv.org/abs/2309.17453),
         and the newest ``RECENT_SHARE`` (12%) of the kept cells' worth of tokens rank above every other token
-        in every head. For ``compress_context``
+        in every head; after those, in each layer whose paper budget (``layer_budgets``) fits the kept cells,
+        each head's top budget by the probe score. For ``compress_context``
         (question-agnostic): a probe of the context alone values every token it must copy alike, and
         the sentence prior keeps the ones the model could not have guessed (a number, a name). There,
         at 0.5, 0.75 and 0.875, it finds more facts than the published selection at about its KL divergence
@@ -147,14 +148,20 @@ class KVComposePress(BasePress):
         )
         if not self.self_information or probe.self_information is None:
             return scores  # (compressions that make room have no prefill logits: the probe score alone)
-        fused = ranks(scores) + ranks(probe.sentence_information())
-        # the attention sinks ahead of every rank: they carry little self-information, and without them
+        own, n = ranks(scores), scores.shape[-1]
+        fused = own + ranks(probe.sentence_information())
+        # where the paper's budget of a layer fits the uniform cells, each head's own top budget by the probe
+        # (what the authors' layer-adaptive KVCompose keeps there) ahead of the summed ranks: a lower KL
+        # divergence from the full cache than the summed ranks alone, and as many facts (docs/quality.md)
+        budgets = self.layer_budgets(scores)[:, None, None]
+        fits = budgets <= n * (1 - self.compression_ratio)
+        fused += 4.0 * ((own >= 1 - budgets / n) & fits)
+        # the attention sinks ahead of everything: they carry little self-information, and without them
         # the summed ranks dropped a chat template's opening in some heads (degenerate answers at 0.875)
-        fused[..., :SINK_TOKENS] += 2.0
+        fused[..., :SINK_TOKENS] += 8.0
         # and the newest tokens, which what follows the context attends to: without them the prior's KL
         # divergence from the full cache was 1.35-1.46x the published selection's on the embedded model
-        n = scores.shape[-1]
-        fused[..., n - recent_tokens(n, self.compression_ratio) :] += 2.0
+        fused[..., n - recent_tokens(n, self.compression_ratio) :] += 8.0
         return fused.astype(np.float32)
 
     def layer_budgets(self, scores: np.ndarray) -> np.ndarray:

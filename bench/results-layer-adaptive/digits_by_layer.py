@@ -1,0 +1,53 @@
+# ruff: noqa: E402, E731
+"""Diagnostic (issue 32): in which layers do the kept cells hold the magic numbers? Per screening seed (completion
+style) and ratio, per layer ``layer:budget:shipped/layer-adaptive``: the paper's layer budget, and the share of
+(kv head, number) pairs whose kept tokens hold every digit of the number, with ``compress_context``'s uniform
+selection and with the authors' per-layer budgets. Output: digits_by_layer.txt.
+``python bench/results-layer-adaptive/digits_by_layer.py``"""
+
+import sys
+
+import numpy as np
+
+sys.path[:0] = ["bench", "."]
+import multi_query as mq
+
+from pykvcompose import KVComposePress, Llama
+from pykvcompose.models import default_model_path
+from pykvcompose.streaming import question_agnostic
+
+llm = Llama(default_model_path(), n_ctx=3600, n_batch=512, verbose=False)
+for seed in range(100, 104):
+    tokenize = lambda t: llm.tokenize(t.encode(), add_bos=False)
+    context, questions = mq.fact_document(tokenize, 1500, seed)
+    conv = mq.Conversation(llm, "completion", context)
+    ctx = conv.context_tokens
+    text, starts = b"", []
+    for t in ctx:
+        starts.append(len(text))
+        text += llm.detokenize([t])
+    starts = np.array(starts)
+    llm.kv_compress = None
+    llm.reset()
+    probe = llm.kv_probe(ctx, [KVComposePress(0.75, scoring="reconstruct", self_information=True)])
+    spans = []
+    for q in questions:
+        if "magic number" not in q.chat:
+            continue
+        at = text.find((": " + q.answer).encode())
+        spans.append(np.nonzero((starts >= at + 1) & (starts < at + 2 + len(q.answer)))[0])
+    n = len(ctx)
+    for ratio in (0.75, 0.875):
+        pub = KVComposePress(ratio, scoring="reconstruct")
+        sc = pub.score(probe)
+        b = pub.layer_budgets(sc)
+        c = pub.n_kept(n)
+        sh = question_agnostic(KVComposePress(ratio))
+        sel = sh.select(sh.score(probe), c)
+        order = np.argsort(-sc, axis=-1, kind="stable")
+        rows = []
+        for il in range(sc.shape[0]):
+            s_sh = np.mean([np.isin(sp, sel[il, g]).all() for sp in spans for g in range(sc.shape[1])])
+            s_la = np.mean([np.isin(sp, order[il, g, : b[il]]).all() for sp in spans for g in range(sc.shape[1])])
+            rows.append(f"{il}:{b[il]}:{s_sh:.2f}/{s_la:.2f}")
+        print(seed, ratio, "C", c, " ".join(rows), flush=True)
