@@ -99,6 +99,22 @@ def fact_document(tokenize, n_tokens: int, seed: int, n_keys: int = 3) -> Tuple[
     return context, questions
 
 
+def number_tokens(llm: Llama, ctx: List[int], questions: List[Question]) -> Dict[int, np.ndarray]:
+    """For each magic-number question (by its index): the positions in ``ctx`` of the tokens that spell the number
+    after its needle's "is: " (the diagnostics' view of a fact's digits)."""
+    text, starts = b"", []
+    for t in ctx:
+        starts.append(len(text))
+        text += llm.detokenize([t])
+    at_byte = np.array(starts)
+    spans = {}
+    for qi, q in enumerate(questions):
+        if "magic number" in q.chat:
+            at = text.find((": " + q.answer).encode())
+            spans[qi] = np.nonzero((at_byte >= at + 1) & (at_byte < at + 2 + len(q.answer)))[0]
+    return spans
+
+
 def correct(q: Question, text: str) -> bool:
     return contains_word(text, q.answer)
 

@@ -2,7 +2,8 @@
 """Diagnostic (issue 32): in which layers do the kept cells hold the magic numbers? Per screening seed (completion
 style) and ratio, per layer ``layer:budget:shipped/layer-adaptive``: the paper's layer budget, and the share of
 (kv head, number) pairs whose kept tokens hold every digit of the number, with ``compress_context``'s uniform
-selection and with the authors' per-layer budgets. Output: digits_by_layer.txt.
+selection and with the authors' per-layer budgets. Output: digits_by_layer.txt (the shipped selection with its
+layer budgets, d3ea5c5; before them, at cebdf38, only the peaked layers' shares differed).
 ``python bench/results-layer-adaptive/digits_by_layer.py``"""
 
 import sys
@@ -22,20 +23,10 @@ for seed in range(100, 104):
     context, questions = mq.fact_document(tokenize, 1500, seed)
     conv = mq.Conversation(llm, "completion", context)
     ctx = conv.context_tokens
-    text, starts = b"", []
-    for t in ctx:
-        starts.append(len(text))
-        text += llm.detokenize([t])
-    starts = np.array(starts)
     llm.kv_compress = None
     llm.reset()
     probe = llm.kv_probe(ctx, [KVComposePress(0.75, scoring="reconstruct", self_information=True)])
-    spans = []
-    for q in questions:
-        if "magic number" not in q.chat:
-            continue
-        at = text.find((": " + q.answer).encode())
-        spans.append(np.nonzero((starts >= at + 1) & (starts < at + 2 + len(q.answer)))[0])
+    spans = list(mq.number_tokens(llm, ctx, questions).values())
     n = len(ctx)
     for ratio in (0.75, 0.875):
         pub = KVComposePress(ratio, scoring="reconstruct")

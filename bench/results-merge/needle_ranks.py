@@ -32,20 +32,11 @@ for seed in range(int(os.environ.get("S0", 100)), int(os.environ.get("S1", 110))
     context, questions = mq.fact_document(tokenize, 1500, seed)
     conv = mq.Conversation(llm, "completion", context)
     ctx = conv.context_tokens
-    text, starts = b"", []
-    for t in ctx:
-        starts.append(len(text))
-        text += llm.detokenize([t])
-    starts = np.array(starts)
     llm.kv_compress = None
     llm.reset()
     probe = llm.kv_probe(ctx, [KVComposePress(0.75, scoring="reconstruct", self_information=True)])
     prior_q = ranks(probe.sentence_information())
-    for qi, q in enumerate(questions):
-        if "magic number" not in q.chat:
-            continue
-        at = text.find((": " + q.answer).encode())
-        span = np.nonzero((starts >= at + 1) & (starts < at + 2 + len(q.answer)))[0]
+    for qi, span in mq.number_tokens(llm, ctx, questions).items():
         pieces = [llm.detokenize([ctx[j]]).decode() for j in span]
         rec = dict(seed=seed, q=qi, prior=float(prior_q[span].mean()), tokens=pieces)
         for ratio in (0.75, 0.875):
