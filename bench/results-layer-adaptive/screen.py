@@ -22,6 +22,7 @@ From the project root: ``python bench/results-layer-adaptive/screen.py`` with S0
 VARIANTS, STYLES, RATIOS and OUT in the environment; ``BASE=pub python bench/results-prior-share/report.py OUT``.
 """
 
+import contextlib
 import ctypes
 import os
 import sys
@@ -70,12 +71,11 @@ class MaskedLlama(llama_cpp.Llama):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.drop = None
-        self.masked = 0
         self._cb = llama_cpp.ggml_backend_sched_eval_callback(self._eval)
         self.context_params.cb_eval = self._cb
         self._ctx.close()
         self._ctx = self._stack.enter_context(
-            __import__("contextlib").closing(
+            contextlib.closing(
                 llama_cpp._internals.LlamaContext(model=self._model, params=self.context_params, verbose=False)
             )
         )
@@ -93,7 +93,6 @@ class MaskedLlama(llama_cpp.Llama):
         kq = np.ctypeslib.as_array((ctypes.c_float * (n_kv * n_tokens * n_head)).from_address(t.data))
         kq = kq.reshape(n_head, n_tokens, n_kv)
         np.copyto(kq[:, :, : drop.shape[1]], -np.inf, where=drop[:, None, :])
-        self.masked += 1
         return True
 
 
@@ -146,11 +145,10 @@ def compressed(ctx, apply_each, full=None):
                 ours.load_state(base)
                 ours.kv_apply(published if v == "pub" else question_agnostic(KVComposePress(ratio)), probe)
                 keep = ours._engine.conv.selection
-            elif v == "publayers":
-                budgets = published.layer_budgets(scores)
-                keep = [[order[il, g, : budgets[il]] for g in range(scores.shape[1])] for il in range(len(budgets))]
-            elif v == "pubheads":
-                budgets = per_head_budgets(scores, ratio)
+            elif v in ("publayers", "pubheads"):  # each (layer, kv head) keeps its top budget: per layer or per head
+                per_layer = v == "publayers"
+                budgets = published.layer_budgets(scores)[:, None] if per_layer else per_head_budgets(scores, ratio)
+                budgets = np.broadcast_to(budgets, scores.shape[:2])
                 keep = [[order[il, g, : budgets[il, g]] for g in range(scores.shape[1])] for il in range(len(budgets))]
             else:
                 raise SystemExit(f"unknown variant {v}")

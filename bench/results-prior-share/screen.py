@@ -32,7 +32,7 @@ import multi_query as mq
 from pykvcompose import KVComposePress, Llama
 from pykvcompose.models import default_model_path
 from pykvcompose.presses.base_press import SINK_TOKENS
-from pykvcompose.presses.kvcompose_press import ranks
+from pykvcompose.presses.kvcompose_press import ranks, recent_tokens
 
 ratios = [float(r) for r in os.environ.get("RATIOS", "0.75,0.875").split(",")]
 VARIANTS = os.environ.get("VARIANTS", "pub,sum,res10,res25,max").split(",")
@@ -78,29 +78,23 @@ def fused(v, base, prior, ratio):
             budgets = KVComposePress(ratio, scoring="reconstruct").layer_budgets(base)
             forced = forced[None, None, :] * (budgets > n * (1 - ratio))[:, None, None]
         return shipped + forced
-    if v in ("budx", "budxo"):  # buds, and the layers whose budget does not fit rank by the others' consensus
-        # (layers_diag: the needles' digits are held in the peaked layers' cells, not in the flat ones that retrieve)
+    if v in ("buds", "budp", "budx", "budxo"):  # the paper's layer budgets guide the fusion within uniform cells
+        # buds: where a layer's budget fits the cells, each head first keeps its own top budget by attention (what
+        # the paper keeps there), then the shipped ranks fill the rest; the other layers (flat attention, nearly every
+        # token wanted) as shipped (buds), led by the prior (budp), or ranked by the fitting layers' consensus (budx;
+        # budxo: plus their own rank; digits_by_layer.py: the peaked layers hold the needles' digits, the flat ones
+        # retrieve)
         shipped = fused("sumtailf12", base, prior, ratio)
         budgets = KVComposePress(ratio, scoring="reconstruct").layer_budgets(base)[:, None, None]
         low = budgets <= n * (1 - ratio)
-        consensus = ranks(ranks(shipped)[low[:, 0, 0]].mean(axis=(0, 1)))[None, None, :]
-        tail = round(0.12 * n * (1 - ratio))
-        edge = (np.arange(n) < SINK_TOKENS) | (np.arange(n) >= n - tail)
-        high = consensus + (rb if v == "budxo" else 0.0) + 4.0 * edge
-        return np.where(low, shipped + 4.0 * (rb >= 1 - budgets / n), high)
-    if v in ("buds", "budp"):  # the paper's layer budgets guide the fusion within uniform cells
-        # where a layer's budget fits the cells, each head first keeps its own top budget by attention (what the
-        # paper keeps there), then the shipped ranks fill the rest; budp: where it does not fit (flat attention,
-        # nearly every token wanted), the prior leads the ranking there
-        shipped = fused("sumtailf12", base, prior, ratio)
-        budgets = KVComposePress(ratio, scoring="reconstruct").layer_budgets(base)[:, None, None]
-        low = budgets <= n * (1 - ratio)
-        out = shipped + 4.0 * ((rb >= 1 - budgets / n) & low)
+        buds = shipped + 4.0 * ((rb >= 1 - budgets / n) & low)
+        if v == "buds":
+            return buds
+        edge = 4.0 * ((np.arange(n) < SINK_TOKENS) | (np.arange(n) >= n - recent_tokens(n, ratio)))
         if v == "budp":
-            tail = round(0.12 * n * (1 - ratio))
-            edge = (np.arange(n) < SINK_TOKENS) | (np.arange(n) >= n - tail)
-            out = np.where(low, out, 2.0 * rp + rb + 4.0 * edge)
-        return out
+            return np.where(low, buds, 2.0 * rp + rb + edge)
+        consensus = ranks(ranks(shipped)[low[:, 0, 0]].mean(axis=(0, 1)))[None, None, :]
+        return np.where(low, buds, consensus + (rb if v == "budxo" else 0.0) + edge)
     if v.startswith("res"):
         f = int(v[3:]) / 100
         c = n * (1 - ratio)
