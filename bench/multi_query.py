@@ -115,6 +115,19 @@ def number_tokens(llm: Llama, ctx: List[int], questions: List[Question]) -> Dict
     return spans
 
 
+def top_sentences(score: np.ndarray, sentences: np.ndarray, budget: float) -> np.ndarray:
+    """(tokens,) True for the sentences of highest ``score`` (each token holds its sentence's value), taken whole
+    while they fit in ``budget`` tokens; a sentence that does not fit is passed over (the diagnostics' forced set)."""
+    ids, first, size = np.unique(sentences, return_index=True, return_counts=True)
+    keep = np.zeros(len(sentences), dtype=bool)
+    used = 0
+    for k in np.argsort(-score[first], kind="stable"):
+        if used + size[k] <= budget:
+            keep |= sentences == ids[k]
+            used += size[k]
+    return keep
+
+
 def correct(q: Question, text: str) -> bool:
     return contains_word(text, q.answer)
 

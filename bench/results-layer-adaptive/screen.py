@@ -15,6 +15,13 @@ Variants per ratio, all decoded on the same masked context, scores from one reco
 - publayers: the same scores with the paper's per-layer budgets (``layer_budgets``, kvpress ``structured=True``);
 - pubheads: kvpress's unstructured variant (a budget per (layer, kv head): the top scores over all heads);
 - shipped: ``compress_context``'s selection (uniform cells);
+- flatall, flatnum (diagnostics): the shipped selection with the layers whose paper budget exceeds the cells keeping
+  every token (flatall) or, within the cells, the magic numbers' sentences first (flatnum, an oracle's knowledge);
+  flat1820: layers 18 and 20 alone keep every token; flatstride: in the flat layers the sinks, the newest tokens and
+  the rest spread evenly over the context (every head alike); flatnumstride: the same with the numbers' sentences;
+  flatpriorNN: the prior's top sentences (up to NN% of the cells, ``multi_query.top_sentences``) first; flattopNN and
+  flattopnum: flatpriorNN and flatnum only in the layers whose budget is at least 3/4 of the largest;
+  records of all in flat.jsonl (seeds 100-111, completion);
 and the full cache (ratio 0, no mask). On seed 0 (completion) the pub and shipped answers equal the composite cells'
 (bench/results-prior-share/tails-tables.jsonl, bench/results-merge/colon-tables.jsonl) text for text.
 
@@ -35,6 +42,8 @@ import multi_query as mq
 
 from pykvcompose import KVComposePress, Llama
 from pykvcompose.models import default_model_path
+from pykvcompose.presses.base_press import SINK_TOKENS
+from pykvcompose.presses.kvcompose_press import recent_tokens
 from pykvcompose.streaming import question_agnostic
 
 ratios = [float(r) for r in os.environ.get("RATIOS", "0.75,0.875").split(",")]
@@ -101,6 +110,22 @@ plain = MaskedLlama(
 )
 
 
+QUESTIONS = []  # the current fact document's questions, for the diagnostics that need its numbers' positions
+_fact_document = mq.fact_document
+
+
+def _remember_questions(*args, **kwargs):
+    context, questions = _fact_document(*args, **kwargs)
+    QUESTIONS[:] = [questions]
+    return context, questions
+
+
+mq.fact_document = _remember_questions
+
+
+COVER = []
+
+
 def drop_of(keep, n_head, n):
     """(layers, heads, n) True where a query head's kv head did not keep the cell; ``keep[l][g]``: kept indices."""
     n_layer, n_head_kv = len(keep), len(keep[0])
@@ -129,6 +154,8 @@ def compressed(ctx, apply_each, full=None):
     probe = ours.kv_probe(ctx, [KVComposePress(0.75, scoring="reconstruct", self_information=True)])
     base = ours.save_state()
     n_head = probe.n_head
+    # the fact styles (no ``full``): where the numbers' digits are, for the diagnostics that force their sentences
+    numbers = list(mq.number_tokens(ours, ctx, QUESTIONS[0]).values()) if full is None else []
     plain.drop = None
     plain.reset()
     plain.eval(ctx)
@@ -150,8 +177,48 @@ def compressed(ctx, apply_each, full=None):
                 budgets = published.layer_budgets(scores)[:, None] if per_layer else per_head_budgets(scores, ratio)
                 budgets = np.broadcast_to(budgets, scores.shape[:2])
                 keep = [[order[il, g, : budgets[il, g]] for g in range(scores.shape[1])] for il in range(len(budgets))]
+            elif v.startswith("flat"):  # diagnostics: the shipped selection, its flat layers changed
+                # flatall: the layers whose paper budget exceeds the cells keep every token (more than the cells:
+                # the upper bound of fixing those layers alone); flatnum: there the magic numbers' whole sentences
+                # (an oracle's knowledge) first, the shipped ranking after, within the cells
+                shipped = question_agnostic(KVComposePress(ratio))
+                fused = shipped.score(probe)
+                c = shipped.n_kept(n)
+                sel = shipped.select(fused, c)
+                flat = published.layer_budgets(scores) > c
+                if v == "flat1820":
+                    flat = np.isin(np.arange(len(sel)), [18, 20])
+                if "top" in v:  # flattopNN / flattopnum: only the layers whose budget is >= 3/4 of the largest
+                    budgets = published.layer_budgets(scores)
+                    flat = budgets >= 0.75 * budgets.max()
+                needles = np.isin(probe.sentences, probe.sentences[np.concatenate(numbers)] if numbers else [])
+                keep = []
+                for il in range(len(sel)):
+                    if not flat[il]:
+                        keep.append(list(sel[il]))
+                    elif v in ("flatall", "flat1820"):
+                        keep.append([np.arange(n)] * len(sel[il]))
+                    elif v.startswith("flatprior") or v.startswith("flattop") and v != "flattopnum":
+                        # the prior's top sentences (up to NN% of the cells) first
+                        share = int(v[9:] if v.startswith("flatprior") else v[7:]) / 100
+                        top = mq.top_sentences(probe.sentence_information(), probe.sentences, share * c)
+                        COVER.append(float(needles[top].sum() / needles.sum()))
+                        ranked = np.argsort(-(fused[il] + 16.0 * top), axis=-1, kind="stable")
+                        keep.append(list(ranked[:, :c]))
+                    elif v.endswith("stride"):  # sinks, newest (and the needles), the rest spread evenly
+                        forced = (np.arange(n) < SINK_TOKENS) | (np.arange(n) >= n - recent_tokens(n, ratio))
+                        forced |= needles if v == "flatnumstride" else False
+                        rest = np.nonzero(~forced)[0]
+                        spread = rest[np.linspace(0, len(rest) - 1, max(0, c - forced.sum())).round().astype(int)]
+                        keep.append([np.union1d(np.nonzero(forced)[0], spread)] * len(sel[il]))
+                    else:  # flatnum, flattopnum
+                        ranked = np.argsort(-(fused[il] + 16.0 * needles), axis=-1, kind="stable")
+                        keep.append(list(ranked[:, :c]))
             else:
                 raise SystemExit(f"unknown variant {v}")
+            if COVER:
+                print(v, ratio, "needle tokens forced", f"{np.mean(COVER):.2f}", flush=True)
+                COVER.clear()
             plain.drop = drop_of(keep, n_head, n)
             apply_each(ratio, v)
             plain.drop = None
