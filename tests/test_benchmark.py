@@ -399,7 +399,7 @@ def test_a_passkey_chat_prompt_is_written_in_the_models_own_template(llm):
 def test_the_cost_bench_times_every_probe_and_a_stream():
     """bench/cost.py on a short prompt and a short streamed document: every probe compressed, the host bytes
     of each probe as the backend reduction sends them (2 x heads x cells floats per layer and ubatch, + layer
-    0's mask count), and a table with a ratio per probe and per stream."""
+    0's mask count), the floor of a one-pass probe, and a table with a ratio per probe and per stream."""
     import cost
     from speed import haystack_tokens
 
@@ -410,11 +410,13 @@ def test_the_cost_bench_times_every_probe_and_a_stream():
     for p in cost.PROBES:
         assert row[f"{p}_s"] > 0 and row[f"{p}_parts"] >= 1.0
         assert 0 < row[f"{p}_host_bytes"] <= 4 * (2 * 30 * 9 * 1024 + 1024) * (1 + 256 // 64)
+    # the floor of a one-pass probe: the prompt decoded again after itself costs something on top of its prefill
+    assert row["one_pass_floor"] > 1.0
     stream = cost.stream_row(700, 256, False, "f16", 1)
     assert stream["stream_s"] > 0 and stream["stream_every1_s"] > 0 and stream["chunk_prefill_s"] > 0
     assert stream["tokens"] > 2 * 256
     md = cost.table([row, stream])
-    assert md.count("x (") == 4 and "→ 256" in md
+    assert md.count("x (") == 4 and "→ 256" in md and f"| {row['one_pass_floor']:.2f}x |" in md
 
 
 def test_multi_query_bench_resumes_the_modes_a_run_left_out(tmp_path, monkeypatch):

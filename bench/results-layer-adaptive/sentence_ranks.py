@@ -1,10 +1,11 @@
 # ruff: noqa: E402, E731
 """Diagnostic (issue 32): how high do question-agnostic sentence signals rank the magic numbers' sentences? Per
-screening seed (completion), each sentence scored by its self-information (maximum: the shipped prior; sum; mean)
-and by the reconstruct probe's per-head rank quantiles (each sentence's best token, averaged over the heads of the
-flat layers, whose paper budget at 0.75 exceeds the cells, or of the fitting ones; ``maxmax``: the best head);
-printed: the needles' rank among the ~180 sentences (0 is the top) and the biography's (its city's sentence).
-Output: sentence_ranks.txt. ``python bench/results-layer-adaptive/sentence_ranks.py``"""
+screening seed (completion), each sentence scored by its self-information (maximum: the shipped prior; sum; mean;
+``topK``: the sum of its K highest) and by the reconstruct probe's per-head rank quantiles (each sentence's best
+token, averaged over the heads of the flat layers, whose paper budget at 0.75 exceeds the cells, or of the fitting
+ones; ``maxmax``: the best head); printed: the needles' rank among the ~180 sentences (0 is the top) and the
+biography's (its city's sentence). Output: sentence_ranks.txt.
+``python bench/results-layer-adaptive/sentence_ranks.py``"""
 
 import sys
 
@@ -43,6 +44,9 @@ for seed in range(100, 112):
     np.maximum.at(peak, sent, info)
     total = np.bincount(sent, weights=info, minlength=n_sent)
     signals = {"max_si": peak, "sum_si": total, "mean_si": total / np.maximum(size, 1)}
+    ordered = [np.sort(info[sent == s])[::-1] for s in range(n_sent)]  # each sentence's tokens, most surprising first
+    for k in (2, 3, 5, 8):  # several surprising tokens (a number's digits) rather than one
+        signals[f"top{k}_si"] = np.array([o[:k].sum() for o in ordered])
     quantiles = ranks(scores)
     for name, layers in (("fit", fits), ("flat", ~fits)):
         heads = quantiles[layers].reshape(-1, n)
