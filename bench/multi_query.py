@@ -36,7 +36,7 @@ from kvbench import metrics, one_line, tasks
 from kvbench.runner import DEFAULT_PRESSES, chat_text, continuation_logits, load_records, locate_model, user_turn
 from kvbench.stats import count_with_interval, mcnemar_exact
 from kvbench.tasks import CITIES, FIRST_NAMES, KEY_WORDS, PROFESSIONS, _number, _plant, contains_word
-from pykvcompose import Llama, parse_press_spec
+from pykvcompose import KVComposePress, Llama, parse_press_spec
 from pykvcompose.demo import answer
 from pykvcompose.streaming import question_agnostic
 
@@ -113,6 +113,18 @@ def number_tokens(llm: Llama, ctx: List[int], questions: List[Question]) -> Dict
             at = text.find((": " + q.answer).encode())
             spans[qi] = np.nonzero((at_byte >= at + 1) & (at_byte < at + 2 + len(q.answer)))[0]
     return spans
+
+
+def probed_fact_document(llm: Llama, seed: int, style: str = "completion"):
+    """The diagnostics' start: seed's fact document in ``style``, prefilled on an empty ``llm`` and probed once
+    (the reconstruct probe and the self-information, as ``compress_context`` probes it). Returns
+    ``(context tokens, questions, probe)``."""
+    context, questions = fact_document(lambda t: llm.tokenize(t.encode(), add_bos=False), 1500, seed)
+    ctx = Conversation(llm, style, context).context_tokens
+    llm.kv_compress = None
+    llm.reset()
+    probe = llm.kv_probe(ctx, [KVComposePress(0.75, scoring="reconstruct", self_information=True)])
+    return ctx, questions, probe
 
 
 def top_sentences(score: np.ndarray, sentences: np.ndarray, budget: float) -> np.ndarray:

@@ -19,13 +19,7 @@ from pykvcompose.streaming import question_agnostic
 
 llm = Llama(default_model_path(), n_ctx=3600, n_batch=512, verbose=False)
 for seed in range(100, 104):
-    tokenize = lambda t: llm.tokenize(t.encode(), add_bos=False)
-    context, questions = mq.fact_document(tokenize, 1500, seed)
-    conv = mq.Conversation(llm, "completion", context)
-    ctx = conv.context_tokens
-    llm.kv_compress = None
-    llm.reset()
-    probe = llm.kv_probe(ctx, [KVComposePress(0.75, scoring="reconstruct", self_information=True)])
+    ctx, questions, probe = mq.probed_fact_document(llm, seed)
     spans = list(mq.number_tokens(llm, ctx, questions).values())
     n = len(ctx)
     for ratio in (0.75, 0.875):

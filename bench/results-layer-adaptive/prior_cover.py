@@ -16,18 +16,13 @@ from pykvcompose import KVComposePress, Llama
 from pykvcompose.models import default_model_path
 
 llm = Llama(default_model_path(), n_ctx=3600, n_batch=512, verbose=False)
-tokenize = lambda t: llm.tokenize(t.encode(), add_bos=False)
 ok = {}
 with open("bench/results-layer-adaptive/flat.jsonl") as records:
     for r in map(json.loads, records):
         ok[(r["seed"], r["ratio"], r["v"], r["q"])] = r["ok"]
 counts = Counter()
 for seed in range(100, 112):
-    context, questions = mq.fact_document(tokenize, 1500, seed)
-    ctx = mq.Conversation(llm, "completion", context).context_tokens
-    llm.kv_compress = None
-    llm.reset()
-    probe = llm.kv_probe(ctx, [KVComposePress(0.75, scoring="reconstruct", self_information=True)])
+    ctx, questions, probe = mq.probed_fact_document(llm, seed)
     for ratio in (0.75, 0.875):
         cells = KVComposePress(ratio).n_kept(len(ctx))
         top = mq.top_sentences(probe.sentence_information(), probe.sentences, 0.5 * cells)

@@ -19,14 +19,9 @@ from pykvcompose.models import default_model_path
 from pykvcompose.presses.kvcompose_press import ranks
 
 llm = Llama(default_model_path(), n_ctx=3600, n_batch=512, verbose=False)
-tokenize = lambda t: llm.tokenize(t.encode(), add_bos=False)
 found = {}
 for seed in range(100, 112):
-    context, questions = mq.fact_document(tokenize, 1500, seed)
-    ctx = mq.Conversation(llm, "completion", context).context_tokens
-    llm.kv_compress = None
-    llm.reset()
-    probe = llm.kv_probe(ctx, [KVComposePress(0.75, scoring="reconstruct", self_information=True)])
+    ctx, questions, probe = mq.probed_fact_document(llm, seed)
     sent, info, n = probe.sentences, probe.self_information, len(ctx)
     n_sent = sent.max() + 1
     needles = sorted({int(sent[digits[0]]) for digits in mq.number_tokens(llm, ctx, questions).values()})
