@@ -123,9 +123,6 @@ def _remember_questions(*args, **kwargs):
 mq.fact_document = _remember_questions
 
 
-COVER = []
-
-
 def drop_of(keep, n_head, n):
     """(layers, heads, n) True where a query head's kv head did not keep the cell; ``keep[l][g]``: kept indices."""
     n_layer, n_head_kv = len(keep), len(keep[0])
@@ -185,14 +182,14 @@ def compressed(ctx, apply_each, full=None):
                 fused = shipped.score(probe)
                 c = shipped.n_kept(n)
                 sel = shipped.select(fused, c)
-                flat = published.layer_budgets(scores) > c
+                budgets = published.layer_budgets(scores)
+                flat = budgets > c
                 if v == "flat1820":
                     flat = np.isin(np.arange(len(sel)), [18, 20])
                 if "top" in v:  # flattopNN / flattopnum: only the layers whose budget is >= 3/4 of the largest
-                    budgets = published.layer_budgets(scores)
                     flat = budgets >= 0.75 * budgets.max()
                 needles = np.isin(probe.sentences, probe.sentences[np.concatenate(numbers)] if numbers else [])
-                keep = []
+                keep, cover = [], []  # cover: the share of the needles' tokens the prior's sentences force
                 for il in range(len(sel)):
                     if not flat[il]:
                         keep.append(list(sel[il]))
@@ -202,7 +199,7 @@ def compressed(ctx, apply_each, full=None):
                         # the prior's top sentences (up to NN% of the cells) first
                         share = int(v[9:] if v.startswith("flatprior") else v[7:]) / 100
                         top = mq.top_sentences(probe.sentence_information(), probe.sentences, share * c)
-                        COVER.append(float(needles[top].sum() / needles.sum()))
+                        cover.append(float(needles[top].sum() / needles.sum()))
                         ranked = np.argsort(-(fused[il] + 16.0 * top), axis=-1, kind="stable")
                         keep.append(list(ranked[:, :c]))
                     elif v.endswith("stride"):  # sinks, newest (and the needles), the rest spread evenly
@@ -214,11 +211,10 @@ def compressed(ctx, apply_each, full=None):
                     else:  # flatnum, flattopnum
                         ranked = np.argsort(-(fused[il] + 16.0 * needles), axis=-1, kind="stable")
                         keep.append(list(ranked[:, :c]))
+                if cover:
+                    print(v, ratio, "needle tokens forced", f"{np.mean(cover):.2f}", flush=True)
             else:
                 raise SystemExit(f"unknown variant {v}")
-            if COVER:
-                print(v, ratio, "needle tokens forced", f"{np.mean(COVER):.2f}", flush=True)
-                COVER.clear()
             plain.drop = drop_of(keep, n_head, n)
             apply_each(ratio, v)
             plain.drop = None
