@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Tuple
 
+import llama_cpp
 import numpy as np
 
 from kvbench import metrics, one_line, tasks
@@ -38,6 +39,7 @@ from kvbench.stats import count_with_interval, mcnemar_exact
 from kvbench.tasks import CITIES, FIRST_NAMES, KEY_WORDS, PROFESSIONS, _number, _plant, contains_word
 from pykvcompose import KVComposePress, Llama, parse_press_spec
 from pykvcompose.demo import answer
+from pykvcompose.models import default_model_path
 from pykvcompose.streaming import question_agnostic
 
 MODES = ("independent", "multi-turn")
@@ -99,14 +101,44 @@ def fact_document(tokenize, n_tokens: int, seed: int, n_keys: int = 3) -> Tuple[
     return context, questions
 
 
-def number_tokens(llm: Llama, ctx: List[int], questions: List[Question]) -> Dict[int, np.ndarray]:
-    """For each magic-number question (by its index): the positions in ``ctx`` of the tokens that spell the number
-    after its needle's "is: " (the diagnostics' view of a fact's digits)."""
+def token_offsets(llm: Llama, ctx: List[int]) -> Tuple[bytes, np.ndarray]:
+    """``ctx``'s text and the byte offset in it where each token's text starts (int64, (tokens,))."""
     text, starts = b"", []
     for t in ctx:
         starts.append(len(text))
         text += llm.detokenize([t])
-    at_byte = np.array(starts)
+    return text, np.array(starts)
+
+
+_LOCAL: Dict[int, llama_cpp.Llama] = {}
+
+
+def local_information(ctx: List[int], w: int) -> np.ndarray:
+    """-log p(token | at most the w..2w tokens before it) in nats, float32 (tokens,): a plain llama-cpp-python
+    ``Llama`` of 2w cells (one per w, kept) decodes windows of 2w tokens stepping by w, each scoring its second
+    half (the first window all of it). The short window's self-information (issue 32's diagnostics): a fact is
+    as surprising as the first of its kind, where the whole context has taught the model the pattern."""
+    if w not in _LOCAL:
+        path = default_model_path()
+        _LOCAL[w] = llama_cpp.Llama(path, n_ctx=2 * w + 8, n_batch=2 * w, logits_all=True, verbose=False)
+    loc, n, tokens = _LOCAL[w], len(ctx), np.asarray(ctx)
+    info = np.zeros(n, np.float32)
+    for start in range(0, n, w):
+        a, b = max(0, start - w), min(n, start + w)
+        loc.reset()
+        loc.eval(ctx[a:b])
+        logits = np.array(loc.scores[: b - a], dtype=np.float64)
+        top = logits.max(1)
+        log_sum = np.log(np.exp(logits - top[:, None]).sum(1)) + top
+        i = np.arange(max(start, a + 1), b)
+        info[i] = log_sum[i - a - 1] - logits[i - a - 1, tokens[i]]
+    return info
+
+
+def number_tokens(llm: Llama, ctx: List[int], questions: List[Question]) -> Dict[int, np.ndarray]:
+    """For each magic-number question (by its index): the positions in ``ctx`` of the tokens that spell the number
+    after its needle's "is: " (the diagnostics' view of a fact's digits)."""
+    text, at_byte = token_offsets(llm, ctx)
     spans = {}
     for qi, q in enumerate(questions):
         if "magic number" in q.chat:

@@ -25,10 +25,7 @@ for seed in range(100, 112):
     sent, info, n = probe.sentences, probe.self_information, len(ctx)
     n_sent = sent.max() + 1
     needles = sorted({int(sent[digits[0]]) for digits in mq.number_tokens(llm, ctx, questions).values()})
-    text, starts = b"", []
-    for t in ctx:
-        starts.append(len(text))
-        text += llm.detokenize([t])
+    text, starts = mq.token_offsets(llm, ctx)
     city = next(q for q in questions if "city" in q.chat).answer
     biography = int(sent[np.searchsorted(starts, text.find((" " + city).encode()), side="right") - 1])
     size = np.bincount(sent, minlength=n_sent)

@@ -13,9 +13,11 @@ of the two ranks), resNN (each head's own ranking, with the prior's top NN% of t
 head), sumresNN (the shipped sumtailf12, and the prior's highest whole sentences, up to NN% of the kept cells, in
 every head; sumreshNN only in the layers whose paper budget exceeds the uniform cells), buds (in the layers whose
 paper budget fits the cells each head's top budget by attention first, the shipped ranks after), budp (buds, and the
-prior leading the ranking in the other layers), budx (buds, and the other layers ranked by the mean rank the fitting
-layers' heads give each token; budxo: plus their own rank), and with a leading v the
-same on ``add_v_norm=True`` scores (KVzip+-style attention x value norm); a
+prior leading the ranking in the other layers), budsl (buds with the prior of a short window:
+``multi_query.local_information``), budshNN and budshlNN (buds with the shipped or the short window's prior's top
+sentences, NN% of the cells, first in the layers whose paper budget exceeds the cells; local*.jsonl), budx (buds, and
+the other layers ranked by the mean rank the fitting layers' heads give each token; budxo: plus their own rank), and
+with a leading v the same on ``add_v_norm=True`` scores (KVzip+-style attention x value norm); a
 leading c ranks every head by the mean of all heads' ranks of the variant after it (the same cells in every head,
 as a question-ranked streaming round keeps them), h by its own rank plus that mean.
 
@@ -78,6 +80,18 @@ def fused(v, base, prior, ratio):
             budgets = KVComposePress(ratio, scoring="reconstruct").layer_budgets(base)
             forced = forced[None, None, :] * (budgets > n * (1 - ratio))[:, None, None]
         return shipped + forced
+    if v.startswith("budsh"):  # buds, and in the layers whose paper budget exceeds the cells the prior's top
+        # sentences (budshNN: NN% of the cells; budshlNN: the short window's prior) ahead of the rest
+        local = v.startswith("budshl")
+        p = VBASE["l128"] if local else prior
+        share = int(v[6 if local else 5 :]) / 100
+        budgets = KVComposePress(ratio, scoring="reconstruct").layer_budgets(base)
+        forced = mq.top_sentences(p, VBASE["s"], share * n * (1 - ratio))
+        high = (budgets > n * (1 - ratio))[:, None, None]
+        return fused("buds", base, p, ratio) + 8.0 * (forced[None, None, :] & high)
+    if v.startswith("budsl"):  # buds with the prior of a short window: each sentence's most surprising token given
+        # only the 128-256 tokens before it (budslW: W..2W), so a fact is as surprising as the first of its kind
+        return fused("buds", base, VBASE["l" + (v[5:] or "128")], ratio)
     if v in ("buds", "budp", "budx", "budxo"):  # the paper's layer budgets guide the fusion within uniform cells
         # buds: where a layer's budget fits the cells, each head first keeps its own top budget by attention (what
         # the paper keeps there), then the shipped ranks fill the rest; the other layers (flat attention, nearly every
@@ -116,6 +130,13 @@ def top_sentences(prior, sentences, budget):
     return keep
 
 
+def sentence_peak(info, sentences):
+    """Each token's sentence's largest ``info`` (what ``Probe.sentence_information`` does with the prefill's)."""
+    peak = np.full(sentences.max() + 1, -np.inf)
+    np.maximum.at(peak, sentences, info)
+    return peak[sentences].astype(np.float32)
+
+
 def compressed(ctx, apply_each, full=None):
     """Probe ``ctx`` once; ``full()`` on the full cache, then ``apply_each(ratio, variant)`` on each compression."""
     llm.kv_compress = None
@@ -129,6 +150,9 @@ def compressed(ctx, apply_each, full=None):
     VBASE["w"] = pw.score(probe)
     prior = probe.sentence_information()
     VBASE["s"] = probe.sentences
+    windows = {int(v[5:] or 128) for v in VARIANTS if v.startswith("budsl")} | {128 for v in VARIANTS if "budshl" in v}
+    for w in windows:
+        VBASE[f"l{w}"] = sentence_peak(mq.local_information(ctx, w), probe.sentences)
     if full is not None:
         full()
     for ratio in ratios:
