@@ -14,8 +14,9 @@ head), sumresNN (the shipped sumtailf12, and the prior's highest whole sentences
 every head; sumreshNN only in the layers whose paper budget exceeds the uniform cells), buds (in the layers whose
 paper budget fits the cells each head's top budget by attention first, the shipped ranks after), budp (buds, and the
 prior leading the ranking in the other layers), budsl (buds with the prior of a short window:
-``multi_query.local_information``), budshNN and budshlNN (buds with the shipped or the short window's prior's top
-sentences, NN% of the cells, first in the layers whose paper budget exceeds the cells; local*.jsonl), budx (buds, and
+``multi_query.local_information``), budshNN and budshlNN (buds with the shipped or the short window's prior's
+top sentences, NN% of the cells, first in the layers whose paper budget exceeds the cells; budshgNN: the short
+window's forced, the shipped prior in the summed ranks; local*.jsonl), budx (buds, and
 the other layers ranked by the mean rank the fitting layers' heads give each token; budxo: plus their own rank), and
 with a leading v the same on ``add_v_norm=True`` scores (KVzip+-style attention x value norm); a
 leading c ranks every head by the mean of all heads' ranks of the variant after it (the same cells in every head,
@@ -82,13 +83,14 @@ def fused(v, base, prior, ratio):
         return shipped + forced
     if v.startswith("budsh"):  # buds, and in the layers whose paper budget exceeds the cells the prior's top
         # sentences (budshNN: NN% of the cells; budshlNN: the short window's prior) ahead of the rest
-        local = v.startswith("budshl")
+        # (budshgNN: the short window's top sentences forced, the shipped prior in the summed ranks)
+        local = v[5] in "lg"
         p = VBASE["l128"] if local else prior
         share = int(v[6 if local else 5 :]) / 100
         budgets = KVComposePress(ratio, scoring="reconstruct").layer_budgets(base)
         forced = mq.top_sentences(p, VBASE["s"], share * n * (1 - ratio))
         high = (budgets > n * (1 - ratio))[:, None, None]
-        return fused("buds", base, p, ratio) + 8.0 * (forced[None, None, :] & high)
+        return fused("buds", base, prior if v[5] == "g" else p, ratio) + 8.0 * (forced[None, None, :] & high)
     if v.startswith("budsl"):  # buds with the prior of a short window: each sentence's most surprising token given
         # only the 128-256 tokens before it (budslW: W..2W), so a fact is as surprising as the first of its kind
         return fused("buds", base, VBASE["l" + (v[5:] or "128")], ratio)
@@ -150,7 +152,8 @@ def compressed(ctx, apply_each, full=None):
     VBASE["w"] = pw.score(probe)
     prior = probe.sentence_information()
     VBASE["s"] = probe.sentences
-    windows = {int(v[5:] or 128) for v in VARIANTS if v.startswith("budsl")} | {128 for v in VARIANTS if "budshl" in v}
+    windows = {int(v[5:] or 128) for v in VARIANTS if v.startswith("budsl")}
+    windows |= {128 for v in VARIANTS if v[:6] in ("budshl", "budshg")}
     for w in windows:
         VBASE[f"l{w}"] = sentence_peak(mq.local_information(ctx, w), probe.sentences)
     if full is not None:
