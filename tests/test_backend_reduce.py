@@ -1,7 +1,8 @@
 """The probe's attention reduced on the backend that holds the tensors (issue 31): a ggml graph pools
 llama.cpp's kq_soft_max in place, or recomputes the probabilities under flash attention from the
-node's q and k (mul_mat -> soft_max_ext) in blocks of queries, so only [n_head, n_kv] floats per layer
-and ubatch reach the host. The host loops (kvc_capture_set_reduce(HOST)) are the oracle."""
+node's q and k (mul_mat -> softmax, on the CPU one op with the pooling) in blocks of queries, so only
+[n_head, n_kv] floats per layer and ubatch reach the host. The host loops (kvc_capture_set_reduce(HOST))
+are the oracle."""
 
 import warnings
 
@@ -100,16 +101,16 @@ def test_the_portable_graph_gives_the_cpu_pooling(model_path, prompt_tokens, fla
 def test_a_missing_op_falls_back_to_the_host_with_one_warning(model_path, prompt_tokens, monkeypatch):
     ctx = prompt_tokens[:-1]
     ((sel_h, hs_h, _, _),) = compress_each_way(model_path, ctx, True, F16, ["host"])
-    monkeypatch.setenv("KVC_REDUCE_DENY_OP", "SOFT_MAX")
+    monkeypatch.setenv("KVC_REDUCE_DENY_OP", "MUL_MAT")
     m = Llama(model_path, n_ctx=1024, flash_attn=True, verbose=False)
     try:
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
             for _ in range(2):
                 m.compress_context(ctx, PRESS)
-        assert m._kv_capture.fallback == "the CPU backend lacks SOFT_MAX"
+        assert m._kv_capture.fallback == "the CPU backend lacks MUL_MAT"
         ours = [w for w in seen if "reduced on the host" in str(w.message)]
-        assert len(ours) == 1 and "SOFT_MAX" in str(ours[0].message) and ours[0].category is RuntimeWarning
+        assert len(ours) == 1 and "MUL_MAT" in str(ours[0].message) and ours[0].category is RuntimeWarning
         # the host computed the same scores: nothing wrong, nothing half-folded
         np.testing.assert_allclose(m.kv_head_scores, hs_h, atol=1e-6)
         np.testing.assert_array_equal(m.kv_selection, sel_h)

@@ -95,7 +95,8 @@ KVC_API bool    kvc_capture_is_active(const kvc_capture * cap);
 KVC_API int32_t kvc_capture_set_recompute(kvc_capture * cap, bool recompute);
 /* Where the probabilities are reduced. BACKEND (the default): a small ggml graph on the backend
  * whose buffers hold the layer's tensors (llama.cpp's kq_soft_max pooled in place; with flash
- * attention, mul_mat(k, q) -> soft_max_ext -> pooling, in blocks of queries), so 2 x [n_head, n_kv]
+ * attention, mul_mat(k, q) -> softmax -> pooling, in blocks of queries; on the CPU the softmax and
+ * the pooling are one op), so 2 x [n_head, n_kv]
  * floats per layer and ubatch reach the host. HOST: every tensor is read on the host and reduced
  * by this library's loops (the reference the backend path is tested against). Where the backend
  * lacks an op or a layout, that layer is reduced on the host and kvc_capture_get_fallback says why. */

@@ -7,7 +7,9 @@
 // at once. Each block is pooled over its queries (max, sum) and the blocks are folded in the graph,
 // so the host receives 2 x [n_kv, n_head] floats per layer and ubatch (+ [n_kv] for layer 0's mask).
 // The pooling is ggml's POOL_2D where the backend is a device, and a ggml custom op on all threads on
-// the CPU (whose POOL_2D runs on one thread).
+// the CPU (whose POOL_2D runs on one thread). On the CPU the recomputed probabilities never exist as a
+// tensor: one custom op takes each block's q.k rows, softmaxes each row where it sits in the core's
+// cache and pools it (soft_max_ext's output written and read again cost a third of the recompute).
 //
 // The graph reads llama.cpp's tensors through aliases: tensors of our own context pointing at the
 // same buffer and bytes, with no source nodes, so the scheduler's graph is never pulled in.
@@ -24,6 +26,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <string>
 #include <utility>
 #include <vector>
@@ -80,6 +83,171 @@ void pool_queries(ggml_tensor * dst, int ith, int nth, void *) {
     }
 }
 
+// Where the compiler can make an AVX2 copy of a function beside the baseline one (chosen at load time).
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define KVC_AVX2_CLONE __attribute__((target_clones("avx2", "default")))
+#else
+#define KVC_AVX2_CLONE
+#endif
+
+// 8-float vectors (two SSE registers in the baseline copy, one AVX one in the AVX2 copy). Their helpers are
+// always inlined, so no call passes one by value: GCC's note that such calls' ABI differs without AVX (given
+// for the whole file, at its end) is moot.
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+__attribute__((always_inline)) inline f32x8 load8(const float * p) {
+    f32x8 v;
+    std::memcpy(&v, p, sizeof v);
+    return v;
+}
+__attribute__((always_inline)) inline void store8(float * p, f32x8 v) { std::memcpy(p, &v, sizeof v); }
+
+// exp(x) for x <= 0 (a logit minus its row's max), 0 below -87 (and for -inf: masked keys), to ~2 ulp:
+// Cephes' expf, exp(r) * 2^n with |r| <= ln 2 / 2.
+__attribute__((always_inline)) inline f32x8 exp8_nonpositive(f32x8 x) {
+    const i32x8 dead = x < -87.0f;
+    x = dead ? f32x8{} - 87.0f : x;
+    const i32x8 n = __builtin_convertvector(x * 1.44269504088896341f - 0.5f, i32x8);  // round(x / ln 2), x <= 0
+    const f32x8 nf = __builtin_convertvector(n, f32x8);
+    const f32x8 r = x - nf * 0.693359375f + nf * 2.12194440e-4f;
+    f32x8 p = 1.9875691500e-4f + f32x8{};
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    const f32x8 y = (p * r * r + r + 1.0f) * (f32x8)((n + 127) << 23);
+    return dead ? f32x8{} : y;
+}
+
+inline float exp_nonpositive(float x) {
+    f32x8 v{};
+    v[0] = x;
+    return exp8_nonpositive(v)[0];
+}
+
+// One query row of one head: p = softmax(scale * kq + mask [, sink]) over its n keys, folded into the
+// running (mx, sm). x: n rounded up to 8 floats of scratch.
+KVC_AVX2_CLONE
+void fold_softmax_row(const float * kq, const float * mask, float scale, const float * sink, int64_t n, float * x,
+                      float * mx, float * sm) {
+    const int64_t n8 = n / 8 * 8;
+    f32x8 vmax = f32x8{} - INFINITY;
+    for (int64_t j = 0; j < n8; j += 8) {
+        f32x8 v = load8(kq + j) * scale;
+        if (mask != nullptr) v += load8(mask + j);
+        store8(x + j, v);
+        vmax = v > vmax ? v : vmax;
+    }
+    float M = sink != nullptr ? *sink : -INFINITY;
+    for (int k = 0; k < 8; ++k) M = std::max(M, vmax[k]);
+    for (int64_t j = n8; j < n; ++j) {
+        x[j] = kq[j] * scale + (mask != nullptr ? mask[j] : 0.0f);
+        M = std::max(M, x[j]);
+    }
+    if (M == -INFINITY) return;  // a row that sees nothing adds nothing (as on the host)
+    f32x8 vsum{};
+    for (int64_t j = 0; j < n8; j += 8) {
+        const f32x8 e = exp8_nonpositive(load8(x + j) - M);
+        store8(x + j, e);
+        vsum += e;
+    }
+    float Z = sink != nullptr ? exp_nonpositive(*sink - M) : 0.0f;
+    for (int k = 0; k < 8; ++k) Z += vsum[k];
+    for (int64_t j = n8; j < n; ++j) {
+        x[j] = exp_nonpositive(x[j] - M);
+        Z += x[j];
+    }
+    const float inv = 1.0f / Z;
+    for (int64_t j = 0; j < n8; j += 8) {
+        const f32x8 p = load8(x + j) * inv, m = load8(mx + j);
+        store8(mx + j, p > m ? p : m);
+        store8(sm + j, load8(sm + j) + p);
+    }
+    for (int64_t j = n8; j < n; ++j) {
+        const float p = x[j] * inv;
+        mx[j] = std::max(mx[j], p);
+        sm[j] += p;
+    }
+}
+
+struct SoftmaxPool {
+    float scale = 1.0f;
+    bool mask = false, sinks = false;
+    int64_t n_parts = 1;
+    float * scratch = nullptr;  // per part: a row's logits (n_kv rounded up to 8) and its mask as f32 (n_kv)
+};
+
+// Floats of SoftmaxPool::scratch one part needs for rows of n_kv keys.
+size_t scratch_per_part(int64_t n_kv) { return static_cast<size_t>((n_kv + 7) / 8 * 8 + n_kv); }
+
+// The CPU's probabilities, softmaxed and pooled in one op: dst [n_kv, 2, n_head, n_parts] = (max, sum) of
+// softmax(scale * src[0] + mask) over part p's share of the queries of src[0] [n_kv, n_q, n_head] (q.k),
+// then src[1] the mask rows [n_kv, >= n_q] if any, then the sinks [n_head] if any. Each thread owns whole
+// parts (all heads of a range of queries), so that each mask row is read once.
+void softmax_pool_queries(ggml_tensor * dst, int ith, int nth, void * userdata) {
+    const auto & par = *static_cast<const SoftmaxPool *>(userdata);
+    const ggml_tensor * kq = dst->src[0];
+    const ggml_tensor * mask = par.mask ? dst->src[1] : nullptr;
+    const ggml_tensor * sinks = par.sinks ? dst->src[par.mask ? 2 : 1] : nullptr;
+    const int64_t n_kv = kq->ne[0], n_q = kq->ne[1], n_head = kq->ne[2];
+    for (int64_t part = ith; part < par.n_parts; part += nth) {
+        float * logits = par.scratch + part * scratch_per_part(n_kv);
+        float * mask_row = logits + (n_kv + 7) / 8 * 8;
+        char * out = static_cast<char *>(dst->data) + part * dst->nb[3];
+        for (int64_t h = 0; h < n_head; ++h) {  // probabilities are >= 0: 0 is a neutral start for the max too
+            std::fill_n(reinterpret_cast<float *>(out + h * dst->nb[2]), 2 * n_kv, 0.0f);
+        }
+        const int64_t t0 = n_q * part / par.n_parts, t1 = n_q * (part + 1) / par.n_parts;
+        for (int64_t t = t0; t < t1; ++t) {
+            const float * m = nullptr;
+            if (mask != nullptr) {
+                const char * row = static_cast<const char *>(mask->data) + t * mask->nb[1];
+                if (mask->type == GGML_TYPE_F16) {
+                    ggml_fp16_to_fp32_row(reinterpret_cast<const ggml_fp16_t *>(row), mask_row, n_kv);
+                    m = mask_row;
+                } else {
+                    m = reinterpret_cast<const float *>(row);
+                }
+            }
+            for (int64_t h = 0; h < n_head; ++h) {
+                float * mx = reinterpret_cast<float *>(out + h * dst->nb[2]);
+                const float * row = reinterpret_cast<const float *>(static_cast<const char *>(kq->data) +
+                                                                    t * kq->nb[1] + h * kq->nb[2]);
+                const float * sink = sinks != nullptr ? static_cast<const float *>(sinks->data) + h : nullptr;
+                fold_softmax_row(row, m, par.scale, sink, n_kv, logits, mx, mx + n_kv);
+            }
+        }
+    }
+}
+
+// dst [n_kv, 2, n_head] = the (max, sum) of src[0]'s parts [n_kv, 2, n_head, n_parts], folded into src[1]
+// (the previous block's dst) when there is one. Each thread owns a range of key columns.
+void fold_parts(ggml_tensor * dst, int ith, int nth, void *) {
+    const ggml_tensor * parts = dst->src[0];
+    const ggml_tensor * prev = dst->src[1];
+    const int64_t n_kv = parts->ne[0], n_head = parts->ne[2], n_parts = parts->ne[3];
+    const int64_t per = (n_kv + nth - 1) / nth, j0 = std::min(n_kv, ith * per), j1 = std::min(n_kv, j0 + per);
+    for (int64_t h = 0; h < n_head; ++h) {
+        float * mx = reinterpret_cast<float *>(static_cast<char *>(dst->data) + h * dst->nb[2]);
+        float * sm = reinterpret_cast<float *>(static_cast<char *>(dst->data) + h * dst->nb[2] + dst->nb[1]);
+        for (int64_t p = -1; p < n_parts; ++p) {
+            const ggml_tensor * from = p < 0 ? prev : parts;
+            if (from == nullptr) continue;
+            const char * at = static_cast<const char *>(from->data) + h * from->nb[2] + std::max<int64_t>(p, 0) * from->nb[3];
+            const float * fmx = reinterpret_cast<const float *>(at);
+            const float * fsm = reinterpret_cast<const float *>(at + from->nb[1]);
+            const bool first = p == (prev != nullptr ? -1 : 0);
+            for (int64_t j = j0; j < j1; ++j) {
+                mx[j] = first ? fmx[j] : std::max(mx[j], fmx[j]);
+                sm[j] = first ? fsm[j] : sm[j] + fsm[j];
+            }
+        }
+    }
+}
+
 // A tensor of ctx that reads rows [row0, row0 + n_rows) (dimension 1) of t where t's bytes are.
 ggml_tensor * alias(ggml_context * ctx, const ggml_tensor * t, int64_t row0 = 0, int64_t n_rows = -1) {
     int64_t ne[4] = {t->ne[0], n_rows < 0 ? t->ne[1] - row0 : n_rows, t->ne[2], t->ne[3]};
@@ -102,6 +270,7 @@ struct BackendReducer::Impl {
     std::vector<Device> devices;
     std::vector<uint8_t> meta;  // tensor and graph metadata of one reduction graph
     std::vector<float> result;
+    std::vector<float> scratch;  // the fused softmax-and-pool op's rows (SoftmaxPool::scratch)
 
     ~Impl() {
         for (auto & d : devices) {
@@ -226,6 +395,8 @@ bool BackendReducer::reduce(kvc_capture & cap, const AttentionInputs & in, int32
     const int64_t n_block = (n_rows + block - 1) / block + static_cast<int64_t>(ranges.size()) - 1;
     const bool visibility = il == 0;
 
+    std::deque<SoftmaxPool> fused;  // the fused ops' parameters: alive until the graph has run
+    if (flash) m.scratch.resize(static_cast<size_t>(n_threads) * scratch_per_part(n_kv));  // the blocks run in turn
     const size_t n_tensors = 16 * static_cast<size_t>(n_block) + 32;
     m.meta.resize(n_tensors * ggml_tensor_overhead() + ggml_graph_overhead_custom(n_tensors, false));
     ggml_init_params params = {m.meta.size(), m.meta.data(), /*no_alloc=*/true};
@@ -260,8 +431,24 @@ bool BackendReducer::reduce(kvc_capture & cap, const AttentionInputs & in, int32
                     kq = ggml_tanh(ctx, ggml_scale(ctx, kq, in.scale / in.softcap));
                     scale = in.softcap;
                 }
-                p = ggml_soft_max_ext(ctx, kq, mask != nullptr ? alias(ctx, mask, t0) : nullptr, scale,
-                                      in.max_bias);
+                ggml_tensor * mask_rows = mask != nullptr ? alias(ctx, mask, t0) : nullptr;
+                if (cpu_pool && in.max_bias == 0.0f) {  // softmax and pooling in one pass (ALiBi: soft_max_ext)
+                    SoftmaxPool & par = fused.emplace_back();
+                    par.scale = scale;
+                    par.mask = mask_rows != nullptr;
+                    par.sinks = sinks != nullptr;
+                    par.n_parts = n_threads;
+                    par.scratch = m.scratch.data();
+                    ggml_tensor * args[3] = {kq, par.mask ? mask_rows : sinks, sinks};
+                    ggml_tensor * parts = ggml_custom_4d(ctx, GGML_TYPE_F32, n_kv, 2, n_head, par.n_parts, args,
+                                                         1 + par.mask + par.sinks, softmax_pool_queries,
+                                                         GGML_N_TASKS_MAX, &par);
+                    ggml_tensor * fold[2] = {parts, acc};
+                    acc = ggml_custom_4d(ctx, GGML_TYPE_F32, n_kv, 2, n_head, 1, fold, acc != nullptr ? 2 : 1,
+                                         fold_parts, GGML_N_TASKS_MAX, nullptr);
+                    continue;
+                }
+                p = ggml_soft_max_ext(ctx, kq, mask_rows, scale, in.max_bias);
                 ggml_soft_max_add_sinks(p, sinks);
             } else {
                 p = alias(ctx, in.probs, t0, nt);

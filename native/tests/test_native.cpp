@@ -3,8 +3,11 @@
 // Run by ctest (and under AddressSanitizer + UBSan by `make test-asan`).
 #include "kvcompose.h"
 
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
 #include "ggml.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -433,6 +436,83 @@ void test_capture_finds_cache_tensors_and_counts_visibility() {
     ggml_free(ctx);
 }
 
+// A layer's flash attention as llama.cpp builds it (q permuted to [D, n_tok, n_head], a view of the f16 cache's keys,
+// an f16 mask, sinks, softcap), on the CPU backend's buffer: the backend's reduction (the fused softmax-and-pool op)
+// scores what the host loops score, with n_kv not a multiple of 8, masked keys and a row that sees nothing.
+void test_flash_reduction_on_the_backend_matches_the_host() {
+    ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    CHECK(dev != nullptr);
+    if (dev == nullptr) return;
+    const int64_t D = 32, n_tok = 6, n_head = 4, n_head_kv = 2, n_kv = 45, mask_rows = 64;
+    for (const bool sinks_on : {false, true}) {
+        for (const float softcap : {0.0f, 20.0f}) {
+            ggml_init_params params = {64 * ggml_tensor_overhead() + ggml_graph_overhead(), nullptr, true};
+            ggml_context * ctx = ggml_init(params);
+            ggml_tensor * q_rows = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, D, n_head, n_tok);  // as projected
+            ggml_tensor * q = ggml_permute(ctx, q_rows, 0, 2, 1, 3);                           // [D, n_tok, n_head]
+            ggml_tensor * cache = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, D * n_head_kv, n_kv + 3);
+            ggml_tensor * k = ggml_view_3d(ctx, cache, D, n_kv, n_head_kv, cache->nb[1], D * sizeof(ggml_fp16_t), 0);
+            ggml_tensor * v = ggml_view_3d(ctx, cache, D, n_kv, n_head_kv, cache->nb[1], D * sizeof(ggml_fp16_t), 0);
+            ggml_tensor * mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F16, n_kv, mask_rows);
+            ggml_tensor * sinks = ggml_new_tensor_1d(ctx, GGML_TYPE_F32, n_head);
+            ggml_tensor * fa = ggml_flash_attn_ext(ctx, q, k, v, mask, 0.3f, 0.0f, softcap);
+            if (sinks_on) ggml_flash_attn_ext_add_sinks(fa, sinks);
+            ggml_tensor * out = ggml_reshape_2d(ctx, fa, D * n_head, n_tok);
+            ggml_set_name(out, "kqv_out-0");
+            ggml_backend_buffer_t buf = ggml_backend_alloc_ctx_tensors_from_buft(ctx, ggml_backend_dev_buffer_type(dev));
+            CHECK(buf != nullptr);
+            uint32_t seed = 7;
+            auto rnd = [&] {  // uniform in [-2, 2)
+                seed = seed * 1664525u + 1013904223u;
+                return static_cast<float>(seed >> 8) / static_cast<float>(1 << 24) * 4.0f - 2.0f;
+            };
+            for (int64_t i = 0; i < ggml_nelements(q_rows); ++i) static_cast<float *>(q_rows->data)[i] = rnd();
+            for (int64_t i = 0; i < ggml_nelements(cache); ++i) {
+                static_cast<ggml_fp16_t *>(cache->data)[i] = ggml_fp32_to_fp16(rnd());
+            }
+            for (int64_t i = 0; i < n_head; ++i) static_cast<float *>(sinks->data)[i] = rnd();
+            for (int64_t t = 0; t < mask_rows; ++t) {  // causal over the last n_tok keys; keys 3 and 4 hidden; row 5 blind
+                for (int64_t j = 0; j < n_kv; ++j) {
+                    const bool hidden = j > n_kv - n_tok + t || j == 3 || j == 4 || t == 5;
+                    static_cast<ggml_fp16_t *>(mask->data)[t * n_kv + j] = ggml_fp32_to_fp16(hidden ? -INFINITY : 0.0f);
+                }
+            }
+            std::vector<float> got[2][2];  // [host, backend][max, mean]
+            for (const int where : {KVC_REDUCE_HOST, KVC_REDUCE_BACKEND}) {
+                kvc_capture * cap = nullptr;
+                CHECK_STATUS(kvc_capture_init(&cap), KVC_OK);
+                CHECK_STATUS(kvc_capture_set_reduce(cap, where), KVC_OK);
+                CHECK_STATUS(kvc_capture_begin(cap, 1, n_head, n_kv), KVC_OK);
+                CHECK(kvc_capture_eval_callback(out, true, cap) == true);
+                CHECK(kvc_capture_eval_callback(out, false, cap) == true);
+                CHECK_STATUS(kvc_capture_end(cap), KVC_OK);
+                CHECK(std::string(kvc_capture_get_fallback(cap)).empty());
+                // the backend's reduction sends (max, sum) per head and key, + the visible counts: no inputs
+                const uint64_t reduced = (2 * n_head + 1) * n_kv * sizeof(float);
+                CHECK((kvc_capture_host_bytes(cap) == reduced) == (where == KVC_REDUCE_BACKEND));
+                for (const int agg : {KVC_AGG_MAX, KVC_AGG_MEAN}) {
+                    auto & dst = got[where == KVC_REDUCE_BACKEND][agg == KVC_AGG_MEAN];
+                    dst.resize(n_head * n_kv);
+                    CHECK_STATUS(kvc_capture_get_scores(cap, agg, dst.data(), dst.size()), KVC_OK);
+                }
+                kvc_capture_free(cap);
+            }
+            float worst = 0.0f, top = 0.0f;
+            for (int a = 0; a < 2; ++a) {
+                for (size_t i = 0; i < got[0][a].size(); ++i) {
+                    worst = std::max(worst, std::fabs(got[0][a][i] - got[1][a][i]));
+                    top = std::max(top, got[0][a][i]);
+                }
+            }
+            CHECK(worst < 1e-6f);
+            CHECK(top > 0.1f);                                       // something was scored
+            CHECK(got[1][0][3] == 0.0f && got[1][0][n_kv + 4] == 0.0f);  // hidden keys: exactly nothing
+            ggml_backend_buffer_free(buf);
+            ggml_free(ctx);
+        }
+    }
+}
+
 void test_status_strings() {
     CHECK(std::string(kvc_status_str(KVC_ERR_CORRUPT_STATE)) == "KVC_ERR_CORRUPT_STATE");
     CHECK(std::string(kvc_status_str(12345)) == "unknown status");
@@ -453,6 +533,7 @@ int main() {
         {"kvcompose_score_and_budgets", test_kvcompose_score_and_budgets},
         {"capture_reduces_softmax_tensors", test_capture_reduces_softmax_tensors},
         {"capture_finds_cache_tensors_and_counts_visibility", test_capture_finds_cache_tensors_and_counts_visibility},
+        {"flash_reduction_on_the_backend_matches_the_host", test_flash_reduction_on_the_backend_matches_the_host},
         {"status_strings", test_status_strings},
     };
     for (const auto & [name, fn] : tests) {
