@@ -5,8 +5,9 @@
 
 Each run is a fresh process with ``PYKVCOMPOSE_LIBRARY`` set to one library (a library is loaded once per
 process): ``create_completion(prompt, max_tokens=1)`` of the haystack's first ``--tokens`` tokens with
-``KVComposePress(0.75, scoring=...)`` on the embedded model, and the probe's seconds against the same run's
-prefill (``kv_stats``: 1 + probe / prefill, steadier than whole runs on this shared machine). The libraries
+``KVComposePress(0.75, scoring=...)`` on the embedded model with the cost bench's settings, and the probe's
+seconds against the same run's prefill (``kv_stats``: 1 + probe / prefill, steadier than whole runs on this
+shared machine). The libraries
 alternate run by run, so both see the same machine; the table gives every run and each library's median.
 """
 
@@ -20,26 +21,28 @@ import statistics
 import subprocess
 import sys
 
-ONE_RUN = """
-import json, sys
-sys.path.insert(0, {bench!r})
-from speed import haystack_tokens
-from pykvcompose import KVComposePress, Llama
-from pykvcompose.models import default_model_path
-from pykvcompose.support import default_threads
-n, flash, scoring = {tokens}, {flash}, {scoring!r}
-llm = Llama(default_model_path(), kv_compress=KVComposePress(0.75, scoring=scoring), n_ctx=2 * n + 256,
-            n_batch=512, n_threads=default_threads(), flash_attn=flash, verbose=False)
-llm.create_completion(haystack_tokens()[:n], max_tokens=1, temperature=0.0)
-st = llm.kv_stats
-print(json.dumps({{k: st[k] for k in ("prefill_seconds", "probe_seconds", "compress_seconds")}}))
-"""
+
+def probe_once(tokens: int, flash: bool, scoring: str) -> dict:
+    """One probe in this process (``--child``): the seconds of ``kv_stats``, the cost bench's settings."""
+    from cost import RATIO, llama_kwargs
+    from speed import haystack_tokens
+
+    from pykvcompose import KVComposePress, Llama
+    from pykvcompose.models import default_model_path
+
+    kw = llama_kwargs(flash, "f16", n_ctx=2 * tokens + 256)
+    llm = Llama(default_model_path(), kv_compress=KVComposePress(RATIO, scoring=scoring), **kw)
+    llm.create_completion(haystack_tokens()[:tokens], max_tokens=1, temperature=0.0)
+    st = llm.kv_stats
+    llm.close()
+    return {k: st[k] for k in ("prefill_seconds", "probe_seconds", "compress_seconds")}
 
 
 def one_run(lib: str, tokens: int, flash: bool, scoring: str) -> dict:
-    code = ONE_RUN.format(bench=str(pathlib.Path(__file__).parent), tokens=tokens, flash=flash, scoring=scoring)
+    """probe_once in a fresh process that loads ``lib``."""
+    cmd = [sys.executable, __file__, "--child", "--tokens", str(tokens), "--flash", "on" if flash else "off"]
     env = dict(os.environ, PYKVCOMPOSE_LIBRARY=str(pathlib.Path(lib).resolve()))
-    out = subprocess.run([sys.executable, "-c", code], env=env, check=True, capture_output=True, text=True).stdout
+    out = subprocess.run([*cmd, "--scoring", scoring], env=env, check=True, capture_output=True, text=True).stdout
     row = json.loads(out.strip().splitlines()[-1])
     row["parts"] = 1.0 + row["compress_seconds"] / row["prefill_seconds"]
     return row
@@ -47,13 +50,19 @@ def one_run(lib: str, tokens: int, flash: bool, scoring: str) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--lib", action="append", required=True, help="a libkvcompose.so (give two or more)")
+    ap.add_argument("--lib", action="append", default=[], help="a libkvcompose.so (give two or more)")
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--flash", choices=["off", "on"], default="on")
     ap.add_argument("--scoring", default="reconstruct")
     ap.add_argument("--repeat", type=int, default=4)
     ap.add_argument("--out", type=pathlib.Path, default=None)
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        print(json.dumps(probe_once(args.tokens, args.flash == "on", args.scoring)))
+        return
+    if len(args.lib) < 2:
+        ap.error("give at least two --lib")
     rows = []
     for r in range(args.repeat):
         for lib in args.lib:

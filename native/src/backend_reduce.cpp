@@ -180,8 +180,10 @@ struct SoftmaxPool {
     float * scratch = nullptr;  // per part: a row's logits (n_kv rounded up to 8) and its mask as f32 (n_kv)
 };
 
-// Floats of SoftmaxPool::scratch one part needs for rows of n_kv keys.
-size_t scratch_per_part(int64_t n_kv) { return static_cast<size_t>((n_kv + 7) / 8 * 8 + n_kv); }
+// Floats of a row's logits in SoftmaxPool::scratch: whole 8-float vectors.
+int64_t logits_floats(int64_t n_kv) { return (n_kv + 7) / 8 * 8; }
+// Floats of SoftmaxPool::scratch one part needs for rows of n_kv keys: the logits, then the mask row.
+size_t scratch_per_part(int64_t n_kv) { return static_cast<size_t>(logits_floats(n_kv) + n_kv); }
 
 // The CPU's probabilities, softmaxed and pooled in one op: dst [n_kv, 2, n_head, n_parts] = (max, sum) of
 // softmax(scale * src[0] + mask) over part p's share of the queries of src[0] [n_kv, n_q, n_head] (q.k),
@@ -195,7 +197,7 @@ void softmax_pool_queries(ggml_tensor * dst, int ith, int nth, void * userdata) 
     const int64_t n_kv = kq->ne[0], n_q = kq->ne[1], n_head = kq->ne[2];
     for (int64_t part = ith; part < par.n_parts; part += nth) {
         float * logits = par.scratch + part * scratch_per_part(n_kv);
-        float * mask_row = logits + (n_kv + 7) / 8 * 8;
+        float * mask_row = logits + logits_floats(n_kv);
         char * out = static_cast<char *>(dst->data) + part * dst->nb[3];
         for (int64_t h = 0; h < n_head; ++h) {  // probabilities are >= 0: 0 is a neutral start for the max too
             std::fill_n(reinterpret_cast<float *>(out + h * dst->nb[2]), 2 * n_kv, 0.0f);
@@ -230,19 +232,24 @@ void fold_parts(ggml_tensor * dst, int ith, int nth, void *) {
     const ggml_tensor * prev = dst->src[1];
     const int64_t n_kv = parts->ne[0], n_head = parts->ne[2], n_parts = parts->ne[3];
     const int64_t per = (n_kv + nth - 1) / nth, j0 = std::min(n_kv, ith * per), j1 = std::min(n_kv, j0 + per);
+    if (j0 >= j1) return;
+    auto max_of = [](const ggml_tensor * t, int64_t h, int64_t p) {  // (max, then sum at + nb[1]) of head h, part p
+        return static_cast<char *>(t->data) + h * t->nb[2] + p * t->nb[3];
+    };
     for (int64_t h = 0; h < n_head; ++h) {
-        float * mx = reinterpret_cast<float *>(static_cast<char *>(dst->data) + h * dst->nb[2]);
-        float * sm = reinterpret_cast<float *>(static_cast<char *>(dst->data) + h * dst->nb[2] + dst->nb[1]);
-        for (int64_t p = -1; p < n_parts; ++p) {
-            const ggml_tensor * from = p < 0 ? prev : parts;
-            if (from == nullptr) continue;
-            const char * at = static_cast<const char *>(from->data) + h * from->nb[2] + std::max<int64_t>(p, 0) * from->nb[3];
-            const float * fmx = reinterpret_cast<const float *>(at);
-            const float * fsm = reinterpret_cast<const float *>(at + from->nb[1]);
-            const bool first = p == (prev != nullptr ? -1 : 0);
+        float * mx = reinterpret_cast<float *>(max_of(dst, h, 0));
+        float * sm = reinterpret_cast<float *>(max_of(dst, h, 0) + dst->nb[1]);
+        // start from the previous block's (max, sum), or else from part 0, and fold the remaining parts in
+        const ggml_tensor * from = prev != nullptr ? prev : parts;
+        const char * start = max_of(from, h, 0);
+        std::memcpy(mx + j0, reinterpret_cast<const float *>(start) + j0, (j1 - j0) * sizeof(float));
+        std::memcpy(sm + j0, reinterpret_cast<const float *>(start + from->nb[1]) + j0, (j1 - j0) * sizeof(float));
+        for (int64_t p = prev != nullptr ? 0 : 1; p < n_parts; ++p) {
+            const float * pmx = reinterpret_cast<const float *>(max_of(parts, h, p));
+            const float * psm = reinterpret_cast<const float *>(max_of(parts, h, p) + parts->nb[1]);
             for (int64_t j = j0; j < j1; ++j) {
-                mx[j] = first ? fmx[j] : std::max(mx[j], fmx[j]);
-                sm[j] = first ? fsm[j] : sm[j] + fsm[j];
+                mx[j] = std::max(mx[j], pmx[j]);
+                sm[j] += psm[j];
             }
         }
     }
@@ -395,8 +402,6 @@ bool BackendReducer::reduce(kvc_capture & cap, const AttentionInputs & in, int32
     const int64_t n_block = (n_rows + block - 1) / block + static_cast<int64_t>(ranges.size()) - 1;
     const bool visibility = il == 0;
 
-    std::deque<SoftmaxPool> fused;  // the fused ops' parameters: alive until the graph has run
-    if (flash) m.scratch.resize(static_cast<size_t>(n_threads) * scratch_per_part(n_kv));  // the blocks run in turn
     const size_t n_tensors = 16 * static_cast<size_t>(n_block) + 32;
     m.meta.resize(n_tensors * ggml_tensor_overhead() + ggml_graph_overhead_custom(n_tensors, false));
     ggml_init_params params = {m.meta.size(), m.meta.data(), /*no_alloc=*/true};
@@ -415,6 +420,10 @@ bool BackendReducer::reduce(kvc_capture & cap, const AttentionInputs & in, int32
     // CPU: ggml's POOL_2D runs on one thread, so the CPU pools with pool_queries; other backends with
     // POOL_2D (max, and mean x queries) per block, the blocks folded by one more POOL_2D and ADDs
     const bool cpu_pool = ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU && !denied("CUSTOM");
+    // CPU, flash: the recomputed rows softmaxed and pooled in one op (ALiBi keeps soft_max_ext)
+    const bool fused_softmax = flash && cpu_pool && in.max_bias == 0.0f;
+    std::deque<SoftmaxPool> fused;  // the fused ops' parameters: alive until the graph has run
+    if (fused_softmax) m.scratch.resize(static_cast<size_t>(n_threads) * scratch_per_part(n_kv));  // blocks run in turn
     // [n_kv, 2, n_head]: (max, sum) over the query rows [r0, r1)
     auto pool_rows = [&](int64_t r0, int64_t r1) {
         ggml_tensor * acc = nullptr;      // cpu_pool: (max, sum) over the blocks so far
@@ -432,7 +441,7 @@ bool BackendReducer::reduce(kvc_capture & cap, const AttentionInputs & in, int32
                     scale = in.softcap;
                 }
                 ggml_tensor * mask_rows = mask != nullptr ? alias(ctx, mask, t0) : nullptr;
-                if (cpu_pool && in.max_bias == 0.0f) {  // softmax and pooling in one pass (ALiBi: soft_max_ext)
+                if (fused_softmax) {
                     SoftmaxPool & par = fused.emplace_back();
                     par.scale = scale;
                     par.mask = mask_rows != nullptr;
