@@ -75,6 +75,12 @@ class Capture:
         return int(_lib.kvc_capture_host_bytes(self.handle))
 
     @property
+    def n_outputs(self) -> int:
+        """Flash-attention nodes (layers x ubatches) whose output the last capture computed in place of
+        ggml's kernel (see ``kvc_capture_n_outputs``)."""
+        return int(_lib.kvc_capture_n_outputs(self.handle))
+
+    @property
     def active(self) -> bool:
         return bool(_lib.kvc_capture_is_active(self.handle))
 

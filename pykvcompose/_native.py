@@ -34,7 +34,7 @@ from .errors import (  # noqa: F401  (re-exported: the core's callers catch them
 )
 
 #: The header version this Python code was written for (checked against the header and the library).
-API_VERSION = 9
+API_VERSION = 10
 
 
 def _library_path() -> pathlib.Path:

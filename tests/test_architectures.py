@@ -183,17 +183,21 @@ def test_a_composite_rewrite_is_the_same_through_the_state_and_the_tensors(spec,
 
 
 @matrix()
-def test_the_captured_probe_attention_is_a_distribution(spec, flash_attn, tokens):
+def test_the_captured_probe_attention_is_a_distribution(spec, flash_attn, tokens, monkeypatch):
     """Every probe query's captured attention sums to 1 over the cells it sees (kq_soft_max-{il}
     pooled on the backend, or recomputed there from the flash-attention node's q and k: softcap, GQA,
     sliding-window masks); the host loops over the same tensors give the same scores; with flash attention
-    off, the host's recomputation equals llama.cpp's own softmax where it can recompute it."""
+    off, the host's recomputation equals llama.cpp's own softmax where it can recompute it. With flash
+    attention the backend also writes each layer's output in place of ggml's kernel ("once"): every layer's,
+    scoring what the kernel's activations score to the kernel's own rounding."""
     ctx_tokens = tokens[:-1]
     m = _ours(spec, flash_attn)
     try:
         runs = {}
-        for recompute in [None, "host", False, True] if not flash_attn else [None, "host"]:
-            m._kv_capture.set_reduce("backend" if recompute is None else "host")
+        for recompute in [None, "host", False, True] if not flash_attn else [None, "host", "once"]:
+            # the same activations for the backend and the host: ggml's kernel, except in "once"
+            monkeypatch.setenv("KVC_KEEP_FLASH_KERNEL", "0" if recompute == "once" else "1")
+            m._kv_capture.set_reduce("backend" if recompute in (None, "once") else "host")
             if recompute in (False, True):
                 m._kv_capture.set_recompute(recompute)
             m.reset()
@@ -207,9 +211,12 @@ def test_the_captured_probe_attention_is_a_distribution(spec, flash_attn, tokens
             np.testing.assert_allclose(mean.sum(axis=-1), 1.0, atol=1e-3)
             assert (mx <= 1.0 + 1e-6).all() and (mean >= 0).all() and (mx > 0).any()
             runs[recompute] = mean
-            if recompute is None:
+            if recompute in (None, "once"):
                 assert m._kv_capture.fallback == "", m._kv_capture.fallback
+            assert m._kv_capture.n_outputs == (m._engine.shape.n_model_layers if recompute == "once" else 0)
         np.testing.assert_allclose(runs[None], runs["host"], atol=1e-4)  # backend against host, same activations
+        if "once" in runs:
+            np.testing.assert_allclose(runs["once"], runs[None], atol=2e-3)
         if False in runs and True in runs:
             np.testing.assert_allclose(runs[True], runs[False], atol=1e-4)
     finally:

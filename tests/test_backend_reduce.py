@@ -56,7 +56,12 @@ def compress_each_way(model_path, tokens, flash_attn, type_k, ways):
 
 
 @pytest.mark.parametrize("flash_attn,type_k,atol", CASES, ids=IDS)
-def test_backend_reduction_selects_what_the_host_reduction_selects(model_path, prompt_tokens, flash_attn, type_k, atol):
+def test_backend_reduction_selects_what_the_host_reduction_selects(
+    model_path, prompt_tokens, flash_attn, type_k, atol, monkeypatch
+):
+    # the backend computes the flash node's output in place of ggml's kernel (test_flash_attention.py): here the
+    # kernel runs, so that both reductions see the same activations
+    monkeypatch.setenv("KVC_KEEP_FLASH_KERNEL", "1")
     ctx = prompt_tokens[:-1]
     (sel_h, hs_h, bytes_h, fb_h), (sel_b, hs_b, bytes_b, fb_b) = compress_each_way(
         model_path, ctx, flash_attn, type_k, ["host", "backend"]
@@ -75,7 +80,9 @@ def test_backend_reduction_selects_what_the_host_reduction_selects(model_path, p
 
 def test_blocks_of_queries_fold_to_one_pass(model_path, prompt_tokens, monkeypatch):
     """Under flash attention the probabilities are recomputed a block of queries at a time; blocks of
-    three queries give the scores one block gives (max and sum folded in the graph)."""
+    three queries give the scores one block gives (max and sum folded in the graph). ggml's kernel computes
+    the layers' outputs, so that both see the same activations (the output written in blocks: test_native)."""
+    monkeypatch.setenv("KVC_KEEP_FLASH_KERNEL", "1")
     ctx = prompt_tokens[:-1]
     ((_, whole, _, _),) = compress_each_way(model_path, ctx, True, F16, ["backend"])
     monkeypatch.setenv("KVC_REDUCE_BLOCK_BYTES", str(3 * 1024 * 9 * 4))
@@ -89,6 +96,7 @@ def test_the_portable_graph_gives_the_cpu_pooling(model_path, prompt_tokens, fla
     """The graph GPUs run (POOL_2D, CONCAT, ADD instead of the CPU's threaded custom op), made to run on
     the CPU by denying the custom op, in several blocks: the same scores."""
     ctx = prompt_tokens[:-1]
+    monkeypatch.setenv("KVC_KEEP_FLASH_KERNEL", "1")  # the portable graph writes no output: same activations
     ((sel_c, custom, _, _),) = compress_each_way(model_path, ctx, flash_attn, F16, ["backend"])
     monkeypatch.setenv("KVC_REDUCE_DENY_OP", "CUSTOM")
     monkeypatch.setenv("KVC_REDUCE_BLOCK_BYTES", str(100 * 1024 * 9 * 4))

@@ -87,3 +87,53 @@ def test_probe_batches_are_padded_only_to_a_tile_the_kernel_has(model_path, kwar
         assert probing.tile_padding(engine, 64, 10) == probing.tile_padding(engine, 70, 10) == 0
     finally:
         m.close()
+
+
+def last_logits(m) -> np.ndarray:
+    return np.ctypeslib.as_array(m._engine.ctx.get_logits_ith(-1), shape=(m.n_vocab(),)).copy()
+
+
+def test_a_captured_pass_computes_flash_attention_once(model_path, prompt_tokens, monkeypatch):
+    """On the CPU the capture recomputes a probe's probabilities for its scores, so it computes the layer's
+    output from them as well and ggml's flash kernel is skipped (its keys cut to one while the node runs):
+    the probe computes its attention once. Its logits differ from the kernel's by rounding, by less than the
+    kernel's differ from flash attention off. After the capture the graph is the model's again: a plain pass is
+    bit for bit a fresh context's. Where the output cannot be written (quantized V, the kernel kept for a test),
+    the kernel runs."""
+    ctx = prompt_tokens[:240]
+    head, tail = ctx[:160], ctx[160:]
+
+    def run(captured, **kw):
+        m = Llama(model_path, n_ctx=512, verbose=False, **kw)
+        try:
+            m.eval(head)
+            if captured:
+                m._engine.captured(lambda: m.eval(tail), len(ctx))
+            else:
+                m.eval(tail)
+            first = last_logits(m)
+            outputs = m._kv_capture.n_outputs
+            m.reset()  # the same ubatches again, the capture off: llama.cpp reuses the graph it captured
+            m.eval(head)
+            m.eval(tail)
+            return first, outputs, last_logits(m)
+        finally:
+            m.close()
+
+    exact, _, _ = run(False)  # flash attention off
+    kernel, _, _ = run(False, flash_attn=True)
+    once, outputs, after = run(True, flash_attn=True)
+    assert outputs == 30  # every layer of the one ubatch
+    np.testing.assert_array_equal(after, kernel)
+    assert once.argmax() == kernel.argmax() == exact.argmax()
+    # within the spread of llama.cpp's own two implementations (each layer's output is checked against the
+    # attention in double by the native tests: 1e-5, where the kernel is 1e-2 off)
+    spread = np.abs(kernel - exact).max()
+    assert 0 < np.abs(once - kernel).max() <= spread, (np.abs(once - kernel).max(), spread)
+
+    _, quantized, _ = run(True, flash_attn=True, type_k=Q8_0, type_v=Q8_0)
+    assert quantized == 0
+    monkeypatch.setenv("KVC_KEEP_FLASH_KERNEL", "1")
+    kept, none, _ = run(True, flash_attn=True)
+    assert none == 0
+    np.testing.assert_array_equal(kept, kernel)  # the kernel ran: its logits exactly

@@ -30,7 +30,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a signature or a struct in this header changes. */
-#define KVC_API_VERSION 9
+#define KVC_API_VERSION 10
 
 struct ggml_tensor;
 struct llama_context;
@@ -113,6 +113,11 @@ KVC_API const char * kvc_capture_get_fallback(const kvc_capture * cap);
 /* Bytes of tensor data the capture read on the host since kvc_capture_begin: the reduced scores
  * of a backend reduction, or every input of a host one (copied from a device or read in place). */
 KVC_API uint64_t kvc_capture_host_bytes(const kvc_capture * cap);
+/* Flash-attention nodes (one per layer and ubatch) whose output the capture computed itself since
+ * kvc_capture_begin. On the CPU backend, where the probabilities are recomputed for the scores anyway,
+ * ggml's flash kernel is skipped (its keys' view cut to one key while the node runs, then restored) and
+ * the backend reduction writes softmax(q.k) v into the node, so that a probe computes its attention once. */
+KVC_API int64_t kvc_capture_n_outputs(const kvc_capture * cap);
 /* Copy the reduced scores, [n_layer, n_head, n_keys] floats (n_values must equal that product).
  * agg MAX: max over probe queries; agg MEAN: sum over probe queries / their count. */
 KVC_API int32_t kvc_capture_get_scores(const kvc_capture * cap, int32_t agg, float * dst, size_t n_values);

@@ -129,10 +129,11 @@ inline float exp_nonpositive(float x) {
 }
 
 // One query row of one head: p = softmax(scale * kq + mask [, sink]) over its n keys, folded into the
-// running (mx, sm). x: n rounded up to 8 floats of scratch.
+// running (mx, sm) unless mx is nullptr, and written to probs unless that is nullptr (a row that sees no
+// key: zeros). x: n rounded up to 8 floats of scratch.
 KVC_AVX2_CLONE
 void fold_softmax_row(const float * kq, const float * mask, float scale, const float * sink, int64_t n, float * x,
-                      float * mx, float * sm) {
+                      float * mx, float * sm, float * probs) {
     const int64_t n8 = n / 8 * 8;
     f32x8 vmax = f32x8{} - INFINITY;
     for (int64_t j = 0; j < n8; j += 8) {
@@ -147,7 +148,10 @@ void fold_softmax_row(const float * kq, const float * mask, float scale, const f
         x[j] = kq[j] * scale + (mask != nullptr ? mask[j] : 0.0f);
         M = std::max(M, x[j]);
     }
-    if (M == -INFINITY) return;  // a row that sees nothing adds nothing (as on the host)
+    if (M == -INFINITY) {  // a row that sees nothing adds nothing (as on the host)
+        if (probs != nullptr) std::fill_n(probs, n, 0.0f);
+        return;
+    }
     f32x8 vsum{};
     for (int64_t j = 0; j < n8; j += 8) {
         const f32x8 e = exp8_nonpositive(load8(x + j) - M);
@@ -161,6 +165,11 @@ void fold_softmax_row(const float * kq, const float * mask, float scale, const f
         Z += x[j];
     }
     const float inv = 1.0f / Z;
+    if (probs != nullptr) {
+        for (int64_t j = 0; j < n8; j += 8) store8(probs + j, load8(x + j) * inv);
+        for (int64_t j = n8; j < n; ++j) probs[j] = x[j] * inv;
+    }
+    if (mx == nullptr) return;
     for (int64_t j = 0; j < n8; j += 8) {
         const f32x8 p = load8(x + j) * inv, m = load8(mx + j);
         store8(mx + j, p > m ? p : m);
@@ -176,6 +185,8 @@ void fold_softmax_row(const float * kq, const float * mask, float scale, const f
 struct SoftmaxPool {
     float scale = 1.0f;
     bool mask = false, sinks = false;
+    bool pool = true;          // false: the rows are softmaxed only (rows past the pooled ones)
+    bool write_probs = false;  // true: each row's probabilities replace its q.k in src[0] (for p.v after)
     int64_t n_parts = 1;
     float * scratch = nullptr;  // per part: a row's logits (n_kv rounded up to 8) and its mask as f32 (n_kv)
 };
@@ -188,10 +199,11 @@ size_t scratch_per_part(int64_t n_kv) { return static_cast<size_t>(logits_floats
 // The CPU's probabilities, softmaxed and pooled in one op: dst [n_kv, 2, n_head, n_parts] = (max, sum) of
 // softmax(scale * src[0] + mask) over part p's share of the queries of src[0] [n_kv, n_q, n_head] (q.k),
 // then src[1] the mask rows [n_kv, >= n_q] if any, then the sinks [n_head] if any. Each thread owns whole
-// parts (all heads of a range of queries), so that each mask row is read once.
+// parts (all heads of a range of queries), so that each mask row is read once. With write_probs the
+// probabilities are written over src[0]'s rows: the graph orders the op that reads them after this one.
 void softmax_pool_queries(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const auto & par = *static_cast<const SoftmaxPool *>(userdata);
-    const ggml_tensor * kq = dst->src[0];
+    ggml_tensor * kq = dst->src[0];
     const ggml_tensor * mask = par.mask ? dst->src[1] : nullptr;
     const ggml_tensor * sinks = par.sinks ? dst->src[par.mask ? 2 : 1] : nullptr;
     const int64_t n_kv = kq->ne[0], n_q = kq->ne[1], n_head = kq->ne[2];
@@ -215,11 +227,11 @@ void softmax_pool_queries(ggml_tensor * dst, int ith, int nth, void * userdata) 
                 }
             }
             for (int64_t h = 0; h < n_head; ++h) {
-                float * mx = reinterpret_cast<float *>(out + h * dst->nb[2]);
-                const float * row = reinterpret_cast<const float *>(static_cast<const char *>(kq->data) +
-                                                                    t * kq->nb[1] + h * kq->nb[2]);
+                float * mx = par.pool ? reinterpret_cast<float *>(out + h * dst->nb[2]) : nullptr;
+                float * row = reinterpret_cast<float *>(static_cast<char *>(kq->data) + t * kq->nb[1] + h * kq->nb[2]);
                 const float * sink = sinks != nullptr ? static_cast<const float *>(sinks->data) + h : nullptr;
-                fold_softmax_row(row, m, par.scale, sink, n_kv, logits, mx, mx + n_kv);
+                fold_softmax_row(row, m, par.scale, sink, n_kv, logits, mx, mx != nullptr ? mx + n_kv : nullptr,
+                                 par.write_probs ? row : nullptr);
             }
         }
     }
@@ -255,14 +267,31 @@ void fold_parts(ggml_tensor * dst, int ith, int nth, void *) {
     }
 }
 
-// A tensor of ctx that reads rows [row0, row0 + n_rows) (dimension 1) of t where t's bytes are.
-ggml_tensor * alias(ggml_context * ctx, const ggml_tensor * t, int64_t row0 = 0, int64_t n_rows = -1) {
-    int64_t ne[4] = {t->ne[0], n_rows < 0 ? t->ne[1] - row0 : n_rows, t->ne[2], t->ne[3]};
+// A tensor of ctx that reads rows [row0, row0 + n_rows) (of dimension `dim`) of t where t's bytes are.
+ggml_tensor * alias(ggml_context * ctx, const ggml_tensor * t, int64_t row0 = 0, int64_t n_rows = -1, int dim = 1) {
+    int64_t ne[4] = {t->ne[0], t->ne[1], t->ne[2], t->ne[3]};
+    ne[dim] = n_rows < 0 ? t->ne[dim] - row0 : n_rows;
     ggml_tensor * a = ggml_new_tensor(ctx, t->type, 4, ne);
     std::memcpy(a->nb, t->nb, sizeof a->nb);
-    a->data = static_cast<char *>(t->data) + row0 * t->nb[1];
+    a->data = static_cast<char *>(t->data) + row0 * t->nb[dim];
     a->buffer = t->buffer;
     return a;
+}
+
+// The device whose buffer holds t: host buffers (llama.cpp's CPU buffer type names no device)
+// are the CPU device's.
+ggml_backend_dev_t device_of(const ggml_tensor * t) {
+    if (t->buffer == nullptr) return nullptr;
+    ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(t->buffer));
+    if (dev == nullptr && ggml_backend_buffer_is_host(t->buffer)) {
+        dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+    }
+    return dev;
+}
+
+// Value types whose transposed copy to f32 (ggml_cpy of a non-contiguous view) every backend's CPY handles.
+bool copyable_values(const ggml_tensor * v) {
+    return v->type == GGML_TYPE_F16 || v->type == GGML_TYPE_F32 || v->type == GGML_TYPE_BF16;
 }
 
 }  // namespace
@@ -284,17 +313,6 @@ struct BackendReducer::Impl {
             if (d.alloc != nullptr) ggml_gallocr_free(d.alloc);
             if (d.backend != nullptr) ggml_backend_free(d.backend);
         }
-    }
-
-    // The device whose buffer holds t: host buffers (llama.cpp's CPU buffer type names no device)
-    // are the CPU device's.
-    static ggml_backend_dev_t device_of(const ggml_tensor * t) {
-        if (t->buffer == nullptr) return nullptr;
-        ggml_backend_dev_t dev = ggml_backend_buft_get_device(ggml_backend_buffer_get_type(t->buffer));
-        if (dev == nullptr && ggml_backend_buffer_is_host(t->buffer)) {
-            dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
-        }
-        return dev;
     }
 
     Device * device(ggml_backend_dev_t dev, int n_threads, std::string & why) {
@@ -328,7 +346,12 @@ ggml_backend_t start_backend(ggml_backend_dev_t dev, int n_threads) {
 BackendReducer::BackendReducer() : impl_(std::make_unique<Impl>()) {}
 BackendReducer::~BackendReducer() = default;
 
-bool BackendReducer::reduce(kvc_capture & cap, const AttentionInputs & in, int32_t il, std::string & why) {
+namespace {
+
+// Whether the backend graph can read `in`, and on which device (ggml asserts the layouts its ops accept:
+// check first, never abort). False with `why` naming the limit, or with `why` empty where the shape is
+// not the backend's limit (the host path reports it).
+bool usable(const kvc_capture & cap, const AttentionInputs & in, ggml_backend_dev_t & dev, std::string & why) {
     const bool flash = in.probs == nullptr;
     const ggml_tensor * held = flash ? in.k : in.probs;  // where the work happens
     // shapes: the probabilities are [n_kv, n_tok, n_head]
@@ -336,24 +359,22 @@ bool BackendReducer::reduce(kvc_capture & cap, const AttentionInputs & in, int32
     const int64_t n_tok = flash ? in.q->ne[1] : in.probs->ne[1];
     const int64_t n_head = flash ? in.q->ne[2] : in.probs->ne[2];
     const ggml_tensor * mask = in.mask;
+    why.clear();
     if (n_head != cap.n_head || held->ne[3] != 1 || (flash ? in.q->ne[3] : in.probs->ne[3]) != 1 ||
         (!flash && in.probs->type != GGML_TYPE_F32)) {
-        why.clear();  // not the backend's limit: the host path reports the shape
         return false;
     }
-
-    ggml_backend_dev_t dev = Impl::device_of(held);
+    dev = device_of(held);
     if (dev == nullptr) {
         why = "its tensors are on a buffer of no known device";
         return false;
     }
-    for (const ggml_tensor * t : {in.q, in.k, in.mask, in.sinks, in.probs}) {
-        if (t != nullptr && (t->data == nullptr || Impl::device_of(t) != dev)) {
+    for (const ggml_tensor * t : {in.q, in.k, in.mask, in.sinks, in.probs, in.v, static_cast<const ggml_tensor *>(in.out)}) {
+        if (t != nullptr && (t->data == nullptr || device_of(t) != dev)) {
             why = "its tensors are on more than one device";
             return false;
         }
     }
-    // the layouts the graph's ops accept (ggml asserts them: check first, never abort)
     if (flash && (in.k->ne[0] != in.q->ne[0] || in.q->type != GGML_TYPE_F32 || in.q->nb[0] != sizeof(float) ||
                   in.k->nb[0] != ggml_type_size(in.k->type) || in.k->nb[1] < in.k->nb[0] ||
                   n_head % in.k->ne[2] != 0)) {
@@ -375,9 +396,52 @@ bool BackendReducer::reduce(kvc_capture & cap, const AttentionInputs & in, int32
         why = "attention sinks of an unexpected layout";
         return false;
     }
+    if (in.out != nullptr) {  // the flash node's output [DV, n_head, n_tok], from values [DV, n_kv, n_head_kv]
+        const ggml_tensor * v = in.v;
+        if (!flash || v == nullptr || !copyable_values(v) || v->nb[0] != ggml_type_size(v->type) ||
+            v->ne[1] != n_kv || v->ne[2] != in.k->ne[2] || v->ne[3] != 1 || in.out->type != GGML_TYPE_F32 ||
+            !ggml_is_contiguous(in.out) || in.out->ne[0] != v->ne[0] || in.out->ne[1] != n_head ||
+            in.out->ne[2] != n_tok || in.out->ne[3] != 1) {
+            why = "flash attention values or output of an unexpected layout";
+            return false;
+        }
+    }
+    return true;
+}
+
+}  // namespace
+
+bool BackendReducer::writes_output(const kvc_capture & cap, const AttentionInputs & in) {
+    if (in.probs != nullptr || in.v == nullptr || in.out == nullptr || in.max_bias != 0.0f) return false;
+    // Tests: KVC_KEEP_FLASH_KERNEL=1 lets ggml's kernel compute the output, so that a host reduction and a
+    // backend one see the same activations
+    const char * keep = std::getenv("KVC_KEEP_FLASH_KERNEL");
+    if (keep != nullptr && *keep != '\0' && *keep != '0') return false;
+    // the ops of the graph that computes the output (the tests deny them to take the other path)
+    for (const char * op : {"CUSTOM", "MUL_MAT", "CPY", "TANH", "SCALE"}) {
+        if (denied(op)) return false;
+    }
+    ggml_backend_dev_t dev = nullptr;
+    std::string why;
+    if (!usable(cap, in, dev, why) || ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU) return false;
+    for (const auto & d : impl_->devices) {
+        if (d.dev == dev && !d.lacks.empty()) return false;
+    }
+    return true;
+}
+
+bool BackendReducer::reduce(kvc_capture & cap, const AttentionInputs & in, int32_t il, std::string & why) {
+    const bool flash = in.probs == nullptr;
+    const int64_t n_kv = flash ? in.k->ne[1] : in.probs->ne[0];
+    const int64_t n_tok = flash ? in.q->ne[1] : in.probs->ne[1];
+    const int64_t n_head = flash ? in.q->ne[2] : in.probs->ne[2];
+    const ggml_tensor * mask = in.mask;
+    ggml_backend_dev_t dev = nullptr;
+    if (!usable(cap, in, dev, why)) return false;
+    const bool output = in.out != nullptr;
 
     const int64_t n_rows = pooled_rows_of(cap, il, n_tok);  // rows [n_rows, n_tok): padding, not pooled
-    if (n_rows == 0) return true;                           // nothing to pool in this ubatch
+    if (n_rows == 0 && !output) return true;                // nothing to pool in this ubatch
 
     Impl & m = *impl_;
     const int n_threads = static_cast<int>(cap.n_threads > 0 ? cap.n_threads : max_threads());
@@ -391,16 +455,22 @@ bool BackendReducer::reduce(kvc_capture & cap, const AttentionInputs & in, int32
     // query blocks of recomputed probabilities: at most block_bytes() at once. llama.cpp's own
     // probabilities exist already and are pooled whole (one contiguous tensor). The capture's head rows
     // (kvc_capture_set_head_rows) among this ubatch's rows are a range of their own, pooled apart; rows past
-    // the pooled ones (kvc_capture_set_pooled_rows) are not computed.
+    // the pooled ones (kvc_capture_set_pooled_rows) are computed only where the output is (`output`).
+    const int64_t n_computed = output ? n_tok : n_rows;
     const size_t per_query = static_cast<size_t>(n_kv) * n_head * sizeof(float);
     const int64_t block =
-        flash ? std::clamp<int64_t>(static_cast<int64_t>(block_bytes() / per_query), 1, n_rows) : n_rows;
+        flash ? std::clamp<int64_t>(static_cast<int64_t>(block_bytes() / per_query), 1, n_computed) : n_rows;
     const int64_t n_head_rows = head_rows_of(cap, il, n_rows);
-    std::vector<std::pair<int64_t, int64_t>> ranges;  // [r0, r1) rows: the head rows first, if any
-    if (n_head_rows > 0) ranges.emplace_back(0, n_head_rows);
-    if (n_head_rows < n_rows) ranges.emplace_back(n_head_rows, n_rows);
-    const int64_t n_block = (n_rows + block - 1) / block + static_cast<int64_t>(ranges.size()) - 1;
-    const bool visibility = il == 0;
+    struct Range {
+        int64_t r0, r1;
+        bool pool;
+    };
+    std::vector<Range> ranges;  // the head rows first, if any, then the other pooled rows, then the padding
+    if (n_head_rows > 0) ranges.push_back({0, n_head_rows, true});
+    if (n_head_rows < n_rows) ranges.push_back({n_head_rows, n_rows, true});
+    if (n_rows < n_computed) ranges.push_back({n_rows, n_computed, false});
+    const int64_t n_block = (n_computed + block - 1) / block + static_cast<int64_t>(ranges.size()) - 1;
+    const bool visibility = il == 0 && n_rows > 0;
 
     const size_t n_tensors = 16 * static_cast<size_t>(n_block) + 32;
     m.meta.resize(n_tensors * ggml_tensor_overhead() + ggml_graph_overhead_custom(n_tensors, false));
@@ -414,6 +484,9 @@ bool BackendReducer::reduce(kvc_capture & cap, const AttentionInputs & in, int32
         ggml_context * c;
         ~CtxFree() { ggml_free(c); }
     } ctx_free{ctx};
+    // Nodes are added in the order they must run: the fused op that writes a block's probabilities over
+    // its q.k comes before the p.v that reads them (no edge between the two says so).
+    ggml_cgraph * gf = ggml_new_graph_custom(ctx, n_tensors, false);
 
     ggml_tensor * k = flash ? alias(ctx, in.k) : nullptr;
     ggml_tensor * sinks = in.sinks != nullptr ? alias(ctx, in.sinks) : nullptr;
@@ -422,10 +495,21 @@ bool BackendReducer::reduce(kvc_capture & cap, const AttentionInputs & in, int32
     const bool cpu_pool = ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU && !denied("CUSTOM");
     // CPU, flash: the recomputed rows softmaxed and pooled in one op (ALiBi keeps soft_max_ext)
     const bool fused_softmax = flash && cpu_pool && in.max_bias == 0.0f;
+    if (output && !fused_softmax) {  // writes_output said yes: not reached
+        why = "the attention output is computed on the CPU only";
+        return false;
+    }
+    // the output's values as f32 [n_kv, DV, n_head_kv], the rows p.v multiplies (GQA by broadcast, as for q.k)
+    ggml_tensor * v_rows = nullptr;
+    if (output) {
+        const ggml_tensor * v = in.v;
+        v_rows = ggml_cpy(ctx, ggml_transpose(ctx, alias(ctx, v)),
+                          ggml_new_tensor_3d(ctx, GGML_TYPE_F32, v->ne[1], v->ne[0], v->ne[2]));
+    }
     std::deque<SoftmaxPool> fused;  // the fused ops' parameters: alive until the graph has run
     if (fused_softmax) m.scratch.resize(static_cast<size_t>(n_threads) * scratch_per_part(n_kv));  // blocks run in turn
-    // [n_kv, 2, n_head]: (max, sum) over the query rows [r0, r1)
-    auto pool_rows = [&](int64_t r0, int64_t r1) {
+    // [n_kv, 2, n_head]: (max, sum) over the query rows [r0, r1) (nullptr where they are not pooled)
+    auto pool_rows = [&](int64_t r0, int64_t r1, bool pool) -> ggml_tensor * {
         ggml_tensor * acc = nullptr;      // cpu_pool: (max, sum) over the blocks so far
         ggml_tensor * max_all = nullptr;  // [n_kv, blocks, n_head]: each block's max over its queries
         ggml_tensor * sum_all = nullptr;  // [n_kv, 1, n_head]: sum over all queries
@@ -446,15 +530,25 @@ bool BackendReducer::reduce(kvc_capture & cap, const AttentionInputs & in, int32
                     par.scale = scale;
                     par.mask = mask_rows != nullptr;
                     par.sinks = sinks != nullptr;
+                    par.pool = pool;
+                    par.write_probs = output;
                     par.n_parts = n_threads;
                     par.scratch = m.scratch.data();
                     ggml_tensor * args[3] = {kq, par.mask ? mask_rows : sinks, sinks};
                     ggml_tensor * parts = ggml_custom_4d(ctx, GGML_TYPE_F32, n_kv, 2, n_head, par.n_parts, args,
                                                          1 + par.mask + par.sinks, softmax_pool_queries,
                                                          GGML_N_TASKS_MAX, &par);
-                    ggml_tensor * fold[2] = {parts, acc};
-                    acc = ggml_custom_4d(ctx, GGML_TYPE_F32, n_kv, 2, n_head, 1, fold, acc != nullptr ? 2 : 1,
-                                         fold_parts, GGML_N_TASKS_MAX, nullptr);
+                    ggml_build_forward_expand(gf, parts);
+                    if (pool) {
+                        ggml_tensor * fold[2] = {parts, acc};
+                        acc = ggml_custom_4d(ctx, GGML_TYPE_F32, n_kv, 2, n_head, 1, fold, acc != nullptr ? 2 : 1,
+                                             fold_parts, GGML_N_TASKS_MAX, nullptr);
+                        ggml_build_forward_expand(gf, acc);
+                    }
+                    if (output) {  // [DV, nt, n_head] -> the output's rows [DV, n_head, nt]
+                        ggml_tensor * o = ggml_permute(ctx, ggml_mul_mat(ctx, v_rows, kq), 0, 2, 1, 3);
+                        ggml_build_forward_expand(gf, ggml_cpy(ctx, o, alias(ctx, in.out, t0, nt, 2)));
+                    }
                     continue;
                 }
                 p = ggml_soft_max_ext(ctx, kq, mask_rows, scale, in.max_bias);
@@ -475,15 +569,19 @@ bool BackendReducer::reduce(kvc_capture & cap, const AttentionInputs & in, int32
             max_all = max_all == nullptr ? mx : ggml_concat(ctx, max_all, mx, 1);
             sum_all = sum_all == nullptr ? sm : ggml_add(ctx, sum_all, sm);
         }
+        if (!pool) return nullptr;
         if (!cpu_pool) {
             ggml_tensor * max_out = nb == 1 ? max_all : ggml_pool_2d(ctx, max_all, GGML_OP_POOL_MAX, 1, nb, 1, nb, 0, 0);
             acc = ggml_concat(ctx, max_out, sum_all, 1);
         }
         ggml_set_output(acc);  // read after the graph: its memory is not reused for later nodes
+        ggml_build_forward_expand(gf, acc);
         return acc;
     };
-    std::vector<ggml_tensor *> accs;
-    for (const auto & [r0, r1] : ranges) accs.push_back(pool_rows(r0, r1));
+    std::vector<ggml_tensor *> accs;  // one per pooled range
+    for (const Range & r : ranges) {
+        if (ggml_tensor * acc = pool_rows(r.r0, r.r1, r.pool)) accs.push_back(acc);
+    }
     ggml_tensor * seen = nullptr;  // [n_kv, 1]: query rows whose mask lets them see each cell
     if (visibility && mask != nullptr) {
         // -inf (hidden) -> 0, any finite value -> 1, summed over the ubatch's rows
@@ -492,10 +590,8 @@ bool BackendReducer::reduce(kvc_capture & cap, const AttentionInputs & in, int32
         seen = ggml_scale(ctx, ggml_pool_2d(ctx, open, GGML_OP_POOL_AVG, 1, static_cast<int>(n_rows), 1,
                                             static_cast<int>(n_rows), 0, 0),
                           static_cast<float>(n_rows));
+        ggml_build_forward_expand(gf, seen);
     }
-    ggml_cgraph * gf = ggml_new_graph_custom(ctx, n_tensors, false);
-    for (ggml_tensor * acc : accs) ggml_build_forward_expand(gf, acc);
-    if (seen != nullptr) ggml_build_forward_expand(gf, seen);
 
     for (int i = 0; i < ggml_graph_n_nodes(gf); ++i) {
         const ggml_tensor * node = ggml_graph_node(gf, i);
@@ -526,7 +622,7 @@ bool BackendReducer::reduce(kvc_capture & cap, const AttentionInputs & in, int32
 
     const int64_t n_keys = std::min<int64_t>(n_kv, cap.n_keys);
     for (size_t r = 0; r < accs.size(); ++r) {
-        const bool head = ranges[r].first < n_head_rows;
+        const bool head = ranges[r].r0 < n_head_rows;
         for (int64_t h = 0; h < n_head; ++h) {
             const size_t at = (static_cast<size_t>(il) * cap.n_head + h) * cap.n_keys;
             const float * mx = m.result.data() + 2 * plane * r + 2 * h * n_kv;  // acc [n_kv, 2, n_head]

@@ -23,6 +23,11 @@ struct AttentionInputs {
     const ggml_tensor * mask  = nullptr;  // [n_kv, >= n_tokens] f16/f32, or nullptr
     const ggml_tensor * sinks = nullptr;  // [n_head] f32, or nullptr
     float scale = 1.0f, max_bias = 0.0f, softcap = 0.0f;
+    // Flash attention whose kernel was skipped (BackendReducer::writes_output): the layer's values
+    // [DV, n_kv, n_head_kv] and the flash node itself, whose output [DV, n_head, n_tokens] f32 the
+    // reduction writes, softmax(q.k) v for every row, pooled or not.
+    const ggml_tensor * v = nullptr;
+    ggml_tensor * out = nullptr;
 };
 
 // A backend of device dev running n_threads where the device takes a thread count (its registry's
@@ -41,6 +46,11 @@ public:
     // Returns false, with `why` naming what the backend lacks (an op, a layout), when it did not:
     // the caller then reduces on the host. Nothing is folded in that case.
     bool reduce(kvc_capture & cap, const AttentionInputs & in, int32_t il, std::string & why);
+
+    // Whether reduce() can also compute this flash-attention layer's output (in.v and in.out set): the CPU,
+    // where it computes the probabilities anyway, so that ggml's flash kernel need not compute them again.
+    // Asked before the node runs; when true, a reduce() that fails leaves the output unwritten.
+    bool writes_output(const kvc_capture & cap, const AttentionInputs & in);
 
 private:
     struct Impl;

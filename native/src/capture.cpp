@@ -290,14 +290,54 @@ void reduce_flash(kvc_capture & cap, const ggml_tensor * fa, int32_t il) {
 }
 
 // The reduction on the tensors' backend (KVC_REDUCE_BACKEND); false: the caller reduces on the host,
-// and the first reason the backend could not is kept for kvc_capture_get_fallback.
-bool on_backend(kvc_capture & cap, const kvc::AttentionInputs & in, int32_t il) {
+// and the first reason the backend could not is kept for kvc_capture_get_fallback (and in `why`).
+bool on_backend(kvc_capture & cap, const kvc::AttentionInputs & in, int32_t il, std::string & why) {
+    why.clear();
     if (cap.reduce_where != KVC_REDUCE_BACKEND) return false;
     if (!cap.reducer) cap.reducer = std::make_unique<kvc::BackendReducer>();
-    std::string why;
     if (cap.reducer->reduce(cap, in, il, why)) return true;
     if (cap.fallback.empty() && !why.empty()) cap.fallback = why;
     return false;
+}
+
+bool on_backend(kvc_capture & cap, const kvc::AttentionInputs & in, int32_t il) {
+    std::string why;
+    return on_backend(cap, in, il, why);
+}
+
+// Asked about "kqv_out-{il}", before its flash-attention node runs: where the reduction will compute the
+// layer's attention output anyway (the CPU recomputes the probabilities for the scores), ggml's flash kernel
+// is skipped, so that the probe computes the attention once instead of twice. The kernel loops over its
+// keys' view: cut to one key, it costs next to nothing, and the reduction then writes the node's output.
+void skip_flash_kernel(kvc_capture & cap, ggml_tensor * fa) {
+    if (fa == nullptr || cap.reduce_where != KVC_REDUCE_BACKEND || !cap.error.empty() || fa->src[1] == nullptr ||
+        fa->src[2] == nullptr || fa->src[1]->ne[1] <= 1) {
+        return;
+    }
+    kvc::AttentionInputs in = flash_inputs(fa);
+    in.v = fa->src[2];
+    in.out = fa;
+    if (!cap.reducer) cap.reducer = std::make_unique<kvc::BackendReducer>();
+    if (!cap.reducer->writes_output(cap, in)) return;
+    cap.skipped.push_back({fa, fa->src[1], fa->src[1]->ne[1]});
+    fa->src[1]->ne[1] = 1;
+}
+
+// Observed (or the capture ended): the keys' count of a skipped kernel restored, so that the graph is the
+// model's again (llama.cpp reuses it for later decodes). Returns whether fa's kernel was skipped; nullptr
+// restores them all.
+bool restore_flash_kernel(kvc_capture & cap, const ggml_tensor * fa) {
+    bool found = false;
+    for (auto it = cap.skipped.begin(); it != cap.skipped.end();) {
+        if (fa == nullptr || it->node == fa) {
+            it->keys->ne[1] = it->n_kv;
+            found = found || it->node == fa;
+            it = cap.skipped.erase(it);
+        } else {
+            ++it;
+        }
+    }
+    return found;
 }
 
 // kq_soft_max = ggml_soft_max_ext(mul_mat(k, q), mask, scale, max_bias) [+ sinks], recomputed from
@@ -555,6 +595,7 @@ int32_t kvc_capture_begin(kvc_capture * cap, int32_t n_layer, int32_t n_head, in
         cap->error.clear();
         cap->fallback.clear();
         cap->host_bytes = 0;
+        cap->n_outputs = 0;
         cap->active = true;
         return static_cast<int32_t>(KVC_OK);
     });
@@ -566,6 +607,7 @@ int32_t kvc_capture_end(kvc_capture * cap) {
             return kvc::fail(KVC_ERR_INVALID_ARGUMENT, "capture is NULL");
         }
         cap->active = false;
+        restore_flash_kernel(*cap, nullptr);  // a graph that failed between a node's ask and its observation
         if (!cap->error.empty()) {
             return kvc::fail(KVC_ERR_CAPTURE, cap->error);
         }
@@ -606,6 +648,8 @@ int32_t kvc_capture_set_n_threads(kvc_capture * cap, int32_t n_threads) {
 const char * kvc_capture_get_fallback(const kvc_capture * cap) { return cap == nullptr ? "" : cap->fallback.c_str(); }
 
 uint64_t kvc_capture_host_bytes(const kvc_capture * cap) { return cap == nullptr ? 0 : cap->host_bytes; }
+
+int64_t kvc_capture_n_outputs(const kvc_capture * cap) { return cap == nullptr ? 0 : cap->n_outputs; }
 
 namespace {
 
@@ -735,9 +779,11 @@ bool kvc_capture_eval_callback(struct ggml_tensor * t, bool ask, void * user_dat
     if (ask) {
         if (il_out >= 0 && il_out < cap->n_layer) {
             find_cache_tensors(*cap, t, il_out);
+            skip_flash_kernel(*cap, const_cast<ggml_tensor *>(flash_attn_node(t)));
         }
         return il >= 0 || (il_out >= 0 && flash_attn_node(t) != nullptr);
     }
+    const bool skipped = il_out >= 0 && restore_flash_kernel(*cap, flash_attn_node(t));
     if (cap->error.empty() && (il >= 0 || il_out >= 0)) {
         const int32_t layer = il >= 0 ? il : il_out;
         if (layer >= cap->n_layer) {
@@ -762,7 +808,20 @@ bool kvc_capture_eval_callback(struct ggml_tensor * t, bool ask, void * user_dat
                 in.mask = t->src[1];
                 if (!on_backend(*cap, in, il)) reduce(*cap, t, il);
             } else if (const ggml_tensor * fa = flash_attn_node(t)) {
-                if (!on_backend(*cap, flash_inputs(fa), il_out)) reduce_flash(*cap, fa, il_out);
+                kvc::AttentionInputs in = flash_inputs(fa);
+                if (skipped) {  // the node's output is the reduction's to write
+                    in.v = fa->src[2];
+                    in.out = const_cast<ggml_tensor *>(fa);
+                }
+                std::string why;
+                if (on_backend(*cap, in, il_out, why)) {
+                    cap->n_outputs += skipped;
+                } else if (skipped) {
+                    cap->error = "the attention of layer " + std::to_string(il_out) + " could not be computed (" +
+                                 (why.empty() ? std::string("an unexpected layout") : why) + ")";
+                } else {
+                    reduce_flash(*cap, fa, il_out);
+                }
             }
         } catch (...) {
             cap->error = "allocation failed while capturing attention";

@@ -53,6 +53,16 @@ struct kvc_capture {
     std::vector<float>   query_scale;         // [n_layer]
     std::string          queries_unusable;    // why some layer's queries could not be kept ("": none)
     std::string          error;      // first problem seen by the callback (it cannot return one)
+    // Flash-attention nodes whose CPU kernel the capture skips because the reduction computes their output
+    // (BackendReducer::writes_output): their keys' view cut to one key when the node is asked about, the
+    // count restored when it is observed, or at the latest when the capture ends.
+    struct SkippedKernel {
+        const ggml_tensor * node;
+        ggml_tensor * keys;
+        int64_t n_kv;
+    };
+    std::vector<SkippedKernel> skipped;
+    int64_t n_outputs = 0;  // outputs the reduction wrote in place of a skipped kernel since begin
 };
 
 namespace kvc {
