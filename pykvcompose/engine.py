@@ -157,8 +157,6 @@ class Engine:
         Why the model's cache cannot be compressed (None: it can).
     logits_rows : np.ndarray, optional
         llama-cpp-python's ``scores`` array when every token's logits are kept (``logits_all``).
-    tile_rows : int
-        Query rows of a ubatch from which the attention kernel runs tiled (``support.tile_rows``; 0: none known).
     """
 
     def __init__(
@@ -174,7 +172,6 @@ class Engine:
         policy: StreamPolicy,
         unsupported: Optional[str] = None,
         logits_rows: Optional[np.ndarray] = None,
-        tile_rows: int = 0,
     ) -> None:
         self.ctx = ctx
         self.batch = batch
@@ -186,7 +183,6 @@ class Engine:
         self.max_tokens = max_tokens
         self.unsupported = unsupported
         self.logits_rows = logits_rows
-        self.tile_rows = tile_rows
         self.press: Optional[Press] = None  # Llama.kv_compress
         self.set_policy(policy)
         self.room_override: Optional[Press] = None  # compress_context's press while it streams a context

@@ -150,7 +150,6 @@ class Llama(llama_cpp.Llama):
                 policy=policy,
                 unsupported=unsupported,
                 logits_rows=self.scores if self._logits_all else None,
-                tile_rows=support.tile_rows(self.context_params, self.model_params),
             )
         except ValueError:
             self.close()  # a chunk too large for this n_ctx

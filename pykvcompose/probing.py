@@ -133,17 +133,12 @@ def lookahead(engine: Engine, context: List[int], k: int) -> List[int]:
         engine.remove(n)  # the drafts' cells never stay
 
 
-def decode_at(
-    engine: Engine, tokens: List[int], base: int, predict_from: Optional[int] = None, padding: int = 0
-) -> List[int]:
+def decode_at(engine: Engine, tokens: List[int], base: int, predict_from: Optional[int] = None) -> List[int]:
     """Decode ``tokens`` at positions ``base``.. in batches of ``n_batch``, outside the history (probe queries).
-    With ``predict_from``: returns the model's greedy next token after each of ``tokens[predict_from:]``.
-    ``padding``: as many copies of the last token decoded after them (rows that only fill a batch; causal, they
-    change nothing before them), whose cells are removed again."""
+    With ``predict_from``: returns the model's greedy next token after each of ``tokens[predict_from:]``."""
     predicted: List[int] = []
     n_vocab = engine.ctx.model.n_vocab()
     n = len(tokens)
-    tokens = list(tokens) + tokens[-1:] * padding
     for start in range(0, len(tokens), engine.n_batch):
         piece = tokens[start : start + engine.n_batch]
         engine.batch.set_batch(batch=piece, n_past=base + start, logits_all=False)
@@ -154,8 +149,6 @@ def decode_at(
         for i in rows:
             logits = np.ctypeslib.as_array(engine.ctx.get_logits_ith(i), shape=(n_vocab,))
             predicted.append(int(np.argmax(logits)))
-    if padding:
-        engine.remove(base + n)
     return predicted
 
 
@@ -247,8 +240,7 @@ def question_probe(engine: Engine, probe: Probe, tail: int, lookahead: int) -> O
     all of them decoded again in one captured batch; the question's rows, pooled apart in the first batch (the
     capture's head rows), stay valid whatever the drafts turn out to be (they are causal: they never see a
     draft). The probe is then the attention of one batch of the question and the drafts, bit for bit. One batch,
-    not two: one graph fewer per round, and with flash attention ggml's CPU kernel takes its tiled path only
-    from 64 query rows, to which a batch a little short of it is padded (``tile_padding``)."""
+    not two: one graph fewer per round."""
     conv, shape = engine.conv, engine.shape
     question: List[int] = list(conv.question or [])[-tail:] if tail > 0 else []
     cells = conv.cells
@@ -268,13 +260,10 @@ def question_probe(engine: Engine, probe: Probe, tail: int, lookahead: int) -> O
     parts = []  # (query rows, max, mean) of each captured batch
 
     def captured_at(tokens: List[int], pos: int, predict_from: Optional[int] = None, head_rows: int = 0) -> List[int]:
-        """``decode_at`` with the capture on (the cells stay until the round ends); its scores go to ``parts``.
-        A batch a little short of the attention kernel's tiled size is padded up to it (not pooled)."""
+        """``decode_at`` with the capture on (the cells stay until the round ends); its scores go to ``parts``."""
         predicted: List[int] = []
-        room = shape.n_ctx - cells - (pos - base) - len(tokens)
-        pad = tile_padding(engine, len(tokens), room)
-        run = lambda: predicted.extend(decode_at(engine, tokens, pos, predict_from, pad))  # noqa: E731
-        mx, mean = engine.captured(run, cells, head_rows, pooled_rows=len(tokens) if pad else 0)
+        run = lambda: predicted.extend(decode_at(engine, tokens, pos, predict_from))  # noqa: E731
+        mx, mean = engine.captured(run, cells, head_rows)
         parts.append((len(tokens), mx, mean))
         return predicted
 
@@ -316,21 +305,6 @@ def question_probe(engine: Engine, probe: Probe, tail: int, lookahead: int) -> O
     probe.attention[spec] = attention
     probe.description = f"the prompt's last {len(question)} tokens and a lookahead of {len(drafts)}"
     return spec
-
-
-def tile_padding(engine: Engine, rows: int, room: int) -> int:
-    """Rows of padding that bring a probe batch of ``rows`` query rows up to the size from which the attention
-    kernel runs tiled (``Engine.tile_rows``; ggml's CPU flash attention from 64 rows runs them as one matrix
-    product and below that one query at a time: 52-63 rows cost more than 64, 48 about as much), where the cache
-    has ``room`` for them; 0 where it would not pay."""
-    tile = engine.tile_rows
-    if tile <= 0 or engine.n_ubatch < tile or not tile * PAD_FROM <= rows < tile or rows + room < tile:
-        return 0
-    return tile - rows
-
-
-#: The share of ``Engine.tile_rows`` from which a probe batch is padded up to it (measured: see ``tile_padding``).
-PAD_FROM = 0.8
 
 
 def question_skips(engine: Engine, keep: int) -> int:

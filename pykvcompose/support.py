@@ -128,27 +128,6 @@ def window_fits(shape: ModelShape, n_ubatch: int) -> bool:
     return shape.n_swa == 0 or shape.n_ctx >= shape.n_swa + n_ubatch
 
 
-# ggml's CPU flash-attention kernel runs a ubatch's queries tiled, as matrix products, from this many rows
-# with f32 or f16 K and V of one type, and one query at a time below it (ggml-cpu/ops.cpp,
-# ggml_compute_forward_flash_attn_ext_f16: GGML_FA_TILE_Q)
-CPU_FLASH_TILE_ROWS = 64
-
-
-def tile_rows(context_params, model_params) -> int:
-    """Query rows of a ubatch from which this context's attention runs tiled (ggml's CPU flash attention), or
-    0 where no such step is known (flash attention off, quantized or mixed K/V, layers offloaded to a GPU)."""
-    if context_params.flash_attn_type != llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED:
-        return 0
-    if context_params.type_k != context_params.type_v or context_params.type_k not in (
-        llama_cpp.GGML_TYPE_F16,
-        llama_cpp.GGML_TYPE_F32,
-    ):
-        return 0
-    if llama_cpp.llama_supports_gpu_offload() and model_params.n_gpu_layers != 0:
-        return 0
-    return CPU_FLASH_TILE_ROWS
-
-
 def default_threads() -> int:
     """The cores this process may use (llama-cpp-python's default thread count is lower)."""
     try:

@@ -381,29 +381,21 @@ def test_a_cell_keeps_the_most_attention_its_question_gave_it(filler, monkeypatc
     assert conv.question is None and conv.question_scores is None
 
 
-@pytest.mark.parametrize("tile_rows", [0, 32], ids=["unpadded", "padded"])
-def test_the_question_probe_is_one_batch_of_the_question_and_its_greedy_drafts(filler, monkeypatch, tile_rows):
+def test_the_question_probe_is_one_batch_of_the_question_and_its_greedy_drafts(filler, monkeypatch):
     """Greedy drafts cost a forward pass per token: a streamed prompt's question probe decodes the question and
     the last round's drafts in one captured batch, kept if the model still writes each of them greedily on this
     cache (speculative decoding's check), else written again from the first wrong one with the capture off, one
     token at a time, and decoded again in one captured batch. Every round's drafts are the model's greedy ones
     after the question on that cache, and its attention is exactly what one captured batch of the question and
-    those drafts gives (the question's rows pooled apart, then the rewritten drafts' batch, change no float).
-    "padded": a batch a little short of the kernel's tiled size (``Engine.tile_rows``, here 32: 16 question
-    rows and 12 drafts) is padded up to it, and the padding changes no score and leaves no cell."""
+    those drafts gives (the question's rows pooled apart, then the rewritten drafts' batch, change no float)."""
     tok = lambda s: filler.tokenize(s.encode(), add_bos=False)  # noqa: E731
     ((_, _, prompt),) = passkey_cases(tok, 700, [0.3])
     tokens = filler.tokenize(prompt.encode())
     filler.kv_compress = KVComposePress(0.5)
     filler.reset()
     conv = filler._engine.conv
-    monkeypatch.setattr(filler._engine, "tile_rows", tile_rows)
-    real_probe, real_drafts, real_decode = streaming.question_probe, probing.greedy_drafts, probing.decode_at
-    written, rounds, paddings = [], [], []
-
-    def decoding(engine, tokens, base, predict_from=None, padding=0):
-        paddings.append(padding)
-        return real_decode(engine, tokens, base, predict_from, padding)
+    real_probe, real_drafts = streaming.question_probe, probing.greedy_drafts
+    written, rounds = [], []
 
     def drafting(engine, base, k):
         assert not engine.capture.active  # (one token at a time: decoded again in one captured batch)
@@ -439,13 +431,11 @@ def test_the_question_probe_is_one_batch_of_the_question_and_its_greedy_drafts(f
         return asked
 
     monkeypatch.setattr(probing, "greedy_drafts", drafting)
-    monkeypatch.setattr(probing, "decode_at", decoding)
     monkeypatch.setattr(streaming, "question_probe", asking)
     with streaming_with(filler, question_tail=16, question_every=1, question_drafts=12):
         greedy(filler, tokens, 1)
     assert filler.kv_compressions >= 10 and filler.kv_stats["probe"].startswith("the prompt's last 16 tokens")
-    assert filler._engine.pos_max() == conv.n_tokens - 1  # no probe or padding cell stayed
-    assert (max(paddings) > 0) == (tile_rows > 0), paddings
+    assert filler._engine.pos_max() == conv.n_tokens - 1  # no probe cell stayed
     assert len(rounds) == filler.kv_compressions
     assert all(same for same, _, _ in rounds)
     assert max(d for _, d, _ in rounds) == 0 and max(d for _, _, d in rounds) < 1e-6, rounds

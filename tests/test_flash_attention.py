@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from helpers import greedy
-from pykvcompose import KVComposePress, Llama, probing
+from pykvcompose import KVComposePress, Llama
 from pykvcompose.presses import SnapKVPress
 
 pytestmark = pytest.mark.model
@@ -67,26 +67,6 @@ def test_flash_attention_with_a_window_press_past_n_ctx(model_path, prompt_token
     m.eval(toks)
     assert m.kv_compressions >= 2 and m.kv_cells <= 256 and m.n_tokens == 600
     m.close()
-
-
-@pytest.mark.parametrize(
-    "kwargs,tile",
-    [({}, 0), ({"flash_attn": True}, 64), ({"flash_attn": True, "type_k": Q8_0, "type_v": Q8_0}, 0)],
-    ids=["softmax", "flash-f16", "flash-q8_0"],
-)
-def test_probe_batches_are_padded_only_to_a_tile_the_kernel_has(model_path, kwargs, tile):
-    """ggml's CPU flash-attention kernel runs a ubatch tiled from 64 query rows with f16 or f32 K and V (one query
-    at a time below, where 60 rows cost more than 64); only there is a probe batch just short of it padded up,
-    and only where the cache has room for the padding."""
-    m = Llama(model_path, n_ctx=256, verbose=False, **kwargs)
-    try:
-        engine = m._engine
-        assert engine.tile_rows == tile
-        pads = [probing.tile_padding(engine, rows, room) for rows, room in [(60, 10), (52, 12), (60, 3), (40, 30)]]
-        assert pads == ([4, 12, 0, 0] if tile else [0, 0, 0, 0])
-        assert probing.tile_padding(engine, 64, 10) == probing.tile_padding(engine, 70, 10) == 0
-    finally:
-        m.close()
 
 
 def last_logits(m) -> np.ndarray:
