@@ -5,7 +5,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from helpers import greedy
+from helpers import greedy, last_logits
 from pykvcompose import KVComposePress, Llama
 from pykvcompose.presses import SnapKVPress
 
@@ -67,10 +67,6 @@ def test_flash_attention_with_a_window_press_past_n_ctx(model_path, prompt_token
     m.eval(toks)
     assert m.kv_compressions >= 2 and m.kv_cells <= 256 and m.n_tokens == 600
     m.close()
-
-
-def last_logits(m) -> np.ndarray:
-    return np.ctypeslib.as_array(m._engine.ctx.get_logits_ith(-1), shape=(m.n_vocab(),)).copy()
 
 
 def test_a_captured_pass_computes_flash_attention_once(model_path, prompt_tokens, monkeypatch):
